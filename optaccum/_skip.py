@@ -1,0 +1,94 @@
+"""Skip policies: decide whether a micro-batch enters the accumulation window.
+
+A policy has the form of `optax.MultiSteps`' `should_skip_update_fn`:
+`policy(gradients, gradient_step, params) -> (should_skip, skip_state)`, where
+`should_skip` is a scalar bool array and `skip_state` any pytree (kept in the
+optimizer state for monitoring). A skipped micro-batch leaves the window as if it
+had never been seen, and the state counts it in `num_skipped`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class SkipPolicy(Protocol):
+  """The form of a skip policy (same as optax's `ShouldSkipUpdateFunction`)."""
+
+  def __call__(self, updates: Any, gradient_step: jax.Array, params: Any) -> tuple[jax.Array, Any]:
+    """Returns `(should_skip, skip_state)` for one micro-batch's gradients."""
+    ...
+
+
+def _leaves(tree: Any) -> list[jax.Array]:
+  return [leaf for leaf in jax.tree.leaves(tree) if leaf is not None]
+
+
+def skip_not_finite(
+  updates: Any, gradient_step: jax.Array, params: Any = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Skips a micro-batch whose gradients hold any inf or NaN.
+
+  Args:
+    updates: the micro-batch's gradients.
+    gradient_step: the current gradient step (unused).
+    params: the current parameters (unused).
+
+  Returns:
+    `(should_skip, {"should_skip": ..., "num_not_finite": ...})`, where
+    `num_not_finite` is the int32 count of non-finite gradient entries.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optaccum
+    >>> skip, info = optaccum.skip_not_finite({"w": jnp.array([1.0, jnp.nan])}, 0)
+    >>> bool(skip), int(info["num_not_finite"])
+    (True, 1)
+  """
+  del gradient_step, params
+  num_not_finite = jnp.zeros((), jnp.int32)
+  for leaf in _leaves(updates):
+    num_not_finite += jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32)
+  should_skip = num_not_finite > 0
+  return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
+
+
+def skip_large_updates(
+  updates: Any,
+  gradient_step: jax.Array,
+  params: Any = None,
+  *,
+  max_squared_norm: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Skips a micro-batch whose squared global gradient norm is too large (or NaN).
+
+  The norm is computed in float32 whatever the gradient dtype. Bind the
+  threshold with `functools.partial`.
+
+  Args:
+    updates: the micro-batch's gradients.
+    gradient_step: the current gradient step (unused).
+    params: the current parameters (unused).
+    max_squared_norm: the largest accepted squared global norm.
+
+  Returns:
+    `(should_skip, {"should_skip": ..., "norm_squared": ...})`.
+
+  Examples:
+    >>> import functools
+    >>> import jax.numpy as jnp
+    >>> import optaccum
+    >>> policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=1.0)
+    >>> bool(policy({"w": jnp.array([3.0, 4.0])}, 0)[0])
+    True
+  """
+  del gradient_step, params
+  norm_squared = jnp.zeros((), jnp.float32)
+  for leaf in _leaves(updates):
+    norm_squared += jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+  # `not (x < max)` is also True where the norm is NaN.
+  should_skip = ~(norm_squared < jnp.float32(max_squared_norm))
+  return should_skip, {"should_skip": should_skip, "norm_squared": norm_squared}

@@ -1,0 +1,162 @@
+"""Eager argument checks shared by every public entry point.
+
+Each check raises at the call that received the bad value, and its message names
+the call, the argument and the value, so a user can fix it without a traceback
+into JAX.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_every_k(where: str, every_k: Any, name: str = "every_k") -> None:
+  """Checks that `every_k` is a positive int or a callable schedule."""
+  if callable(every_k):
+    return
+  is_int = isinstance(every_k, (int, np.integer)) and not isinstance(every_k, (bool, np.bool_))
+  if not is_int or int(every_k) < 1:
+    raise ValueError(
+      f"`{where}({name}=...)` must be a positive int or a callable "
+      f"`gradient_step -> k`, got {name}={every_k!r}."
+    )
+
+
+def check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+  """Checks that `value` is one of the strings in `choices`."""
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(
+      f"`{where}({name}=...)` must be one of {', '.join(map(repr, choices))}, got {name}={value!r}."
+    )
+
+
+def check_callable_or_none(where: str, name: str, value: Any) -> None:
+  """Checks that `value` is None or callable."""
+  if value is not None and not callable(value):
+    raise TypeError(f"`{where}({name}=...)` must be None or a callable, got {name}={value!r}.")
+
+
+def floating_dtype(where: str, name: str, value: Any, *, allow_none: bool) -> Any:
+  """Returns `value` as a floating numpy dtype, or None where allowed."""
+  if value is None and allow_none:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    allowed = "a floating dtype or None" if allow_none else "a floating dtype"
+    raise TypeError(
+      f"`{where}({name}=...)` must be {allowed} such as jnp.float32, got {name}={value!r}."
+    )
+  return dtype
+
+
+def check_positive_int(where: str, name: str, value: Any) -> None:
+  """Checks that `value` is an int >= 1 (bools rejected)."""
+  is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+  if not is_int or int(value) < 1:
+    raise ValueError(f"`{where}({name}=...)` must be a positive int, got {name}={value!r}.")
+
+
+def check_number(where: str, name: str, value: Any, *, positive: bool) -> None:
+  """Checks that `value` is a real number (and > 0 where asked)."""
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if ok and positive:
+    ok = value > 0
+  if not ok:
+    kind = "a positive number" if positive else "a real number"
+    raise ValueError(f"`{where}({name}=...)` must be {kind}, got {name}={value!r}.")
+
+
+def _describe(leaf: Any) -> str:
+  if leaf is None:
+    return "None"
+  return f"{jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}"
+
+
+def check_tree_matches(
+  where: str,
+  name: str,
+  tree: Any,
+  reference: Any,
+  reference_name: str,
+) -> None:
+  """Checks `tree` against `reference`: structure, shapes, floating dtype kind.
+
+  A None leaf (Optax's marker for "no gradient here") must sit where
+  `reference` has None too, and is passed through.
+
+  Raises:
+    ValueError: naming both sides where structure or shapes differ.
+    TypeError: where a leaf of `tree` is not floating point.
+  """
+  is_none = lambda x: x is None  # noqa: E731
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
+  ref_leaves, ref_treedef = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
+  if treedef != ref_treedef:
+    raise ValueError(
+      f"`{where}({name}=...)` has a tree structure that does not match "
+      f"{reference_name}.\n  {name}: {treedef}\n  {reference_name}: {ref_treedef}"
+    )
+  for (path, leaf), (_, ref) in zip(leaves, ref_leaves):
+    if leaf is None and ref is None:
+      continue
+    if ref is None or leaf is None or jnp.shape(leaf) != jnp.shape(ref):
+      raise ValueError(
+        f"`{where}({name}=...)` does not match {reference_name} at "
+        f"{jax.tree_util.keystr(path) or 'the root'}: {name} has "
+        f"{_describe(leaf)}, {reference_name} has {_describe(ref)}."
+      )
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise TypeError(
+        f"`{where}({name}=...)` must hold floating-point arrays, but the leaf at "
+        f"{jax.tree_util.keystr(path) or 'the root'} has dtype "
+        f"{jnp.result_type(leaf).name}."
+      )
+
+
+def as_scalar(where: str, name: str, value: Any, dtype: Any) -> jax.Array:
+  """Returns `value` as a scalar array of `dtype`; rejects non-scalars."""
+  shape = jnp.shape(value)
+  if shape != ():
+    raise ValueError(f"`{where}({name}=...)` must be a scalar, got an array of shape {shape}.")
+  if isinstance(value, (bool, np.bool_)) or (
+    hasattr(value, "dtype") and jnp.dtype(value.dtype) == jnp.bool_
+  ):
+    raise TypeError(f"`{where}({name}=...)` must be a number, got {name}={value!r}.")
+  return jnp.asarray(value).astype(dtype)
+
+
+def as_flag(where: str, name: str, value: Any) -> jax.Array:
+  """Returns `value` (a Python or JAX bool) as a scalar bool array."""
+  flag = jnp.asarray(value)
+  if flag.shape != () or flag.dtype != jnp.bool_:
+    raise TypeError(f"`{where}({name}=...)` must be a scalar bool, got {name}={value!r}.")
+  return flag
+
+
+def as_schedule(every_k: Any) -> Callable[[jax.Array], jax.Array]:
+  """Returns `every_k` as a schedule `gradient_step -> k` (int32, clamped >= 1)."""
+  if callable(every_k):
+    schedule = every_k
+  else:
+    constant = int(every_k)
+    schedule = lambda step: constant  # noqa: E731
+
+  def clamped(step: jax.Array) -> jax.Array:
+    k = jnp.asarray(schedule(step))
+    if jnp.shape(k) != ():
+      raise ValueError(f"The `every_k` schedule must return a scalar, got shape {jnp.shape(k)}.")
+    if jnp.issubdtype(k.dtype, jnp.floating):
+      k = jnp.floor(k)
+    # A schedule that yields k < 1 emits on every micro-step (documented clamp).
+    return jnp.maximum(k.astype(jnp.int32), jnp.int32(1))
+
+  return clamped
