@@ -3,6 +3,7 @@
 from optaccum._accumulate import AccumulateState as AccumulateState
 from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
+from optaccum._apply import apply_gradients as apply_gradients
 from optaccum._inspect import accumulation_state as accumulation_state
 from optaccum._inspect import gradient_step as gradient_step
 from optaccum._inspect import has_updated as has_updated

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -50,6 +51,197 @@ def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Core:
+  """The pieces of one accumulation: init, add a micro-batch, close a window.
+
+  `accumulate`'s update and the fast path `apply_gradients` are both built from
+  these, so each behaviour has one implementation.
+  """
+
+  inner: optax.GradientTransformationExtraArgs
+  schedule: Callable[[jax.Array], jax.Array]
+  reduction: str
+  accumulator_dtype: Any
+  skip: SkipPolicy | None
+  axis_name: Hashable | None
+
+  def init(self, params: Any) -> AccumulateState:
+    acc_grads = jax.tree.map(
+      lambda p: jnp.zeros(jnp.shape(p), self.accumulator_dtype or jnp.result_type(p)), params
+    )
+    gradient_step = jnp.zeros((), jnp.int32)
+    skip_state = ()
+    if self.skip is not None:
+      _, skip_state = self.skip(optax.tree.zeros_like(params), gradient_step, params)
+    return AccumulateState(
+      mini_step=jnp.zeros((), jnp.int32),
+      gradient_step=gradient_step,
+      inner_opt_state=self.inner.init(params),
+      acc_grads=acc_grads,
+      skip_state=skip_state,
+      acc_weight=jnp.zeros((), jnp.float32),
+      num_skipped=jnp.zeros((), jnp.int32),
+      emitted=jnp.zeros((), jnp.bool_),
+    )
+
+  def add(
+    self, updates: Any, state: AccumulateState, params: Any, weight: Any, flush: Any
+  ) -> tuple[AccumulateState, jax.Array]:
+    """Adds one micro-batch into the window; returns the state and whether to close."""
+    where = "accumulate(...).update"
+    _validation.check_tree_matches(
+      where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
+    )
+    weighted = weight is not None
+    if weighted:
+      weight = _validation.as_scalar(where, "weight", weight, jnp.float32)
+    flush = _validation.as_flag(where, "flush", flush)
+
+    if self.skip is None:
+      should_skip, skip_state = None, state.skip_state
+    else:
+      should_skip, skip_state = self.skip(updates, state.gradient_step, params)
+      should_skip = jnp.asarray(should_skip)
+      if should_skip.shape != () or should_skip.dtype != jnp.bool_:
+        raise ValueError(
+          "The skip policy must return a scalar bool as its first output, got "
+          f"dtype {should_skip.dtype} and shape {should_skip.shape}."
+        )
+
+    def add_leaf(g: Any, acc: jax.Array) -> jax.Array:
+      if g is None:  # None where the parameters hold None: pass it through.
+        return None
+      if weighted:
+        # Weigh in at least float32, so token counts stay exact.
+        wide = jnp.promote_types(acc.dtype, jnp.float32)
+        g = g.astype(wide) * weight.astype(wide)
+      summed = acc + g.astype(acc.dtype)
+      # A select, not a multiply: 0 * NaN would still be NaN.
+      return summed if should_skip is None else jnp.where(should_skip, acc, summed)
+
+    acc_grads = jax.tree.map(add_leaf, updates, state.acc_grads, is_leaf=_IS_NONE)
+    step_weight = weight if weighted else jnp.ones((), jnp.float32)
+    if should_skip is None:
+      accepted = jnp.ones((), jnp.bool_)
+      num_skipped = state.num_skipped
+    else:
+      accepted = ~should_skip
+      step_weight = jnp.where(accepted, step_weight, jnp.float32(0))
+      num_skipped = jnp.where(
+        should_skip, optax.safe_increment(state.num_skipped), state.num_skipped
+      )
+    # Across replicas every micro-step counts, skipped or not, so that all
+    # replicas close their windows together; alone, a skipped micro-batch is
+    # as if it never happened.
+    counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
+    mini_step = jnp.where(counts, optax.safe_increment(state.mini_step), state.mini_step)
+    close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
+    state = state._replace(
+      mini_step=mini_step,
+      acc_grads=acc_grads,
+      skip_state=skip_state,
+      acc_weight=state.acc_weight + step_weight,
+      num_skipped=num_skipped,
+      emitted=jnp.zeros((), jnp.bool_),
+    )
+    return state, close_window
+
+  def _window_gradient(self, updates_like: Any, acc_grads: Any, weight: jax.Array) -> Any:
+    if self.reduction == "mean":
+      acc_grads = jax.tree.map(lambda a: a / weight.astype(a.dtype), acc_grads)
+    return jax.tree.map(
+      lambda g, a: None if g is None else a.astype(g.dtype),
+      updates_like,
+      acc_grads,
+      is_leaf=_IS_NONE,
+    )
+
+  def zero_updates(
+    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
+  ) -> Any:
+    """Zeros shaped like what the inner optimizer would emit."""
+    shapes, _ = jax.eval_shape(
+      lambda s: self.inner.update(
+        self._window_gradient(updates_like, s.acc_grads, s.acc_weight),
+        s.inner_opt_state,
+        params,
+        **extra_args,
+      ),
+      state,
+    )
+    return optax.tree.zeros_like(shapes)
+
+  def close(
+    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
+  ) -> tuple[Any, AccumulateState]:
+    """Closes the window: runs the inner optimizer on its gradient, then resets it."""
+    acc_grads, total_weight = state.acc_grads, state.acc_weight
+    if self.axis_name is not None:
+      # The one cross-replica reduction of the window.
+      acc_grads, total_weight = jax.lax.psum((acc_grads, total_weight), self.axis_name)
+    has_weight = total_weight > 0
+
+    def run(inner_state: Any) -> tuple[Any, Any]:
+      gradient = self._window_gradient(updates_like, acc_grads, total_weight)
+      return self.inner.update(gradient, inner_state, params, **extra_args)
+
+    def hold(inner_state: Any) -> tuple[Any, Any]:
+      return self.zero_updates(updates_like, state, params, extra_args), inner_state
+
+    # A window of zero total weight emits zeros and leaves the inner state as it is.
+    new_updates, inner_opt_state = jax.lax.cond(has_weight, run, hold, state.inner_opt_state)
+    return new_updates, state._replace(
+      mini_step=jnp.zeros((), jnp.int32),
+      gradient_step=jnp.where(
+        has_weight, optax.safe_increment(state.gradient_step), state.gradient_step
+      ),
+      inner_opt_state=inner_opt_state,
+      acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
+      acc_weight=jnp.zeros((), jnp.float32),
+      emitted=has_weight,
+    )
+
+
+def make_core(
+  where: str,
+  inner: Any,
+  every_k: Any,
+  *,
+  every_k_name: str = "every_k",
+  skip_name: str = "skip",
+  reduction: str,
+  accumulator_dtype: Any,
+  skip: Any,
+  axis_name: Any,
+) -> _Core:
+  """Validates the arguments of an accumulation and builds its core."""
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+      f"`{where}(inner=...)` must be an optax.GradientTransformation, got inner={inner!r}."
+    )
+  _validation.check_every_k(where, every_k, every_k_name)
+  _validation.check_choice(where, "reduction", reduction, _REDUCTIONS)
+  _validation.check_callable_or_none(where, skip_name, skip)
+  if axis_name is not None and not isinstance(axis_name, Hashable):
+    raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
+  return _Core(
+    inner=optax.with_extra_args_support(inner),
+    schedule=_validation.as_schedule(every_k),
+    reduction=reduction,
+    accumulator_dtype=_validation.floating_dtype(
+      where, "accumulator_dtype", accumulator_dtype, allow_none=True
+    ),
+    skip=skip,
+    axis_name=axis_name,
+  )
+
+
+def core_of(tx: Any) -> _Core | None:
+  """The core behind a transformation made by `accumulate`, else None."""
+  return getattr(getattr(tx, "update", None), "optaccum_core", None)
+
+
 def accumulate(
   inner: optax.GradientTransformation,
   every_k: int | Callable[[jax.Array], Any],
@@ -57,6 +249,7 @@ def accumulate(
   reduction: str = "mean",
   accumulator_dtype: Any = jnp.float32,
   skip: SkipPolicy | None = skip_not_finite,
+  axis_name: Hashable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Accumulates gradients over a window of micro-steps, then runs `inner` once.
 
@@ -95,6 +288,12 @@ def accumulate(
       `num_skipped`. Defaults to `optaccum.skip_not_finite`, so a NaN or inf in
       one micro-batch never reaches the parameters; pass None to accumulate
       every micro-batch as it is.
+    axis_name: for data-parallel training under `shard_map` or `pmap`: the
+      mapped axis over which replicas hold different micro-batches. Micro-steps
+      accumulate the local gradient with no communication; the step that closes
+      the window reduces the accumulators (and weights) across the axis once,
+      then runs `inner`. Across replicas a skipped micro-batch adds nothing but
+      still counts towards the window length, so that replicas stay in step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
@@ -114,38 +313,21 @@ def accumulate(
     >>> updates["w"]  # second: -lr * mean of the two
     Array([-2., -3.], dtype=float32)
   """
-  where = "accumulate"
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(
-      f"`{where}(inner=...)` must be an optax.GradientTransformation, got inner={inner!r}."
+  return transformation(
+    make_core(
+      "accumulate",
+      inner,
+      every_k,
+      reduction=reduction,
+      accumulator_dtype=accumulator_dtype,
+      skip=skip,
+      axis_name=axis_name,
     )
-  _validation.check_every_k(where, every_k)
-  _validation.check_choice(where, "reduction", reduction, _REDUCTIONS)
-  acc_dtype = _validation.floating_dtype(
-    where, "accumulator_dtype", accumulator_dtype, allow_none=True
   )
-  _validation.check_callable_or_none(where, "skip", skip)
-  inner = optax.with_extra_args_support(inner)
-  schedule = _validation.as_schedule(every_k)
 
-  def init_fn(params: Any) -> AccumulateState:
-    acc_grads = jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), acc_dtype or jnp.result_type(p)), params
-    )
-    gradient_step = jnp.zeros((), jnp.int32)
-    skip_state = ()
-    if skip is not None:
-      _, skip_state = skip(optax.tree.zeros_like(params), gradient_step, params)
-    return AccumulateState(
-      mini_step=jnp.zeros((), jnp.int32),
-      gradient_step=gradient_step,
-      inner_opt_state=inner.init(params),
-      acc_grads=acc_grads,
-      skip_state=skip_state,
-      acc_weight=jnp.zeros((), jnp.float32),
-      num_skipped=jnp.zeros((), jnp.int32),
-      emitted=jnp.zeros((), jnp.bool_),
-    )
+
+def transformation(core: _Core) -> optax.GradientTransformationExtraArgs:
+  """The optax transformation of an accumulation core."""
 
   def update_fn(
     updates: Any,
@@ -156,80 +338,16 @@ def accumulate(
     flush: Any = False,
     **extra_args: Any,
   ) -> tuple[Any, AccumulateState]:
-    _validation.check_tree_matches(
-      f"{where}(...).update",
-      "updates",
-      updates,
-      state.acc_grads,
-      "the accumulator built by init(params)",
+    state, close_window = core.add(updates, state, params, weight, flush)
+    return jax.lax.cond(
+      close_window,
+      lambda s: core.close(updates, s, params, extra_args),
+      lambda s: (core.zero_updates(updates, s, params, extra_args), s),
+      state,
     )
-    weighted = weight is not None
-    if weighted:
-      weight = _validation.as_scalar(f"{where}(...).update", "weight", weight, jnp.float32)
-    flush = _validation.as_flag(f"{where}(...).update", "flush", flush)
 
-    if skip is None:
-      should_skip, skip_state = jnp.zeros((), jnp.bool_), state.skip_state
-    else:
-      should_skip, skip_state = skip(updates, state.gradient_step, params)
-      should_skip = jnp.asarray(should_skip)
-      if should_skip.shape != () or should_skip.dtype != jnp.bool_:
-        raise ValueError(
-          f"`{where}(skip=...)` must return a scalar bool as its first output, got "
-          f"dtype {should_skip.dtype} and shape {should_skip.shape}."
-        )
-
-    def add(g: Any, acc: jax.Array) -> jax.Array:
-      if g is None:  # None where the parameters hold None: pass it through.
-        return None
-      if weighted:
-        # Weigh in at least float32, so token counts stay exact.
-        wide = jnp.promote_types(acc.dtype, jnp.float32)
-        g = g.astype(wide) * weight.astype(wide)
-      summed = acc + g.astype(acc.dtype)
-      return summed if skip is None else jnp.where(should_skip, acc, summed)
-
-    acc_grads = jax.tree.map(add, updates, state.acc_grads, is_leaf=_IS_NONE)
-    step_weight = weight if weighted else jnp.ones((), jnp.float32)
-    accepted = ~should_skip
-    acc_weight = state.acc_weight + jnp.where(accepted, step_weight, jnp.float32(0))
-    mini_step = jnp.where(accepted, optax.safe_increment(state.mini_step), state.mini_step)
-    k = schedule(state.gradient_step)
-    close_window = flush | (accepted & (mini_step >= k))
-    run_inner = close_window & (acc_weight > 0)
-
-    def window_gradient(acc_grads: Any, acc_weight: jax.Array) -> Any:
-      if reduction == "mean":
-        acc_grads = jax.tree.map(lambda a: a / acc_weight.astype(a.dtype), acc_grads)
-      return _map(lambda g, a: a.astype(g.dtype), updates, acc_grads)
-
-    def run(acc_grads, acc_weight, inner_state):
-      return inner.update(window_gradient(acc_grads, acc_weight), inner_state, params, **extra_args)
-
-    def hold(acc_grads, acc_weight, inner_state):
-      shapes = jax.eval_shape(run, acc_grads, acc_weight, inner_state)[0]
-      return optax.tree.zeros_like(shapes), inner_state
-
-    new_updates, inner_opt_state = jax.lax.cond(
-      run_inner, run, hold, acc_grads, acc_weight, state.inner_opt_state
-    )
-    new_state = AccumulateState(
-      mini_step=jnp.where(close_window, jnp.int32(0), mini_step),
-      gradient_step=jnp.where(
-        run_inner, optax.safe_increment(state.gradient_step), state.gradient_step
-      ),
-      inner_opt_state=inner_opt_state,
-      acc_grads=jax.tree.map(lambda a: jnp.where(close_window, jnp.zeros_like(a), a), acc_grads),
-      skip_state=skip_state,
-      acc_weight=jnp.where(close_window, jnp.float32(0), acc_weight),
-      num_skipped=jnp.where(
-        should_skip, optax.safe_increment(state.num_skipped), state.num_skipped
-      ),
-      emitted=run_inner,
-    )
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  update_fn.optaccum_core = core  # type: ignore[attr-defined]
+  return optax.GradientTransformationExtraArgs(core.init, update_fn)
 
 
 def flush(

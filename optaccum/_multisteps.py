@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum import _validation
-from optaccum._accumulate import AccumulateState, accumulate
+from optaccum._accumulate import AccumulateState, make_core, transformation
 from optaccum._inspect import has_updated
 from optaccum._skip import SkipPolicy
 
@@ -61,19 +60,23 @@ class MultiSteps:
     should_skip_update_fn: SkipPolicy | None = None,
     accumulator_dtype: Any = jnp.float32,
   ):
-    _validation.check_every_k("MultiSteps", every_k_schedule, "every_k_schedule")
     if not isinstance(use_grad_mean, bool):
       raise TypeError(
         f"`MultiSteps(use_grad_mean=...)` must be a bool, got use_grad_mean={use_grad_mean!r}."
       )
-    self._opt = optax.with_extra_args_support(opt)
-    self._tx = accumulate(
+    core = make_core(
+      "MultiSteps",
       opt,
       every_k_schedule,
+      every_k_name="every_k_schedule",
+      skip_name="should_skip_update_fn",
       reduction="mean" if use_grad_mean else "sum",
       accumulator_dtype=accumulator_dtype,
       skip=should_skip_update_fn,
+      axis_name=None,
     )
+    self._opt = core.inner
+    self._tx = transformation(core)
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
