@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum import _validation
+from optaccum import _branching, _validation
 from optaccum._skip import SkipPolicy, skip_not_finite
 
 _IS_NONE = lambda x: x is None  # noqa: E731
@@ -65,6 +65,7 @@ class _Core:
   accumulator_dtype: Any
   skip: SkipPolicy | None
   axis_name: Hashable | None
+  strategy: str
 
   def init(self, params: Any) -> AccumulateState:
     acc_grads = jax.tree.map(
@@ -182,15 +183,16 @@ class _Core:
       acc_grads, total_weight = jax.lax.psum((acc_grads, total_weight), self.axis_name)
     has_weight = total_weight > 0
 
-    def run(inner_state: Any) -> tuple[Any, Any]:
+    def run(operand: tuple[Any, Any]) -> tuple[Any, Any]:
+      _, inner_state = operand
       gradient = self._window_gradient(updates_like, acc_grads, total_weight)
       return self.inner.update(gradient, inner_state, params, **extra_args)
 
-    def hold(inner_state: Any) -> tuple[Any, Any]:
-      return self.zero_updates(updates_like, state, params, extra_args), inner_state
-
     # A window of zero total weight emits zeros and leaves the inner state as it is.
-    new_updates, inner_opt_state = jax.lax.cond(has_weight, run, hold, state.inner_opt_state)
+    zeros = self.zero_updates(updates_like, state, params, extra_args)
+    new_updates, inner_opt_state = _branching.run_if(
+      self.strategy, has_weight, run, (zeros, state.inner_opt_state)
+    )
     return new_updates, state._replace(
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=jnp.where(
@@ -214,6 +216,7 @@ def make_core(
   accumulator_dtype: Any,
   skip: Any,
   axis_name: Any,
+  strategy: str = "auto",
 ) -> _Core:
   """Validates the arguments of an accumulation and builds its core."""
   if not isinstance(inner, optax.GradientTransformation):
@@ -225,6 +228,7 @@ def make_core(
   _validation.check_callable_or_none(where, skip_name, skip)
   if axis_name is not None and not isinstance(axis_name, Hashable):
     raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
+  _validation.check_choice(where, "strategy", strategy, _branching.STRATEGIES)
   return _Core(
     inner=optax.with_extra_args_support(inner),
     schedule=_validation.as_schedule(every_k),
@@ -234,6 +238,7 @@ def make_core(
     ),
     skip=skip,
     axis_name=axis_name,
+    strategy=strategy,
   )
 
 
@@ -250,6 +255,7 @@ def accumulate(
   accumulator_dtype: Any = jnp.float32,
   skip: SkipPolicy | None = skip_not_finite,
   axis_name: Hashable | None = None,
+  strategy: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Accumulates gradients over a window of micro-steps, then runs `inner` once.
 
@@ -294,6 +300,13 @@ def accumulate(
       the window reduces the accumulators (and weights) across the axis once,
       then runs `inner`. Across replicas a skipped micro-batch adds nothing but
       still counts towards the window length, so that replicas stay in step.
+    strategy: how the window-closing step is made conditional: `"loop"` (a
+      while loop of zero or one trips, which keeps the state in place: a
+      micro-step costs little more than `acc + g`), `"cond"` (`lax.cond`,
+      reverse-differentiable but it copies the state), `"select"` (compute
+      every step, keep with `jnp.where`, like `optax.MultiSteps`), or
+      `"auto"` (default: `"loop"`). Use `"cond"` to differentiate through
+      the optimizer.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
@@ -322,6 +335,7 @@ def accumulate(
       accumulator_dtype=accumulator_dtype,
       skip=skip,
       axis_name=axis_name,
+      strategy=strategy,
     )
   )
 
@@ -339,11 +353,12 @@ def transformation(core: _Core) -> optax.GradientTransformationExtraArgs:
     **extra_args: Any,
   ) -> tuple[Any, AccumulateState]:
     state, close_window = core.add(updates, state, params, weight, flush)
-    return jax.lax.cond(
+    zeros = core.zero_updates(updates, state, params, extra_args)
+    return _branching.run_if(
+      core.strategy,
       close_window,
-      lambda s: core.close(updates, s, params, extra_args),
-      lambda s: (core.zero_updates(updates, s, params, extra_args), s),
-      state,
+      lambda operand: core.close(updates, operand[1], params, extra_args),
+      (zeros, state),
     )
 
   update_fn.optaccum_core = core  # type: ignore[attr-defined]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
 
+from optaccum import _branching
 from optaccum._accumulate import core_of
 
 
@@ -66,8 +66,9 @@ def apply_gradients(
     )
   opt_state, close_window = core.add(grads, opt_state, params, weight, flush)
 
-  def close(params: Any, state: Any) -> tuple[Any, Any]:
+  def close(operand: tuple[Any, Any]) -> tuple[Any, Any]:
+    params, state = operand
     updates, state = core.close(grads, state, params, extra_args)
     return optax.apply_updates(params, updates), state
 
-  return jax.lax.cond(close_window, close, lambda p, s: (p, s), params, opt_state)
+  return _branching.run_if(core.strategy, close_window, close, (params, opt_state))

@@ -1,0 +1,379 @@
+"""Behaviour of `optaccum.accumulate`: weights, schedules, skips, flush, dtypes, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaccum
+from tests import helpers
+
+
+def _run(tx, grads_sequence, params, **update_kwargs_per_step):
+  state = tx.init(params)
+  outputs = []
+  for i, grads in enumerate(grads_sequence):
+    kwargs = {key: values[i] for key, values in update_kwargs_per_step.items()}
+    updates, state = tx.update(grads, state, params, **kwargs)
+    outputs.append(updates)
+  return outputs, state
+
+
+# --- Token-weighted windows -------------------------------------------------------
+
+
+def _token_loss(params, tokens, mask):
+  """Mean over valid tokens of a per-token squared error."""
+  per_token = jnp.square(tokens @ params["w"] - 1.0)
+  return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+
+def test_weighted_window_equals_token_mean_of_whole_window():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
+  lengths = [7, 2, 5]  # micro-batches of very different valid lengths
+  max_len = 8
+  micro_batches = []
+  for length in lengths:
+    tokens = jnp.asarray(rng.normal(size=(max_len, 3)), jnp.float32)
+    mask = jnp.asarray(np.arange(max_len) < length, jnp.float32)
+    micro_batches.append((tokens, mask))
+
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=len(lengths))
+  grads = [jax.grad(_token_loss)(params, t, m) for t, m in micro_batches]
+  weights = [jnp.sum(m) for _, m in micro_batches]
+  outputs, _ = _run(tx, grads, params, weight=weights)
+
+  all_tokens = jnp.concatenate([t for t, _ in micro_batches])
+  all_mask = jnp.concatenate([m for _, m in micro_batches])
+  token_mean_grad = jax.grad(_token_loss)(params, all_tokens, all_mask)
+  np.testing.assert_allclose(outputs[-1]["w"], -token_mean_grad["w"], rtol=1e-6)
+  # The unweighted mean of per-micro-batch means is not the token mean (the bug).
+  naive = sum(g["w"] for g in grads) / len(grads)
+  assert not np.allclose(naive, token_mean_grad["w"], rtol=1e-3)
+
+
+def test_zero_weight_window_emits_zeros_and_keeps_inner_state():
+  params = {"w": jnp.ones(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.9), every_k=2)
+  grads = [{"w": jnp.array([1.0, 2.0])}] * 4
+  weights = [jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.0), jnp.float32(0.0)]
+  outputs, state = _run(tx, grads, params, weight=weights)
+  np.testing.assert_array_equal(outputs[3]["w"], [0.0, 0.0])
+  assert np.all(np.isfinite(outputs[3]["w"]))
+  assert int(state.gradient_step) == 1
+  assert not bool(state.emitted)
+  np.testing.assert_allclose(state.inner_opt_state[0].trace["w"], [1.0, 2.0])
+
+
+def test_weighted_sum_reduction_emits_weighted_sum():
+  params = {"w": jnp.zeros(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, reduction="sum")
+  grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
+  outputs, _ = _run(tx, grads, params, weight=[jnp.float32(2.0), jnp.float32(1.0)])
+  np.testing.assert_allclose(outputs[1]["w"], [-5.0, -8.0])
+
+
+def test_sum_reduction_emits_sum_of_window():
+  params = {"w": jnp.zeros(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, reduction="sum")
+  grads = [{"w": jnp.array([1.0, 2.0]) * i} for i in (1, 2, 3)]
+  outputs, _ = _run(tx, grads, params)
+  np.testing.assert_allclose(outputs[2]["w"], [-6.0, -12.0])
+
+
+# --- Schedules ----------------------------------------------------------------------
+
+
+def test_every_k_schedule_grows_the_window():
+  params = {"w": jnp.zeros(1)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: 1 + step)
+  grads = [{"w": jnp.array([float(i)])} for i in range(6)]
+  outputs, state = _run(tx, grads, params)
+  emitted = [float(u["w"][0]) for u in outputs]
+  # Windows of 1, 2, 3 micro-steps: [0], [1, 2], [3, 4, 5].
+  assert emitted == [-0.0, 0.0, -1.5, 0.0, 0.0, -4.0]
+  assert int(state.gradient_step) == 3
+
+
+def test_schedule_below_one_is_clamped_to_every_micro_step():
+  params = {"w": jnp.zeros(1)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: 0)
+  outputs, state = _run(tx, [{"w": jnp.array([2.0])}] * 3, params)
+  assert [float(u["w"][0]) for u in outputs] == [-2.0, -2.0, -2.0]
+  assert int(state.gradient_step) == 3
+
+
+# --- Non-finite micro-batches -------------------------------------------------------
+
+
+def test_default_policy_skips_nan_micro_batch_without_touching_window():
+  params = {"w": jnp.zeros(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  grads = [
+    {"w": jnp.array([1.0, 1.0])},
+    {"w": jnp.array([jnp.nan, 1.0])},
+    {"w": jnp.array([3.0, 3.0])},
+  ]
+  outputs, state = _run(tx, grads, params)
+  np.testing.assert_array_equal(outputs[1]["w"], [0.0, 0.0])
+  np.testing.assert_allclose(outputs[2]["w"], [-2.0, -2.0])
+  assert int(state.num_skipped) == 1
+  assert int(state.skip_state["num_not_finite"]) == 0
+
+
+def test_without_policy_nan_never_leaves_a_non_emitting_step():
+  params = {"w": jnp.zeros(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, skip=None)
+  outputs, _ = _run(tx, [{"w": jnp.array([jnp.nan, jnp.inf])}] * 2, params)
+  for updates in outputs:
+    np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+
+
+def test_skip_large_updates_drops_micro_batch_with_large_norm():
+  params = {"w": jnp.zeros(2)}
+  policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=10.0)
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, skip=policy)
+  grads = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([0.0, 1.0])}]
+  outputs, state = _run(tx, grads, params)
+  np.testing.assert_allclose(outputs[2]["w"], [-0.5, -0.5])
+  assert int(state.num_skipped) == 1
+  np.testing.assert_allclose(state.skip_state["norm_squared"], 1.0)
+
+
+# --- Flush --------------------------------------------------------------------------
+
+
+def test_flush_applies_mean_of_partial_window_inside_chain():
+  params = {"w": jnp.zeros(2)}
+  tx = optax.chain(optax.clip(100.0), optaccum.accumulate(optax.sgd(1.0), every_k=5))
+  grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
+  _, state = _run(tx, grads, params)
+  updates, state = optaccum.flush(tx, state, params)
+  np.testing.assert_allclose(updates["w"], [-2.0, -3.0])
+  assert int(optaccum.gradient_step(state)) == 1
+  assert bool(optaccum.has_updated(state))
+  assert int(optaccum.accumulation_state(state).mini_step) == 0
+
+
+def test_flush_of_weighted_window_is_weighted_mean():
+  params = {"w": jnp.zeros(1)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=8)
+  grads = [{"w": jnp.array([1.0])}, {"w": jnp.array([4.0])}]
+  _, state = _run(tx, grads, params, weight=[jnp.float32(3.0), jnp.float32(1.0)])
+  updates, _ = optaccum.flush(tx, state, params)
+  np.testing.assert_allclose(updates["w"], [-7.0 / 4.0])
+
+
+def test_flush_of_empty_window_emits_zeros_and_keeps_step():
+  params = {"w": jnp.zeros(1)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  state = tx.init(params)
+  updates, state = optaccum.flush(tx, state, params)
+  np.testing.assert_array_equal(updates["w"], [0.0])
+  assert int(state.gradient_step) == 0
+  assert not bool(optaccum.has_updated(state))
+
+
+# --- Chains, None leaves, counters --------------------------------------------------
+
+
+def test_transform_after_accumulation_in_chain_sees_window_update():
+  params = {"w": jnp.zeros(1)}
+  tx = optax.chain(optaccum.accumulate(optax.sgd(1.0), every_k=2), optax.scale(3.0))
+  outputs, _ = _run(tx, [{"w": jnp.array([1.0])}, {"w": jnp.array([3.0])}], params)
+  assert [float(u["w"][0]) for u in outputs] == [0.0, -6.0]
+
+
+def test_none_gradient_leaves_pass_through():
+  params = {"w": jnp.zeros(2), "frozen": None}
+  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.5), every_k=2)
+  grads = [{"w": jnp.ones(2), "frozen": None}] * 2
+  outputs, state = _run(tx, grads, params)
+  assert outputs[1]["frozen"] is None and state.acc_grads["frozen"] is None
+  np.testing.assert_allclose(outputs[1]["w"], [-1.0, -1.0])
+
+
+def test_counters_saturate_instead_of_overflowing():
+  params = {"w": jnp.zeros(1)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=1)
+  int_max = jnp.iinfo(jnp.int32).max
+  state = tx.init(params)._replace(gradient_step=jnp.int32(int_max))
+  _, state = tx.update({"w": jnp.ones(1)}, state, params)
+  assert int(state.gradient_step) == int_max
+
+
+# --- Dtypes, jit, scan --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accumulator_dtype", [jnp.float32, None])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+  "make_inner", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.lion(0.01)]
+)
+def test_low_precision_grads_under_strict_promotion(dtype, accumulator_dtype, make_inner):
+  params = helpers.init_params(dtype=dtype)
+  inner = make_inner()
+  tx = optaccum.accumulate(inner, every_k=2, accumulator_dtype=accumulator_dtype)
+  state = tx.init(params)
+  for leaf in jax.tree.leaves(state.acc_grads):
+    assert leaf.dtype == (accumulator_dtype or dtype)
+  x, y = helpers.make_data(4)
+  step = jax.jit(lambda p, s: tx.update(helpers.grad(p, x, y), s, p))
+  expected_dtypes = jax.tree.map(
+    lambda u: u.dtype,
+    jax.eval_shape(inner.update, helpers.grad(params, x, y), inner.init(params), params)[0],
+  )
+  for _ in range(2):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert jax.tree.map(lambda u: u.dtype, updates) == expected_dtypes
+  assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(params))
+  assert int(state.gradient_step) == 1
+
+
+def test_inside_lax_scan_without_dtype_drift():
+  params = helpers.init_params(dtype=jnp.bfloat16)
+  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k=3)
+  x, y = helpers.make_data(4 * 6)
+  xs, ys = x.reshape(6, 4, -1), y.reshape(6, 4, -1)
+
+  def body(carry, batch):
+    params, state = carry
+    updates, state = tx.update(helpers.grad(params, *batch), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  # scan rejects a carry whose dtypes change between iterations.
+  (scanned, state), _ = jax.lax.scan(body, (params, tx.init(params)), (xs, ys))
+  looped, loop_state = params, tx.init(params)
+  for i in range(6):
+    (looped, loop_state), _ = body((looped, loop_state), (xs[i], ys[i]))
+  helpers.assert_trees_close(scanned, looped, rtol=1e-2)
+  assert int(state.gradient_step) == 2
+
+
+def test_jitted_update_traces_once_across_windows():
+  traces = []
+  params = helpers.init_params()
+  tx = optaccum.accumulate(optax.sgd(0.1), every_k=lambda step: 2 + step % 2)
+  x, y = helpers.make_data(4)
+
+  @jax.jit
+  def step(params, state, weight):
+    traces.append(1)
+    updates, state = tx.update(helpers.grad(params, x, y), state, params, weight=weight)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for i in range(7):
+    params, state = step(params, state, jnp.float32(i + 1))
+  assert len(traces) == 1
+  assert int(state.gradient_step) == 3  # windows of 2, 3 and 2 micro-steps
+
+
+# --- Bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("every_k", [0, -1, 2.5, True, "4", None])
+def test_bad_every_k_fails_at_construction(every_k):
+  with pytest.raises(ValueError, match=r"`accumulate\(every_k=...\)` must be a positive int"):
+    optaccum.accumulate(optax.sgd(0.1), every_k)
+
+
+def test_bad_inner_fails_at_construction():
+  with pytest.raises(TypeError, match=r"`accumulate\(inner=...\)` must be an optax"):
+    optaccum.accumulate(lambda g: g, 2)
+
+
+def test_bad_reduction_fails_at_construction():
+  with pytest.raises(ValueError, match=r"`accumulate\(reduction=...\)` must be one of"):
+    optaccum.accumulate(optax.sgd(0.1), 2, reduction="max")
+
+
+def test_bad_accumulator_dtype_fails_at_construction():
+  with pytest.raises(TypeError, match=r"accumulator_dtype=<class 'jax.numpy.int32'>"):
+    optaccum.accumulate(optax.sgd(0.1), 2, accumulator_dtype=jnp.int32)
+
+
+def test_bad_skip_fails_at_construction():
+  with pytest.raises(TypeError, match=r"`accumulate\(skip=...\)` must be None or a callable"):
+    optaccum.accumulate(optax.sgd(0.1), 2, skip="nan")
+
+
+def test_unhashable_axis_name_fails_at_construction():
+  with pytest.raises(TypeError, match=r"`accumulate\(axis_name=...\)` must be hashable"):
+    optaccum.accumulate(optax.sgd(0.1), 2, axis_name=["data"])
+
+
+def _tx_and_state():
+  params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  tx = optaccum.accumulate(optax.sgd(0.1), 2)
+  return tx, tx.init(params), params
+
+
+def test_gradient_tree_structure_mismatch_names_both_sides():
+  tx, state, params = _tx_and_state()
+  with pytest.raises(ValueError, match=r"tree structure.*\n  updates: .*'a'.*\n  the accumulator"):
+    tx.update({"a": jnp.zeros(3)}, state, params)
+
+
+def test_gradient_shape_mismatch_names_path_and_both_shapes():
+  tx, state, params = _tx_and_state()
+  with pytest.raises(
+    ValueError, match=r"at \['b'\]: updates has float32\[2, 3\], .* float32\[2, 2\]"
+  ):
+    tx.update({"a": jnp.zeros(3), "b": jnp.zeros((2, 3))}, state, params)
+
+
+def test_integer_gradients_are_rejected_naming_the_leaf():
+  tx, state, params = _tx_and_state()
+  with pytest.raises(TypeError, match=r"leaf at \['a'\] has dtype int32"):
+    tx.update({"a": jnp.zeros(3, jnp.int32), "b": jnp.zeros((2, 2))}, state, params)
+
+
+def test_none_gradient_where_parameter_exists_is_rejected():
+  tx, state, params = _tx_and_state()
+  with pytest.raises(ValueError, match=r"at \['a'\]: updates has None"):
+    tx.update({"a": None, "b": jnp.zeros((2, 2))}, state, params)
+
+
+def test_non_scalar_weight_is_rejected():
+  tx, state, params = _tx_and_state()
+  grads = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  with pytest.raises(
+    ValueError, match=r"`accumulate\(...\).update\(weight=...\)` must be a scalar"
+  ):
+    tx.update(grads, state, params, weight=jnp.ones(2))
+
+
+def test_bool_weight_is_rejected():
+  tx, state, params = _tx_and_state()
+  grads = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  with pytest.raises(TypeError, match=r"update\(weight=...\)` must be a number"):
+    tx.update(grads, state, params, weight=True)
+
+
+def test_non_bool_flush_is_rejected():
+  tx, state, params = _tx_and_state()
+  grads = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  with pytest.raises(TypeError, match=r"update\(flush=...\)` must be a scalar bool, got flush=1"):
+    tx.update(grads, state, params, flush=1)
+
+
+def test_skip_policy_returning_non_bool_is_rejected():
+  params = {"a": jnp.zeros(3)}
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, skip=lambda u, s, p: (jnp.float32(0), ()))
+  with pytest.raises(ValueError, match=r"skip policy must return a scalar bool.*float32"):
+    tx.update({"a": jnp.zeros(3)}, tx.init(params), params)
+
+
+def test_schedule_returning_non_scalar_is_rejected():
+  params = {"a": jnp.zeros(3)}
+  tx = optaccum.accumulate(optax.sgd(0.1), every_k=lambda step: jnp.ones(2, jnp.int32))
+  with pytest.raises(ValueError, match=r"schedule must return a scalar, got shape \(2,\)"):
+    tx.update({"a": jnp.zeros(3)}, tx.init(params), params)
