@@ -36,20 +36,8 @@ OPTIMIZERS = {
 }
 
 
-def _train_large_batch(opt, params, x, y, batch):
-  state = opt.init(params)
-
-  @jax.jit
-  def step(params, state, xb, yb):
-    updates, state = opt.update(helpers.grad(params, xb, yb), state, params)
-    return optax.apply_updates(params, updates), state
-
-  for start in range(0, x.shape[0], batch):
-    params, state = step(params, state, x[start : start + batch], y[start : start + batch])
-  return params
-
-
-def _train_accumulated(tx, params, x, y, micro_batch):
+def _train(tx, params, x, y, batch):
+  """Jitted update + apply_updates over consecutive batches of `batch` rows."""
   state = tx.init(params)
 
   @jax.jit
@@ -57,9 +45,8 @@ def _train_accumulated(tx, params, x, y, micro_batch):
     updates, state = tx.update(helpers.grad(params, xb, yb), state, params)
     return optax.apply_updates(params, updates), state
 
-  for start in range(0, x.shape[0], micro_batch):
-    xb, yb = x[start : start + micro_batch], y[start : start + micro_batch]
-    params, state = step(params, state, xb, yb)
+  for start in range(0, x.shape[0], batch):
+    params, state = step(params, state, x[start : start + batch], y[start : start + batch])
   return params, state
 
 
@@ -71,10 +58,8 @@ def test_accumulated_windows_equal_large_batch_training(name, every_k):
   with promotion:
     params = helpers.init_params()
     x, y = helpers.make_data(MICRO_BATCH * every_k * NUM_WINDOWS)
-    expected = _train_large_batch(make_opt(), params, x, y, MICRO_BATCH * every_k)
-    actual, state = _train_accumulated(
-      optaccum.accumulate(make_opt(), every_k), params, x, y, MICRO_BATCH
-    )
+    expected, _ = _train(make_opt(), params, x, y, MICRO_BATCH * every_k)
+    actual, state = _train(optaccum.accumulate(make_opt(), every_k), params, x, y, MICRO_BATCH)
   assert int(state.gradient_step) == NUM_WINDOWS
   helpers.assert_trees_close(actual, expected, rtol=2e-5, atol=1e-7)
   # The test can fail: a single micro-batch step differs from the window's.
@@ -86,9 +71,7 @@ def test_inner_state_advances_once_per_window(every_k):
   with jax.numpy_dtype_promotion("standard"):
     params = helpers.init_params()
     x, y = helpers.make_data(MICRO_BATCH * every_k * 2)
-    _, state = _train_accumulated(
-      optaccum.accumulate(optax.adamw(0.01), every_k), params, x, y, MICRO_BATCH
-    )
+    _, state = _train(optaccum.accumulate(optax.adamw(0.01), every_k), params, x, y, MICRO_BATCH)
   adam_state = state.inner_opt_state[0]
   assert int(adam_state.count) == 2  # two windows, not 2 * every_k micro-steps
 
@@ -98,15 +81,15 @@ def test_multisteps_equals_large_batch_and_optax_multisteps():
   with jax.numpy_dtype_promotion("standard"):
     params = helpers.init_params()
     x, y = helpers.make_data(MICRO_BATCH * every_k * NUM_WINDOWS)
-    expected = _train_large_batch(optax.adam(0.01), params, x, y, MICRO_BATCH * every_k)
-    ours, state = _train_accumulated(
+    expected, _ = _train(optax.adam(0.01), params, x, y, MICRO_BATCH * every_k)
+    ours, state = _train(
       optaccum.MultiSteps(optax.adam(0.01), every_k).gradient_transformation(),
       params,
       x,
       y,
       MICRO_BATCH,
     )
-    theirs, _ = _train_accumulated(
+    theirs, _ = _train(
       optax.MultiSteps(optax.adam(0.01), every_k).gradient_transformation(),
       params,
       x,
