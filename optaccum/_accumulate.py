@@ -38,17 +38,12 @@ class AccumulateState(NamedTuple):
   gradient_step: jax.Array  # shape=(), dtype=int32
   inner_opt_state: Any
   acc_grads: Any
-  skip_state: Any = ()
-  acc_weight: jax.Array = jnp.zeros((), jnp.float32)  # shape=(), dtype=float32
-  num_skipped: jax.Array = jnp.zeros((), jnp.int32)  # shape=(), dtype=int32
-  emitted: jax.Array = jnp.zeros((), jnp.bool_)  # shape=(), dtype=bool
-
-
-def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
-  """Maps over an updates tree, passing its None leaves through."""
-  return jax.tree.map(
-    lambda u, *r: None if u is None else fn(u, *r), updates, *rest, is_leaf=_IS_NONE
-  )
+  # No defaults: a default array would start JAX's backend at import, before a
+  # user can call `jax.distributed.initialize`. `init` builds every field.
+  skip_state: Any
+  acc_weight: jax.Array  # shape=(), dtype=float32
+  num_skipped: jax.Array  # shape=(), dtype=int32
+  emitted: jax.Array  # shape=(), dtype=bool
 
 
 @dataclasses.dataclass(frozen=True)

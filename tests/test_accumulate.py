@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -377,3 +379,13 @@ def test_schedule_returning_non_scalar_is_rejected():
   tx = optaccum.accumulate(optax.sgd(0.1), every_k=lambda step: jnp.ones(2, jnp.int32))
   with pytest.raises(ValueError, match=r"schedule must return a scalar, got shape \(2,\)"):
     tx.update({"a": jnp.zeros(3)}, tx.init(params), params)
+
+
+def test_import_does_not_start_the_backend():
+  # jax.distributed.initialize must run before any backend starts.
+  code = (
+    "import optaccum\n"
+    "from jax._src import xla_bridge\n"
+    "assert not xla_bridge._backends, 'backend started at import'\n"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
