@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaccum import _validation
@@ -39,9 +40,11 @@ class AccumulateState(NamedTuple):
   inner_opt_state: Any
   acc_grads: Any
   skip_state: Any = ()
-  acc_weight: jax.Array = jnp.zeros((), jnp.float32)  # shape=(), dtype=float32
-  num_skipped: jax.Array = jnp.zeros((), jnp.int32)  # shape=(), dtype=int32
-  emitted: jax.Array = jnp.zeros((), jnp.bool_)  # shape=(), dtype=bool
+  # NumPy defaults: a JAX array here would start the XLA backend at import,
+  # before a multi-host program can call `jax.distributed.initialize`.
+  acc_weight: jax.Array = np.zeros((), np.float32)  # shape=(), dtype=float32
+  num_skipped: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
+  emitted: jax.Array = np.zeros((), np.bool_)  # shape=(), dtype=bool
 
 
 def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
