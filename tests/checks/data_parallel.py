@@ -196,6 +196,13 @@ def gspmd_in_step(mesh, windows):
   return hlo.summary(jax.jit(grad_fn).lower(params, batch).compile().as_text())
 
 
+def mark_per_replica(tree):
+  """What a user writes for a local gradient under check_vma (the API moved in jax 0.8)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(tree, "data", to="varying")
+  return jax.lax.pvary(tree, "data")
+
+
 def vma_checked(mesh, windows):
   """The same inside a bare `jax.shard_map` with check_vma=True (JAX's default)."""
   params = init_params()
@@ -214,7 +221,7 @@ def vma_checked(mesh, windows):
     # The whole window in one call, so the per-replica state never leaves it.
     opt_state = tx.init(params)
     for m in range(K):
-      local = jax.lax.pcast(params, "data", to="varying")  # a per-replica gradient
+      local = mark_per_replica(params)  # so that its gradient stays per replica
       grads = jax.grad(mean_loss)(local, jax.tree.map(lambda x: x[m], window))
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)

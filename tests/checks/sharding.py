@@ -129,6 +129,27 @@ def check_microbatch(layout, num_microbatches=4):
   }
 
 
+def auto_mesh_microbatch(num_microbatches=4):
+  """Measured, not asserted: FSDP `microbatch` on an Auto mesh, where XLA picks the layouts."""
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  params = make_params(mesh, "fsdp")
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (64, 32)), NamedSharding(mesh, P("fsdp")))
+
+  def auto_loss(params, x):
+    h = jnp.tanh(x @ params["w1"])
+    return jnp.mean((h @ params["w2"] + params["b"]) ** 2)
+
+  grad_fn = jax.value_and_grad(auto_loss)
+  texts = {
+    "unsplit": jax.jit(grad_fn).lower(params, x).compile().as_text(),
+    "split": jax.jit(optaccum.microbatch(grad_fn, num_microbatches))
+    .lower(params, x)
+    .compile()
+    .as_text(),
+  }
+  return {name: other_collectives(text) for name, text in texts.items()}
+
+
 def main():
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -140,6 +161,7 @@ def main():
       for layout in ("fsdp", "replicated")
     },
     "microbatch": {layout: check_microbatch(layout) for layout in ("fsdp", "replicated")},
+    "auto_mesh_microbatch": auto_mesh_microbatch(),
   }
   print(json.dumps(results))
 
