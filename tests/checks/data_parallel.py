@@ -197,7 +197,7 @@ def gspmd_in_step(mesh, windows):
 
 
 def mark_per_replica(tree):
-  """What a user writes for a local gradient under check_vma (the API moved in jax 0.8)."""
+  """What a user writes for a local gradient under check_vma: pvary in jax 0.7, pcast in 0.10."""
   if hasattr(jax.lax, "pcast"):
     return jax.lax.pcast(tree, "data", to="varying")
   return jax.lax.pvary(tree, "data")
