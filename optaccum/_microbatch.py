@@ -125,6 +125,41 @@ def _aux_modes(aux: Any, aux_reduction: Any) -> list[Any]:
   return jax.tree.structure(aux).flatten_up_to(modes)
 
 
+def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
+  """`(loss, aux, grads)` from what `fn` returned, checked against `has_aux`."""
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(
+      f"`{_WHERE}(fn=...)` must return `(loss, grads)` as `jax.value_and_grad` does, "
+      f"got {type(out).__name__}."
+    )
+  value, grads = out
+  if not has_aux:
+    if isinstance(value, tuple):
+      raise TypeError(
+        f"`{_WHERE}(fn=...)` returned a tuple as its loss; pass has_aux=True if it "
+        "is `(loss, aux)`."
+      )
+    return value, None, grads
+  if not (isinstance(value, tuple) and len(value) == 2):
+    raise TypeError(
+      f"`{_WHERE}(has_aux=True)` needs `fn` to return `((loss, aux), grads)`, got a "
+      f"first output of type {type(value).__name__}."
+    )
+  loss, aux = value
+  return loss, aux, grads
+
+
+def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
+  """An aux leaf from its `[k, ...]` stack of micro-batch values."""
+  if mode == "stack":
+    return stack
+  if mode == "concat":
+    # [k, m, ...] -> [m, k, ...] -> [m * k, ...]: row r = a * k + i was row a
+    # of micro-batch i, so this restores the batch's order.
+    return jnp.reshape(jnp.swapaxes(stack, 0, 1), (-1, *stack.shape[2:]))
+  return mode(stack)
+
+
 def _accumulator(leaf: Any, dtype: Any) -> jax.Array:
   # zeros_like keeps the sharding (and, under shard_map, the per-replica type)
   # of what the micro-batch returns, so the carry lies where the gradients do.
@@ -286,15 +321,14 @@ def microbatch(
       # Under shard_map with check_vma, gradients with respect to a replicated
       # argument come back summed across replicas: one all-reduce per
       # micro-batch. Marked per replica, they stay local until the one psum.
-      whole = [i for i in range(len(args)) if i not in batches and i != plan.key_arg]
-      for i in whole:
-        args[i] = vary(args[i], axis_name)
-      for name in kwargs:
-        if name not in batches and name != plan.key_arg:
-          kwargs[name] = vary(kwargs[name], axis_name)
+      def whole(name: int | str) -> bool:
+        return name not in batches and name != plan.key_arg
 
-    def call(index: Any, key: Any) -> tuple[Any, Any, Any]:
-      """Runs `fn` on micro-batch `index`; returns (loss, aux, grads) and its weight."""
+      args = [vary(a, axis_name) if whole(i) else a for i, a in enumerate(args)]
+      kwargs = {n: vary(v, axis_name) if whole(n) else v for n, v in kwargs.items()}
+
+    def call(index: Any, key: Any) -> tuple[tuple[Any, Any, Any], Any]:
+      """Runs `fn` on micro-batch `index`; returns `(loss, aux, grads)` and its weight."""
       micro_args, micro_kwargs = list(args), dict(kwargs)
       for n, batch in batches.items():
         part = jax.tree.map(
@@ -309,27 +343,7 @@ def microbatch(
           micro_args[plan.key_arg] = key
         else:
           micro_kwargs[plan.key_arg] = key
-      out = fn(*micro_args, **micro_kwargs)
-      if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(
-          f"`{_WHERE}(fn=...)` must return `(loss, grads)` as `jax.value_and_grad` does, "
-          f"got {type(out).__name__}."
-        )
-      value, grads = out
-      if has_aux:
-        if not (isinstance(value, tuple) and len(value) == 2):
-          raise TypeError(
-            f"`{_WHERE}(has_aux=True)` needs `fn` to return `((loss, aux), grads)`, got a "
-            f"first output of type {type(value).__name__}."
-          )
-        loss, aux = value
-      else:
-        if isinstance(value, tuple):
-          raise TypeError(
-            f"`{_WHERE}(fn=...)` returned a tuple as its loss; pass has_aux=True if it "
-            "is `(loss, aux)`."
-          )
-        loss, aux = value, None
+      loss, aux, grads = _unpack(fn(*micro_args, **micro_kwargs), has_aux)
       weight = None
       if weight_fn is not None:
         weight = _validation.as_scalar(
@@ -406,14 +420,7 @@ def microbatch(
     for acc, i in zip(acc_aux, summed):
       aux[i] = finish(acc, aux_leaves[i], modes[i] == "mean")
     for stack, i in zip(aux_stacks, stacked):
-      if modes[i] == "stack":
-        aux[i] = stack
-      elif modes[i] == "concat":
-        # [k, m, ...] -> [m, k, ...] -> [m * k, ...]: row r = a * k + i was row
-        # a of micro-batch i, so this restores the batch's order.
-        aux[i] = jnp.reshape(jnp.swapaxes(stack, 0, 1), (-1, *stack.shape[2:]))
-      else:
-        aux[i] = modes[i](stack)
+      aux[i] = _combine_stacked(modes[i], stack)
     return (loss, aux_tree.unflatten(aux)), grads
 
   return split_fn

@@ -324,6 +324,92 @@ def _loss_with_int_aux(params, batch):
       TypeError,
       r"`microbatch\(aux_reduction=...\)` is 'mean' for an aux leaf of dtype int32",
     ),
+    (
+      lambda: optaccum.microbatch("loss", 2),
+      None,
+      TypeError,
+      r"`microbatch\(fn=...\)` must be callable, got fn='loss'\.",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, has_aux=1),
+      None,
+      TypeError,
+      r"`microbatch\(has_aux=...\)` must be a bool, got has_aux=1\.",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, batch_argnames=3),
+      None,
+      TypeError,
+      r"`microbatch\(batch_argnames=...\)` must be a str or a sequence of str, "
+      r"got batch_argnames=3\.",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, accumulator_dtype=jnp.int32),
+      None,
+      TypeError,
+      r"`microbatch\(accumulator_dtype=...\)` must be a floating dtype or None",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, axis_name=["data"]),
+      None,
+      TypeError,
+      r"`microbatch\(axis_name=...\)` must be hashable, got axis_name=\['data'\]\.",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, batch_argnames="y"),
+      lambda fn, p, b: fn(p, b),
+      ValueError,
+      r"`microbatch\(batch_argnames=...\)` names 'y', which the call does not pass; "
+      r"it passes \[\]\.",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, key_arg=2),
+      lambda fn, p, b: fn(p, b),
+      ValueError,
+      r"`microbatch\(key_arg=...\)` names argument 2, but the call has 2 positional",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, key_arg="rng"),
+      lambda fn, p, b: fn(p, b),
+      ValueError,
+      r"`microbatch\(key_arg=...\)` names 'rng', which the call does not pass",
+    ),
+    (
+      lambda: optaccum.microbatch(lambda p, b: mse(p, b), 2),
+      lambda fn, p, b: fn(p, b),
+      TypeError,
+      r"`microbatch\(fn=...\)` must return `\(loss, grads\)` as `jax.value_and_grad` does",
+    ),
+    (
+      lambda: optaccum.microbatch(
+        jax.value_and_grad(_loss_with_int_aux, has_aux=True),
+        2,
+        has_aux=True,
+        aux_reduction={"count": "sum"},
+      ),
+      lambda fn, p, b: fn(p, b),
+      ValueError,
+      r"`microbatch\(aux_reduction=...\)` must be one choice or a tree prefix of the aux",
+    ),
+    (
+      lambda: optaccum.microbatch(
+        jax.value_and_grad(lambda p, b: (mse(p, b), mse(p, b)), has_aux=True),
+        2,
+        has_aux=True,
+        aux_reduction="concat",
+      ),
+      lambda fn, p, b: fn(p, b),
+      ValueError,
+      r"`microbatch\(aux_reduction=...\)` is 'concat' for a scalar aux leaf",
+    ),
+    (
+      lambda: optaccum.microbatch(
+        jax.value_and_grad(mse), 2, weight_fn=lambda p, b: jnp.sum(b["x"], axis=0)
+      ),
+      lambda fn, p, b: fn(p, b),
+      ValueError,
+      r"`microbatch\(weight_fn=...\)` must be a scalar, got an array of shape \(6,\)\.",
+    ),
   ],
 )
 def test_bad_arguments_raise_naming_call_argument_and_value(
