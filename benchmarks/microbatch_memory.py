@@ -4,10 +4,11 @@ XLA's compiled memory analysis, side by side in one process, for an
 activation-heavy MLP (a wide batch through narrow layers). Prints a table, then
 the same rows as one JSON line (read by tests/test_microbatch.py).
 
-Run: python benchmarks/microbatch_memory.py
+Run: python benchmarks/microbatch_memory.py [k ...]   (default k: 2 4 8 16)
 """
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ def main():
   x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
   grad_fn = jax.value_and_grad(loss)
   rows = []
-  for k in (None, 2, 4, 8, 16):
+  counts = [int(k) for k in sys.argv[1:]] or [2, 4, 8, 16]
+  for k in [None, *counts]:
     fn = grad_fn if k is None else optaccum.microbatch(grad_fn, k)
     memory = jax.jit(fn).lower(params, x).compile().memory_analysis()
     rows.append(

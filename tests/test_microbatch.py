@@ -423,7 +423,7 @@ def test_bad_arguments_raise_naming_call_argument_and_value(
 
 def test_memory_of_split_step_is_a_fraction_of_unsplit(run_python):
   # The benchmark prints the numbers quoted in docs/distributed.md.
-  result = run_python(["benchmarks/microbatch_memory.py"], num_devices=1, timeout=120)
+  result = run_python(["benchmarks/microbatch_memory.py", "8"], num_devices=1, timeout=120)
   temp = {row["num_microbatches"]: row["temp_bytes"] for row in result["rows"]}
   # None is the unsplit step; activations dominate this model, so a step that
   # holds one micro-batch's activations of eight needs well under half.
