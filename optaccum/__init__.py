@@ -4,9 +4,11 @@ from optaccum._accumulate import AccumulateState as AccumulateState
 from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
 from optaccum._apply import apply_gradients as apply_gradients
+from optaccum._data_parallel import data_parallel as data_parallel
 from optaccum._inspect import accumulation_state as accumulation_state
 from optaccum._inspect import gradient_step as gradient_step
 from optaccum._inspect import has_updated as has_updated
+from optaccum._microbatch import microbatch as microbatch
 from optaccum._multisteps import MultiSteps as MultiSteps
 from optaccum._multisteps import MultiStepsState as MultiStepsState
 from optaccum._scaling import scale_learning_rate as scale_learning_rate
@@ -23,9 +25,11 @@ __all__ = [
   "SkipPolicy",
   "accumulate",
   "accumulation_state",
+  "data_parallel",
   "flush",
   "gradient_step",
   "has_updated",
+  "microbatch",
   "scale_learning_rate",
   "skip_large_updates",
   "skip_not_finite",

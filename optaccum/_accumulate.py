@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaccum import _branching, _validation
@@ -38,12 +39,12 @@ class AccumulateState(NamedTuple):
   gradient_step: jax.Array  # shape=(), dtype=int32
   inner_opt_state: Any
   acc_grads: Any
-  # No defaults: a default array would start JAX's backend at import, before a
-  # user can call `jax.distributed.initialize`. `init` builds every field.
-  skip_state: Any
-  acc_weight: jax.Array  # shape=(), dtype=float32
-  num_skipped: jax.Array  # shape=(), dtype=int32
-  emitted: jax.Array  # shape=(), dtype=bool
+  skip_state: Any = ()
+  # NumPy defaults: a JAX array here would start the XLA backend at import,
+  # before a multi-host program can call `jax.distributed.initialize`.
+  acc_weight: jax.Array = np.zeros((), np.float32)  # shape=(), dtype=float32
+  num_skipped: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
+  emitted: jax.Array = np.zeros((), np.bool_)  # shape=(), dtype=bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,10 @@ class _Core:
   strategy: str
 
   def init(self, params: Any) -> AccumulateState:
+    # zeros_like, not zeros(shape): it keeps the parameters' sharding, so an
+    # FSDP-sharded model gets an accumulator sharded the same way.
     acc_grads = jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), self.accumulator_dtype or jnp.result_type(p)), params
+      lambda p: jnp.zeros_like(p, self.accumulator_dtype or jnp.result_type(p)), params
     )
     gradient_step = jnp.zeros((), jnp.int32)
     skip_state = ()
@@ -153,13 +156,23 @@ class _Core:
       is_leaf=_IS_NONE,
     )
 
+  def _reduced(self, state: AccumulateState) -> tuple[Any, jax.Array]:
+    """The window's gradient sum and weight, summed across replicas if any."""
+    if self.axis_name is None:
+      return state.acc_grads, state.acc_weight
+    # The one cross-replica reduction of the window.
+    return jax.lax.psum((state.acc_grads, state.acc_weight), self.axis_name)
+
   def zero_updates(
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
   ) -> Any:
     """Zeros shaped like what the inner optimizer would emit."""
+    # Shaped through the cross-replica sum too (eval_shape runs nothing), so that
+    # under `shard_map` the zeros are as replica-invariant as the real updates
+    # and both branches of the window's `cond` have one type.
     shapes, _ = jax.eval_shape(
       lambda s: self.inner.update(
-        self._window_gradient(updates_like, s.acc_grads, s.acc_weight),
+        self._window_gradient(updates_like, *self._reduced(s)),
         s.inner_opt_state,
         params,
         **extra_args,
@@ -172,10 +185,7 @@ class _Core:
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
   ) -> tuple[Any, AccumulateState]:
     """Closes the window: runs the inner optimizer on its gradient, then resets it."""
-    acc_grads, total_weight = state.acc_grads, state.acc_weight
-    if self.axis_name is not None:
-      # The one cross-replica reduction of the window.
-      acc_grads, total_weight = jax.lax.psum((acc_grads, total_weight), self.axis_name)
+    acc_grads, total_weight = self._reduced(state)
     has_weight = total_weight > 0
 
     def run(operand: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -194,8 +204,9 @@ class _Core:
         has_weight, optax.safe_increment(state.gradient_step), state.gradient_step
       ),
       inner_opt_state=inner_opt_state,
+      # zeros_like keeps the sharding, and under `shard_map` the per-replica type.
       acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
-      acc_weight=jnp.zeros((), jnp.float32),
+      acc_weight=jnp.zeros_like(state.acc_weight),
       emitted=has_weight,
     )
 

@@ -8,7 +8,7 @@ into JAX.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,21 @@ def check_positive_int(where: str, name: str, value: Any) -> None:
   is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
   if not is_int or int(value) < 1:
     raise ValueError(f"`{where}({name}=...)` must be a positive int, got {name}={value!r}.")
+
+
+def as_argnums(where: str, name: str, value: Any) -> tuple[int, ...]:
+  """Returns `value`, a non-negative int or a sequence of them, as a tuple of ints."""
+  numbers = (value,) if isinstance(value, (int, np.integer)) else value
+  ok = isinstance(numbers, Sequence) and all(
+    isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 0
+    for n in numbers
+  )
+  if not ok:
+    raise TypeError(
+      f"`{where}({name}=...)` must be a non-negative int or a sequence of them, "
+      f"got {name}={value!r}."
+    )
+  return tuple(int(n) for n in numbers)
 
 
 def check_number(where: str, name: str, value: Any, *, positive: bool) -> None:

@@ -1,0 +1,162 @@
+"""Data-parallel training with per-replica accumulators, on `jax.shard_map`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+from optaccum import _validation
+from optaccum._accumulate import AccumulateState
+
+# The fields of an AccumulateState that differ between replicas when the
+# transformation reduces across them only as a window closes. The others
+# (counters, the inner optimizer's state) stay equal on every replica.
+_PER_REPLICA_FIELDS = frozenset({"acc_grads", "skip_state", "acc_weight", "num_skipped"})
+_IS_STATE = lambda x: isinstance(x, AccumulateState)  # noqa: E731
+
+
+def _per_replica_mask(tree: Any) -> Any:
+  """A tree of bools like `tree`: True at the leaves each replica holds its own of."""
+
+  def mark(node: Any) -> Any:
+    if not isinstance(node, AccumulateState):
+      return jax.tree.map(lambda _: False, node)
+    return AccumulateState(
+      *(
+        jax.tree.map(lambda _, own=name in _PER_REPLICA_FIELDS: own, getattr(node, name))
+        for name in AccumulateState._fields
+      )
+    )
+
+  return jax.tree.map(mark, tree, is_leaf=_IS_STATE)
+
+
+def data_parallel(
+  fn: Callable[..., Any],
+  mesh: jax.sharding.Mesh,
+  *,
+  axis_name: Hashable,
+  batch_argnums: int | Sequence[int],
+) -> Callable[..., Any]:
+  """Runs `fn` on every replica of `mesh`'s `axis_name`, each on its slice of the batch.
+
+  The data-parallel pattern for `optaccum.accumulate(..., axis_name=...)`, the
+  cross-step transformation: each replica adds its *local* gradient into its
+  own accumulator, with no communication, and the step that closes a window
+  all-reduces the accumulators once before the inner optimizer runs (the
+  `no_sync` idea of PyTorch DDP). Parameters and the inner optimizer's state
+  stay replicated and equal on every replica; only the accumulator is
+  per-replica, so the global state gives it (and the window's weight and skip
+  counters) a leading axis of one entry per replica, sharded over `axis_name`.
+  `data_parallel` adds and strips that axis, so `fn` is written for one
+  replica and sees the shapes `tx.init` gives. Every device stores what it
+  would store with a replicated state.
+
+  It is `jax.shard_map` over `axis_name` with these specs: arguments in
+  `batch_argnums` are split along axis 0 across replicas; every other argument
+  and every output is replicated, except the per-replica fields of each
+  `AccumulateState` it holds. As under `jax.pmap`, gradients are per replica
+  (no automatic all-reduce, `check_vma=False`): every output but the
+  accumulators must be equal across replicas, so reduce other per-replica
+  values yourself (e.g. `jax.lax.pmean(loss, axis_name)`), and give
+  `accumulate` the same `axis_name`. Wrap `tx.init` in it too, so the state
+  starts with its per-replica axis. Other mesh axes stay automatic.
+
+  For in-step micro-batching, use `optaccum.microbatch(..., axis_name=...)`
+  inside `fn` with any optax optimizer: its state holds no accumulator and
+  stays replicated.
+
+  Args:
+    fn: the per-replica function; its arguments and outputs are pytrees of
+      arrays.
+    mesh: the device mesh.
+    axis_name: the mesh axis that holds the replicas.
+    batch_argnums: the positional arguments that are batches, split along
+      axis 0 (pass `()` for `tx.init`).
+
+  Returns:
+    A function of the same arguments; wrap it in `jax.jit`.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> from jax.sharding import AxisType
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    >>> tx = optaccum.accumulate(optax.sgd(0.5), every_k=2, axis_name="data")
+    >>> init = jax.jit(optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=()))
+    >>> def step(params, opt_state, x):
+    ...   grads = jax.grad(lambda p: jnp.mean(x @ p))(params)  # local: no all-reduce
+    ...   updates, opt_state = tx.update(grads, opt_state, params)
+    ...   return optax.apply_updates(params, updates), opt_state
+    >>> step = jax.jit(optaccum.data_parallel(step, mesh, axis_name="data", batch_argnums=2))
+    >>> params = jnp.ones(3)
+    >>> opt_state = init(params)
+    >>> opt_state.acc_grads.shape == (jax.device_count(), 3)  # one accumulator per replica
+    True
+    >>> for x in jnp.ones((2, 4, 3)):  # a window of two micro-steps
+    ...   params, opt_state = step(params, opt_state, x)
+    >>> params
+    Array([0.5, 0.5, 0.5], dtype=float32)
+  """
+  if not callable(fn):
+    raise TypeError(f"`data_parallel(fn=...)` must be callable, got fn={fn!r}.")
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"`data_parallel(mesh=...)` must be a jax.sharding.Mesh, got mesh={mesh!r}.")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(
+      f"`data_parallel(axis_name=...)` must name an axis of the mesh, whose axes are "
+      f"{mesh.axis_names}, got axis_name={axis_name!r}."
+    )
+  batch_argnums = _validation.as_argnums("data_parallel", "batch_argnums", batch_argnums)
+  replicas = PartitionSpec(axis_name)
+  replicated = PartitionSpec()
+
+  @functools.wraps(fn)
+  def parallel_fn(*args: Any) -> Any:
+    for n in batch_argnums:
+      if n >= len(args):
+        raise ValueError(
+          f"`data_parallel(batch_argnums=...)` names argument {n}, but the call has "
+          f"{len(args)} positional arguments."
+        )
+    masks = [None if n in batch_argnums else _per_replica_mask(a) for n, a in enumerate(args)]
+    in_specs = tuple(
+      replicas if mask is None else jax.tree.map(lambda own: replicas if own else replicated, mask)
+      for mask in masks
+    )
+    outputs = {}
+
+    def local_fn(*args: Any) -> tuple[list, list]:
+      # Per-replica leaves arrive as this replica's [1, ...] slice: drop the axis.
+      args = [
+        a if mask is None else jax.tree.map(lambda x, own: x[0] if own else x, a, mask)
+        for a, mask in zip(args, masks)
+      ]
+      out = fn(*args)
+      leaves, treedef = jax.tree.flatten(out)
+      own = treedef.flatten_up_to(_per_replica_mask(out))
+      outputs.update(treedef=treedef, own=own)
+      shared = [x for x, o in zip(leaves, own) if not o]
+      per_replica = [x[None] for x, o in zip(leaves, own) if o]
+      return shared, per_replica
+
+    shared, per_replica = jax.shard_map(
+      local_fn,
+      mesh=mesh,
+      in_specs=in_specs,
+      out_specs=(replicated, replicas),
+      axis_names=frozenset({axis_name}),
+      # As under pmap: gradients stay per replica until the code reduces them.
+      check_vma=False,
+    )(*args)
+    shared, per_replica = iter(shared), iter(per_replica)
+    leaves = [next(per_replica) if o else next(shared) for o in outputs["own"]]
+    return outputs["treedef"].unflatten(leaves)
+
+  return parallel_fn

@@ -1,0 +1,33 @@
+"""Two processes on JAX's distributed runtime train as one: identical, and equal to one process.
+
+tests/checks/multiprocess.py is started three times at once: two workers that
+join over 127.0.0.1 (gloo CPU collectives, 2 devices each) and train with
+optaccum, and one single-process large-batch optax run on the same global data.
+"""
+
+import socket
+
+import numpy as np
+
+
+def free_port():
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_hold_identical_params_equal_to_one_process(run_processes):
+  port = str(free_port())
+  worker = ["-m", "tests.checks.multiprocess", "--port", port, "--process-id"]
+  first, second, reference = run_processes(
+    [[*worker, "0"], [*worker, "1"], ["-m", "tests.checks.multiprocess", "--reference"]],
+    num_devices=2,
+    timeout=150,
+  )
+  assert {first["process_id"], second["process_id"]} == {0, 1}
+  assert first["process_count"] == 2 and first["device_count"] == 4
+  assert first["local_device_count"] == 2
+  assert first["params"] == second["params"]  # bit for bit
+  assert first["emitted"] == [False, True] * 3
+  for name, expected in reference["params"].items():
+    np.testing.assert_allclose(first["params"][name], expected, rtol=1e-5, atol=1e-6)
