@@ -145,7 +145,9 @@ def _window_length(every_k: Any, gradient_step: int) -> int:
 def _check_tree_fits(directory: str, saved: dict, target: dict) -> None:
   """Raises a ValueError listing the leaves where `saved` and `target` differ."""
   lines = []
-  for key in sorted(saved.keys() | target.keys(), key=lambda k: tuple(map(str, k))):
+  # In the target's tree order (a TrainState lists its params before its optimizer
+  # state), then what only the checkpoint holds.
+  for key in [*target, *(key for key in saved if key not in target)]:
     name = ".".join(map(str, key))
     if key not in target:
       lines.append(f"{name}: checkpoint has {_describe(saved[key])}, target has nothing")
