@@ -1,0 +1,137 @@
+"""The `optaccum demo` command: what it prints, the plot it saves, the options it refuses."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax.training.train_state import TrainState
+from rich.console import Console
+
+from optaccum import _demo
+from optaccum.__main__ import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One demo at a batch large enough for activations to outweigh the parameters."""
+  return _demo.run_demo(
+    every_k=4,
+    batch_size=256,
+    steps=8,
+    seed=1,
+    out=str(tmp_path_factory.mktemp("demo") / "loss.png"),
+    console=Console(file=io.StringIO()),
+  )
+
+
+def test_demo_large_batch_run_is_plain_optax_training(runs):
+  # The reference, written out: optax's sgd on each batch of the same stream.
+  large, _ = runs
+  steps, batch_size, seed = 8, 256, 1
+  train_images, train_labels, _, _ = _demo.load_digits_split()
+  model = _demo.DigitsMlp()
+  params = model.init(jax.random.key(seed), train_images[:1])
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1, momentum=0.9))
+
+  @jax.jit
+  def train_step(state, images, labels):
+    def loss_fn(params):
+      logits = model.apply(params, images)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+  for indices in _demo.batch_indices(len(train_labels), batch_size, steps, seed):
+    state = train_step(state, train_images[indices], train_labels[indices])
+  assert _demo.max_param_difference(state.params, large.params) < 1e-6
+
+
+def test_demo_accumulated_run_ends_where_the_large_batch_run_ends(runs):
+  large, accumulated = runs
+  assert _demo.max_param_difference(large.params, accumulated.params) < 1e-5
+  assert len(large.losses) == len(accumulated.losses) == 8
+  np.testing.assert_allclose(accumulated.losses, large.losses, rtol=1e-5)
+  assert accumulated.test_accuracy == pytest.approx(large.test_accuracy, abs=1e-9)
+
+
+def test_demo_accumulated_step_needs_less_scratch_memory_at_a_large_batch(runs):
+  large, accumulated = runs
+  assert accumulated.memory.temp_size_in_bytes < large.memory.temp_size_in_bytes / 2
+
+
+def test_demo_command_prints_both_runs_in_a_table_and_saves_the_plot(tmp_path, capsys):
+  out = tmp_path / "plots" / "loss.png"
+  code = main(["demo", "-k", "2", "--batch-size", "16", "--steps", "3", "--out", str(out)])
+  printed = capsys.readouterr().out
+  assert code == 0
+  assert out.read_bytes().startswith(PNG_SIGNATURE)
+  assert f"Loss curves saved to {out}" in printed
+  assert "Large batch vs accumulated micro-batches" in printed
+  header = next(line for line in printed.splitlines() if "┃ batch of 16 ┃" in line)
+  assert "┃ 2 × 8 accumulated ┃ difference ┃" in header
+  for row in [
+    "final training loss",
+    "test accuracy",
+    "max parameter difference",
+    "step memory: temporaries",
+    "step memory: arguments",
+    "wall time: compile",
+    "wall time: training loop",
+  ]:
+    assert row in printed
+
+
+def test_batch_indices_cover_each_epoch_once_before_repeating():
+  indices = _demo.batch_indices(num_examples=10, batch_size=4, steps=5, seed=0)
+  assert indices.shape == (5, 4)
+  flat = indices.reshape(-1)
+  assert sorted(flat[:10]) == list(range(10))
+  assert sorted(flat[10:20]) == list(range(10))
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    (["-k", "0"], "`optaccum demo --every-k` must be a positive int, got 0."),
+    (["--batch-size", "0"], "`optaccum demo --batch-size` must be a positive int, got 0."),
+    (["--steps", "-3"], "`optaccum demo --steps` must be a positive int, got -3."),
+    (["--seed", "-1"], "`optaccum demo --seed` must be a non-negative int, got -1."),
+    (
+      ["-k", "4", "--batch-size", "30"],
+      "`optaccum demo --batch-size` must be a multiple of --every-k=4, got 30.",
+    ),
+    (["--out", "loss.jpg"], "`optaccum demo --out` must be a .png path, got 'loss.jpg'."),
+    (["--every-k", "two"], "argument -k/--every-k: invalid int value: 'two'"),
+  ],
+)
+def test_demo_rejects_a_bad_option_on_one_line_with_exit_code_2(options, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main(["demo", *options])
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err == f"optaccum demo: error: {message} (see `optaccum demo --help`)\n"
+
+
+def test_module_entry_exits_2_on_a_bad_option():
+  result = subprocess.run(
+    [sys.executable, "-m", "optaccum", "demo", "--every-k", "0"], capture_output=True, text=True
+  )
+  assert result.returncode == 2
+  assert result.stderr.count("\n") == 1
+  assert "`optaccum demo --every-k` must be a positive int, got 0." in result.stderr
+
+
+def test_console_script_shows_the_demo_options():
+  script = Path(sys.executable).with_name("optaccum")
+  result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  for option in ["--every-k", "--batch-size", "--steps", "--seed", "--out"]:
+    assert option in result.stdout
