@@ -62,9 +62,10 @@ def save_checkpoint(
     >>> params = {"w": jnp.zeros(3)}
     >>> opt_state = tx.init(params)
     >>> _, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
-    >>> path = tempfile.mkdtemp() + "/step_1"
-    >>> optaccum.save_checkpoint(path, (params, opt_state), every_k=4)
-    >>> params, opt_state = optaccum.restore_checkpoint(path, (params, tx.init(params)), every_k=4)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   optaccum.save_checkpoint(f"{directory}/step_1", (params, opt_state), every_k=4)
+    ...   fresh = (params, tx.init(params))
+    ...   params, opt_state = optaccum.restore_checkpoint(f"{directory}/step_1", fresh, every_k=4)
     >>> int(optaccum.accumulation_state(opt_state).mini_step)  # one micro-step into the window
     1
   """
@@ -107,17 +108,41 @@ def restore_checkpoint(
     The restored state, of the form of `target`.
 
   Raises:
+    FileNotFoundError: if `directory` is not a directory.
     ValueError: if the checkpoint's tree or window length does not fit, or the
       checkpoint was not written by `save_checkpoint`.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> params = {"w": jnp.zeros(3)}
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=4)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   optaccum.save_checkpoint(f"{directory}/ckpt", tx.init(params), every_k=4)
+    ...   optaccum.restore_checkpoint(f"{directory}/ckpt", tx.init(params), every_k=2)
+    Traceback (most recent call last):
+    ValueError: `restore_checkpoint(every_k=...)` gives windows of 2 micro-steps ... of 4 ...
   """
   import orbax.checkpoint as ocp
 
   where = "restore_checkpoint"
   _validation.check_every_k(where, every_k)
   directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"`{where}(directory=...)` must be a checkpoint directory, got {directory!r}, "
+      "which is not a directory."
+    )
   abstract = jax.eval_shape(lambda tree: tree, target)
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(directory)
+    if metadata.item_metadata is None:
+      raise ValueError(
+        f"`{where}(directory=...)` must be a checkpoint written by "
+        f"`optaccum.save_checkpoint`, but {directory!r} holds no Orbax checkpoint."
+      )
     _check_tree_fits(
       directory,
       ocp.tree.to_flat_dict(metadata.item_metadata.tree),

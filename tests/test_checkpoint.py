@@ -159,6 +159,25 @@ def test_restore_of_a_checkpoint_without_a_recorded_window_fails(tmp_path):
     optaccum.restore_checkpoint(tmp_path / "plain", state, every_k=EVERY_K)
 
 
+def test_restore_from_a_missing_directory_names_it(tmp_path):
+  missing = tmp_path / "missing"
+  with pytest.raises(FileNotFoundError) as error:
+    optaccum.restore_checkpoint(missing, fresh_state(), every_k=EVERY_K)
+  assert str(error.value) == (
+    f"`restore_checkpoint(directory=...)` must be a checkpoint directory, got {str(missing)!r}, "
+    "which is not a directory."
+  )
+
+
+def test_restore_from_a_directory_without_a_checkpoint_says_so(tmp_path):
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(tmp_path, fresh_state(), every_k=EVERY_K)
+  assert str(error.value) == (
+    "`restore_checkpoint(directory=...)` must be a checkpoint written by "
+    f"`optaccum.save_checkpoint`, but {str(tmp_path)!r} holds no Orbax checkpoint."
+  )
+
+
 def test_nnx_model_and_optimizer_resume_mid_window_bit_identically(tmp_path):
   def fresh(seed):
     model = nnx.Linear(FEATURES, 2, rngs=nnx.Rngs(seed))
