@@ -58,7 +58,9 @@ def flax_gradient_step(state: Any) -> jax.Array:
   return jnp.asarray(gradient_step(nnx.as_pure(state.opt_state)), jnp.int32)
 
 
-def apply_train_state_gradients(state: Any, *, grads: Any, weight: Any = None, **extra_args: Any):
+def apply_train_state_gradients(
+  state: Any, *, grads: Any, weight: Any = None, **extra_args: Any
+) -> Any:
   """`TrainState.apply_gradients` that passes `weight` (and extra arguments) to `tx.update`.
 
   Flax's `TrainState.apply_gradients(grads=..., **kwargs)` treats its keyword
