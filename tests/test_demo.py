@@ -19,21 +19,19 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def demo(tmp_path_factory):
   """One demo at a batch large enough for activations to outweigh the parameters."""
-  return _demo.run_demo(
-    every_k=4,
-    batch_size=256,
-    steps=8,
-    seed=1,
-    out=str(tmp_path_factory.mktemp("demo") / "loss.png"),
-    console=Console(file=io.StringIO()),
+  out = tmp_path_factory.mktemp("demo") / "plots" / "loss.png"
+  printed = io.StringIO()
+  large, accumulated = _demo.run_demo(
+    every_k=4, batch_size=256, steps=8, seed=1, out=str(out), console=Console(file=printed)
   )
+  return large, accumulated, printed.getvalue(), out
 
 
-def test_demo_large_batch_run_is_plain_optax_training(runs):
+def test_demo_large_batch_run_is_plain_optax_training(demo):
   # The reference, written out: optax's sgd on each batch of the same stream.
-  large, _ = runs
+  large, _, _, _ = demo
   steps, batch_size, seed = 8, 256, 1
   train_images, train_labels, _, _ = _demo.load_digits_split()
   model = _demo.DigitsMlp()
@@ -53,29 +51,25 @@ def test_demo_large_batch_run_is_plain_optax_training(runs):
   assert _demo.max_param_difference(state.params, large.params) < 1e-6
 
 
-def test_demo_accumulated_run_ends_where_the_large_batch_run_ends(runs):
-  large, accumulated = runs
+def test_demo_accumulated_run_ends_where_the_large_batch_run_ends(demo):
+  large, accumulated, _, _ = demo
   assert _demo.max_param_difference(large.params, accumulated.params) < 1e-5
   assert len(large.losses) == len(accumulated.losses) == 8
   np.testing.assert_allclose(accumulated.losses, large.losses, rtol=1e-5)
   assert accumulated.test_accuracy == pytest.approx(large.test_accuracy, abs=1e-9)
 
 
-def test_demo_accumulated_step_needs_less_scratch_memory_at_a_large_batch(runs):
-  large, accumulated = runs
+def test_demo_accumulated_step_needs_less_scratch_memory_at_a_large_batch(demo):
+  large, accumulated, _, _ = demo
   assert accumulated.memory.temp_size_in_bytes < large.memory.temp_size_in_bytes / 2
 
 
-def test_demo_command_prints_both_runs_in_a_table_and_saves_the_plot(tmp_path, capsys):
-  out = tmp_path / "plots" / "loss.png"
-  code = main(["demo", "-k", "2", "--batch-size", "16", "--steps", "3", "--out", str(out)])
-  printed = capsys.readouterr().out
-  assert code == 0
+def test_demo_prints_both_runs_in_a_table_and_saves_the_plot(demo):
+  _, _, printed, out = demo
   assert out.read_bytes().startswith(PNG_SIGNATURE)
   assert f"Loss curves saved to {out}" in printed
   assert "Large batch vs accumulated micro-batches" in printed
-  header = next(line for line in printed.splitlines() if "┃ batch of 16 ┃" in line)
-  assert "┃ 2 × 8 accumulated ┃ difference ┃" in header
+  assert "┃ batch of 256 ┃ 4 × 64 accumulated ┃ difference ┃" in printed
   for row in [
     "final training loss",
     "test accuracy",
@@ -85,7 +79,17 @@ def test_demo_command_prints_both_runs_in_a_table_and_saves_the_plot(tmp_path, c
     "wall time: compile",
     "wall time: training loop",
   ]:
-    assert row in printed
+    assert f"│ {row} " in printed
+
+
+def test_demo_command_passes_its_options_to_the_demo(monkeypatch):
+  calls = []
+  monkeypatch.setattr(_demo, "run_demo", lambda **options: calls.append(options))
+  code = main(
+    ["demo", "-k", "2", "--batch-size", "16", "--steps", "3", "--seed", "5", "--out", "a.png"]
+  )
+  assert code == 0
+  assert calls == [dict(every_k=2, batch_size=16, steps=3, seed=5, out="a.png")]
 
 
 def test_batch_indices_cover_each_epoch_once_before_repeating():
