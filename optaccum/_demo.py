@@ -290,8 +290,9 @@ def run_demo(
   console.print(
     "Both runs took the same optimizer steps on the same images: the accumulated run "
     "averages the gradients of its k micro-batches and updates once per window, so it "
-    "ends where the large-batch run ends, up to float32 rounding that compounds slowly "
-    "over the steps (the difference column). Its step compiles for a batch k times "
+    "ends where the large-batch run ends, up to float32 rounding: a mean of k means "
+    "rounds differently from one mean (the difference column). Its step compiles for a "
+    "batch k times "
     "smaller: its temporaries (activations and gradients) shrink with the batch, while "
     "its arguments (parameters, optimizer state, batch) grow by one accumulator the "
     "size of the parameters. Accumulation saves memory where activations outweigh "
