@@ -52,7 +52,7 @@ def main() -> None:
   print(f"optimizer steps taken: {int(optaccum.gradient_step(small_state))}")
   print(f"loss, large batch of 64:       {float(loss(large, x, y)):.6f}")
   print(f"loss, 4 x 16 accumulated:      {float(loss(small, x, y)):.6f}")
-  print(f"largest parameter difference:  {difference:.2e}")
+  print(f"largest difference from large-batch training: {difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ from optaccum._accumulate import AccumulateState as AccumulateState
 from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
 from optaccum._apply import apply_gradients as apply_gradients
+from optaccum._checkpoint import restore_checkpoint as restore_checkpoint
+from optaccum._checkpoint import save_checkpoint as save_checkpoint
 from optaccum._data_parallel import data_parallel as data_parallel
+from optaccum._flax import apply_train_state_gradients as apply_train_state_gradients
+from optaccum._flax import flax_gradient_step as flax_gradient_step
 from optaccum._inspect import accumulation_state as accumulation_state
 from optaccum._inspect import gradient_step as gradient_step
 from optaccum._inspect import has_updated as has_updated
@@ -25,11 +29,15 @@ __all__ = [
   "SkipPolicy",
   "accumulate",
   "accumulation_state",
+  "apply_train_state_gradients",
   "data_parallel",
+  "flax_gradient_step",
   "flush",
   "gradient_step",
   "has_updated",
   "microbatch",
+  "restore_checkpoint",
+  "save_checkpoint",
   "scale_learning_rate",
   "skip_large_updates",
   "skip_not_finite",

@@ -14,8 +14,6 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from optaccum._branching import run_if
-
 
 class SkipPolicy(Protocol):
   """The form of a skip policy (same as optax's `ShouldSkipUpdateFunction`)."""
@@ -67,7 +65,10 @@ def skip_not_finite(
       total += jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32)
     return total
 
-  num_not_finite = run_if("loop", should_skip, count, jnp.zeros((), jnp.int32))
+  # lax.cond, not run_if's loop: the branch only reads the gradients and returns
+  # a scalar, so nothing is copied, where a loop would copy the gradients it
+  # closes over (they are still needed after it).
+  num_not_finite = jax.lax.cond(should_skip, count, jnp.zeros_like, jnp.zeros((), jnp.int32))
   return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 
 

@@ -1,0 +1,117 @@
+"""Flax helpers: the gradient step of a train state, and weighted micro-steps for linen.
+
+Flax is an optional dependency (`pip install "optaccum[flax]"`), so it is imported
+only inside the functions that take Flax objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaccum._inspect import gradient_step
+
+
+def flax_gradient_step(state: Any) -> jax.Array:
+  """The optimizer (gradient) step of a Flax `TrainState` or `nnx.Optimizer`.
+
+  With `tx=optaccum.accumulate(...)`, Flax's own `step` counts calls to
+  `apply_gradients` / `update`, that is micro-steps. This counts the windows
+  emitted: the steps the inner optimizer took, and its schedules saw. Log
+  against it, and compare it with a large-batch run's `step`.
+
+  Args:
+    state: a linen `flax.training.train_state.TrainState` or an `nnx.Optimizer`
+      whose `tx` holds one `optaccum.accumulate` (chains included).
+
+  Returns:
+    A scalar int32 array; it works under `jax.jit` and `nnx.jit` too.
+
+  Raises:
+    TypeError: if `state` has no `opt_state`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from flax.training.train_state import TrainState
+    >>> import optaccum
+    >>> params = {"w": jnp.zeros(3)}
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2)
+    >>> state = TrainState.create(apply_fn=None, params=params, tx=tx)
+    >>> for _ in range(5):
+    ...   state = state.apply_gradients(grads={"w": jnp.ones(3)})
+    >>> int(state.step), int(optaccum.flax_gradient_step(state))
+    (5, 2)
+  """
+  if not hasattr(state, "opt_state"):
+    raise TypeError(
+      "`flax_gradient_step(state=...)` must be a flax TrainState or an nnx.Optimizer, "
+      f"got an object of type {type(state).__name__} with no `opt_state`."
+    )
+  from flax import nnx
+
+  # nnx.Optimizer wraps each state array in a Variable; as_pure reads the arrays
+  # and leaves a linen TrainState's plain arrays as they are.
+  return jnp.asarray(gradient_step(nnx.as_pure(state.opt_state)), jnp.int32)
+
+
+def apply_train_state_gradients(
+  state: Any, *, grads: Any, weight: Any = None, **extra_args: Any
+) -> Any:
+  """`TrainState.apply_gradients` that passes `weight` (and extra arguments) to `tx.update`.
+
+  Flax's `TrainState.apply_gradients(grads=..., **kwargs)` treats its keyword
+  arguments as fields to replace, so it cannot hand a micro-batch's `weight` to
+  `optaccum.accumulate`. This does the same step (one `tx.update`, then
+  `optax.apply_updates`, then `step + 1`) and forwards `weight` and
+  `**extra_args` to `tx.update`. Use it for token-weighted windows: pass the
+  gradient of the micro-batch's mean loss and its number of valid tokens.
+
+  (`nnx.Optimizer.update(model, grads, weight=...)` already forwards keyword
+  arguments; NNX needs no helper.)
+
+  Args:
+    state: a linen `TrainState` (or subclass) whose `tx` holds
+      `optaccum.accumulate`.
+    grads: gradients with the structure of `state.params`.
+    weight: the micro-batch's weight, e.g. its count of valid tokens; None
+      counts as 1.
+    **extra_args: further keyword arguments for `tx.update`.
+
+  Returns:
+    The new `TrainState`, with `step` advanced by one micro-step.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from flax.training.train_state import TrainState
+    >>> import optaccum
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx)
+    >>> # Mean-loss gradients of a 3-token and a 1-token micro-batch.
+    >>> state = optaccum.apply_train_state_gradients(
+    ...     state, grads={"w": jnp.array([1.0])}, weight=3)
+    >>> state = optaccum.apply_train_state_gradients(
+    ...     state, grads={"w": jnp.array([5.0])}, weight=1)
+    >>> state.params["w"]  # -lr * (3 * 1 + 1 * 5) / 4 tokens
+    Array([-2.], dtype=float32)
+  """
+  from flax.training.train_state import TrainState
+
+  if not isinstance(state, TrainState):
+    raise TypeError(
+      "`apply_train_state_gradients(state=...)` must be a flax.training.train_state."
+      f"TrainState, got {type(state).__name__}; for nnx.Optimizer pass weight= to "
+      "`optimizer.update(model, grads, weight=...)`."
+    )
+  if weight is not None:
+    extra_args["weight"] = weight
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
+  return state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+  )

@@ -1,0 +1,225 @@
+"""Orbax checkpoints taken mid-window, restored in a fresh process, against an uninterrupted run.
+
+Run as a script (`python tests/test_checkpoint.py CHECKPOINT OUT`), this file is
+the fresh process: it restores CHECKPOINT, finishes the training and writes the
+final parameters to OUT.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen, nnx
+from flax.training.train_state import TrainState
+
+import optaccum
+
+EVERY_K = 3
+MICRO_STEPS = 10
+# Saved after 5 micro-steps: one window closed, two micro-batches into the next.
+SAVE_AT = 5
+FEATURES = 4
+
+
+class Mlp(linen.Module):
+  hidden: int = 8
+
+  @linen.compact
+  def __call__(self, x):
+    hidden = jax.nn.tanh(linen.Dense(self.hidden, name="hidden")(x))
+    return linen.Dense(2, name="out")(hidden)
+
+
+def inner_optimizer():
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
+
+
+def fresh_state(seed=0, hidden=8, every_k=EVERY_K, inner=None):
+  model = Mlp(hidden)
+  params = model.init(jax.random.key(seed), jnp.zeros((1, FEATURES)))
+  tx = optaccum.accumulate(inner or inner_optimizer(), every_k)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def micro_batch(step):
+  rng = np.random.default_rng(step)
+  x = rng.normal(size=(6, FEATURES)).astype(np.float32)
+  return x, rng.normal(size=(6, 2)).astype(np.float32)
+
+
+@jax.jit
+def train_step(state, x, y):
+  def loss_fn(params):
+    return jnp.mean(jnp.square(state.apply_fn(params, x) - y))
+
+  return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+
+def train(state, steps):
+  for step in steps:
+    state = train_step(state, *micro_batch(step))
+  return state
+
+
+def flat_params(state):
+  return {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree.leaves_with_path(state.params)
+  }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  path = tmp_path_factory.mktemp("checkpoint") / "mid_window"
+  optaccum.save_checkpoint(path, train(fresh_state(), range(SAVE_AT)), every_k=EVERY_K)
+  return path
+
+
+def test_resume_mid_window_in_a_fresh_process_is_bit_identical(checkpoint, tmp_path):
+  uninterrupted = flat_params(train(fresh_state(), range(MICRO_STEPS)))
+
+  out = tmp_path / "resumed.npz"
+  result = subprocess.run(
+    [sys.executable, __file__, str(checkpoint), str(out)], capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr
+  # The restored window was the saved one, not a fresh state's.
+  assert json.loads(result.stdout) == {"mini_step": SAVE_AT % EVERY_K, "gradient_step": 1}
+  resumed = dict(np.load(out))
+  assert resumed.keys() == uninterrupted.keys()
+  for name, value in uninterrupted.items():
+    assert np.array_equal(resumed[name], value), name
+
+
+def test_restore_with_other_params_names_the_leaves_and_both_shapes(checkpoint):
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(checkpoint, fresh_state(hidden=16), every_k=EVERY_K)
+  lines = str(error.value).splitlines()
+  assert lines[0].startswith("`restore_checkpoint(target=...)` does not fit the checkpoint at ")
+  assert lines[0].endswith(": 9 leaves differ (another model or optimizer?).")
+  # The parameters come first, then the optimizer state that mirrors them.
+  assert lines[1:4] == [
+    "  params.params.hidden.bias: checkpoint has float32[8], target has float32[16]",
+    "  params.params.hidden.kernel: checkpoint has float32[4, 8], target has float32[4, 16]",
+    "  params.params.out.kernel: checkpoint has float32[8, 2], target has float32[16, 2]",
+  ]
+  assert lines[-1] == "  ... and 1 more"
+
+
+def test_restore_with_other_optimizer_lists_leaves_found_on_one_side_only(checkpoint):
+  target = fresh_state(inner=optax.sgd(0.1))
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(checkpoint, target, every_k=EVERY_K)
+  # The saved momentum trace has no place in a plain-sgd target.
+  assert str(error.value).splitlines()[1:] == [
+    f"  opt_state.inner_opt_state.1.0.trace.params.{name}: checkpoint has {shape}, target has "
+    "nothing"
+    for name, shape in [
+      ("hidden.bias", "float32[8]"),
+      ("hidden.kernel", "float32[4, 8]"),
+      ("out.bias", "float32[2]"),
+      ("out.kernel", "float32[8, 2]"),
+    ]
+  ]
+
+
+def test_restore_with_other_every_k_names_both_window_lengths(checkpoint):
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(checkpoint, fresh_state(every_k=4), every_k=4)
+  assert str(error.value) == (
+    "`restore_checkpoint(every_k=...)` gives windows of 4 micro-steps at gradient step 1, "
+    f"but the checkpoint at {checkpoint} was saved with windows of 3 (2 micro-steps into "
+    "the current one); restore with the every_k it was saved with."
+  )
+
+
+def test_restore_with_a_schedule_checks_the_window_length_at_the_saved_gradient_step(checkpoint):
+  # Saved at gradient step 1 with k=3: a schedule giving 3 there fits, whatever it gives elsewhere.
+  fits = lambda step: jnp.where(step < 1, 2, EVERY_K)  # noqa: E731
+  restored = optaccum.restore_checkpoint(checkpoint, fresh_state(every_k=fits), every_k=fits)
+  assert int(optaccum.accumulation_state(restored).mini_step) == SAVE_AT % EVERY_K
+  does_not_fit = lambda step: jnp.where(step < 1, EVERY_K, 5)  # noqa: E731
+  with pytest.raises(ValueError, match="gives windows of 5 micro-steps at gradient step 1"):
+    optaccum.restore_checkpoint(checkpoint, fresh_state(), every_k=does_not_fit)
+
+
+def test_restore_of_a_checkpoint_without_a_recorded_window_fails(tmp_path):
+  state = fresh_state()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "plain", state)
+  with pytest.raises(
+    ValueError, match="records no window length; save it with `optaccum.save_checkpoint`"
+  ):
+    optaccum.restore_checkpoint(tmp_path / "plain", state, every_k=EVERY_K)
+
+
+def test_restore_from_a_missing_directory_names_it(tmp_path):
+  missing = tmp_path / "missing"
+  with pytest.raises(FileNotFoundError) as error:
+    optaccum.restore_checkpoint(missing, fresh_state(), every_k=EVERY_K)
+  assert str(error.value) == (
+    f"`restore_checkpoint(directory=...)` must be a checkpoint directory, got {str(missing)!r}, "
+    "which is not a directory."
+  )
+
+
+def test_restore_from_a_directory_without_a_checkpoint_says_so(tmp_path):
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(tmp_path, fresh_state(), every_k=EVERY_K)
+  assert str(error.value) == (
+    "`restore_checkpoint(directory=...)` must be a checkpoint written by "
+    f"`optaccum.save_checkpoint`, but {str(tmp_path)!r} holds no Orbax checkpoint."
+  )
+
+
+def test_nnx_model_and_optimizer_resume_mid_window_bit_identically(tmp_path):
+  def fresh(seed):
+    model = nnx.Linear(FEATURES, 2, rngs=nnx.Rngs(seed))
+    return model, nnx.Optimizer(
+      model, optaccum.accumulate(inner_optimizer(), EVERY_K), wrt=nnx.Param
+    )
+
+  @nnx.jit
+  def nnx_step(model, optimizer, x, y):
+    grads = nnx.grad(lambda model: jnp.mean(jnp.square(model(x) - y)))(model)
+    optimizer.update(model, grads)
+
+  def train_nnx(model, optimizer, steps):
+    for step in steps:
+      nnx_step(model, optimizer, *micro_batch(step))
+
+  uninterrupted = fresh(0)
+  train_nnx(*uninterrupted, range(MICRO_STEPS))
+
+  saved = fresh(0)
+  train_nnx(*saved, range(SAVE_AT))
+  optaccum.save_checkpoint(tmp_path / "nnx", saved, every_k=EVERY_K)
+  model, optimizer = optaccum.restore_checkpoint(tmp_path / "nnx", fresh(1), every_k=EVERY_K)
+  train_nnx(model, optimizer, range(SAVE_AT, MICRO_STEPS))
+
+  assert int(optaccum.flax_gradient_step(optimizer)) == MICRO_STEPS // EVERY_K
+  for resumed, expected in zip(
+    jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(uninterrupted[0]))
+  ):
+    assert np.array_equal(resumed, expected)
+
+
+if __name__ == "__main__":
+  # The fresh process: same promotion rules as the tests (tests/conftest.py).
+  jax.config.update("jax_numpy_dtype_promotion", "strict")
+  checkpoint_path, out_path = sys.argv[1:]
+  # Another seed, so only a real restore can reproduce the uninterrupted run.
+  state = optaccum.restore_checkpoint(checkpoint_path, fresh_state(seed=1), every_k=EVERY_K)
+  accumulation = optaccum.accumulation_state(state)
+  print(
+    json.dumps(
+      {"mini_step": int(accumulation.mini_step), "gradient_step": int(accumulation.gradient_step)}
+    )
+  )
+  np.savez(out_path, **flat_params(train(state, range(SAVE_AT, MICRO_STEPS))))
