@@ -177,7 +177,9 @@ class _Core:
 
       def divide(a: jax.Array) -> jax.Array:
         # In at least float32: a bfloat16 quotient would round once more, and
-        # to nearest, after a stochastically rounded (unbiased) sum.
+        # to nearest, after a stochastically rounded (unbiased) sum. (XLA on
+        # CPU and GPU drops that rounding anyway, as excess precision; this
+        # makes it so on every backend and with any XLA flags.)
         wide = _at_least_float32(a.dtype)
         return a.astype(wide) / weight.astype(wide)
 
