@@ -106,16 +106,17 @@ class Statistics:
   micro_batch_size: int | None = None
 
   def init(self) -> StatisticsState:
-    nan = jnp.full((), jnp.nan, jnp.float32)
+    # A new array per field: one array in two fields could not be donated.
+    nan = lambda: jnp.full((), jnp.nan, jnp.float32)  # noqa: E731
     return StatisticsState(
       squared_norm_sum=jnp.zeros((), jnp.float32),
       num_micro_batches=jnp.zeros((), jnp.int32),
       last_window=WindowStatistics(
-        window_norm=nan,
-        micro_batch_squared_norm=nan,
-        gradient_squared_norm=nan,
-        trace_covariance=nan,
-        noise_scale=nan,
+        window_norm=nan(),
+        micro_batch_squared_norm=nan(),
+        gradient_squared_norm=nan(),
+        trace_covariance=nan(),
+        noise_scale=nan(),
         batch_size=jnp.zeros((), jnp.float32),
         num_micro_batches=jnp.zeros((), jnp.int32),
       ),

@@ -135,6 +135,15 @@ def test_statistics_add_only_scalars_to_the_state():
   assert small == extra_bytes({"w": jnp.zeros((512, 512)), "b": jnp.zeros(512)}) == 36
 
 
+def test_state_with_statistics_can_be_donated():
+  tx = optaccum.accumulate(optax.sgd(0.1), every_k=2, statistics=True)
+  step = jax.jit(lambda g, s: tx.update(_split(g), s, PARAMS)[1], donate_argnums=1)
+  state = tx.init(PARAMS)
+  for g in GRADS[:2]:
+    state = step(jnp.asarray(g), state)  # fails if two fields share one buffer
+  assert int(optaccum.window_statistics(state).num_micro_batches) == 2
+
+
 # --- Unbiasedness on Gaussian gradients with known mean and covariance -------------------
 
 

@@ -1,0 +1,101 @@
+"""What bfloat16 accumulators and window statistics cost: micro-step time and state memory.
+
+Same setting as benchmarks/microstep.py (~8M float32 parameters, AdamW, k=8,
+jitted `update + apply_updates` with donated buffers), one process, interleaved
+rounds, medians. The baseline is `optaccum.accumulate` with its default float32
+accumulator; the statistics rows add one squared norm per micro-step. Memory is
+counted on the state itself (bytes of `acc_grads`, of the whole state) and from
+XLA's compiled memory analysis of the step.
+
+Run: python -m benchmarks.accumulator_cost [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optaccum
+from benchmarks import _measure, microstep
+
+BASELINE = "float32 accumulator"
+
+
+def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
+  """name -> (jitted step(params, state, grads), init(params))."""
+  k = microstep.EVERY_K
+  bfloat16 = {"accumulator_dtype": jnp.bfloat16}
+  stochastic = {**bfloat16, "rounding": "stochastic", "rounding_key": 0}
+  variants = {
+    BASELINE: {},
+    "float32 + statistics": {"statistics": True},
+    "bfloat16, nearest": bfloat16,
+    "bfloat16, stochastic": stochastic,
+    "bfloat16, stochastic + statistics": {**stochastic, "statistics": True},
+  }
+  table = {"floor: acc + g": (microstep._floor_step(), lambda p: jax.tree.map(jnp.zeros_like, p))}
+  for name, kwargs in variants.items():
+    tx = optaccum.accumulate(inner, k, **kwargs)
+    table[name] = (microstep._update_step(tx), tx.init)
+  return table
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def memory(table: dict[str, tuple[Any, Any]], total_params: int) -> dict[str, dict[str, int]]:
+  """Bytes of each accumulation's state, and its step's compiled argument size."""
+  params = microstep.make_params(total_params)
+  grads = jax.tree.map(lambda p: p * 1e-3, params)
+  rows = {}
+  for name, (step, init) in table.items():
+    state = init(params)
+    if not isinstance(state, optaccum.AccumulateState):
+      continue
+    compiled = _measure.compiled_memory(step, params, state, grads)
+    rows[name] = {
+      "accumulator": _nbytes(state.acc_grads),
+      "state": _nbytes(state),
+      "extra": _nbytes(state.rounding_key) + _nbytes(state.statistics),
+      "arguments": compiled["argument"],
+      "temp": compiled["temp"],
+    }
+  return rows
+
+
+def format_memory(rows: dict[str, dict[str, int]]) -> str:
+  baseline = rows[BASELINE]
+  lines = [
+    "| method | acc_grads (MiB) | vs float32 | whole state with AdamW (MiB) | "
+    "key + statistics (bytes) | compiled arguments (MiB) | compiled temp (MiB) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for name, row in rows.items():
+    lines.append(
+      f"| {name} | {row['accumulator'] / 2**20:.2f} | "
+      f"{row['accumulator'] / baseline['accumulator']:.3f}x | {row['state'] / 2**20:.2f} | "
+      f"{row['extra']} | {row['arguments'] / 2**20:.2f} | {row['temp'] / 2**20:.2f} |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small params, few rounds")
+  parser.add_argument("--params", type=int, default=8_000_000)
+  parser.add_argument("--rounds", type=int, default=15)
+  args = parser.parse_args(argv)
+  total, rounds = (400_000, 3) if args.quick else (args.params, args.rounds)
+  table = methods(optax.adamw(1e-3))
+  print(microstep.format_table(microstep.run(total, rounds, table), total, BASELINE))
+  print()
+  print(format_memory(memory(table, total)))
+
+
+if __name__ == "__main__":
+  main()
