@@ -12,7 +12,6 @@ Run: python -m benchmarks.accumulator_cost [--quick]
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax
@@ -85,12 +84,7 @@ def format_memory(rows: dict[str, dict[str, int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="small params, few rounds")
-  parser.add_argument("--params", type=int, default=8_000_000)
-  parser.add_argument("--rounds", type=int, default=15)
-  args = parser.parse_args(argv)
-  total, rounds = (400_000, 3) if args.quick else (args.params, args.rounds)
+  total, rounds = microstep.parse_arguments(argv, __doc__.splitlines()[0])
   table = methods(optax.adamw(1e-3))
   print(microstep.format_table(microstep.run(total, rounds, table), total, BASELINE))
   print()

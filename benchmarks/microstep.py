@@ -145,13 +145,18 @@ def format_table(
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(argv: list[str] | None, description: str) -> tuple[int, int]:
+  """`(total parameters, rounds)` from the command line of a micro-step benchmark."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true", help="small params, few rounds")
   parser.add_argument("--params", type=int, default=8_000_000)
   parser.add_argument("--rounds", type=int, default=15)
   args = parser.parse_args(argv)
-  total, rounds = (400_000, 3) if args.quick else (args.params, args.rounds)
+  return (400_000, 3) if args.quick else (args.params, args.rounds)
+
+
+def main(argv: list[str] | None = None) -> None:
+  total, rounds = parse_arguments(argv, __doc__.splitlines()[0])
   print(format_table(run(total, rounds), total))
 
 
