@@ -3,9 +3,12 @@
 Same setting as benchmarks/microstep.py (~8M float32 parameters, AdamW, k=8,
 jitted `update + apply_updates` with donated buffers), one process, interleaved
 rounds, medians. The baseline is `optaccum.accumulate` with its default float32
-accumulator; the statistics rows add one squared norm per micro-step. Memory is
-counted on the state itself (bytes of `acc_grads`, of the whole state) and from
-XLA's compiled memory analysis of the step.
+accumulator; the statistics rows add one squared norm per micro-step, and are
+timed once more head to head with the baseline over three times the rounds.
+Two floors time a bare stochastically rounded bfloat16 `acc + g`: with
+optaccum's hashed bits, and with threefry bits drawn for every element. Memory
+is counted on the state itself (bytes of `acc_grads`, of the whole state) and
+from XLA's compiled memory analysis of the step.
 
 Run: python -m benchmarks.accumulator_cost [--quick]
 """
@@ -20,8 +23,41 @@ import optax
 
 import optaccum
 from benchmarks import _measure, microstep
+from optaccum import _rounding
 
 BASELINE = "float32 accumulator"
+STATISTICS = "float32 + statistics"
+
+
+def _hash_rounding(total: jax.Array, key: jax.Array) -> jax.Array:
+  """optaccum's rounding: two random words per leaf, hashed with each element's index."""
+  return _rounding.stochastic_round(total, jax.random.bits(key, (2,), jnp.uint32))
+
+
+def _threefry_rounding(total: jax.Array, key: jax.Array) -> jax.Array:
+  """The obvious alternative: 16 threefry bits drawn for every element."""
+  noise = jax.random.bits(key, total.shape, jnp.uint16).astype(jnp.uint32)
+  return _rounding.round_with_noise(total, noise)
+
+
+def _stochastic_floor(rounding: Any) -> tuple[Any, Any]:
+  """A bare bfloat16 `acc + g`, the float32 sum rounded by `rounding(total, key)`."""
+
+  def step(params, state, grads):
+    acc, key = state
+    key, step_key = jax.random.split(key)
+    leaves, treedef = jax.tree.flatten(acc)
+    keys = jax.random.split(step_key, len(leaves))
+    summed = [
+      rounding(a.astype(jnp.float32) + g, k)
+      for a, g, k in zip(leaves, jax.tree.leaves(grads), keys)
+    ]
+    return params, (jax.tree.unflatten(treedef, summed), key)
+
+  def init(params):
+    return jax.tree.map(lambda p: jnp.zeros_like(p, jnp.bfloat16), params), jax.random.key(0)
+
+  return jax.jit(step, donate_argnums=(0, 1)), init
 
 
 def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
@@ -31,12 +67,16 @@ def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
   stochastic = {**bfloat16, "rounding": "stochastic", "rounding_key": 0}
   variants = {
     BASELINE: {},
-    "float32 + statistics": {"statistics": True},
+    STATISTICS: {"statistics": True},
     "bfloat16, nearest": bfloat16,
     "bfloat16, stochastic": stochastic,
     "bfloat16, stochastic + statistics": {**stochastic, "statistics": True},
   }
-  table = {"floor: acc + g": (microstep._floor_step(), lambda p: jax.tree.map(jnp.zeros_like, p))}
+  table = {
+    "floor: acc + g": (microstep._floor_step(), lambda p: jax.tree.map(jnp.zeros_like, p)),
+    "floor: bfloat16 acc + g, stochastic, hash bits": _stochastic_floor(_hash_rounding),
+    "floor: bfloat16 acc + g, stochastic, threefry bits": _stochastic_floor(_threefry_rounding),
+  }
   for name, kwargs in variants.items():
     tx = optaccum.accumulate(inner, k, **kwargs)
     table[name] = (microstep._update_step(tx), tx.init)
@@ -87,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
   total, rounds = microstep.parse_arguments(argv, __doc__.splitlines()[0])
   table = methods(optax.adamw(1e-3))
   print(microstep.format_table(microstep.run(total, rounds, table), total, BASELINE))
+  print()
+  # Statistics cost a few percent at most: time them head to head, with more
+  # rounds, so that the shared machine's noise does not swamp the difference.
+  pair = {name: table[name] for name in (BASELINE, STATISTICS)}
+  print(microstep.format_table(microstep.run(total, 3 * rounds, pair), total, BASELINE))
   print()
   print(format_memory(memory(table, total)))
 

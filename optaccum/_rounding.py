@@ -57,8 +57,8 @@ def _element_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-def stochastic_round(x: jax.Array, seed: jax.Array) -> jax.Array:
-  """Rounds float32 `x` to bfloat16, up with probability its distance to the lower neighbour.
+def round_with_noise(x: jax.Array, noise: jax.Array) -> jax.Array:
+  """Rounds float32 `x` to bfloat16 after adding `noise` (uint32 below 2^16) to its low bits.
 
   A bfloat16 is a float32 with its low 16 bits cut off. Adding a uniform random
   16-bit integer to those bits and cutting them off carries into the kept bits
@@ -66,6 +66,17 @@ def stochastic_round(x: jax.Array, seed: jax.Array) -> jax.Array:
   bfloat16 neighbour in units of their gap. Working on the magnitude bits, it is
   symmetric in sign; finite values beyond the largest bfloat16 may round to inf,
   as rounding to nearest does. Infinities and NaNs pass through.
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  # A finite float32 has bits <= 0xFF7FFFFF, so adding < 2^16 cannot wrap.
+  rounded = ((bits + noise) >> 16).astype(jnp.uint16)
+  rounded = jax.lax.bitcast_convert_type(rounded, jnp.bfloat16)
+  # NaN payloads in the low bits could carry into inf; keep non-finite values as they are.
+  return jnp.where(jnp.isfinite(x), rounded, x.astype(jnp.bfloat16))
+
+
+def stochastic_round(x: jax.Array, seed: jax.Array) -> jax.Array:
+  """Rounds float32 `x` to bfloat16, up with probability its distance to the lower neighbour.
 
   Args:
     x: a float32 array.
@@ -82,13 +93,7 @@ def stochastic_round(x: jax.Array, seed: jax.Array) -> jax.Array:
     Wellons, 2018, "Prospecting for Hash Functions" (lowbias32).
   """
   counter = _element_index(x.shape) * (seed[0] | jnp.uint32(1)) + seed[1]
-  noise = _lowbias32(counter) & jnp.uint32(0xFFFF)
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  # A finite float32 has bits <= 0xFF7FFFFF, so adding < 2^16 cannot wrap.
-  rounded = ((bits + noise) >> 16).astype(jnp.uint16)
-  rounded = jax.lax.bitcast_convert_type(rounded, jnp.bfloat16)
-  # NaN payloads in the low bits could carry into inf; keep non-finite values as they are.
-  return jnp.where(jnp.isfinite(x), rounded, x.astype(jnp.bfloat16))
+  return round_with_noise(x, _lowbias32(counter) & jnp.uint32(0xFFFF))
 
 
 def _key_from(where: str, value: Any) -> jax.Array:
