@@ -4,7 +4,8 @@ Same setting as benchmarks/microstep.py (~8M float32 parameters, AdamW, k=8,
 jitted `update + apply_updates` with donated buffers), one process, interleaved
 rounds, medians. The baseline is `optaccum.accumulate` with its default float32
 accumulator; the statistics rows add one squared norm per micro-step, and are
-timed once more head to head with the baseline over three times the rounds.
+timed once more head to head with the baseline, over three times the rounds of
+8 micro-steps each of a window that never closes.
 Two floors time a bare stochastically rounded bfloat16 `acc + g`: with
 optaccum's hashed bits, and with threefry bits drawn for every element. Memory
 is counted on the state itself (bytes of `acc_grads`, of the whole state) and
@@ -83,6 +84,42 @@ def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
   return table
 
 
+def statistics_overhead(total_params: int, rounds: int, steps: int = 8) -> dict[str, float]:
+  """Seconds per non-emitting micro-step with statistics off and on, head to head.
+
+  Each sample times `steps` consecutive micro-steps of a window that never
+  closes, so that every sample holds the same work; the result per method is
+  the median over `rounds` interleaved samples.
+  """
+  params0 = microstep.make_params(total_params)
+  grads = jax.tree.map(lambda p: p * 1e-3, params0)
+  runners = {}
+  for name, kwargs in {BASELINE: {}, STATISTICS: {"statistics": True}}.items():
+    tx = optaccum.accumulate(optax.adamw(1e-3), every_k=2**30, **kwargs)
+    step = microstep._update_step(tx)
+    params = jax.tree.map(jnp.copy, params0)
+    holder = list(step(params, tx.init(params), grads))  # compile
+
+    def run(step=step, holder=holder) -> float:
+      def micro_steps():
+        for _ in range(steps):
+          holder[0], holder[1] = step(holder[0], holder[1], grads)
+        return holder[0]
+
+      return _measure.timed(micro_steps) / steps
+
+    runners[name] = run
+  return _measure.interleaved_medians(runners, rounds)
+
+
+def format_overhead(seconds: dict[str, float]) -> str:
+  ratio = seconds[STATISTICS] / seconds[BASELINE]
+  return (
+    f"Non-emitting micro-step, head to head: {seconds[BASELINE] * 1e3:.2f} ms without "
+    f"statistics, {seconds[STATISTICS] * 1e3:.2f} ms with: {ratio:.3f}x"
+  )
+
+
 def _nbytes(tree: Any) -> int:
   return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
 
@@ -128,10 +165,7 @@ def main(argv: list[str] | None = None) -> None:
   table = methods(optax.adamw(1e-3))
   print(microstep.format_table(microstep.run(total, rounds, table), total, BASELINE))
   print()
-  # Statistics cost a few percent at most: time them head to head, with more
-  # rounds, so that the shared machine's noise does not swamp the difference.
-  pair = {name: table[name] for name in (BASELINE, STATISTICS)}
-  print(microstep.format_table(microstep.run(total, 3 * rounds, pair), total, BASELINE))
+  print(format_overhead(statistics_overhead(total, 3 * rounds)))
   print()
   print(format_memory(memory(table, total)))
 
