@@ -11,9 +11,10 @@ expectation and the window's sum is unbiased however long the window.
 The random bits come from a counter-based integer hash (lowbias32) of each
 element's index, scrambled per leaf and per micro-step by two words that
 `jax.random` draws from a key kept in the state, so a run is reproducible from
-its key. Threefry bits for every
-element cost 15x a float32 micro-step on CPU; the hash costs no more than
-rounding to nearest (see docs/precision_and_statistics.md for both numbers).
+its key. On CPU, drawing threefry bits for every element makes a bare
+stochastically rounded `acc + g` 20x slower than the hashed bits, which cost no
+more than a float32 `acc + g` (benchmarks/accumulator_cost.py; numbers in
+docs/precision_and_statistics.md).
 """
 
 from __future__ import annotations
