@@ -166,9 +166,10 @@ class Statistics:
       num_micro_batches=count,
     )
     has_weight = total_weight > 0
+    # zeros_like: under `shard_map` the reset sums keep the per-replica type.
     return StatisticsState(
-      squared_norm_sum=jnp.zeros((), jnp.float32),
-      num_micro_batches=jnp.zeros((), jnp.int32),
+      squared_norm_sum=jnp.zeros_like(state.squared_norm_sum),
+      num_micro_batches=jnp.zeros_like(state.num_micro_batches),
       last_window=jax.tree.map(
         lambda new, old: jnp.where(has_weight, new, old), window, state.last_window
       ),
