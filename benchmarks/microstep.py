@@ -72,10 +72,13 @@ def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
   }
 
 
-def run(total_params: int, rounds: int) -> dict[str, dict[str, float]]:
+def run(
+  total_params: int, rounds: int, table: dict[str, tuple[Any, Any]] | None = None
+) -> dict[str, dict[str, float]]:
+  """Times and measures each method of `table` (default: `methods(adamw)`)."""
   params0 = make_params(total_params)
   grads = jax.tree.map(lambda p: p * 1e-3, params0)
-  table = methods(optax.adamw(1e-3))
+  table = table or methods(optax.adamw(1e-3))
   live: dict[str, list[Any]] = {}
   results: dict[str, dict[str, float]] = {}
   for name, (step, init) in table.items():
@@ -121,14 +124,17 @@ def run(total_params: int, rounds: int) -> dict[str, dict[str, float]]:
   return results
 
 
-def format_table(results: dict[str, dict[str, float]], total_params: int) -> str:
-  reference = results["optax.MultiSteps"]
+def format_table(
+  results: dict[str, dict[str, float]], total_params: int, reference_name: str = "optax.MultiSteps"
+) -> str:
+  reference = results[reference_name]
+  versus = f"vs {reference_name}"
   lines = [
     f"Micro-step of ~{total_params / 1e6:.1f}M float32 params, adamw, k={EVERY_K} "
     f"({_measure.machine_description()})",
     "",
-    "| method | non-emitting micro-step (ms) | vs MultiSteps | mean micro-step over a "
-    "window (ms) | vs MultiSteps | compiled temp (MiB) |",
+    f"| method | non-emitting micro-step (ms) | {versus} | mean micro-step over a "
+    f"window (ms) | {versus} | compiled temp (MiB) |",
     "|---|---|---|---|---|---|",
   ]
   for name, row in results.items():
@@ -142,13 +148,18 @@ def format_table(results: dict[str, dict[str, float]], total_params: int) -> str
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(argv: list[str] | None, description: str) -> tuple[int, int]:
+  """`(total parameters, rounds)` from the command line of a micro-step benchmark."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true", help="small params, few rounds")
   parser.add_argument("--params", type=int, default=8_000_000)
   parser.add_argument("--rounds", type=int, default=15)
   args = parser.parse_args(argv)
-  total, rounds = (400_000, 3) if args.quick else (args.params, args.rounds)
+  return (400_000, 3) if args.quick else (args.params, args.rounds)
+
+
+def main(argv: list[str] | None = None) -> None:
+  total, rounds = parse_arguments(argv, __doc__.splitlines()[0])
   print(format_table(run(total, rounds), total))
 
 

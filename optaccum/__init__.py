@@ -19,6 +19,8 @@ from optaccum._scaling import scale_learning_rate as scale_learning_rate
 from optaccum._skip import SkipPolicy as SkipPolicy
 from optaccum._skip import skip_large_updates as skip_large_updates
 from optaccum._skip import skip_not_finite as skip_not_finite
+from optaccum._statistics import WindowStatistics as WindowStatistics
+from optaccum._statistics import window_statistics as window_statistics
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
   "MultiSteps",
   "MultiStepsState",
   "SkipPolicy",
+  "WindowStatistics",
   "accumulate",
   "accumulation_state",
   "apply_train_state_gradients",
@@ -41,4 +44,5 @@ __all__ = [
   "scale_learning_rate",
   "skip_large_updates",
   "skip_not_finite",
+  "window_statistics",
 ]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaccum import _branching, _validation
+from optaccum import _branching, _rounding, _statistics, _validation
 from optaccum._skip import SkipPolicy, skip_not_finite
 
 _IS_NONE = lambda x: x is None  # noqa: E731
@@ -33,6 +33,10 @@ class AccumulateState(NamedTuple):
       unweighted).
     num_skipped: micro-batches dropped by the skip policy so far.
     emitted: whether the last update call ran the inner optimizer.
+    rounding_key: with `rounding="stochastic"`, the raw uint32 data of the key
+      that the next micro-step splits; else ().
+    statistics: with `statistics=True`, a `StatisticsState` of scalars (read it
+      with `optaccum.window_statistics`); else ().
   """
 
   mini_step: jax.Array  # shape=(), dtype=int32
@@ -45,6 +49,13 @@ class AccumulateState(NamedTuple):
   acc_weight: jax.Array = np.zeros((), np.float32)  # shape=(), dtype=float32
   num_skipped: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
   emitted: jax.Array = np.zeros((), np.bool_)  # shape=(), dtype=bool
+  rounding_key: Any = ()  # shape=(2,), dtype=uint32 for threefry keys
+  statistics: Any = ()
+
+
+def _at_least_float32(dtype: Any) -> Any:
+  """`dtype`, widened to float32 if narrower (without promotion, which strict mode forbids)."""
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +73,8 @@ class _Core:
   skip: SkipPolicy | None
   axis_name: Hashable | None
   strategy: str
+  rounding: _rounding.Rounding = _rounding.Rounding()
+  statistics: _statistics.Statistics | None = None
 
   def init(self, params: Any) -> AccumulateState:
     # zeros_like, not zeros(shape): it keeps the parameters' sharding, so an
@@ -82,6 +95,8 @@ class _Core:
       acc_weight=jnp.zeros((), jnp.float32),
       num_skipped=jnp.zeros((), jnp.int32),
       emitted=jnp.zeros((), jnp.bool_),
+      rounding_key=self.rounding.init_key(),
+      statistics=() if self.statistics is None else self.statistics.init(),
     )
 
   def add(
@@ -108,18 +123,22 @@ class _Core:
           f"dtype {should_skip.dtype} and shape {should_skip.shape}."
         )
 
-    def add_leaf(g: Any, acc: jax.Array) -> jax.Array:
+    rounding_key, seeds = self.rounding.split_key(
+      state.rounding_key, state.acc_grads, self.axis_name
+    )
+
+    def add_leaf(g: Any, acc: jax.Array, seed: Any) -> jax.Array:
       if g is None:  # None where the parameters hold None: pass it through.
         return None
       if weighted:
         # Weigh in at least float32, so token counts stay exact.
-        wide = jnp.promote_types(acc.dtype, jnp.float32)
+        wide = _at_least_float32(acc.dtype)
         g = g.astype(wide) * weight.astype(wide)
-      summed = acc + g.astype(acc.dtype)
+      summed = self.rounding.add(acc, g, seed)
       # A select, not a multiply: 0 * NaN would still be NaN.
       return summed if should_skip is None else jnp.where(should_skip, acc, summed)
 
-    acc_grads = jax.tree.map(add_leaf, updates, state.acc_grads, is_leaf=_IS_NONE)
+    acc_grads = jax.tree.map(add_leaf, updates, state.acc_grads, seeds, is_leaf=_IS_NONE)
     step_weight = weight if weighted else jnp.ones((), jnp.float32)
     if should_skip is None:
       accepted = jnp.ones((), jnp.bool_)
@@ -136,6 +155,9 @@ class _Core:
     counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
     mini_step = jnp.where(counts, optax.safe_increment(state.mini_step), state.mini_step)
     close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
+    statistics = state.statistics
+    if self.statistics is not None:
+      statistics = self.statistics.add(statistics, updates, step_weight)
     state = state._replace(
       mini_step=mini_step,
       acc_grads=acc_grads,
@@ -143,12 +165,23 @@ class _Core:
       acc_weight=state.acc_weight + step_weight,
       num_skipped=num_skipped,
       emitted=jnp.zeros((), jnp.bool_),
+      rounding_key=rounding_key,
+      statistics=statistics,
     )
     return state, close_window
 
   def _window_gradient(self, updates_like: Any, acc_grads: Any, weight: jax.Array) -> Any:
     if self.reduction == "mean":
-      acc_grads = jax.tree.map(lambda a: a / weight.astype(a.dtype), acc_grads)
+
+      def divide(a: jax.Array) -> jax.Array:
+        # In at least float32: a bfloat16 quotient would round once more, and
+        # to nearest, after a stochastically rounded (unbiased) sum. (XLA on
+        # CPU and GPU drops that rounding anyway, as excess precision; this
+        # makes it so on every backend and with any XLA flags.)
+        wide = _at_least_float32(a.dtype)
+        return a.astype(wide) / weight.astype(wide)
+
+      acc_grads = jax.tree.map(divide, acc_grads)
     return jax.tree.map(
       lambda g, a: None if g is None else a.astype(g.dtype),
       updates_like,
@@ -156,12 +189,22 @@ class _Core:
       is_leaf=_IS_NONE,
     )
 
-  def _reduced(self, state: AccumulateState) -> tuple[Any, jax.Array]:
-    """The window's gradient sum and weight, summed across replicas if any."""
-    if self.axis_name is None:
-      return state.acc_grads, state.acc_weight
-    # The one cross-replica reduction of the window.
-    return jax.lax.psum((state.acc_grads, state.acc_weight), self.axis_name)
+  def _reduced(self, state: AccumulateState) -> tuple[Any, jax.Array, tuple]:
+    """The window's gradient sum, weight and statistics sums, summed across replicas if any."""
+    running = ()
+    if self.statistics is not None:
+      # The micro-batch count travels as float32 (exact: it is at most k times
+      # the replicas), so that one all-reduce of one dtype carries everything.
+      count = state.statistics.num_micro_batches.astype(jnp.float32)
+      running = (state.statistics.squared_norm_sum, count)
+    sums = (state.acc_grads, state.acc_weight, running)
+    if self.axis_name is not None:
+      # The one cross-replica reduction of the window.
+      sums = jax.lax.psum(sums, self.axis_name)
+    acc_grads, total_weight, running = sums
+    if running:
+      running = (running[0], running[1].astype(jnp.int32))
+    return acc_grads, total_weight, running
 
   def zero_updates(
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
@@ -172,7 +215,7 @@ class _Core:
     # and both branches of the window's `cond` have one type.
     shapes, _ = jax.eval_shape(
       lambda s: self.inner.update(
-        self._window_gradient(updates_like, *self._reduced(s)),
+        self._window_gradient(updates_like, *self._reduced(s)[:2]),
         s.inner_opt_state,
         params,
         **extra_args,
@@ -185,7 +228,7 @@ class _Core:
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
   ) -> tuple[Any, AccumulateState]:
     """Closes the window: runs the inner optimizer on its gradient, then resets it."""
-    acc_grads, total_weight = self._reduced(state)
+    acc_grads, total_weight, running = self._reduced(state)
     has_weight = total_weight > 0
 
     def run(operand: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -198,6 +241,9 @@ class _Core:
     new_updates, inner_opt_state = _branching.run_if(
       self.strategy, has_weight, run, (zeros, state.inner_opt_state)
     )
+    statistics = state.statistics
+    if self.statistics is not None:
+      statistics = self.statistics.close(statistics, acc_grads, total_weight, *running)
     return new_updates, state._replace(
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=jnp.where(
@@ -208,6 +254,7 @@ class _Core:
       acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
       acc_weight=jnp.zeros_like(state.acc_weight),
       emitted=has_weight,
+      statistics=statistics,
     )
 
 
@@ -223,6 +270,10 @@ def make_core(
   skip: Any,
   axis_name: Any,
   strategy: str = "auto",
+  rounding: Any = "nearest",
+  rounding_key: Any = None,
+  statistics: Any = False,
+  micro_batch_size: Any = None,
 ) -> _Core:
   """Validates the arguments of an accumulation and builds its core."""
   if not isinstance(inner, optax.GradientTransformation):
@@ -235,16 +286,19 @@ def make_core(
   if axis_name is not None and not isinstance(axis_name, Hashable):
     raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
   _validation.check_choice(where, "strategy", strategy, _branching.STRATEGIES)
+  accumulator_dtype = _validation.floating_dtype(
+    where, "accumulator_dtype", accumulator_dtype, allow_none=True
+  )
   return _Core(
     inner=optax.with_extra_args_support(inner),
     schedule=_validation.as_schedule(every_k),
     reduction=reduction,
-    accumulator_dtype=_validation.floating_dtype(
-      where, "accumulator_dtype", accumulator_dtype, allow_none=True
-    ),
+    accumulator_dtype=accumulator_dtype,
     skip=skip,
     axis_name=axis_name,
     strategy=strategy,
+    rounding=_rounding.make_rounding(where, rounding, rounding_key, accumulator_dtype),
+    statistics=_statistics.make_statistics(where, statistics, micro_batch_size),
   )
 
 
@@ -262,6 +316,10 @@ def accumulate(
   skip: SkipPolicy | None = skip_not_finite,
   axis_name: Hashable | None = None,
   strategy: str = "auto",
+  rounding: str = "nearest",
+  rounding_key: Any = None,
+  statistics: bool = False,
+  micro_batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Accumulates gradients over a window of micro-steps, then runs `inner` once.
 
@@ -313,6 +371,28 @@ def accumulate(
       every step, keep with `jnp.where`, like `optax.MultiSteps`), or
       `"auto"` (default: `"loop"`). Use `"cond"` to differentiate through
       the optimizer.
+    rounding: how each micro-step's sum is rounded into the accumulator:
+      `"nearest"` (default) or `"stochastic"`, which rounds up with
+      probability equal to the distance to the lower neighbour. Stochastic
+      rounding is unbiased, so a bfloat16 accumulator (half the memory of
+      float32) keeps the small gradients that rounding to nearest drops once
+      the sum is large (swamping). It needs `accumulator_dtype=jnp.bfloat16`
+      and a `rounding_key`; see docs/precision_and_statistics.md.
+    rounding_key: with `rounding="stochastic"`: a `jax.random.key` or an int
+      seed. The state keeps it and splits it on every micro-step, so a run
+      is reproducible from it; under `axis_name` each replica folds in its
+      index and rounds with its own bits.
+    statistics: keep gradient statistics of each window in the state: the
+      norm of the window's mean gradient, the mean squared norm of its
+      micro-batch gradients, and from their spread unbiased estimates of
+      |G|^2, tr(Sigma) and the gradient noise scale B_simple (McCandlish et
+      al., 2018). Read them with `optaccum.window_statistics`. It adds a few
+      scalars to the state and one squared norm to each micro-step.
+    micro_batch_size: with `statistics=True`: examples per micro-batch when
+      no weights are passed (per unit of weight when they are), so that
+      tr(Sigma) and B_simple count examples. None (default) counts one unit
+      of weight as one example: a micro-batch, or a token when the weights
+      are token counts.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
@@ -342,6 +422,10 @@ def accumulate(
       skip=skip,
       axis_name=axis_name,
       strategy=strategy,
+      rounding=rounding,
+      rounding_key=rounding_key,
+      statistics=statistics,
+      micro_batch_size=micro_batch_size,
     )
   )
 

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec
 
 from optaccum import _validation
 from optaccum._accumulate import AccumulateState
+from optaccum._statistics import StatisticsState
 
 # The fields of an AccumulateState that differ between replicas when the
 # transformation reduces across them only as a window closes. The others
@@ -25,12 +26,19 @@ def _per_replica_mask(tree: Any) -> Any:
   def mark(node: Any) -> Any:
     if not isinstance(node, AccumulateState):
       return jax.tree.map(lambda _: False, node)
-    return AccumulateState(
-      *(
-        jax.tree.map(lambda _, own=name in _PER_REPLICA_FIELDS: own, getattr(node, name))
-        for name in AccumulateState._fields
+    fields = {
+      name: jax.tree.map(lambda _, own=name in _PER_REPLICA_FIELDS: own, getattr(node, name))
+      for name in AccumulateState._fields
+    }
+    if isinstance(node.statistics, StatisticsState):
+      # The open window's running sums are local, summed across replicas when it
+      # closes; the last closed window's statistics are the same everywhere.
+      fields["statistics"] = node.statistics._replace(
+        squared_norm_sum=True,
+        num_micro_batches=True,
+        last_window=jax.tree.map(lambda _: False, node.statistics.last_window),
       )
-    )
+    return AccumulateState(**fields)
 
   return jax.tree.map(mark, tree, is_leaf=_IS_STATE)
 

@@ -68,7 +68,10 @@ def skip_not_finite(
   # lax.cond, not run_if's loop: the branch only reads the gradients and returns
   # a scalar, so nothing is copied, where a loop would copy the gradients it
   # closes over (they are still needed after it).
-  num_not_finite = jax.lax.cond(should_skip, count, jnp.zeros_like, jnp.zeros((), jnp.int32))
+  # The zeros come from `should_skip`, so that under `shard_map` they vary over
+  # the same mesh axes as the count (both follow the gradients).
+  none_found = jnp.zeros_like(should_skip, jnp.int32)
+  num_not_finite = jax.lax.cond(should_skip, count, lambda zeros: zeros, none_found)
   return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 
 

@@ -239,6 +239,14 @@ def test_low_precision_grads_under_strict_promotion(dtype, accumulator_dtype, ma
   assert int(state.gradient_step) == 1
 
 
+def test_weighted_bfloat16_accumulator_passes_strict_promotion():
+  tx = optaccum.accumulate(optax.identity(), every_k=2, accumulator_dtype=jnp.bfloat16)
+  params = {"w": jnp.zeros(2)}
+  grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([4.0, 8.0])}]
+  outputs, _ = _run(tx, grads, params, weight=[jnp.float32(3), jnp.float32(1)])
+  np.testing.assert_array_equal(outputs[-1]["w"], [1.75, 3.5])  # (3 g1 + g2) / 4
+
+
 def test_inside_lax_scan_without_dtype_drift():
   params = helpers.init_params(dtype=jnp.bfloat16)
   tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k=3)

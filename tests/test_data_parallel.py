@@ -41,6 +41,11 @@ def test_accumulate_all_reduces_only_in_the_emitting_branch(results):
   assert naive["executed"] == 1 and naive["executed_bytes"] >= grad_bytes
 
 
+def test_window_statistics_across_replicas_equal_one_device_over_all_local_gradients(results):
+  # Each replica's local gradient is one sample of the window: K * REPLICAS of them.
+  assert results["cross_step/mean"]["optaccum"]["statistics_diff"] < 1e-4
+
+
 def test_accumulate_takes_the_emitting_branch_once_per_window(results):
   k = results["k"]
   emitted = results["cross_step/mean"]["optaccum"]["emitted"]

@@ -148,7 +148,8 @@ def in_step(mesh, windows, weighted):
 def cross_step(mesh, windows, weighted):
   """`accumulate(axis_name=...)` inside `data_parallel`: a step is one micro-batch."""
   loss = token_loss if weighted else mean_loss
-  ours_tx = optaccum.accumulate(optimizer(), K, axis_name="data")
+  # Statistics ride along: their running sums are per replica, like the accumulator.
+  ours_tx = optaccum.accumulate(optimizer(), K, axis_name="data", statistics=True)
   naive_tx = optaccum.accumulate(optimizer(), K)
 
   def ours_step(params, opt_state, batch):
@@ -184,7 +185,34 @@ def cross_step(mesh, windows, weighted):
       "acc_grads_shape": list(jax.tree.leaves(opt_state.acc_grads)[0].shape),
       "replicas_equal": replicas_equal(params),
     }
+    if name == "optaccum" and not weighted:
+      ours = optaccum.window_statistics(opt_state)
+      expected = statistics_reference(windows, loss)
+      results[name]["statistics_diff"] = max(
+        abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected))
+      )
   return results
+
+
+def statistics_reference(windows, loss):
+  """One device, every replica's local gradient a micro-batch of its own (K * REPLICAS a window).
+
+  Replays the data-parallel run: the parameters follow the large-batch reference
+  (the optimizer sees the same window means), and the statistics of the last window
+  come from the local gradients exactly as each replica computed them.
+  """
+  tx = optaccum.accumulate(optax.identity(), K * REPLICAS, statistics=True)
+  params, inner = init_params(), optimizer()
+  state, inner_state = tx.init(params), inner.init(params)
+  for w in range(WINDOWS):
+    for m in range(K):
+      for r in range(REPLICAS):
+        rows = jax.tree.map(lambda x: x[w, m, r * ROWS : (r + 1) * ROWS], windows)
+        window_mean, state = tx.update(jax.grad(loss)(params, rows), state, params)
+    updates, inner_state = inner.update(window_mean, inner_state, params)
+    params = optax.apply_updates(params, updates)
+  return optaccum.window_statistics(state)
 
 
 def gspmd_in_step(mesh, windows):

@@ -1,0 +1,250 @@
+"""Window statistics: what k micro-batch gradients tell about the gradient's noise.
+
+A window holds k independent estimates g_i of the gradient G, each the mean
+over a micro-batch of B_i examples, so Cov(g_i) = Sigma / B_i where Sigma is the
+covariance of one example's gradient. Their spread around the window's mean
+gives, for the price of one squared norm per micro-step, unbiased estimates of
+|G|^2 and tr(Sigma), and from them the gradient noise scale
+B_simple = tr(Sigma) / |G|^2: the batch size beyond which a larger batch
+mostly averages noise away instead of speeding up training.
+
+With weights w_i equal to the micro-batch sizes B_i, W = sum(w_i) and
+S = sum(w_i |g_i|^2) / W, the window's mean Gbar = sum(w_i g_i) / W has
+E|Gbar|^2 = |G|^2 + tr(Sigma) / W and E[S] = |G|^2 + k tr(Sigma) / W, so
+
+  |G|^2    = (k |Gbar|^2 - S) / (k - 1)
+  tr(Sigma) = W (S - |Gbar|^2) / (k - 1)
+
+are unbiased. With equal sizes B these are McCandlish et al.'s Appendix A.1
+estimators with B_small = B and B_big = k B; unequal sizes only move B_small
+to the mean size W / k.
+
+References:
+  McCandlish et al., 2018, "An Empirical Model of Large-Batch Training", Appendix A.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optaccum import _validation
+
+
+class WindowStatistics(NamedTuple):
+  """What the last closed window tells about the gradient.
+
+  Every field is a scalar. Before the first window closes, the float fields are
+  NaN and the counts zero. A window of a single micro-batch has no spread to
+  measure: its `gradient_squared_norm`, `trace_covariance` and `noise_scale`
+  are NaN. Units of "example" are those of `micro_batch_size` (see
+  `optaccum.accumulate`).
+
+  Attributes:
+    window_norm: global norm of the window's mean gradient |Gbar|, read from
+      the accumulator (so in its precision).
+    micro_batch_squared_norm: S, the (weighted) mean over the window's
+      micro-batches of their gradients' squared global norms.
+    gradient_squared_norm: unbiased estimate of |G|^2, the squared norm of the
+      true gradient. Negative when the window's noise hides the signal.
+    trace_covariance: unbiased estimate of tr(Sigma), the summed variance of
+      one example's gradient.
+    noise_scale: B_simple = trace_covariance / gradient_squared_norm, in
+      examples. One window's ratio is noisy (and may be negative): average
+      `trace_covariance` and `gradient_squared_norm` over windows, e.g. with
+      an exponential moving average, before dividing.
+    batch_size: B_big, the window's examples (the sum of its weights times
+      `micro_batch_size`).
+    num_micro_batches: k, the micro-batches of positive weight in the window,
+      over all replicas.
+  """
+
+  window_norm: jax.Array  # shape=(), dtype=float32
+  micro_batch_squared_norm: jax.Array  # shape=(), dtype=float32
+  gradient_squared_norm: jax.Array  # shape=(), dtype=float32
+  trace_covariance: jax.Array  # shape=(), dtype=float32
+  noise_scale: jax.Array  # shape=(), dtype=float32
+  batch_size: jax.Array  # shape=(), dtype=float32
+  num_micro_batches: jax.Array  # shape=(), dtype=int32
+
+
+class StatisticsState(NamedTuple):
+  """The statistics kept in `AccumulateState.statistics`: scalars only.
+
+  Attributes:
+    squared_norm_sum: sum of w_i |g_i|^2 over the open window's micro-batches.
+    num_micro_batches: micro-batches of positive weight in the open window.
+    last_window: the statistics of the last closed window.
+  """
+
+  squared_norm_sum: jax.Array  # shape=(), dtype=float32
+  num_micro_batches: jax.Array  # shape=(), dtype=int32
+  last_window: WindowStatistics
+
+
+def _squared_norm(tree: Any) -> jax.Array:
+  """Squared global norm in float32, whatever the leaves' dtype."""
+  total = jnp.zeros((), jnp.float32)
+  for leaf in jax.tree.leaves(tree):
+    total += jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+  """The statistics an accumulation keeps: one scalar per micro-step, one formula per window.
+
+  Attributes:
+    micro_batch_size: examples per unit of weight; None counts one unit of
+      weight as one example.
+  """
+
+  micro_batch_size: int | None = None
+
+  def init(self) -> StatisticsState:
+    # A new array per field: one array in two fields could not be donated.
+    nan = lambda: jnp.full((), jnp.nan, jnp.float32)  # noqa: E731
+    return StatisticsState(
+      squared_norm_sum=jnp.zeros((), jnp.float32),
+      num_micro_batches=jnp.zeros((), jnp.int32),
+      last_window=WindowStatistics(
+        window_norm=nan(),
+        micro_batch_squared_norm=nan(),
+        gradient_squared_norm=nan(),
+        trace_covariance=nan(),
+        noise_scale=nan(),
+        batch_size=jnp.zeros((), jnp.float32),
+        num_micro_batches=jnp.zeros((), jnp.int32),
+      ),
+    )
+
+  def add(self, state: StatisticsState, updates: Any, weight: jax.Array) -> StatisticsState:
+    """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped)."""
+    counted = weight > 0
+    # A select, not a multiply: a skipped micro-batch's norm may be NaN.
+    squared_norm = jnp.where(counted, weight * _squared_norm(updates), jnp.float32(0))
+    return state._replace(
+      squared_norm_sum=state.squared_norm_sum + squared_norm,
+      num_micro_batches=state.num_micro_batches + counted.astype(jnp.int32),
+    )
+
+  def close(
+    self,
+    state: StatisticsState,
+    acc_grads: Any,
+    total_weight: jax.Array,
+    squared_norm_sum: jax.Array,
+    count: jax.Array,
+  ) -> StatisticsState:
+    """The window's statistics from its sums, reduced over all replicas if any.
+
+    `acc_grads`, `total_weight`, `squared_norm_sum` and `count` are the window's
+    sums (the accumulation reduces them across replicas in one all-reduce,
+    together with the gradients). A window of zero weight keeps the last
+    window's statistics.
+    """
+    k = count.astype(jnp.float32)
+    window_squared_norm = _squared_norm(acc_grads) / jnp.square(total_weight)
+    micro_batch_squared_norm = squared_norm_sum / total_weight
+    batch_size = total_weight * jnp.float32(self.micro_batch_size or 1)
+    # k = 1 divides by zero: NaN, as documented, whatever the rounding left.
+    spread = jnp.where(k > 1, k - 1, jnp.float32(jnp.nan))
+    gradient_squared_norm = (k * window_squared_norm - micro_batch_squared_norm) / spread
+    trace_covariance = batch_size * (micro_batch_squared_norm - window_squared_norm) / spread
+    window = WindowStatistics(
+      window_norm=jnp.sqrt(window_squared_norm),
+      micro_batch_squared_norm=micro_batch_squared_norm,
+      gradient_squared_norm=gradient_squared_norm,
+      trace_covariance=trace_covariance,
+      noise_scale=trace_covariance / gradient_squared_norm,
+      batch_size=batch_size,
+      num_micro_batches=count,
+    )
+    has_weight = total_weight > 0
+    # zeros_like: under `shard_map` the reset sums keep the per-replica type.
+    return StatisticsState(
+      squared_norm_sum=jnp.zeros_like(state.squared_norm_sum),
+      num_micro_batches=jnp.zeros_like(state.num_micro_batches),
+      last_window=jax.tree.map(
+        lambda new, old: jnp.where(has_weight, new, old), window, state.last_window
+      ),
+    )
+
+
+def make_statistics(where: str, statistics: Any, micro_batch_size: Any) -> Statistics | None:
+  """Validates `accumulate`'s statistics arguments; None when statistics are off."""
+  if not isinstance(statistics, bool):
+    raise TypeError(f"`{where}(statistics=...)` must be a bool, got statistics={statistics!r}.")
+  if micro_batch_size is None:
+    return Statistics() if statistics else None
+  if not statistics:
+    raise ValueError(
+      f"`{where}(micro_batch_size=...)` is used only with statistics=True, "
+      f"got micro_batch_size={micro_batch_size!r} and statistics=False."
+    )
+  _validation.check_positive_int(where, "micro_batch_size", micro_batch_size)
+  return Statistics(micro_batch_size=int(micro_batch_size))
+
+
+def window_statistics(opt_state: Any) -> WindowStatistics:
+  """The gradient statistics of the last closed window.
+
+  Readable after each step that closes a window (when `optaccum.has_updated`
+  is true) and kept until the next one closes. Built with
+  `optaccum.accumulate(..., statistics=True)`. Each window holds k
+  micro-batch gradients g_i with mean Gbar; from the spread of the g_i come
+  unbiased estimates of the true gradient's squared norm |G|^2 and of the
+  summed variance tr(Sigma) of one example's gradient, and the gradient noise
+  scale B_simple = tr(Sigma) / |G|^2: training with batches much smaller than
+  B_simple wastes steps on noise, much larger ones waste examples.
+
+  With `weight=` passed to `update`, the estimators take the weights as the
+  micro-batches' sizes (e.g. token counts, which are then the examples); give
+  `micro_batch_size` to `accumulate` to count examples per unit of weight (the
+  micro-batch size when no weights are passed). Examples are assumed
+  independent; tokens of one sequence are not, so token-weighted estimates
+  measure noise per token as if they were.
+
+  Args:
+    opt_state: an optimizer state holding one `AccumulateState` built with
+      `statistics=True`.
+
+  Returns:
+    A `WindowStatistics` of scalars.
+
+  Raises:
+    ValueError: if the accumulation keeps no statistics.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2, statistics=True)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, params)
+    >>> _, state = tx.update({"w": jnp.array([3.0, 1.0])}, state, params)
+    >>> stats = optaccum.window_statistics(state)
+    >>> round(float(stats.window_norm), 4), float(stats.micro_batch_squared_norm)  # |(2, 2)|
+    (2.8284, 10.0)
+    >>> float(stats.gradient_squared_norm), float(stats.trace_covariance)
+    (6.0, 4.0)
+    >>> round(float(stats.noise_scale), 4)  # in micro-batches: no micro_batch_size given
+    0.6667
+
+  References:
+    McCandlish et al., 2018, "An Empirical Model of Large-Batch Training".
+  """
+  # _inspect imports _accumulate, which imports this module: import on use.
+  from optaccum._inspect import accumulation_state
+
+  statistics = accumulation_state(opt_state).statistics
+  if not isinstance(statistics, StatisticsState):
+    raise ValueError(
+      "`window_statistics(opt_state)` needs an accumulation that keeps statistics: "
+      "build it with `optaccum.accumulate(..., statistics=True)`."
+    )
+  return statistics.last_window
