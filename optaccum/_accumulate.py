@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,8 @@ from optaccum._skip import SkipPolicy, skip_not_finite
 _IS_NONE = lambda x: x is None  # noqa: E731
 _REDUCTIONS = ("mean", "sum")
 
+T = TypeVar("T")
+
 
 class AccumulateState(NamedTuple):
   """State of `accumulate`; its first five fields are those of optax's `MultiStepsState`.
@@ -26,7 +28,9 @@ class AccumulateState(NamedTuple):
     gradient_step: inner-optimizer steps taken so far (windows emitted).
     inner_opt_state: the wrapped optimizer's state; it advances once per window.
     acc_grads: the window's running sum of (weighted) gradients, in the
-      accumulator dtype.
+      accumulator dtype. Meaningful while `mini_step > 0`: after an emitting
+      step it still holds the closed window's sum, which the next micro-step
+      clears in the same pass that adds its gradients.
     skip_state: what the skip policy returned for the last micro-batch.
     acc_weight: the window's sum of weights (the micro-batch count when
       unweighted).
@@ -110,9 +114,16 @@ class _Core:
           f"dtype {should_skip.dtype} and shape {should_skip.shape}."
         )
 
+    # A closed window's accumulator is cleared here rather than when it closes:
+    # the select fuses into the add, where a reset in `close` made XLA copy the
+    # accumulator out before overwriting it (see benchmarks/RESULTS.md).
+    window_open = state.mini_step > 0
+
     def add_leaf(g: Any, acc: jax.Array) -> jax.Array:
       if g is None:  # None where the parameters hold None: pass it through.
         return None
+      # A select, not a multiply: a stale NaN (no skip policy) must not survive.
+      acc = jnp.where(window_open, acc, jnp.zeros((), acc.dtype))
       if weighted:
         # Weigh in at least float32, so token counts stay exact.
         wide = jnp.promote_types(acc.dtype, jnp.float32)
@@ -173,36 +184,70 @@ class _Core:
     )
     return optax.tree.zeros_like(shapes)
 
-  def close(
-    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
-  ) -> tuple[Any, AccumulateState]:
-    """Closes the window: runs the inner optimizer on its gradient, then resets it."""
+  def _close(
+    self,
+    updates_like: Any,
+    state: AccumulateState,
+    carried: T,
+    step: Callable[[Any, T, Any], tuple[T, Any]],
+  ) -> tuple[T, AccumulateState]:
+    """Closes the window: `step(gradient, carried, inner_state)` on its gradient.
+
+    A window of zero total weight returns `carried` and leaves the inner state
+    as it is. The accumulator is left for the next `add` to clear.
+    """
     acc_grads, total_weight = state.acc_grads, state.acc_weight
     if self.axis_name is not None:
       # The one cross-replica reduction of the window.
       acc_grads, total_weight = jax.lax.psum((acc_grads, total_weight), self.axis_name)
     has_weight = total_weight > 0
 
-    def run(operand: tuple[Any, Any]) -> tuple[Any, Any]:
-      _, inner_state = operand
+    def run(operand: tuple[T, Any]) -> tuple[T, Any]:
+      carried, inner_state = operand
       gradient = self._window_gradient(updates_like, acc_grads, total_weight)
-      return self.inner.update(gradient, inner_state, params, **extra_args)
+      return step(gradient, carried, inner_state)
 
-    # A window of zero total weight emits zeros and leaves the inner state as it is.
-    zeros = self.zero_updates(updates_like, state, params, extra_args)
-    new_updates, inner_opt_state = _branching.run_if(
-      self.strategy, has_weight, run, (zeros, state.inner_opt_state)
+    carried, inner_opt_state = _branching.run_if(
+      self.strategy, has_weight, run, (carried, state.inner_opt_state)
     )
-    return new_updates, state._replace(
+    return carried, state._replace(
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=jnp.where(
         has_weight, optax.safe_increment(state.gradient_step), state.gradient_step
       ),
       inner_opt_state=inner_opt_state,
-      acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
       acc_weight=jnp.zeros((), jnp.float32),
       emitted=has_weight,
     )
+
+  def close(
+    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict, zeros: Any
+  ) -> tuple[Any, AccumulateState]:
+    """Closes the window: the inner optimizer's updates, or `zeros` if it has no weight."""
+    return self._close(
+      updates_like,
+      state,
+      zeros,
+      lambda gradient, _, inner_state: self.inner.update(
+        gradient, inner_state, params, **extra_args
+      ),
+    )
+
+  def close_and_apply(
+    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
+  ) -> tuple[Any, AccumulateState]:
+    """Closes the window and applies its updates: the new parameters.
+
+    The optimizer and the parameter write share one conditional, which carries
+    the parameters: no tree of updates outlives it, and the parameters are
+    updated in place.
+    """
+
+    def step(gradient: Any, params: Any, inner_state: Any) -> tuple[Any, Any]:
+      updates, inner_state = self.inner.update(gradient, inner_state, params, **extra_args)
+      return optax.apply_updates(params, updates), inner_state
+
+    return self._close(updates_like, state, params, step)
 
 
 def make_core(
@@ -354,10 +399,11 @@ def transformation(core: _Core) -> optax.GradientTransformationExtraArgs:
   ) -> tuple[Any, AccumulateState]:
     state, close_window = core.add(updates, state, params, weight, flush)
     zeros = core.zero_updates(updates, state, params, extra_args)
+    # The carried zeros are also what a window of zero weight emits.
     return _branching.run_if(
       core.strategy,
       close_window,
-      lambda operand: core.close(updates, operand[1], params, extra_args),
+      lambda operand: core.close(updates, operand[1], params, extra_args, zeros=operand[0]),
       (zeros, state),
     )
 
