@@ -161,7 +161,11 @@ class _Core:
 
   def _window_gradient(self, updates_like: Any, acc_grads: Any, weight: jax.Array) -> Any:
     if self.reduction == "mean":
-      acc_grads = jax.tree.map(lambda a: a / weight.astype(a.dtype), acc_grads)
+      # A multiply by the reciprocal, not a divide: XLA recomputes a multiply in
+      # each consumer (Adam's two moments) but materializes a divide, a
+      # parameter-sized temporary.
+      inverse = jnp.ones((), jnp.float32) / weight
+      acc_grads = jax.tree.map(lambda a: a * inverse.astype(a.dtype), acc_grads)
     return jax.tree.map(
       lambda g, a: None if g is None else a.astype(g.dtype),
       updates_like,

@@ -29,6 +29,32 @@ def _leaves(tree: Any) -> list[jax.Array]:
   return [leaf for leaf in jax.tree.leaves(tree) if leaf is not None]
 
 
+# Entries counted at once. XLA on CPU materializes the int32 mask of a large
+# count (a temporary the size of the gradient, as large as the gradients of
+# the biggest layer); counted a block of rows at a time, the mask stays small.
+_COUNT_BLOCK = 1 << 16
+_MAX_COUNT_BLOCKS = 4096
+
+
+def _count_not_finite(leaf: jax.Array) -> jax.Array:
+  """The int32 number of inf and NaN entries of `leaf`."""
+
+  def count(x: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+  if leaf.ndim < 2 or leaf.size <= _COUNT_BLOCK:
+    return count(leaf)
+  rows = leaf.shape[0]
+  # Rows per block: the largest divisor of `rows` that keeps a block within
+  # _COUNT_BLOCK entries, so the blocks are a reshape, not a copy.
+  most = max(1, _COUNT_BLOCK // (leaf.size // rows))
+  per_block = max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
+  if rows // per_block > _MAX_COUNT_BLOCKS:
+    return count(leaf)
+  blocks = jnp.reshape(leaf, (rows // per_block, -1))
+  return jnp.sum(jax.lax.map(count, blocks))
+
+
 def skip_not_finite(
   updates: Any, gradient_step: jax.Array, params: Any = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -64,7 +90,7 @@ def skip_not_finite(
   def count(_: jax.Array) -> jax.Array:
     total = jnp.zeros((), jnp.int32)
     for leaf in leaves:
-      total += jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32)
+      total += _count_not_finite(leaf)
     return total
 
   num_not_finite = run_if("loop", should_skip, count, jnp.zeros((), jnp.int32))

@@ -135,6 +135,19 @@ def test_without_policy_nan_never_leaves_a_non_emitting_step():
     np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
 
 
+def test_without_policy_window_after_a_nan_window_starts_clean():
+  # The closed window's accumulator is cleared by the next micro-step's add: a
+  # NaN it held must not leak into the next window.
+  params = {"w": jnp.zeros(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, skip=None)
+  grads = [{"w": jnp.array([jnp.nan, 1.0])}, {"w": jnp.ones(2)}]
+  grads += [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
+  outputs, state = _run(tx, grads, params)
+  assert np.isnan(outputs[1]["w"][0])
+  np.testing.assert_array_equal(outputs[3]["w"], [-2.0, -3.0])
+  assert int(state.mini_step) == 0
+
+
 def test_skip_large_updates_drops_micro_batch_with_large_norm():
   params = {"w": jnp.zeros(2)}
   policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=10.0)
