@@ -4,6 +4,7 @@ from optaccum._accumulate import AccumulateState as AccumulateState
 from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
 from optaccum._apply import apply_gradients as apply_gradients
+from optaccum._apply import apply_gradients_to_state as apply_gradients_to_state
 from optaccum._inspect import accumulation_state as accumulation_state
 from optaccum._inspect import gradient_step as gradient_step
 from optaccum._inspect import has_updated as has_updated
@@ -23,6 +24,8 @@ __all__ = [
   "SkipPolicy",
   "accumulate",
   "accumulation_state",
+  "apply_gradients",
+  "apply_gradients_to_state",
   "flush",
   "gradient_step",
   "has_updated",

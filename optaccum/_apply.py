@@ -71,3 +71,84 @@ def apply_gradients(
     return core.close_and_apply(grads, state, params, extra_args)
 
   return _branching.run_if(core.strategy, close_window, close, (params, opt_state))
+
+
+_TRAIN_STATE_FIELDS = ("params", "opt_state", "tx", "step", "replace")
+
+
+def apply_gradients_to_state(
+  state: Any,
+  grads: Any,
+  *,
+  weight: Any = None,
+  flush: Any = False,
+  extra_args: dict[str, Any] | None = None,
+  **changes: Any,
+) -> Any:
+  """`state.apply_gradients(grads=grads)` for a Flax train state, on the fast path.
+
+  Works with any train state that has `params`, `opt_state`, `tx` and `step`
+  and a `replace(**fields)` method, such as
+  `flax.training.train_state.TrainState`, whose `tx` is made by
+  `optaccum.accumulate`. It returns what `state.apply_gradients(grads=grads,
+  **changes)` returns, with the same parameters and optimizer state, but runs
+  `optaccum.apply_gradients`: a micro-step that does not close the window only
+  adds the gradients into the accumulator.
+
+  `step` counts micro-steps, one per call, exactly as `TrainState.apply_gradients`
+  counts them with `accumulate` as its `tx`; the number of optimizer steps taken
+  is `optaccum.gradient_step(state.opt_state)`.
+
+  Args:
+    state: the train state.
+    grads: the micro-batch's gradients, shaped like `state.params`.
+    weight: the micro-batch's weight, as in `accumulate`.
+    flush: close the window now, as in `accumulate`.
+    extra_args: extra keyword arguments for the inner optimizer.
+    **changes: other fields to replace, as in `TrainState.apply_gradients`
+      (e.g. `batch_stats=...`).
+
+  Returns:
+    The train state after the micro-step.
+
+  Raises:
+    TypeError: if `state` lacks one of the fields, or its `tx` was not made by
+      `optaccum.accumulate`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> from flax.training import train_state
+    >>> state = train_state.TrainState.create(
+    ...   apply_fn=None,
+    ...   params={"w": jnp.zeros(2)},
+    ...   tx=optaccum.accumulate(optax.sgd(1.0), every_k=2),
+    ... )
+    >>> state = optaccum.apply_gradients_to_state(state, {"w": jnp.ones(2)})
+    >>> state = optaccum.apply_gradients_to_state(state, {"w": jnp.ones(2)})
+    >>> state.params["w"], state.step, int(optaccum.gradient_step(state.opt_state))
+    (Array([-1., -1.], dtype=float32), 2, 1)
+  """
+  missing = [field for field in _TRAIN_STATE_FIELDS if not hasattr(state, field)]
+  if missing:
+    raise TypeError(
+      "`apply_gradients_to_state(state=...)` must be a train state with params, "
+      f"opt_state, tx, step and replace(), like flax's TrainState; got a "
+      f"{type(state).__name__} without {', '.join(missing)}."
+    )
+  if core_of(state.tx) is None:
+    raise TypeError(
+      "`apply_gradients_to_state(state=...)` must hold a `tx` made by `optaccum.accumulate`, "
+      f"got state.tx={state.tx!r}."
+    )
+  params, opt_state = apply_gradients(
+    state.tx,
+    grads,
+    state.opt_state,
+    state.params,
+    weight=weight,
+    flush=flush,
+    **(extra_args or {}),
+  )
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **changes)

@@ -27,11 +27,15 @@ STRATEGIES = ("auto", "loop", "cond", "select")
 T = TypeVar("T")
 
 
+# What `"auto"` means on each backend.
+DEFAULTS = {"cpu": "loop", "gpu": "loop", "tpu": "loop"}
+
+
 def resolve(strategy: str) -> str:
-  """The strategy to use on the default backend for `"auto"`."""
-  # Measured on CPU only so far; "loop" is also what keeps the state in place
-  # on GPU and TPU, where XLA lowers while loops to on-device control flow.
-  return "loop" if strategy == "auto" else strategy
+  """The strategy to use for `strategy`: `"auto"` means the default backend's default."""
+  if strategy != "auto":
+    return strategy
+  return DEFAULTS.get(jax.default_backend(), "loop")
 
 
 def run_if(strategy: str, predicate: jax.Array, step: Callable[[T], T], operand: T) -> T:

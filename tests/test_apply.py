@@ -55,3 +55,58 @@ def test_apply_gradients_rejects_a_chain():
   tx = optax.chain(optax.clip(1.0), optaccum.accumulate(optax.sgd(1.0), 2))
   with pytest.raises(TypeError, match=r"`apply_gradients\(tx=...\)` must be a transformation"):
     optaccum.apply_gradients(tx, {"w": jnp.ones(1)}, None, {"w": jnp.zeros(1)})
+
+
+def test_apply_gradients_to_state_equals_train_state_apply_gradients():
+  train_state = pytest.importorskip("flax.training.train_state")
+  with jax.numpy_dtype_promotion("standard"):  # for optax's adamw, see test_equivalence
+    tx = optaccum.accumulate(optax.adamw(0.01), every_k=3)
+    state = train_state.TrainState.create(apply_fn=None, params=helpers.init_params(), tx=tx)
+    x, y = helpers.make_data(4 * 3 * 2 + 4)  # two windows and one micro-step more
+
+    @jax.jit
+    def flax_step(state, xb, yb):
+      return state.apply_gradients(grads=helpers.grad(state.params, xb, yb))
+
+    @jax.jit
+    def fast_step(state, xb, yb):
+      return optaccum.apply_gradients_to_state(state, helpers.grad(state.params, xb, yb))
+
+    reference, fast = state, state
+    for start in range(0, x.shape[0], 4):
+      batch = (x[start : start + 4], y[start : start + 4])
+      reference = flax_step(reference, *batch)
+      fast = fast_step(fast, *batch)
+  helpers.assert_trees_close(fast.params, reference.params, rtol=1e-6, atol=1e-8)
+  helpers.assert_trees_close(
+    fast.opt_state.inner_opt_state, reference.opt_state.inner_opt_state, rtol=1e-6, atol=1e-8
+  )
+  assert int(fast.step) == int(reference.step) == 7  # micro-steps
+  assert int(optaccum.gradient_step(fast.opt_state)) == 2
+  assert int(fast.opt_state.mini_step) == int(reference.opt_state.mini_step) == 1
+
+
+def test_apply_gradients_to_state_passes_weight_and_replaces_fields():
+  train_state = pytest.importorskip("flax.training.train_state")
+  state = train_state.TrainState.create(
+    apply_fn=None, params={"w": jnp.zeros(1)}, tx=optaccum.accumulate(optax.sgd(1.0), 4)
+  )
+  state = optaccum.apply_gradients_to_state(state, {"w": jnp.ones(1)}, weight=3.0)
+  state = optaccum.apply_gradients_to_state(
+    state, {"w": jnp.full(1, 5.0)}, weight=1.0, flush=True, apply_fn=len
+  )
+  # (3 * 1 + 1 * 5) / 4 = 2, applied with lr 1.
+  assert float(state.params["w"][0]) == pytest.approx(-2.0)
+  assert state.apply_fn is len and state.step == 2
+
+
+def test_apply_gradients_to_state_rejects_a_state_without_train_state_fields():
+  with pytest.raises(TypeError, match=r"`apply_gradients_to_state\(state=...\)` must be a train"):
+    optaccum.apply_gradients_to_state({"params": {}}, {})
+
+
+def test_apply_gradients_to_state_rejects_a_tx_not_made_by_accumulate():
+  train_state = pytest.importorskip("flax.training.train_state")
+  state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(1)}, tx=optax.sgd(1))
+  with pytest.raises(TypeError, match=r"must hold a `tx` made by `optaccum.accumulate`"):
+    optaccum.apply_gradients_to_state(state, {"w": jnp.ones(1)})
