@@ -55,6 +55,18 @@ def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
   )
 
 
+def _same_shapes(tree: Any, shapes: Any) -> bool:
+  """Whether `tree` has the structure, shapes and dtypes of `shapes`."""
+  if jax.tree.structure(tree, is_leaf=_IS_NONE) != jax.tree.structure(shapes, is_leaf=_IS_NONE):
+    return False
+  return all(
+    leaf is None or (leaf.shape, leaf.dtype) == (shape.shape, shape.dtype)
+    for leaf, shape in zip(
+      jax.tree.leaves(tree, is_leaf=_IS_NONE), jax.tree.leaves(shapes, is_leaf=_IS_NONE)
+    )
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Core:
   """The pieces of one accumulation: init, add a micro-batch, close a window.
@@ -173,10 +185,10 @@ class _Core:
       is_leaf=_IS_NONE,
     )
 
-  def zero_updates(
+  def update_shapes(
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
   ) -> Any:
-    """Zeros shaped like what the inner optimizer would emit."""
+    """Shapes and dtypes of what the inner optimizer would emit."""
     shapes, _ = jax.eval_shape(
       lambda s: self.inner.update(
         self._window_gradient(updates_like, s.acc_grads, s.acc_weight),
@@ -186,7 +198,7 @@ class _Core:
       ),
       state,
     )
-    return optax.tree.zeros_like(shapes)
+    return shapes
 
   def _close(
     self,
@@ -225,13 +237,18 @@ class _Core:
     )
 
   def close(
-    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict, zeros: Any
+    self,
+    updates_like: Any,
+    state: AccumulateState,
+    params: Any,
+    extra_args: dict,
+    carried: Any,
   ) -> tuple[Any, AccumulateState]:
-    """Closes the window: the inner optimizer's updates, or `zeros` if it has no weight."""
+    """Closes the window: the inner optimizer's updates, or `carried` if it has no weight."""
     return self._close(
       updates_like,
       state,
-      zeros,
+      carried,
       lambda gradient, _, inner_state: self.inner.update(
         gradient, inner_state, params, **extra_args
       ),
@@ -402,14 +419,22 @@ def transformation(core: _Core) -> optax.GradientTransformationExtraArgs:
     **extra_args: Any,
   ) -> tuple[Any, AccumulateState]:
     state, close_window = core.add(updates, state, params, weight, flush)
-    zeros = core.zero_updates(updates, state, params, extra_args)
-    # The carried zeros are also what a window of zero weight emits.
-    return _branching.run_if(
+    shapes = core.update_shapes(updates, state, params, extra_args)
+    # The window's updates are written into the gradients' buffers, dead once
+    # added into the accumulator, rather than into a fresh tree of zeros; a
+    # select then emits zeros unless the inner optimizer ran. XLA fuses that
+    # select into the caller's `apply_updates`: a micro-step that does not emit
+    # writes no tree of updates and allocates none (measured in
+    # benchmarks/RESULTS.md).
+    carried = updates if _same_shapes(updates, shapes) else optax.tree.zeros_like(shapes)
+    new_updates, state = _branching.run_if(
       core.strategy,
       close_window,
-      lambda operand: core.close(updates, operand[1], params, extra_args, zeros=operand[0]),
-      (zeros, state),
+      lambda operand: core.close(updates, operand[1], params, extra_args, carried=operand[0]),
+      (carried, state),
     )
+    emitted = state.emitted
+    return _map(lambda u: jnp.where(emitted, u, jnp.zeros((), u.dtype)), new_updates), state
 
   update_fn.optaccum_core = core  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(core.init, update_fn)

@@ -85,7 +85,7 @@ def skip_not_finite(
   for leaf in leaves:
     if leaf.size:
       largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf)).astype(jnp.float32))
-  should_skip = ~jnp.isfinite(largest)
+  any_not_finite = ~jnp.isfinite(largest)
 
   def count(_: jax.Array) -> jax.Array:
     total = jnp.zeros((), jnp.int32)
@@ -93,7 +93,13 @@ def skip_not_finite(
       total += _count_not_finite(leaf)
     return total
 
-  num_not_finite = run_if("loop", should_skip, count, jnp.zeros((), jnp.int32))
+  # A conditional, not a 0/1-trip loop: it only reads the gradients.
+  num_not_finite = run_if("cond", any_not_finite, count, jnp.zeros((), jnp.int32))
+  # The same decision, made to depend on the count: whatever reads the verdict
+  # (the accumulator's add, the window's conditional) then runs after the
+  # count, so XLA can prove the gradients are read by then and reuse their
+  # memory in place (for the window's updates) instead of copying them.
+  should_skip = any_not_finite | (num_not_finite > 0)
   return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 
 

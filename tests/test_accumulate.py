@@ -212,6 +212,19 @@ def test_none_gradient_leaves_pass_through():
   np.testing.assert_allclose(outputs[1]["w"], [-1.0, -1.0])
 
 
+def test_inner_updates_of_another_dtype_are_zero_until_the_window_closes():
+  # Updates of another dtype than the gradients cannot be written into the
+  # gradients' buffers; they are carried in a tree of zeros instead.
+  upcast = optax.stateless(lambda g, p: jax.tree.map(lambda x: x.astype(jnp.float32), g))
+  params = {"w": jnp.zeros(2, jnp.bfloat16)}
+  tx = optaccum.accumulate(upcast, every_k=2)
+  grads = [{"w": jnp.array([1.0, 2.0], jnp.bfloat16)}, {"w": jnp.array([3.0, 4.0], jnp.bfloat16)}]
+  outputs, _ = _run(tx, grads, params)
+  assert outputs[0]["w"].dtype == outputs[1]["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(outputs[0]["w"], [0.0, 0.0])
+  np.testing.assert_array_equal(outputs[1]["w"], [2.0, 3.0])
+
+
 def test_counters_saturate_instead_of_overflowing():
   params = {"w": jnp.zeros(1)}
   tx = optaccum.accumulate(optax.sgd(1.0), every_k=1)
