@@ -370,9 +370,11 @@ def accumulate(
       while loop of zero or one trips, which keeps the state in place: a
       micro-step costs little more than `acc + g`), `"cond"` (`lax.cond`,
       reverse-differentiable but it copies the state), `"select"` (compute
-      every step, keep with `jnp.where`, like `optax.MultiSteps`), or
-      `"auto"` (default: `"loop"`). Use `"cond"` to differentiate through
-      the optimizer.
+      every step, keep with `jnp.where`, like `optax.MultiSteps`; it needs
+      no predicate on the host, for tiny models on GPU), or `"auto"`
+      (default: the default backend's choice, `"loop"` on CPU, GPU and TPU;
+      see benchmarks/RESULTS.md). Use `"cond"` to differentiate through the
+      optimizer.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
