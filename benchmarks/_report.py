@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -170,19 +171,22 @@ def chart(sections: Sequence[Section], path: Path, title: str) -> None:
     speed = [throughput(r, section.results) for r in results]
     memory = [r.memory["temp"] / _MIB for r in results]
     plain_memory = _plain(results).memory["temp"] / _MIB
-    for axis, values, reference, label, unit in (
-      (left, speed, 1.0, "throughput vs plain (higher is better)", "x"),
-      (right, memory, plain_memory, "compiled temporaries, MiB (lower is better)", ""),
+    for axis, values, reference, label, is_ratio in (
+      (left, speed, 1.0, "throughput vs plain (higher is better)", True),
+      (right, memory, plain_memory, "compiled temporaries, MiB (lower is better)", False),
     ):
       axis.barh(names, values, color=colors)
       axis.axvline(reference, color="black", linewidth=0.8)
       axis.set_xlabel(label, fontsize=8)
       for y, value in enumerate(values):
-        axis.text(value, y, f" {value:.2f}{unit}", va="center", fontsize=7)
+        text = f" {value:.2f}x" if is_ratio else f" {value:.1f}"
+        axis.text(value, y, text, va="center", fontsize=7)
       axis.tick_params(labelsize=7)
       axis.set_xlim(0, max(max(values), reference) * 1.2 or 1.0)
     right.set_yticklabels([])
-    left.set_title(f"{section.title}: {section.description}", loc="left", fontsize=8)
+    left.set_title(
+      f"{section.title}\n{textwrap.fill(section.description, 110)}", loc="left", fontsize=8
+    )
   legend = [Patch(color=color, label=family) for family, color in _FAMILY_COLORS.items()]
   figure.legend(handles=legend, loc="upper right", fontsize=7, ncol=len(legend))
   figure.suptitle(title, fontsize=9, x=0.01, ha="left")
