@@ -6,7 +6,8 @@ state. Reports, per method, the median time of a non-emitting micro-step, of a
 whole window divided by k, and compiled temporary memory; the floor is a bare
 `acc + g` tree add in the same process.
 
-Run: python -m benchmarks.microstep [--quick]
+Run: python -m benchmarks.microstep [--quick] (this table), or as workload (a) of
+the suite: python -m benchmarks --workloads microstep
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import optax
 
 import optaccum
 from benchmarks import _measure
+from benchmarks._methods import Workload
 
 EVERY_K = 8
 
@@ -31,6 +33,34 @@ def make_params(total: int) -> dict[str, jax.Array]:
   side = int(np.sqrt(total / 4))
   rng = np.random.default_rng(0)
   return {f"w{i}": jnp.asarray(rng.normal(size=(side, side)), jnp.float32) for i in range(4)}
+
+
+def _gradients_are_the_batch(params: Any, batch: Any) -> tuple[jax.Array, Any]:
+  del params
+  return jnp.zeros((), jnp.float32), batch
+
+
+def workload(total_params: int, every_k: int) -> Workload:
+  """The optimizer-only micro-step over about `total_params` parameters."""
+  params = make_params(total_params)
+  rng = np.random.default_rng(1)
+  micro_batches = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 1e-3, p.dtype), params)
+    for _ in range(every_k)
+  ]
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+  return Workload(
+    key="microstep",
+    title="(a) Optimizer-only micro-step",
+    description=(
+      f"{num_params / 1e6:.1f}M float32 params in 4 matrices, gradients given; adamw, k={every_k}"
+    ),
+    params=params,
+    micro_batches=micro_batches,
+    whole_batch=None,
+    grad_fn=_gradients_are_the_batch,
+    with_model=False,
+  )
 
 
 def _update_step(tx: optax.GradientTransformation):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from optaccum._skip import SkipPolicy, skip_not_finite
 
 _IS_NONE = lambda x: x is None  # noqa: E731
 _REDUCTIONS = ("mean", "sum")
+T = TypeVar("T")
 
 
 class AccumulateState(NamedTuple):
@@ -56,6 +57,25 @@ class AccumulateState(NamedTuple):
 def _at_least_float32(dtype: Any) -> Any:
   """`dtype`, widened to float32 if narrower (without promotion, which strict mode forbids)."""
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
+  """Maps over an updates tree, passing its None leaves through."""
+  return jax.tree.map(
+    lambda u, *r: None if u is None else fn(u, *r), updates, *rest, is_leaf=_IS_NONE
+  )
+
+
+def _same_shapes(tree: Any, shapes: Any) -> bool:
+  """Whether `tree` has the structure, shapes and dtypes of `shapes`."""
+  if jax.tree.structure(tree, is_leaf=_IS_NONE) != jax.tree.structure(shapes, is_leaf=_IS_NONE):
+    return False
+  return all(
+    leaf is None or (leaf.shape, leaf.dtype) == (shape.shape, shape.dtype)
+    for leaf, shape in zip(
+      jax.tree.leaves(tree, is_leaf=_IS_NONE), jax.tree.leaves(shapes, is_leaf=_IS_NONE)
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +147,16 @@ class _Core:
       state.rounding_key, state.acc_grads, self.axis_name
     )
 
+    # A closed window's accumulator is cleared here rather than when it closes:
+    # the select fuses into the add, where a reset in `close` made XLA copy the
+    # accumulator out before overwriting it (see benchmarks/RESULTS.md).
+    window_open = state.mini_step > 0
+
     def add_leaf(g: Any, acc: jax.Array, seed: Any) -> jax.Array:
       if g is None:  # None where the parameters hold None: pass it through.
         return None
+      # A select, not a multiply: a stale NaN (no skip policy) must not survive.
+      acc = jnp.where(window_open, acc, jnp.zeros((), acc.dtype))
       if weighted:
         # Weigh in at least float32, so token counts stay exact.
         wide = _at_least_float32(acc.dtype)
@@ -172,16 +199,18 @@ class _Core:
 
   def _window_gradient(self, updates_like: Any, acc_grads: Any, weight: jax.Array) -> Any:
     if self.reduction == "mean":
+      # In at least float32: a bfloat16 quotient would round once more, and to
+      # nearest, after a stochastically rounded (unbiased) sum. A multiply by the
+      # reciprocal, not a divide: XLA recomputes a multiply in each consumer
+      # (Adam's two moments) but materializes a divide, a parameter-sized
+      # temporary.
+      inverse = jnp.ones((), jnp.float32) / weight
 
-      def divide(a: jax.Array) -> jax.Array:
-        # In at least float32: a bfloat16 quotient would round once more, and
-        # to nearest, after a stochastically rounded (unbiased) sum. (XLA on
-        # CPU and GPU drops that rounding anyway, as excess precision; this
-        # makes it so on every backend and with any XLA flags.)
+      def scale(a: jax.Array) -> jax.Array:
         wide = _at_least_float32(a.dtype)
-        return a.astype(wide) / weight.astype(wide)
+        return a.astype(wide) * inverse.astype(wide)
 
-      acc_grads = jax.tree.map(divide, acc_grads)
+      acc_grads = jax.tree.map(scale, acc_grads)
     return jax.tree.map(
       lambda g, a: None if g is None else a.astype(g.dtype),
       updates_like,
@@ -206,13 +235,29 @@ class _Core:
       running = (running[0], running[1].astype(jnp.int32))
     return acc_grads, total_weight, running
 
-  def zero_updates(
+  def _reduced(self, state: AccumulateState) -> tuple[Any, jax.Array, tuple]:
+    """The window's gradient sum, weight and statistics sums, summed across replicas if any."""
+    running = ()
+    if self.statistics is not None:
+      # The micro-batch count travels as float32 (exact: it is at most k times
+      # the replicas), so that one all-reduce of one dtype carries everything.
+      count = state.statistics.num_micro_batches.astype(jnp.float32)
+      running = (state.statistics.squared_norm_sum, count)
+    sums = (state.acc_grads, state.acc_weight, running)
+    if self.axis_name is not None:
+      # The one cross-replica reduction of the window.
+      sums = jax.lax.psum(sums, self.axis_name)
+    acc_grads, total_weight, running = sums
+    if running:
+      running = (running[0], running[1].astype(jnp.int32))
+    return acc_grads, total_weight, running
+
+  def update_shapes(
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
   ) -> Any:
-    """Zeros shaped like what the inner optimizer would emit."""
+    """Shapes and dtypes of what the inner optimizer would emit."""
     # Shaped through the cross-replica sum too (eval_shape runs nothing), so that
-    # under `shard_map` the zeros are as replica-invariant as the real updates
-    # and both branches of the window's `cond` have one type.
+    # under `shard_map` they are as replica-invariant as the real updates.
     shapes, _ = jax.eval_shape(
       lambda s: self.inner.update(
         self._window_gradient(updates_like, *self._reduced(s)[:2]),
@@ -222,40 +267,79 @@ class _Core:
       ),
       state,
     )
-    return optax.tree.zeros_like(shapes)
+    return shapes
 
-  def close(
-    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
-  ) -> tuple[Any, AccumulateState]:
-    """Closes the window: runs the inner optimizer on its gradient, then resets it."""
+  def _close(
+    self,
+    updates_like: Any,
+    state: AccumulateState,
+    carried: T,
+    step: Callable[[Any, T, Any], tuple[T, Any]],
+  ) -> tuple[T, AccumulateState]:
+    """Closes the window: `step(gradient, carried, inner_state)` on its gradient.
+
+    A window of zero total weight returns `carried` and leaves the inner state
+    as it is. The accumulator is left for the next `add` to clear.
+    """
     acc_grads, total_weight, running = self._reduced(state)
     has_weight = total_weight > 0
 
-    def run(operand: tuple[Any, Any]) -> tuple[Any, Any]:
-      _, inner_state = operand
+    def run(operand: tuple[T, Any]) -> tuple[T, Any]:
+      carried, inner_state = operand
       gradient = self._window_gradient(updates_like, acc_grads, total_weight)
-      return self.inner.update(gradient, inner_state, params, **extra_args)
+      return step(gradient, carried, inner_state)
 
-    # A window of zero total weight emits zeros and leaves the inner state as it is.
-    zeros = self.zero_updates(updates_like, state, params, extra_args)
-    new_updates, inner_opt_state = _branching.run_if(
-      self.strategy, has_weight, run, (zeros, state.inner_opt_state)
+    carried, inner_opt_state = _branching.run_if(
+      self.strategy, has_weight, run, (carried, state.inner_opt_state)
     )
     statistics = state.statistics
     if self.statistics is not None:
       statistics = self.statistics.close(statistics, acc_grads, total_weight, *running)
-    return new_updates, state._replace(
+    return carried, state._replace(
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=jnp.where(
         has_weight, optax.safe_increment(state.gradient_step), state.gradient_step
       ),
       inner_opt_state=inner_opt_state,
-      # zeros_like keeps the sharding, and under `shard_map` the per-replica type.
-      acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
+      # zeros_like: under `shard_map` it keeps the per-replica type.
       acc_weight=jnp.zeros_like(state.acc_weight),
       emitted=has_weight,
       statistics=statistics,
     )
+
+  def close(
+    self,
+    updates_like: Any,
+    state: AccumulateState,
+    params: Any,
+    extra_args: dict,
+    carried: Any,
+  ) -> tuple[Any, AccumulateState]:
+    """Closes the window: the inner optimizer's updates, or `carried` if it has no weight."""
+    return self._close(
+      updates_like,
+      state,
+      carried,
+      lambda gradient, _, inner_state: self.inner.update(
+        gradient, inner_state, params, **extra_args
+      ),
+    )
+
+  def close_and_apply(
+    self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
+  ) -> tuple[Any, AccumulateState]:
+    """Closes the window and applies its updates: the new parameters.
+
+    The optimizer and the parameter write share one conditional, which carries
+    the parameters: no tree of updates outlives it, and the parameters are
+    updated in place.
+    """
+
+    def step(gradient: Any, params: Any, inner_state: Any) -> tuple[Any, Any]:
+      updates, inner_state = self.inner.update(gradient, inner_state, params, **extra_args)
+      return optax.apply_updates(params, updates), inner_state
+
+    return self._close(updates_like, state, params, step)
 
 
 def make_core(
@@ -368,9 +452,11 @@ def accumulate(
       while loop of zero or one trips, which keeps the state in place: a
       micro-step costs little more than `acc + g`), `"cond"` (`lax.cond`,
       reverse-differentiable but it copies the state), `"select"` (compute
-      every step, keep with `jnp.where`, like `optax.MultiSteps`), or
-      `"auto"` (default: `"loop"`). Use `"cond"` to differentiate through
-      the optimizer.
+      every step, keep with `jnp.where`, like `optax.MultiSteps`; it needs
+      no predicate on the host, for tiny models on GPU), or `"auto"`
+      (default: the default backend's choice, `"loop"` on CPU, GPU and TPU;
+      see benchmarks/RESULTS.md). Use `"cond"` to differentiate through the
+      optimizer.
     rounding: how each micro-step's sum is rounded into the accumulator:
       `"nearest"` (default) or `"stochastic"`, which rounds up with
       probability equal to the distance to the lower neighbour. Stochastic
@@ -443,13 +529,25 @@ def transformation(core: _Core) -> optax.GradientTransformationExtraArgs:
     **extra_args: Any,
   ) -> tuple[Any, AccumulateState]:
     state, close_window = core.add(updates, state, params, weight, flush)
-    zeros = core.zero_updates(updates, state, params, extra_args)
-    return _branching.run_if(
+    shapes = core.update_shapes(updates, state, params, extra_args)
+    # The window's updates are written into the gradients' buffers, dead once
+    # added into the accumulator, rather than into a fresh tree of zeros; a
+    # select then emits zeros unless the inner optimizer ran. XLA fuses that
+    # select into the caller's `apply_updates`: a micro-step that does not emit
+    # writes no tree of updates and allocates none (measured in
+    # benchmarks/RESULTS.md).
+    # Not across replicas: there the gradients are per replica, the updates
+    # must be the same on every replica (and under `shard_map` typed so).
+    reuse = core.axis_name is None and _same_shapes(updates, shapes)
+    carried = updates if reuse else optax.tree.zeros_like(shapes)
+    new_updates, state = _branching.run_if(
       core.strategy,
       close_window,
-      lambda operand: core.close(updates, operand[1], params, extra_args),
-      (zeros, state),
+      lambda operand: core.close(updates, operand[1], params, extra_args, carried=operand[0]),
+      (carried, state),
     )
+    emitted = state.emitted
+    return _map(lambda u: jnp.where(emitted, u, jnp.zeros((), u.dtype)), new_updates), state
 
   update_fn.optaccum_core = core  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(core.init, update_fn)

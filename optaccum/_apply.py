@@ -68,7 +68,6 @@ def apply_gradients(
 
   def close(operand: tuple[Any, Any]) -> tuple[Any, Any]:
     params, state = operand
-    updates, state = core.close(grads, state, params, extra_args)
-    return optax.apply_updates(params, updates), state
+    return core.close_and_apply(grads, state, params, extra_args)
 
   return _branching.run_if(core.strategy, close_window, close, (params, opt_state))

@@ -7,7 +7,8 @@ a non-emitting micro-step of ~8M parameters took 4x the time of the bare
 updates its carry in place instead, so a skipped step costs nothing. The
 strategies (see benchmarks/RESULTS.md for the measurements):
 
-* `"loop"`: the in-place while loop; the default. Not reverse-differentiable.
+* `"loop"`: the in-place while loop; the default on every backend (see
+  `DEFAULTS`). Not reverse-differentiable.
 * `"cond"`: `lax.cond`; reverse-differentiable, copies pass-through buffers.
 * `"select"`: compute the step every time and keep it with `jnp.where`, as
   `optax.MultiSteps` does; no control flow at all (what `vmap` turns the other
@@ -30,11 +31,25 @@ LOOP_SCOPE = "optaccum_run_if"
 T = TypeVar("T")
 
 
+# What `"auto"` means on each backend (benchmarks/RESULTS.md, "Backends").
+# CPU, measured: "loop" was ahead of "cond" for the fast path in every run
+# (by 1-8% on the parameter-heavy LM), the two within noise for the
+# transformation; "select" runs the optimizer on every micro-step and is up
+# to 6x slower. GPU and TPU, not measured (no accelerator was available): on
+# TPU both loops and conditionals run on the device; on GPU both need the
+# predicate on the host, one sync per non-emitting micro-step (microseconds),
+# which "select" avoids at the price of a whole optimizer pass on every
+# micro-step (milliseconds for any model worth accumulating for). The
+# in-place carry comes from XLA's HLO passes, common to all backends, so
+# "loop" everywhere until measured otherwise.
+DEFAULTS = {"cpu": "loop", "gpu": "loop", "tpu": "loop"}
+
+
 def resolve(strategy: str) -> str:
-  """The strategy to use on the default backend for `"auto"`."""
-  # Measured on CPU only so far; "loop" is also what keeps the state in place
-  # on GPU and TPU, where XLA lowers while loops to on-device control flow.
-  return "loop" if strategy == "auto" else strategy
+  """The strategy to use for `strategy`: `"auto"` means the default backend's default."""
+  if strategy != "auto":
+    return strategy
+  return DEFAULTS.get(jax.default_backend(), "loop")
 
 
 def run_if(strategy: str, predicate: jax.Array, step: Callable[[T], T], operand: T) -> T:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optaccum._accumulate import core_of
+from optaccum._apply import apply_gradients
 from optaccum._inspect import gradient_step
 
 
@@ -65,10 +67,16 @@ def apply_train_state_gradients(
 
   Flax's `TrainState.apply_gradients(grads=..., **kwargs)` treats its keyword
   arguments as fields to replace, so it cannot hand a micro-batch's `weight` to
-  `optaccum.accumulate`. This does the same step (one `tx.update`, then
-  `optax.apply_updates`, then `step + 1`) and forwards `weight` and
-  `**extra_args` to `tx.update`. Use it for token-weighted windows: pass the
-  gradient of the micro-batch's mean loss and its number of valid tokens.
+  `optaccum.accumulate`. This does the same step (`step + 1`, the parameters
+  and optimizer state `tx.update` and `optax.apply_updates` would give) and
+  forwards `weight` and `**extra_args` to the accumulation. Where `tx` is
+  `optaccum.accumulate(...)` itself it runs the fast path,
+  `optaccum.apply_gradients`: a micro-step that does not close the window only
+  adds the gradients into the accumulator. `step` counts micro-steps; the
+  optimizer steps are `optaccum.flax_gradient_step(state)`.
+
+  Use it for token-weighted windows: pass the gradient of the micro-batch's
+  mean loss and its number of valid tokens.
 
   (`nnx.Optimizer.update(model, grads, weight=...)` already forwards keyword
   arguments; NNX needs no helper.)
@@ -107,11 +115,15 @@ def apply_train_state_gradients(
       f"TrainState, got {type(state).__name__}; for nnx.Optimizer pass weight= to "
       "`optimizer.update(model, grads, weight=...)`."
     )
-  if weight is not None:
-    extra_args["weight"] = weight
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
-  return state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, updates),
-    opt_state=opt_state,
-  )
+  if core_of(state.tx) is not None:
+    # `tx` is the accumulation itself: the fast path, which writes the
+    # parameters only when a window closes.
+    params, opt_state = apply_gradients(
+      state.tx, grads, state.opt_state, state.params, weight=weight, **extra_args
+    )
+  else:  # e.g. a chain that holds the accumulation
+    if weight is not None:
+      extra_args["weight"] = weight
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
+    params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from optaccum._branching import run_if
+
 
 class SkipPolicy(Protocol):
   """The form of a skip policy (same as optax's `ShouldSkipUpdateFunction`)."""
@@ -25,6 +27,32 @@ class SkipPolicy(Protocol):
 
 def _leaves(tree: Any) -> list[jax.Array]:
   return [leaf for leaf in jax.tree.leaves(tree) if leaf is not None]
+
+
+# Entries counted at once. XLA on CPU materializes the int32 mask of a large
+# count (a temporary the size of the gradient, as large as the gradients of
+# the biggest layer); counted a block of rows at a time, the mask stays small.
+_COUNT_BLOCK = 1 << 16
+_MAX_COUNT_BLOCKS = 4096
+
+
+def _count_not_finite(leaf: jax.Array) -> jax.Array:
+  """The int32 number of inf and NaN entries of `leaf`."""
+
+  def count(x: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+  if leaf.ndim < 2 or leaf.size <= _COUNT_BLOCK:
+    return count(leaf)
+  rows = leaf.shape[0]
+  # Rows per block: the largest divisor of `rows` that keeps a block within
+  # _COUNT_BLOCK entries, so the blocks are a reshape, not a copy.
+  most = max(1, _COUNT_BLOCK // (leaf.size // rows))
+  per_block = max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
+  if rows // per_block > _MAX_COUNT_BLOCKS:
+    return count(leaf)
+  blocks = jnp.reshape(leaf, (rows // per_block, -1))
+  return jnp.sum(jax.lax.map(count, blocks))
 
 
 def skip_not_finite(
@@ -57,21 +85,24 @@ def skip_not_finite(
   for leaf in leaves:
     if leaf.size:
       largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf)).astype(jnp.float32))
-  should_skip = ~jnp.isfinite(largest)
+  any_not_finite = ~jnp.isfinite(largest)
 
   def count(_: jax.Array) -> jax.Array:
     total = jnp.zeros((), jnp.int32)
     for leaf in leaves:
-      total += jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32)
+      total += _count_not_finite(leaf)
     return total
 
-  # lax.cond, not run_if's loop: the branch only reads the gradients and returns
-  # a scalar, so nothing is copied, where a loop would copy the gradients it
-  # closes over (they are still needed after it).
-  # The zeros come from `should_skip`, so that under `shard_map` they vary over
-  # the same mesh axes as the count (both follow the gradients).
-  none_found = jnp.zeros_like(should_skip, jnp.int32)
-  num_not_finite = jax.lax.cond(should_skip, count, lambda zeros: zeros, none_found)
+  # A conditional, not a 0/1-trip loop: it only reads the gradients. The zeros
+  # come from the verdict, so that under `shard_map` they vary over the same
+  # mesh axes as the count (both follow the gradients).
+  none_found = jnp.zeros_like(any_not_finite, jnp.int32)
+  num_not_finite = run_if("cond", any_not_finite, count, none_found)
+  # The same decision, made to depend on the count: whatever reads the verdict
+  # (the accumulator's add, the window's conditional) then runs after the
+  # count, so XLA can prove the gradients are read by then and reuse their
+  # memory in place (for the window's updates) instead of copying them.
+  should_skip = any_not_finite | (num_not_finite > 0)
   return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 
 

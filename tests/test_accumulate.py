@@ -137,6 +137,19 @@ def test_without_policy_nan_never_leaves_a_non_emitting_step():
     np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
 
 
+def test_without_policy_window_after_a_nan_window_starts_clean():
+  # The closed window's accumulator is cleared by the next micro-step's add: a
+  # NaN it held must not leak into the next window.
+  params = {"w": jnp.zeros(2)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, skip=None)
+  grads = [{"w": jnp.array([jnp.nan, 1.0])}, {"w": jnp.ones(2)}]
+  grads += [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
+  outputs, state = _run(tx, grads, params)
+  assert np.isnan(outputs[1]["w"][0])
+  np.testing.assert_array_equal(outputs[3]["w"], [-2.0, -3.0])
+  assert int(state.mini_step) == 0
+
+
 def test_skip_large_updates_drops_micro_batch_with_large_norm():
   params = {"w": jnp.zeros(2)}
   policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=10.0)
@@ -199,6 +212,19 @@ def test_none_gradient_leaves_pass_through():
   outputs, state = _run(tx, grads, params)
   assert outputs[1]["frozen"] is None and state.acc_grads["frozen"] is None
   np.testing.assert_allclose(outputs[1]["w"], [-1.0, -1.0])
+
+
+def test_inner_updates_of_another_dtype_are_zero_until_the_window_closes():
+  # Updates of another dtype than the gradients cannot be written into the
+  # gradients' buffers; they are carried in a tree of zeros instead.
+  upcast = optax.stateless(lambda g, p: jax.tree.map(lambda x: x.astype(jnp.float32), g))
+  params = {"w": jnp.zeros(2, jnp.bfloat16)}
+  tx = optaccum.accumulate(upcast, every_k=2)
+  grads = [{"w": jnp.array([1.0, 2.0], jnp.bfloat16)}, {"w": jnp.array([3.0, 4.0], jnp.bfloat16)}]
+  outputs, _ = _run(tx, grads, params)
+  assert outputs[0]["w"].dtype == outputs[1]["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(outputs[0]["w"], [0.0, 0.0])
+  np.testing.assert_array_equal(outputs[1]["w"], [2.0, 3.0])
 
 
 def test_counters_saturate_instead_of_overflowing():

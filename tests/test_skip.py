@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import optaccum
 
@@ -17,6 +18,21 @@ def test_skip_not_finite_counts_nan_and_inf_across_leaves():
 def test_skip_not_finite_accepts_finite_and_none_leaves():
   skip, info = optaccum.skip_not_finite({"a": jnp.ones(3), "b": None}, jnp.int32(0), None)
   assert not bool(skip) and int(info["num_not_finite"]) == 0
+
+
+@pytest.mark.parametrize("shape", [(300, 1000), (257, 1024), (3, 70_000), (100_003, 1)])
+def test_skip_not_finite_counts_large_leaves_in_blocks_like_numpy(shape):
+  # Large leaves are counted a block of rows at a time; rows a prime number
+  # (257 and 100_003: no divisor to block by) and rows too long for one
+  # block take the other ways.
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=shape).astype(np.float32)
+  flat = values.reshape(-1)
+  flat[rng.choice(flat.size, 37, replace=False)] = np.nan
+  flat[rng.choice(flat.size, 11, replace=False)] = -np.inf
+  skip, info = optaccum.skip_not_finite({"w": jnp.asarray(values)}, jnp.int32(0), None)
+  assert bool(skip)
+  assert int(info["num_not_finite"]) == int(np.sum(~np.isfinite(values)))
 
 
 def test_skip_large_updates_norm_matches_numpy_in_float32():

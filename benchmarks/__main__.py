@@ -1,0 +1,124 @@
+"""Run the benchmark suite: `python -m benchmarks [--quick] [--out DIR]`.
+
+Compares, side by side in one process, optaccum's transformation and fast path,
+in-step micro-batching (where present), optax.MultiSteps,
+optax.chain(opt, optax.apply_every(k)), a hand-written loop and plain training,
+on an optimizer-only micro-step and on two small transformer language models.
+Writes RESULTS.md (tables, the machine, versions and load) and results.png.
+
+The full run writes into benchmarks/ and takes a few minutes. `--quick` runs
+tiny sizes for a few rounds in under a minute, to check that the suite works
+(CI runs it); it writes into a temporary directory unless given `--out`, and
+marks its tables as not being measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optax
+
+from benchmarks import _measure, _methods, _report, lm, microstep
+
+EVERY_K = 8
+WORKLOADS = ("microstep", "lm-compute", "lm-params")
+
+
+def _workload(key: str, quick: bool) -> _methods.Workload:
+  if key == "microstep":
+    return microstep.workload(200_000 if quick else 8_000_000, EVERY_K)
+  if key == "lm-compute":
+    config = lm.QUICK_COMPUTE_HEAVY if quick else lm.COMPUTE_HEAVY
+    return lm.workload(key, "(b1) Transformer LM, compute-heavy", config, EVERY_K)
+  config = lm.QUICK_PARAMETER_HEAVY if quick else lm.PARAMETER_HEAVY
+  return lm.workload(key, "(b2) Transformer LM, parameter-heavy", config, EVERY_K)
+
+
+def _make_inner() -> optax.GradientTransformation:
+  return optax.adamw(1e-3)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (< 1 min)")
+  parser.add_argument("--out", type=Path, help="directory for RESULTS.md and results.png")
+  parser.add_argument("--rounds", type=int, help="timed rounds (default: 2 quick, 7 full)")
+  parser.add_argument(
+    "--workloads",
+    default=",".join(WORKLOADS),
+    help=f"comma-separated subset of {', '.join(WORKLOADS)}",
+  )
+  args = parser.parse_args(argv)
+  args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+  for key in args.workloads:
+    if key not in WORKLOADS:
+      parser.error(f"--workloads: unknown workload {key!r}; choose from {', '.join(WORKLOADS)}")
+  if args.rounds is not None and args.rounds < 1:
+    parser.error(f"--rounds must be at least 1, got {args.rounds}")
+  return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+  """Runs the suite; returns the path of the RESULTS.md it wrote."""
+  args = _parse(argv)
+  rounds = args.rounds or (2 if args.quick else 7)
+  if args.out is not None:
+    out = args.out
+  elif args.quick:
+    out = Path(tempfile.gettempdir()) / "optaccum-benchmarks-quick"
+  else:
+    out = Path(__file__).resolve().parent
+  out.mkdir(parents=True, exist_ok=True)
+
+  command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+  load_before = _measure.load_average()
+  started = time.perf_counter()
+  sections = []
+  for key in args.workloads:
+    workload = _workload(key, args.quick)
+    print(f"{workload.title}: {workload.description}", flush=True)
+    # A quick run compiles every method only for the model-free micro-step,
+    # where compiling is cheap, and at XLA's lowest optimization level.
+    methods = _methods.all_methods(
+      workload, _make_inner, complete=not (args.quick and workload.with_model)
+    )
+    results = _measure.measure_methods(
+      methods,
+      workload.params,
+      workload.micro_batches,
+      workload.whole_batch,
+      rounds,
+      non_emitting=not workload.with_model,
+      compiler_options={"xla_backend_optimization_level": 0} if args.quick else None,
+    )
+    section = _report.Section(workload.key, workload.title, workload.description, results)
+    print(_report.workload_table(section), "\n", flush=True)
+    sections.append(section)
+
+  results_path = out / "RESULTS.md"
+  chart_name = "results.png"
+  title = f"optaccum benchmarks{' (QUICK RUN, not a measurement)' if args.quick else ''}"
+  _report.chart(sections, out / chart_name, f"{title}: {_measure.machine_description()}")
+  results_path.write_text(
+    _report.results_markdown(
+      sections,
+      command=command,
+      machine=_measure.machine_description(),
+      load_before=load_before,
+      load_after=_measure.load_average(),
+      rounds=rounds,
+      quick=args.quick,
+      chart_name=chart_name,
+      kept=_report.kept_notes(results_path),
+    )
+  )
+  print(f"wrote {results_path} and {out / chart_name} in {time.perf_counter() - started:.0f} s")
+  return results_path
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,102 @@
+"""The benchmark suite runs and writes its report (no timing is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import _report
+from benchmarks._measure import Result
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _result(name: str, family: str, seconds: float, temp_mib: float) -> Result:
+  memory = {"temp": int(temp_mib * 2**20), "argument": 0, "output": 0, "alias": 0}
+  return Result(name, family, seconds, None, memory)
+
+
+def _quick_run(out: Path, workload: str) -> str:
+  """Runs the quick suite on one workload into `out`; returns RESULTS.md."""
+  completed = subprocess.run(
+    [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1"]
+    + ["--workloads", workload, "--out", str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert (out / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+  return (out / "RESULTS.md").read_text()
+
+
+def test_quick_run_of_the_model_writes_targets_and_chart_and_keeps_notes(tmp_path):
+  notes = "## Notes\n\nHand-written, kept across runs.\n"
+  (tmp_path / "RESULTS.md").write_text(f"old tables\n{_report.KEEP_MARKER}\n{notes}")
+  text = _quick_run(tmp_path, "lm-params")
+  assert text.startswith("# Benchmarks\n\n**QUICK RUN")
+  assert "`python -m benchmarks --quick --rounds 1 --workloads lm-params --out" in text
+  assert "old tables" not in text and text.endswith(notes)
+  assert "## Targets (parameter-heavy LM)" in text
+  assert "## (b2) Transformer LM, parameter-heavy" in text
+  for method in (
+    "| plain: optimizer every micro-step |",
+    '| optaccum.apply_gradients (auto: "loop") |',
+    '| optaccum.accumulate (auto: "loop") |',
+    "| optax.MultiSteps |",
+  ):
+    assert method in text
+
+
+def test_quick_run_of_the_micro_step_measures_every_method(tmp_path):
+  text = _quick_run(tmp_path, "microstep")
+  assert "## (a) Optimizer-only micro-step" in text and "## Targets" not in text
+  for method in (
+    "| plain: optimizer every micro-step |",
+    "| floor: acc + g, no optimizer |",
+    '| optaccum.apply_gradients (auto: "loop") |',
+    '| optaccum.accumulate (auto: "loop") |',
+    "| optaccum.accumulate(skip=None) |",
+    "| optax.MultiSteps |",
+    "| optax.chain(adamw, apply_every(k)) |",
+    "| hand-written loop (Python branch) |",
+    '| optaccum.apply_gradients (strategy="cond") |',
+    '| optaccum.accumulate (strategy="select") |',
+  ):
+    assert method in text
+  assert "| (a) Optimizer-only micro-step | cond | " in text
+
+
+def test_unknown_workload_is_rejected_naming_the_choices():
+  completed = subprocess.run(
+    [sys.executable, "-m", "benchmarks", "--quick", "--workloads", "gpu"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert completed.returncode == 2
+  assert "unknown workload 'gpu'; choose from microstep, lm-compute, lm-params" in completed.stderr
+
+
+@pytest.mark.parametrize(
+  ("fast_seconds", "fast_temp", "met"),
+  [(0.9, 40.5, ["yes", "yes"]), (1.1, 41.0, ["**no**", "**no**"])],
+)
+def test_targets_table_says_whether_each_target_is_met(fast_seconds, fast_temp, met):
+  results = [
+    _result("plain: optimizer every micro-step", "reference", 1.0, 40.0),
+    _result('optaccum.apply_gradients (auto: "loop")', "optaccum", fast_seconds, fast_temp),
+    _result('optaccum.accumulate (auto: "loop")', "optaccum", 1.05, 60.0),
+    _result("optax.MultiSteps", "alternative", 1.25, 70.0),
+  ]
+  table = _report.targets_table(_report.Section("lm-params", "LM", "", results))
+  rows = table.splitlines()[2:]
+  assert [row.rsplit("|", 2)[1].strip() for row in rows[:2]] == met
+  # 1 / 1.05 = 0.952x plain >= 0.93x, and 60 MiB <= 70 MiB.
+  assert "0.952x (optax.MultiSteps: 0.800x)" in rows[2] and rows[2].endswith("| yes |")
+  assert rows[3].endswith("| yes |")
