@@ -235,23 +235,6 @@ class _Core:
       running = (running[0], running[1].astype(jnp.int32))
     return acc_grads, total_weight, running
 
-  def _reduced(self, state: AccumulateState) -> tuple[Any, jax.Array, tuple]:
-    """The window's gradient sum, weight and statistics sums, summed across replicas if any."""
-    running = ()
-    if self.statistics is not None:
-      # The micro-batch count travels as float32 (exact: it is at most k times
-      # the replicas), so that one all-reduce of one dtype carries everything.
-      count = state.statistics.num_micro_batches.astype(jnp.float32)
-      running = (state.statistics.squared_norm_sum, count)
-    sums = (state.acc_grads, state.acc_weight, running)
-    if self.axis_name is not None:
-      # The one cross-replica reduction of the window.
-      sums = jax.lax.psum(sums, self.axis_name)
-    acc_grads, total_weight, running = sums
-    if running:
-      running = (running[0], running[1].astype(jnp.int32))
-    return acc_grads, total_weight, running
-
   def update_shapes(
     self, updates_like: Any, state: AccumulateState, params: Any, extra_args: dict
   ) -> Any:
