@@ -88,13 +88,13 @@ def _floor_step():
 def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
   """name -> (jitted step(params, state, grads), init(params))."""
   ours = optaccum.accumulate(inner, EVERY_K)
-  ours_no_skip = optaccum.accumulate(inner, EVERY_K, skip=None)
+  ours_unguarded = optaccum.accumulate(inner, EVERY_K, window_guard=False)
   ours_cond = optaccum.accumulate(inner, EVERY_K, strategy="cond")
   multisteps = optax.MultiSteps(inner, EVERY_K)
   return {
     "floor: acc + g": (_floor_step(), lambda p: jax.tree.map(jnp.zeros_like, p)),
     "optaccum.accumulate": (_update_step(ours), ours.init),
-    "optaccum.accumulate(skip=None)": (_update_step(ours_no_skip), ours_no_skip.init),
+    "optaccum.accumulate(window_guard=False)": (_update_step(ours_unguarded), ours_unguarded.init),
     "optaccum.accumulate(strategy='cond')": (_update_step(ours_cond), ours_cond.init),
     "optaccum.apply_gradients": (_fast_step(ours), ours.init),
     "optaccum.apply_gradients(strategy='cond')": (_fast_step(ours_cond), ours_cond.init),

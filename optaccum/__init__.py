@@ -12,6 +12,9 @@ from optaccum._flax import flax_gradient_step as flax_gradient_step
 from optaccum._inspect import accumulation_state as accumulation_state
 from optaccum._inspect import gradient_step as gradient_step
 from optaccum._inspect import has_updated as has_updated
+from optaccum._inspect import num_empty_windows as num_empty_windows
+from optaccum._inspect import num_skipped as num_skipped
+from optaccum._inspect import num_skipped_windows as num_skipped_windows
 from optaccum._microbatch import microbatch as microbatch
 from optaccum._multisteps import MultiSteps as MultiSteps
 from optaccum._multisteps import MultiStepsState as MultiStepsState
@@ -39,6 +42,9 @@ __all__ = [
   "gradient_step",
   "has_updated",
   "microbatch",
+  "num_empty_windows",
+  "num_skipped",
+  "num_skipped_windows",
   "restore_checkpoint",
   "save_checkpoint",
   "scale_learning_rate",

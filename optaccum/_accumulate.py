@@ -12,9 +12,10 @@ import numpy as np
 import optax
 
 from optaccum import _branching, _rounding, _statistics, _validation
-from optaccum._skip import SkipPolicy, skip_not_finite
+from optaccum._skip import SkipPolicy, any_not_finite_in
 
 _IS_NONE = lambda x: x is None  # noqa: E731
+_IS_STATE = lambda x: isinstance(x, AccumulateState)  # noqa: E731
 _REDUCTIONS = ("mean", "sum")
 T = TypeVar("T")
 
@@ -23,8 +24,8 @@ class AccumulateState(NamedTuple):
   """State of `accumulate`; its first five fields are those of optax's `MultiStepsState`.
 
   Attributes:
-    mini_step: micro-batches accepted into the current window; 0 right after an
-      emitting step.
+    mini_step: micro-batches accepted into the current window; 0 right after a
+      window closes.
     gradient_step: inner-optimizer steps taken so far (windows emitted).
     inner_opt_state: the wrapped optimizer's state; it advances once per window.
     acc_grads: the window's running sum of (weighted) gradients, in the
@@ -32,12 +33,17 @@ class AccumulateState(NamedTuple):
     skip_state: what the skip policy returned for the last micro-batch.
     acc_weight: the window's sum of weights (the micro-batch count when
       unweighted).
-    num_skipped: micro-batches dropped by the skip policy so far.
+    num_skipped: micro-batches dropped so far, by the skip policy or for a
+      NaN, infinite or negative weight.
     emitted: whether the last update call ran the inner optimizer.
     rounding_key: with `rounding="stochastic"`, the raw uint32 data of the key
       that the next micro-step splits; else ().
     statistics: with `statistics=True`, a `StatisticsState` of scalars (read it
       with `optaccum.window_statistics`); else ().
+    num_skipped_windows: windows whose gradient held a NaN or inf, dropped
+      whole by the window guard (read with `optaccum.num_skipped_windows`).
+    num_empty_windows: windows that closed with zero total weight and emitted
+      zeros (read with `optaccum.num_empty_windows`).
   """
 
   mini_step: jax.Array  # shape=(), dtype=int32
@@ -52,6 +58,8 @@ class AccumulateState(NamedTuple):
   emitted: jax.Array = np.zeros((), np.bool_)  # shape=(), dtype=bool
   rounding_key: Any = ()  # shape=(2,), dtype=uint32 for threefry keys
   statistics: Any = ()
+  num_skipped_windows: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
+  num_empty_windows: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
 
 
 def _at_least_float32(dtype: Any) -> Any:
@@ -78,6 +86,49 @@ def _same_shapes(tree: Any, shapes: Any) -> bool:
   )
 
 
+def _keep_dtypes(new: T, old: T) -> T:
+  """`new` with each array leaf cast back to the dtype of `old`'s.
+
+  Optax creates moments in the parameters' dtype and returns them promoted
+  after an update with wider gradients (bfloat16 parameters, float32
+  gradients). A loop or conditional must keep its carry's types, and a state
+  whose dtypes drift from window to window would retrace every step, so the
+  inner state keeps the dtypes `init` gave it, as `optax.MultiSteps` does.
+  """
+
+  def cast(n: Any, o: Any) -> Any:
+    if hasattr(n, "dtype") and hasattr(o, "dtype") and n.dtype != o.dtype:
+      return n.astype(o.dtype)
+    return n
+
+  return jax.tree.map(cast, new, old)
+
+
+def check_state(where: str, state: Any) -> AccumulateState:
+  """Returns `state` if it is an `AccumulateState`, else raises naming the call."""
+  if not isinstance(state, AccumulateState):
+    raise TypeError(
+      f"`{where}(opt_state=...)` must be the AccumulateState that this accumulation's "
+      f"init built, got a {type(state).__name__} (a state of another optimizer?)."
+    )
+  return state
+
+
+def _check_weight(where: str, weight: Any) -> Any:
+  """`weight` as a float32 scalar, or None when no weight was given."""
+  if weight is None:
+    return None
+  return _validation.as_scalar(where, "weight", weight, jnp.float32)
+
+
+class _Verdict(NamedTuple):
+  """What one micro-step does: whether it enters the window, and its weight there."""
+
+  skip: jax.Array | None  # scalar bool; None when nothing can be skipped
+  weight: jax.Array  # scalar float32: 0 when skipped
+  skip_state: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class _Core:
   """The pieces of one accumulation: init, add a micro-batch, close a window.
@@ -95,13 +146,10 @@ class _Core:
   strategy: str
   rounding: _rounding.Rounding = _rounding.Rounding()
   statistics: _statistics.Statistics | None = None
+  window_guard: bool = True
 
   def init(self, params: Any) -> AccumulateState:
-    # zeros_like, not zeros(shape): it keeps the parameters' sharding, so an
-    # FSDP-sharded model gets an accumulator sharded the same way.
-    acc_grads = jax.tree.map(
-      lambda p: jnp.zeros_like(p, self.accumulator_dtype or jnp.result_type(p)), params
-    )
+    acc_grads = jax.tree.map(self._accumulator, params)
     gradient_step = jnp.zeros((), jnp.int32)
     skip_state = ()
     if self.skip is not None:
@@ -117,7 +165,41 @@ class _Core:
       emitted=jnp.zeros((), jnp.bool_),
       rounding_key=self.rounding.init_key(),
       statistics=() if self.statistics is None else self.statistics.init(),
+      num_skipped_windows=jnp.zeros((), jnp.int32),
+      num_empty_windows=jnp.zeros((), jnp.int32),
     )
+
+  def _accumulator(self, param: Any) -> jax.Array:
+    dtype = _validation.accumulator_dtype_for(jnp.result_type(param), self.accumulator_dtype)
+    if self.rounding.mode != "nearest" and dtype != jnp.bfloat16:
+      raise ValueError(
+        "`accumulate(rounding='stochastic')` rounds into bfloat16 only, but a parameter "
+        f"of dtype {jnp.result_type(param).name} needs a {dtype.name} accumulator."
+      )
+    # zeros_like, not zeros(shape): it keeps the parameters' sharding, so an
+    # FSDP-sharded model gets an accumulator sharded the same way.
+    return jnp.zeros_like(param, dtype)
+
+  def _verdict(self, updates: Any, state: AccumulateState, params: Any, weight: Any) -> _Verdict:
+    """Runs the skip policy and checks the weight: a NaN, inf or negative one skips."""
+    should_skip, skip_state = None, state.skip_state
+    if self.skip is not None:
+      should_skip, skip_state = self.skip(updates, state.gradient_step, params)
+      should_skip = jnp.asarray(should_skip)
+      if should_skip.shape != () or should_skip.dtype != jnp.bool_:
+        raise ValueError(
+          "The skip policy must return a scalar bool as its first output, got "
+          f"dtype {should_skip.dtype} and shape {should_skip.shape}."
+        )
+    if weight is None:
+      weight = jnp.ones((), jnp.float32)
+    else:
+      # `not (w >= 0)` also holds for NaN; inf fails `isfinite`.
+      bad_weight = ~((weight >= 0) & jnp.isfinite(weight))
+      should_skip = bad_weight if should_skip is None else should_skip | bad_weight
+    if should_skip is not None:
+      weight = jnp.where(should_skip, jnp.float32(0), weight)
+    return _Verdict(should_skip, weight, skip_state)
 
   def add(
     self, updates: Any, state: AccumulateState, params: Any, weight: Any, flush: Any
@@ -128,25 +210,47 @@ class _Core:
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
     weighted = weight is not None
-    if weighted:
-      weight = _validation.as_scalar(where, "weight", weight, jnp.float32)
+    weight = _check_weight(where, weight)
     flush = _validation.as_flag(where, "flush", flush)
+    verdict = self._verdict(updates, state, params, weight)
+    acc_grads, rounding_key = self._sum_into(updates, state, verdict, weighted)
+    accepted = jnp.ones((), jnp.bool_) if verdict.skip is None else ~verdict.skip
+    num_skipped = jnp.where(accepted, state.num_skipped, optax.safe_increment(state.num_skipped))
+    # Across replicas every micro-step counts, skipped or not, so that all
+    # replicas close their windows together; alone, a skipped micro-batch is
+    # as if it never happened. `flush()`'s own call (weight exactly 0) is no
+    # micro-step: a flush of an empty window closes no window.
+    counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
+    if weighted:
+      counts = counts & ~(flush & (weight == 0))
+    mini_step = jnp.where(counts, optax.safe_increment(state.mini_step), state.mini_step)
+    close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
+    statistics = state.statistics
+    if self.statistics is not None:
+      statistics = self.statistics.add(statistics, updates, verdict.weight)
+    state = state._replace(
+      mini_step=mini_step,
+      acc_grads=acc_grads,
+      skip_state=verdict.skip_state,
+      acc_weight=state.acc_weight + verdict.weight,
+      num_skipped=num_skipped,
+      emitted=jnp.zeros((), jnp.bool_),
+      rounding_key=rounding_key,
+      statistics=statistics,
+    )
+    return state, close_window
 
-    if self.skip is None:
-      should_skip, skip_state = None, state.skip_state
-    else:
-      should_skip, skip_state = self.skip(updates, state.gradient_step, params)
-      should_skip = jnp.asarray(should_skip)
-      if should_skip.shape != () or should_skip.dtype != jnp.bool_:
-        raise ValueError(
-          "The skip policy must return a scalar bool as its first output, got "
-          f"dtype {should_skip.dtype} and shape {should_skip.shape}."
-        )
-
+  def _sum_into(
+    self, updates: Any, state: AccumulateState, verdict: _Verdict, weighted: bool
+  ) -> tuple[Any, Any]:
+    """The accumulator after adding `updates` (unless skipped), and the next rounding key."""
     rounding_key, seeds = self.rounding.split_key(
       state.rounding_key, state.acc_grads, self.axis_name
     )
-
+    if verdict.skip is not None and self.axis_name is None and self.rounding.mode != "nearest":
+      # A skipped micro-batch draws no bits: the run is as if it never happened.
+      # (Across replicas the key is shared and must advance on all of them.)
+      rounding_key = jnp.where(verdict.skip, state.rounding_key, rounding_key)
     # A closed window's accumulator is cleared here rather than when it closes:
     # the select fuses into the add, where a reset in `close` made XLA copy the
     # accumulator out before overwriting it (see benchmarks/RESULTS.md).
@@ -160,42 +264,13 @@ class _Core:
       if weighted:
         # Weigh in at least float32, so token counts stay exact.
         wide = _at_least_float32(acc.dtype)
-        g = g.astype(wide) * weight.astype(wide)
+        g = g.astype(wide) * verdict.weight.astype(wide)
       summed = self.rounding.add(acc, g, seed)
       # A select, not a multiply: 0 * NaN would still be NaN.
-      return summed if should_skip is None else jnp.where(should_skip, acc, summed)
+      return summed if verdict.skip is None else jnp.where(verdict.skip, acc, summed)
 
     acc_grads = jax.tree.map(add_leaf, updates, state.acc_grads, seeds, is_leaf=_IS_NONE)
-    step_weight = weight if weighted else jnp.ones((), jnp.float32)
-    if should_skip is None:
-      accepted = jnp.ones((), jnp.bool_)
-      num_skipped = state.num_skipped
-    else:
-      accepted = ~should_skip
-      step_weight = jnp.where(accepted, step_weight, jnp.float32(0))
-      num_skipped = jnp.where(
-        should_skip, optax.safe_increment(state.num_skipped), state.num_skipped
-      )
-    # Across replicas every micro-step counts, skipped or not, so that all
-    # replicas close their windows together; alone, a skipped micro-batch is
-    # as if it never happened.
-    counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
-    mini_step = jnp.where(counts, optax.safe_increment(state.mini_step), state.mini_step)
-    close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
-    statistics = state.statistics
-    if self.statistics is not None:
-      statistics = self.statistics.add(statistics, updates, step_weight)
-    state = state._replace(
-      mini_step=mini_step,
-      acc_grads=acc_grads,
-      skip_state=skip_state,
-      acc_weight=state.acc_weight + step_weight,
-      num_skipped=num_skipped,
-      emitted=jnp.zeros((), jnp.bool_),
-      rounding_key=rounding_key,
-      statistics=statistics,
-    )
-    return state, close_window
+    return acc_grads, rounding_key
 
   def _window_gradient(self, updates_like: Any, acc_grads: Any, weight: jax.Array) -> Any:
     if self.reduction == "mean":
@@ -252,6 +327,21 @@ class _Core:
     )
     return shapes
 
+  def _window_is_finite(
+    self, updates_like: Any, acc_grads: Any, total_weight: jax.Array
+  ) -> jax.Array:
+    """The window guard: whether the gradient `inner` would get is finite.
+
+    Checked on the window's reduced gradient, as `inner` would receive it
+    (after weighting, the cross-replica sum, the mean and the cast to the
+    gradients' dtype), so no NaN or inf gets past it whatever its source: a
+    NaN micro-batch, an overflowing float32 sum, a huge weight. One
+    or-reduction per window, fused into the read of the accumulator.
+    """
+    gradient = self._window_gradient(updates_like, acc_grads, total_weight)
+    leaves = [leaf for leaf in jax.tree.leaves(gradient) if leaf is not None]
+    return ~any_not_finite_in(leaves) & jnp.isfinite(total_weight)
+
   def _close(
     self,
     updates_like: Any,
@@ -261,33 +351,43 @@ class _Core:
   ) -> tuple[T, AccumulateState]:
     """Closes the window: `step(gradient, carried, inner_state)` on its gradient.
 
-    A window of zero total weight returns `carried` and leaves the inner state
-    as it is. The accumulator is left for the next `add` to clear.
+    A window of zero total weight, or one that fails the window guard, returns
+    `carried`, leaves the inner state as it is and is counted. The accumulator
+    is left for the next `add` to clear.
     """
     acc_grads, total_weight, running = self._reduced(state)
     has_weight = total_weight > 0
+    finite = jnp.ones((), jnp.bool_)
+    if self.window_guard:
+      finite = self._window_is_finite(updates_like, acc_grads, total_weight)
+    runs = has_weight & finite
 
     def run(operand: tuple[T, Any]) -> tuple[T, Any]:
       carried, inner_state = operand
       gradient = self._window_gradient(updates_like, acc_grads, total_weight)
-      return step(gradient, carried, inner_state)
+      carried, new_inner_state = step(gradient, carried, inner_state)
+      return carried, _keep_dtypes(new_inner_state, inner_state)
 
     carried, inner_opt_state = _branching.run_if(
-      self.strategy, has_weight, run, (carried, state.inner_opt_state)
+      self.strategy, runs, run, (carried, state.inner_opt_state)
     )
     statistics = state.statistics
     if self.statistics is not None:
-      statistics = self.statistics.close(statistics, acc_grads, total_weight, *running)
+      # A window that does not run keeps the last window's statistics.
+      weight = jnp.where(runs, total_weight, jnp.float32(0))
+      statistics = self.statistics.close(statistics, acc_grads, weight, *running)
+    skipped_window = has_weight & ~finite
+    empty_window = ~has_weight & (state.mini_step > 0)
     return carried, state._replace(
       mini_step=jnp.zeros((), jnp.int32),
-      gradient_step=jnp.where(
-        has_weight, optax.safe_increment(state.gradient_step), state.gradient_step
-      ),
+      gradient_step=jnp.where(runs, optax.safe_increment(state.gradient_step), state.gradient_step),
       inner_opt_state=inner_opt_state,
       # zeros_like: under `shard_map` it keeps the per-replica type.
       acc_weight=jnp.zeros_like(state.acc_weight),
-      emitted=has_weight,
+      emitted=runs,
       statistics=statistics,
+      num_skipped_windows=_increment_where(skipped_window, state.num_skipped_windows),
+      num_empty_windows=_increment_where(empty_window, state.num_empty_windows),
     )
 
   def close(
@@ -298,7 +398,7 @@ class _Core:
     extra_args: dict,
     carried: Any,
   ) -> tuple[Any, AccumulateState]:
-    """Closes the window: the inner optimizer's updates, or `carried` if it has no weight."""
+    """Closes the window: the inner optimizer's updates, or `carried` if it does not run."""
     return self._close(
       updates_like,
       state,
@@ -325,11 +425,17 @@ class _Core:
     return self._close(updates_like, state, params, step)
 
 
+def _increment_where(condition: jax.Array, counter: jax.Array) -> jax.Array:
+  """`counter + 1` (saturating) where `condition` holds, else `counter`."""
+  return jnp.where(condition, optax.safe_increment(counter), counter)
+
+
 def make_core(
   where: str,
   inner: Any,
   every_k: Any,
   *,
+  inner_name: str = "inner",
   every_k_name: str = "every_k",
   skip_name: str = "skip",
   reduction: str,
@@ -341,13 +447,22 @@ def make_core(
   rounding_key: Any = None,
   statistics: Any = False,
   micro_batch_size: Any = None,
+  window_guard: Any = True,
 ) -> _Core:
   """Validates the arguments of an accumulation and builds its core."""
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-      f"`{where}(inner=...)` must be an optax.GradientTransformation, got inner={inner!r}."
+      f"`{where}({inner_name}=...)` must be an optax.GradientTransformation, "
+      f"got {inner_name}={inner!r}."
     )
   _validation.check_every_k(where, every_k, every_k_name)
+  schedule = _validation.as_schedule(every_k)
+  if callable(every_k):
+    _validation.check_schedule_value(where, every_k_name, every_k)
+  if not isinstance(window_guard, bool):
+    raise TypeError(
+      f"`{where}(window_guard=...)` must be a bool, got window_guard={window_guard!r}."
+    )
   _validation.check_choice(where, "reduction", reduction, _REDUCTIONS)
   _validation.check_callable_or_none(where, skip_name, skip)
   if axis_name is not None and not isinstance(axis_name, Hashable):
@@ -358,7 +473,7 @@ def make_core(
   )
   return _Core(
     inner=optax.with_extra_args_support(inner),
-    schedule=_validation.as_schedule(every_k),
+    schedule=schedule,
     reduction=reduction,
     accumulator_dtype=accumulator_dtype,
     skip=skip,
@@ -366,6 +481,7 @@ def make_core(
     strategy=strategy,
     rounding=_rounding.make_rounding(where, rounding, rounding_key, accumulator_dtype),
     statistics=_statistics.make_statistics(where, statistics, micro_batch_size),
+    window_guard=window_guard,
   )
 
 
@@ -379,8 +495,9 @@ def accumulate(
   every_k: int | Callable[[jax.Array], Any],
   *,
   reduction: str = "mean",
-  accumulator_dtype: Any = jnp.float32,
-  skip: SkipPolicy | None = skip_not_finite,
+  accumulator_dtype: Any = None,
+  skip: SkipPolicy | None = None,
+  window_guard: bool = True,
   axis_name: Hashable | None = None,
   strategy: str = "auto",
   rounding: str = "nearest",
@@ -391,7 +508,7 @@ def accumulate(
   """Accumulates gradients over a window of micro-steps, then runs `inner` once.
 
   For each micro-step but the last of a window the transformation adds the
-  gradients into a float32 accumulator and emits exact zero updates; on the
+  gradients into an accumulator (at least float32) and emits exact zero updates; on the
   k-th it hands the window's mean (or sum) gradient to `inner` and emits its
   updates. `inner` runs only on that step, so its step count, learning-rate
   schedule, weight decay and clipping advance once per window, exactly as in
@@ -409,6 +526,24 @@ def accumulate(
   * `flush`: when true, this call closes the window whatever its length
     (see `optaccum.flush`).
 
+  A weight that is NaN, infinite or negative skips its micro-batch (it adds
+  nothing, and is counted in `num_skipped`). The inner optimizer's own extra
+  arguments (`value=` for `optax.polyak_sgd`, `optax.contrib.reduce_on_plateau`
+  or `optax.lbfgs`'s line search) reach it only on the micro-step that closes
+  the window: pass that micro-step's values (e.g. the window's mean loss).
+  Micro-batches are separate forward passes, so a model with dropout draws
+  its own masks for each, as with separate batches.
+
+  By default no NaN or inf reaches the parameters, whatever its source: the
+  *window guard* checks the window's gradient, as the inner optimizer would
+  receive it, once per window. A window that is not finite runs no inner
+  step, leaves the parameters and the inner state as they were, does not
+  advance `gradient_step`, is cleared and is counted (see
+  `optaccum.num_skipped_windows`), as PyTorch's GradScaler skips the
+  optimizer step. To keep the rest of a window when one micro-batch is bad,
+  add a per-micro-batch policy with `skip=optaccum.skip_not_finite`
+  (docs/performance.md measures its cost).
+
   Args:
     inner: the optimizer to run once per window (any optax transformation,
       chains included).
@@ -418,13 +553,21 @@ def accumulate(
       values are floored.
     reduction: `"mean"` (default) or `"sum"` of the window's gradients. With
       weights, `"sum"` emits `sum(w_i g_i)`.
-    accumulator_dtype: dtype of the accumulator; float32 by default whatever
-      the gradient dtype. None keeps each gradient's own dtype.
-    skip: a skip policy `(grads, gradient_step, params) -> (skip, info)`;
-      micro-batches it rejects never enter the window and are counted in
-      `num_skipped`. Defaults to `optaccum.skip_not_finite`, so a NaN or inf in
-      one micro-batch never reaches the parameters; pass None to accumulate
-      every micro-batch as it is.
+    accumulator_dtype: dtype of the accumulator. None (default) takes each
+      parameter's dtype widened to at least 32 bits: float32 for bfloat16 and
+      float16 parameters, float64 stays float64, complex stays complex. A
+      dtype sets the precision, and each leaf keeps its kind: complex
+      parameters accumulate in the complex dtype of that precision (complex64
+      for float32, bfloat16 or float16; complex128 for float64), real ones in
+      the real dtype of a complex one.
+    skip: a per-micro-batch skip policy `(grads, gradient_step, params) ->
+      (skip, info)`, e.g. `optaccum.skip_not_finite`; micro-batches it rejects
+      never enter the window and are counted in `num_skipped`. None (default)
+      accumulates every micro-batch, and leaves non-finite values to the
+      window guard.
+    window_guard: check the window's gradient once per window and drop the
+      window whole if it holds a NaN or inf (default True). False lets such a
+      gradient reach the inner optimizer.
     axis_name: for data-parallel training under `shard_map` or `pmap`: the
       mapped axis over which replicas hold different micro-batches. Micro-steps
       accumulate the local gradient with no communication; the step that closes
@@ -489,6 +632,7 @@ def accumulate(
       reduction=reduction,
       accumulator_dtype=accumulator_dtype,
       skip=skip,
+      window_guard=window_guard,
       axis_name=axis_name,
       strategy=strategy,
       rounding=rounding,
@@ -511,6 +655,7 @@ def transformation(core: _Core) -> optax.GradientTransformationExtraArgs:
     flush: Any = False,
     **extra_args: Any,
   ) -> tuple[Any, AccumulateState]:
+    state = check_state("accumulate(...).update", state)
     state, close_window = core.add(updates, state, params, weight, flush)
     shapes = core.update_shapes(updates, state, params, extra_args)
     # The window's updates are written into the gradients' buffers, dead once
@@ -547,9 +692,12 @@ def flush(
   Use it at the end of the data, or before an evaluation or a checkpoint, when
   the window holds fewer than k micro-batches. `tx` may be `accumulate(...)` or
   any chain that contains it: the call passes zero gradients of weight 0 through
-  the whole of `tx` (so they add nothing to the window) with `flush=True`, and
-  the accumulation closes its window. An empty window emits zeros and leaves the
-  inner state untouched.
+  the whole of `tx` with `flush=True`, and the accumulation closes its window.
+  The zeros are no micro-batch: transforms that run before the accumulation
+  in the chain (those whose states come first in `opt_state`, such as a
+  `scale_by_rms` that feeds it) keep their states as they were, and the
+  transforms after it see the window's updates, as when a window closes. An
+  empty window emits zeros and leaves the inner state untouched.
 
   Args:
     tx: the transformation whose state is `opt_state`.
@@ -560,6 +708,10 @@ def flush(
 
   Returns:
     `(updates, opt_state)`, as from `tx.update`.
+
+  Raises:
+    ValueError: if `opt_state` holds no `AccumulateState` (or several): there is
+      no window to close, and a plain optimizer would take a step.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -574,8 +726,17 @@ def flush(
     >>> updates["w"]  # -lr * mean of the two micro-batches seen
     Array([-2., -4.], dtype=float32)
   """
+  leaves, treedef = jax.tree.flatten(opt_state, is_leaf=_IS_STATE)
+  found = [i for i, leaf in enumerate(leaves) if isinstance(leaf, AccumulateState)]
+  if len(found) != 1:
+    raise ValueError(
+      "`flush(opt_state=...)` must hold exactly one AccumulateState (from "
+      f"`optaccum.accumulate` or `optaccum.MultiSteps`), found {len(found)} in a state of "
+      f"type {type(opt_state).__name__}: with no window to close, `tx.update` would "
+      "take a plain optimizer step."
+    )
   zeros = optax.tree.zeros_like(params)
-  return tx.update(
+  updates, new_state = tx.update(
     zeros,
     opt_state,
     params,
@@ -583,3 +744,8 @@ def flush(
     flush=True,
     **extra_args,
   )
+  new_leaves = jax.tree.leaves(new_state, is_leaf=_IS_STATE)
+  (position,) = found
+  # What precedes the accumulation saw only the zeros: keep it as it was.
+  kept = leaves[:position] + new_leaves[position:]
+  return updates, jax.tree.unflatten(treedef, kept)

@@ -7,7 +7,7 @@ from typing import Any
 import optax
 
 from optaccum import _branching
-from optaccum._accumulate import core_of
+from optaccum._accumulate import check_state, core_of
 
 
 def apply_gradients(
@@ -64,6 +64,7 @@ def apply_gradients(
       "`apply_gradients(tx=...)` must be a transformation made by `optaccum.accumulate` "
       f"(put other transforms inside its `inner`), got tx={tx!r}."
     )
+  opt_state = check_state("apply_gradients", opt_state)
   opt_state, close_window = core.add(grads, opt_state, params, weight, flush)
 
   def close(operand: tuple[Any, Any]) -> tuple[Any, Any]:

@@ -163,7 +163,9 @@ def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
 def _accumulator(leaf: Any, dtype: Any) -> jax.Array:
   # zeros_like keeps the sharding (and, under shard_map, the per-replica type)
   # of what the micro-batch returns, so the carry lies where the gradients do.
-  return jnp.zeros_like(leaf, dtype if dtype is not None else leaf.dtype)
+  if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+    return jnp.zeros_like(leaf)  # Integer leaves (counts) sum exactly as they are.
+  return jnp.zeros_like(leaf, _validation.accumulator_dtype_for(leaf.dtype, dtype))
 
 
 def _add(acc: jax.Array, x: jax.Array, weight: jax.Array | None) -> jax.Array:
@@ -184,7 +186,7 @@ def microbatch(
   key_arg: int | str | None = None,
   reduction: str = "mean",
   weight_fn: Callable[..., Any] | None = None,
-  accumulator_dtype: Any = jnp.float32,
+  accumulator_dtype: Any = None,
   aux_reduction: Any = "mean",
   axis_name: Hashable | None = None,
 ) -> Callable[..., Any]:
@@ -241,9 +243,11 @@ def microbatch(
     weight_fn: called with each micro-batch's arguments exactly as `fn` is, it
       returns the micro-batch's scalar weight (e.g. its number of valid tokens).
     accumulator_dtype: dtype in which loss, grads and mean/sum aux leaves are
-      summed; float32 by default, so bfloat16 gradients lose nothing across
-      micro-batches. None keeps each leaf's own dtype. Results come back in
-      the dtypes `fn` returns.
+      summed. None (default) widens each leaf's dtype to at least 32 bits
+      (float32 for bfloat16, so bfloat16 gradients lose nothing across
+      micro-batches; float64 and complex kept); a dtype sets the precision and
+      each leaf keeps its kind (complex stays complex), as in
+      `optaccum.accumulate`. Results come back in the dtypes `fn` returns.
     aux_reduction: how aux leaves are combined, see above.
     axis_name: for data-parallel training inside `jax.shard_map` (or
       `optaccum.data_parallel`): the mapped axis over which replicas hold
@@ -371,14 +375,10 @@ def microbatch(
     summed = [i for i, mode in enumerate(modes) if mode in ("mean", "sum")]
     stacked = [i for i, mode in enumerate(modes) if mode not in ("mean", "sum")]
 
-    def aux_dtype(leaf: Any) -> Any:
-      # Integer leaves (counts) sum exactly in their own dtype.
-      return accumulator_dtype if jnp.issubdtype(leaf.dtype, jnp.inexact) else None
-
     carry = (
       _accumulator(loss_shape, accumulator_dtype),
       jax.tree.map(lambda g: _accumulator(g, accumulator_dtype), grads_shape),
-      [_accumulator(aux_leaves[i], aux_dtype(aux_leaves[i])) for i in summed],
+      [_accumulator(aux_leaves[i], accumulator_dtype) for i in summed],
       jnp.zeros((), jnp.float32) if weight_shape is None else _accumulator(weight_shape, None),
     )
 

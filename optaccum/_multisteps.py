@@ -27,17 +27,26 @@ class MultiSteps:
   on every micro-step and masks the result), `every_k_schedule=0` is rejected,
   and bfloat16 gradients pass strict dtype promotion.
 
-  As in optax, no skip policy is set by default, so a non-finite micro-batch
-  reaches the parameters when its window closes; pass
-  `should_skip_update_fn=optaccum.skip_not_finite` to drop it (the default of
-  `optaccum.accumulate`).
+  As in optax, no per-micro-batch skip policy is set by default; unlike optax,
+  the window guard of `optaccum.accumulate` is on, so a window whose gradient
+  holds a NaN or inf is dropped whole rather than reaching the parameters
+  (`window_guard=False` turns it off). Pass
+  `should_skip_update_fn=optaccum.skip_not_finite` to drop only the bad
+  micro-batch.
+
+  The state differs from optax's in one field: `acc_grads` holds the window's
+  running *sum* (optax's holds the running mean), and `acc_weight` counts
+  what it holds. `from_optax_state` converts a state (or a restored
+  checkpoint) of `optax.MultiSteps` into this form.
 
   Args:
     opt: the wrapped optimizer.
     every_k_schedule: a positive int, or a schedule `gradient_step -> k`.
     use_grad_mean: average the window's gradients (True) or sum them.
     should_skip_update_fn: a skip policy, see `optaccum.SkipPolicy`.
-    accumulator_dtype: the accumulator's dtype.
+    accumulator_dtype: the accumulator's dtype; None (default) widens each
+      parameter's dtype to at least 32 bits, as in `optaccum.accumulate`.
+    window_guard: drop a window whose gradient is not finite (default True).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -58,7 +67,9 @@ class MultiSteps:
     every_k_schedule: int | Callable[[jax.Array], Any],
     use_grad_mean: bool = True,
     should_skip_update_fn: SkipPolicy | None = None,
-    accumulator_dtype: Any = jnp.float32,
+    accumulator_dtype: Any = None,
+    *,
+    window_guard: bool = True,
   ):
     if not isinstance(use_grad_mean, bool):
       raise TypeError(
@@ -68,13 +79,17 @@ class MultiSteps:
       "MultiSteps",
       opt,
       every_k_schedule,
+      inner_name="opt",
       every_k_name="every_k_schedule",
       skip_name="should_skip_update_fn",
       reduction="mean" if use_grad_mean else "sum",
       accumulator_dtype=accumulator_dtype,
       skip=should_skip_update_fn,
       axis_name=None,
+      window_guard=window_guard,
     )
+    self._use_grad_mean = use_grad_mean
+    self._has_skip = should_skip_update_fn is not None
     self._opt = core.inner
     self._tx = transformation(core)
 
@@ -100,3 +115,63 @@ class MultiSteps:
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
     """The transformation itself, to pass to `optax.chain` or a train state."""
     return self._tx
+
+  def from_optax_state(self, state: Any) -> AccumulateState:
+    """Converts a state of `optax.MultiSteps` (same inner optimizer) into this one's.
+
+    optax keeps the running mean of the window's gradients, this class the
+    running sum: the sum is `mean * mini_step`, formed in the accumulator's
+    dtype, and the window's weight is `mini_step`. The inner state, counters
+    and skip state carry over as they are, so training resumed from the
+    converted state continues the window where optax left it. To move a
+    checkpoint, restore it into an `optax.MultiSteps` target, then convert.
+
+    Args:
+      state: an `optax.MultiStepsState`, e.g. restored from a checkpoint.
+
+    Returns:
+      The `AccumulateState` that this optimizer would hold at that point.
+
+    Raises:
+      TypeError: if `state` has not the fields of `optax.MultiStepsState`.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import optaccum
+      >>> params = {"w": jnp.zeros(2)}
+      >>> theirs = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+      >>> ours = optaccum.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+      >>> state = theirs.init(params)
+      >>> with jax.numpy_dtype_promotion("standard"):  # optax's update needs it
+      ...   _, state = theirs.update({"w": jnp.array([1.0, 3.0])}, state, params)
+      >>> state = ours.from_optax_state(state)
+      >>> updates, state = ours.update({"w": jnp.array([3.0, 5.0])}, state, params)
+      >>> updates["w"]
+      Array([-2., -4.], dtype=float32)
+    """
+    fields = ("mini_step", "gradient_step", "inner_opt_state", "acc_grads", "skip_state")
+    if not all(hasattr(state, name) for name in fields):
+      raise TypeError(
+        "`MultiSteps.from_optax_state(state=...)` must be an optax.MultiStepsState, "
+        f"got a {type(state).__name__}."
+      )
+    fresh = self._tx.init(state.acc_grads)
+    mini_step = jnp.asarray(state.mini_step, jnp.int32)
+    count = mini_step.astype(jnp.float32)
+    # With use_grad_mean=False optax's acc_grads is already the running sum.
+    scale = count if self._use_grad_mean else jnp.ones((), jnp.float32)
+    acc_grads = jax.tree.map(
+      lambda mean, acc: mean.astype(acc.dtype) * scale.astype(acc.dtype),
+      state.acc_grads,
+      fresh.acc_grads,
+    )
+    return fresh._replace(
+      mini_step=mini_step,
+      gradient_step=jnp.asarray(state.gradient_step, jnp.int32),
+      inner_opt_state=state.inner_opt_state,
+      acc_grads=acc_grads,
+      skip_state=state.skip_state if self._has_skip else fresh.skip_state,
+      acc_weight=count,
+    )

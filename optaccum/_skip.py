@@ -55,6 +55,21 @@ def _count_not_finite(leaf: jax.Array) -> jax.Array:
   return jnp.sum(jax.lax.map(count, blocks))
 
 
+def any_not_finite_in(leaves: list[jax.Array]) -> jax.Array:
+  """Whether any entry of `leaves` is NaN or infinite: a scalar bool.
+
+  A logical-or reduction of `~isfinite`, never a max: XLA's max reduction on
+  CPU drops NaN from vectorized blocks, so `isfinite(max |g|)` missed a lone
+  NaN in any leaf of 4096 or more entries. An or-reduction has no such case,
+  and fuses with the read of the leaf (no mask is materialized).
+  """
+  found = jnp.zeros((), jnp.bool_)
+  for leaf in leaves:
+    if leaf.size:
+      found = found | jnp.any(~jnp.isfinite(leaf))
+  return found
+
+
 def skip_not_finite(
   updates: Any, gradient_step: jax.Array, params: Any = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -78,14 +93,7 @@ def skip_not_finite(
   """
   del gradient_step, params
   leaves = _leaves(updates)
-  # max |g| is NaN or inf exactly when some entry is, and it reads each
-  # gradient once without materializing a mask: the cheap test every
-  # micro-step pays. The exact count runs only for a bad micro-batch.
-  largest = jnp.zeros((), jnp.float32)
-  for leaf in leaves:
-    if leaf.size:
-      largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf)).astype(jnp.float32))
-  any_not_finite = ~jnp.isfinite(largest)
+  any_not_finite = any_not_finite_in(leaves)
 
   def count(_: jax.Array) -> jax.Array:
     total = jnp.zeros((), jnp.int32)
@@ -110,19 +118,19 @@ def skip_large_updates(
   updates: Any,
   gradient_step: jax.Array,
   params: Any = None,
-  *,
-  max_squared_norm: float,
+  max_squared_norm: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Skips a micro-batch whose squared global gradient norm is too large (or NaN).
 
-  The norm is computed in float32 whatever the gradient dtype. Bind the
-  threshold with `functools.partial`.
+  The norm is computed in float32 whatever the gradient dtype. The threshold
+  is the fourth argument, as in `optax.skip_large_updates`: bind it with
+  `functools.partial`, by position or by name.
 
   Args:
     updates: the micro-batch's gradients.
     gradient_step: the current gradient step (unused).
     params: the current parameters (unused).
-    max_squared_norm: the largest accepted squared global norm.
+    max_squared_norm: the largest accepted squared global norm; required.
 
   Returns:
     `(should_skip, {"should_skip": ..., "norm_squared": ...})`.
@@ -134,11 +142,19 @@ def skip_large_updates(
     >>> policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=1.0)
     >>> bool(policy({"w": jnp.array([3.0, 4.0])}, 0)[0])
     True
+    >>> bool(optaccum.skip_large_updates({"w": jnp.array([0.5])}, 0, None, 1.0)[0])
+    False
   """
   del gradient_step, params
+  if max_squared_norm is None:
+    raise TypeError(
+      "`skip_large_updates(max_squared_norm=...)` is required: the largest accepted "
+      "squared global norm, e.g. functools.partial(skip_large_updates, max_squared_norm=1e4)."
+    )
   norm_squared = jnp.zeros((), jnp.float32)
   for leaf in _leaves(updates):
-    norm_squared += jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    magnitude = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
+    norm_squared += jnp.sum(jnp.square(magnitude.astype(jnp.float32)))
   # `not (x < max)` is also True where the norm is NaN.
   should_skip = ~(norm_squared < jnp.float32(max_squared_norm))
   return should_skip, {"should_skip": should_skip, "norm_squared": norm_squared}

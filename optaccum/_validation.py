@@ -15,16 +15,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MAX_INT32 = 2**31 - 1
+
 
 def check_every_k(where: str, every_k: Any, name: str = "every_k") -> None:
   """Checks that `every_k` is a positive int or a callable schedule."""
   if callable(every_k):
     return
   is_int = isinstance(every_k, (int, np.integer)) and not isinstance(every_k, (bool, np.bool_))
-  if not is_int or int(every_k) < 1:
+  if not is_int or not 1 <= int(every_k) <= MAX_INT32:
     raise ValueError(
-      f"`{where}({name}=...)` must be a positive int or a callable "
-      f"`gradient_step -> k`, got {name}={every_k!r}."
+      f"`{where}({name}=...)` must be a positive int (at most 2**31 - 1, the "
+      f"largest int32 counter) or a callable `gradient_step -> k`, got {name}={every_k!r}."
+    )
+
+
+def check_schedule_value(where: str, name: str, schedule: Callable[[Any], Any]) -> None:
+  """Checks a schedule's value at gradient step 0: a finite real scalar.
+
+  Inside a compiled step a bad value cannot raise, so the schedule is probed
+  once here, where it can: a NaN or inf would otherwise be clamped to a window
+  of one micro-step without a word.
+  """
+  value = schedule(jnp.zeros((), jnp.int32))
+  shape = jnp.shape(value)
+  kind = jnp.result_type(value)
+  if shape != () or not (jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)):
+    raise ValueError(
+      f"`{where}({name}=...)` must return a real scalar, but at gradient step 0 it "
+      f"returned {value!r}."
+    )
+  if not np.isfinite(float(value)):
+    raise ValueError(
+      f"`{where}({name}=...)` must return a finite number of micro-steps, but at gradient "
+      f"step 0 it returned {value!r}."
     )
 
 
@@ -50,8 +74,8 @@ def floating_dtype(where: str, name: str, value: Any, *, allow_none: bool) -> An
     dtype = jnp.dtype(value)
   except TypeError:
     dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    allowed = "a floating dtype or None" if allow_none else "a floating dtype"
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    allowed = "a floating or complex dtype or None" if allow_none else "a floating dtype"
     raise TypeError(
       f"`{where}({name}=...)` must be {allowed} such as jnp.float32, got {name}={value!r}."
     )
@@ -129,6 +153,18 @@ def check_tree_matches(
         f"{jax.tree_util.keystr(path) or 'the root'}: {name} has "
         f"{_describe(leaf)}, {reference_name} has {_describe(ref)}."
       )
+    if not isinstance(leaf, (jax.Array, np.ndarray)):
+      raise TypeError(
+        f"`{where}({name}=...)` must hold arrays, but the leaf at "
+        f"{jax.tree_util.keystr(path) or 'the root'} is a {type(leaf).__name__}: "
+        f"{leaf!r}. Pass jnp.asarray(...) of the dtype you mean."
+      )
+    if jnp.iscomplexobj(leaf) and not jnp.iscomplexobj(ref):
+      raise TypeError(
+        f"`{where}({name}=...)` has a complex leaf at "
+        f"{jax.tree_util.keystr(path) or 'the root'} ({_describe(leaf)}) where "
+        f"{reference_name} is real ({_describe(ref)}): its imaginary part would be lost."
+      )
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       raise TypeError(
         f"`{where}({name}=...)` must hold floating-point arrays, but the leaf at "
@@ -170,8 +206,35 @@ def as_schedule(every_k: Any) -> Callable[[jax.Array], jax.Array]:
     if jnp.shape(k) != ():
       raise ValueError(f"The `every_k` schedule must return a scalar, got shape {jnp.shape(k)}.")
     if jnp.issubdtype(k.dtype, jnp.floating):
-      k = jnp.floor(k)
+      # Floored, and kept within int32 before the cast (which would wrap):
+      # the largest float32 below 2**31 is 2**31 - 128.
+      k = jnp.clip(jnp.floor(k.astype(jnp.float32)), 1.0, 2.0**31 - 128.0)
     # A schedule that yields k < 1 emits on every micro-step (documented clamp).
     return jnp.maximum(k.astype(jnp.int32), jnp.int32(1))
 
   return clamped
+
+
+def accumulator_dtype_for(leaf_dtype: Any, requested: Any) -> Any:
+  """The accumulator dtype of a leaf of `leaf_dtype` for `accumulator_dtype=requested`.
+
+  `requested` sets the precision and the leaf sets the kind, so a complex leaf
+  is never summed in a real dtype (which would drop its imaginary part) and a
+  real leaf never in a complex one. None (the default) widens the leaf's own
+  dtype to at least 32 bits: bfloat16 and float16 to float32, float64 and
+  complex dtypes kept as they are.
+  """
+  leaf_dtype = jnp.dtype(leaf_dtype)
+  if not jnp.issubdtype(leaf_dtype, jnp.inexact):
+    return jnp.dtype(requested or jnp.float32)
+  is_complex = jnp.issubdtype(leaf_dtype, jnp.complexfloating)
+  if requested is None:
+    wide = leaf_dtype.itemsize >= 4 if not is_complex else True
+    return leaf_dtype if wide else jnp.dtype(jnp.float32)
+  requested = jnp.dtype(requested)
+  if jnp.issubdtype(requested, jnp.complexfloating):
+    return requested if is_complex else jnp.dtype(jnp.finfo(requested).dtype)
+  if not is_complex:
+    return requested
+  # No complex dtype narrower than complex64: bfloat16 and float16 widen to it.
+  return jnp.dtype(jnp.complex128 if requested.itemsize == 8 else jnp.complex64)

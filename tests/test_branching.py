@@ -17,8 +17,9 @@ def test_strategies_give_large_batch_result_and_skip_nan(strategy):
   every_k = 3
   params = helpers.init_params()
   x, y = helpers.make_data(4 * every_k * 2)
-  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k, strategy=strategy)
-  fast_tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k, strategy=strategy)
+  skip = optaccum.skip_not_finite
+  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k, strategy=strategy, skip=skip)
+  fast_tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k, strategy=strategy, skip=skip)
 
   @jax.jit
   def step(params, state, fast_params, fast_state, xb, yb):

@@ -347,7 +347,7 @@ def _loss_with_int_aux(params, batch):
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, accumulator_dtype=jnp.int32),
       None,
       TypeError,
-      r"`microbatch\(accumulator_dtype=...\)` must be a floating dtype or None",
+      r"`microbatch\(accumulator_dtype=...\)` must be a floating or complex dtype or None",
     ),
     (
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, axis_name=["data"]),

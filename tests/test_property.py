@@ -75,6 +75,7 @@ def test_accumulate_matches_numpy_windows(scenario):
     optax.identity(),
     every_k=lambda step: lengths[step % len(window_lengths)],
     reduction=reduction,
+    skip=optaccum.skip_not_finite,
   )
   params = [jnp.zeros(shape, jnp.float32) for shape in leaf_shapes]
   state = tx.init(params)

@@ -90,7 +90,9 @@ def test_statistics_are_summed_over_replicas():
 
 
 def test_skipped_micro_batch_is_left_out_of_the_statistics():
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True)
+  tx = optaccum.accumulate(
+    optax.sgd(0.1), every_k=3, statistics=True, skip=optaccum.skip_not_finite
+  )
   state = tx.init(PARAMS)
   nan = np.full_like(GRADS[0], np.nan)
   for g in [GRADS[0], nan, GRADS[1], GRADS[2]]:
