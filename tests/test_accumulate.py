@@ -423,3 +423,93 @@ def test_import_does_not_start_the_backend():
     "assert not xla_bridge._backends, 'backend started at import'\n"
   )
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- flush and errors at the call that caused them --------------------------------
+
+
+def test_flush_refuses_a_transformation_with_no_accumulation():
+  tx = optax.sgd(1.0, momentum=0.9)
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"flush\(opt_state=...\)` must hold exactly one"):
+    optaccum.flush(tx, tx.init(params), params)
+
+
+def test_flush_leaves_transforms_before_the_accumulation_as_they_were():
+  tx = optax.chain(optax.scale_by_rms(), optaccum.accumulate(optax.sgd(1.0), every_k=4))
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  g = {"w": jnp.array([1.0, 2.0, 4.0])}
+  scaled, _ = optax.scale_by_rms().update(g, optax.scale_by_rms().init(params))
+  _, state = tx.update(g, state, params)
+  rms_before = state[0]
+  updates, state = optaccum.flush(tx, state, params)
+  jax.tree.map(np.testing.assert_array_equal, state[0], rms_before)
+  np.testing.assert_allclose(updates["w"], -scaled["w"], rtol=1e-6)
+  assert int(optaccum.gradient_step(state)) == 1
+
+
+def test_state_of_another_optimizer_is_refused_by_name():
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  params = {"w": jnp.zeros(3)}
+  other = optax.adam(1.0).init(params)
+  with pytest.raises(TypeError, match=r"update\(opt_state=...\)` must be the AccumulateState"):
+    tx.update({"w": jnp.ones(3)}, other, params)
+  with pytest.raises(TypeError, match=r"apply_gradients\(opt_state=...\)` must be the Accum"):
+    optaccum.apply_gradients(tx, {"w": jnp.ones(3)}, other, params)
+
+
+def test_python_float_gradient_leaves_are_refused_by_path():
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  params = {"w": jnp.zeros(())}
+  with pytest.raises(TypeError, match=r"must hold arrays, but the leaf at \['w'\] is a float"):
+    tx.update({"w": 1.0}, tx.init(params), params)
+
+
+def test_every_k_beyond_int32_is_refused_and_the_largest_accepted():
+  with pytest.raises(ValueError, match=r"every_k=2147483648"):
+    optaccum.accumulate(optax.sgd(1.0), every_k=2**31)
+  optaccum.accumulate(optax.sgd(1.0), every_k=2**31 - 1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_schedule_returning_nan_or_inf_is_refused_at_construction(value):
+  with pytest.raises(ValueError, match=r"must return a finite number of micro-steps"):
+    optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: jnp.float32(value))
+
+
+def test_float_schedule_is_floored_not_rounded_up():
+  params = {"w": jnp.zeros(1)}
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: jnp.float32(2.9))
+  outputs, _ = _run(tx, [{"w": jnp.array([2.0])}] * 4, params)
+  assert [float(u["w"][0]) for u in outputs] == [0.0, -2.0, 0.0, -2.0]
+
+
+def test_multisteps_names_its_own_argument():
+  with pytest.raises(TypeError, match=r"MultiSteps\(opt=...\)` must be an optax"):
+    optaccum.MultiSteps(object(), every_k_schedule=2)
+
+
+def test_skip_large_updates_takes_its_threshold_by_position_as_optax_does():
+  grads = {"w": jnp.array([3.0, 4.0])}
+  assert bool(optaccum.skip_large_updates(grads, 0, None, 24.0)[0])
+  assert not bool(optaccum.skip_large_updates(grads, 0, None, 26.0)[0])
+  with pytest.raises(TypeError, match=r"skip_large_updates\(max_squared_norm=...\)` is required"):
+    optaccum.skip_large_updates(grads, 0)
+
+
+def test_weighted_product_and_mean_are_formed_in_float32_for_bfloat16_gradients():
+  # 1 + 2**-9 is not a bfloat16: a product or mean formed in bfloat16 would drop it.
+  tx = optaccum.accumulate(optax.identity(), every_k=2, reduction="sum")
+  params = {"w": jnp.zeros(1, jnp.float32)}
+  state = tx.init(params)
+  g = {"w": jnp.ones(1, jnp.bfloat16)}
+  _, state = tx.update(g, state, params, weight=jnp.float32(1 + 2**-9))
+  assert float(state.acc_grads["w"][0]) == 1 + 2**-9
+  mean_tx = optaccum.accumulate(optax.identity(), every_k=3)
+  state = mean_tx.init(params)
+  for w in (1.0, 1.0, 1.0):
+    updates, state = mean_tx.update(
+      {"w": jnp.full(1, 3.0, jnp.bfloat16)}, state, params, weight=jnp.float32(w)
+    )
+  assert float(state.acc_grads["w"][0]) == 9.0 and float(updates["w"][0]) == 3.0

@@ -86,3 +86,40 @@ def test_non_bool_use_grad_mean_is_rejected():
 def test_bad_should_skip_update_fn_is_rejected():
   with pytest.raises(TypeError, match=r"`MultiSteps\(should_skip_update_fn=...\)` must be None"):
     optaccum.MultiSteps(optax.sgd(0.1), 2, should_skip_update_fn=3)
+
+
+def test_optax_multisteps_state_converts_and_resumes_mid_window():
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0]), "b": jnp.zeros(2)}
+  rng = np.random.default_rng(0)
+  grads = [
+    {
+      "w": jnp.asarray(rng.normal(size=3), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=2), jnp.float32),
+    }
+    for _ in range(6)
+  ]
+  theirs = optax.MultiSteps(optax.adam(0.1), every_k_schedule=3)
+  ours = optaccum.MultiSteps(optax.adam(0.1), every_k_schedule=3)
+  with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps fails strict promotion
+    ref_params, ref_state = params, theirs.init(params)
+    for g in grads:
+      updates, ref_state = theirs.update(g, ref_state, ref_params)
+      ref_params = optax.apply_updates(ref_params, updates)
+    # optax for four micro-steps (one window and one into the next), then optaccum.
+    p, s = params, theirs.init(params)
+    for g in grads[:4]:
+      updates, s = theirs.update(g, s, p)
+      p = optax.apply_updates(p, updates)
+    s = ours.from_optax_state(s)
+    assert int(s.mini_step) == 1 and float(s.acc_weight) == 1.0
+    for g in grads[4:]:
+      updates, s = ours.update(g, s, p)
+      p = optax.apply_updates(p, updates)
+  helpers.assert_trees_close(p, ref_params, rtol=1e-6, atol=1e-7)
+  assert int(s.gradient_step) == 2
+
+
+def test_from_optax_state_refuses_other_states():
+  ours = optaccum.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
+  with pytest.raises(TypeError, match=r"from_optax_state\(state=...\)` must be an optax"):
+    ours.from_optax_state(optax.sgd(0.1).init({"w": jnp.zeros(2)}))
