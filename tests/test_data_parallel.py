@@ -11,7 +11,8 @@ import pytest
 
 import optaccum
 
-TOLERANCE = 1e-5
+# The docs (README, docs/distributed.md) claim 1.2e-7; allow two float32 ulps of 1.
+TOLERANCE = 2.5e-7
 
 
 @pytest.fixture(scope="module")
