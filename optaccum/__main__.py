@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -91,6 +92,35 @@ def _check_demo_options(args: argparse.Namespace) -> str | None:
     )
   if not args.out.lower().endswith(".png"):
     return f"`optaccum demo --out` must be a .png path, got {args.out!r}."
+  unwritable = _why_unwritable(args.out)
+  if unwritable is not None:
+    return (
+      f"`optaccum demo --out` must be a path the plot can be saved to, got {args.out!r}: "
+      f"{unwritable}."
+    )
+  return None
+
+
+def _why_unwritable(path: str) -> str | None:
+  """Why no file can be written at `path`, or None.
+
+  Checked before training, which takes a minute, rather than when the plot is
+  saved at the end. The demo creates missing directories, so what must be
+  writable is the nearest directory that exists.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    return "it is a directory"
+  if os.path.exists(path):
+    return None if os.access(path, os.W_OK) else "the file is not writable"
+  ancestor = os.path.dirname(path)
+  # A path through a regular file does not exist either: the walk stops at the file.
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    return f"{ancestor} is not a directory"
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    return f"the directory {ancestor} is not writable"
   return None
 
 

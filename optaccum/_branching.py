@@ -1,11 +1,13 @@
 """Running a step only where a predicate holds, without copying what it skips.
 
 `lax.cond` makes XLA copy every buffer that its untaken branch passes through,
-and on a micro-step that buffer is the whole optimizer state: measured on CPU,
-a non-emitting micro-step of ~8M parameters took 4x the time of the bare
-`acc + g` it needs. A `lax.while_loop` that runs its body zero or one times
-updates its carry in place instead, so a skipped step costs nothing. The
-strategies (see benchmarks/RESULTS.md for the measurements):
+and on a micro-step that buffer is the whole optimizer state. A
+`lax.while_loop` that runs its body zero or one times updates its carry in
+place instead, so a skipped step copies nothing. In the last CPU run the two
+were close: in benchmarks/RESULTS.md, table (a) (~8M parameters), a
+non-emitting micro-step of `apply_gradients` took 1.34x the bare `acc + g`
+with the loop and 1.39x with `lax.cond` (2.40x and 2.59x for `accumulate`).
+The strategies (see benchmarks/RESULTS.md for the measurements):
 
 * `"loop"`: the in-place while loop; the default on every backend (see
   `DEFAULTS`). Not reverse-differentiable.

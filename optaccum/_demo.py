@@ -183,7 +183,7 @@ def results_table(large: RunResult, accumulated: RunResult) -> Table:
     ]
     table.add_row(label, *(cell + unit for cell in cells))
 
-  add("final training loss", large.train_loss, accumulated.train_loss, ".6f", "", ".1e")
+  add("loss, whole training set", large.train_loss, accumulated.train_loss, ".6f", "", ".1e")
   add("test accuracy", large.test_accuracy, accumulated.test_accuracy, ".2%")
   largest = max_param_difference(large.params, accumulated.params)
   table.add_row("max parameter difference", "", "", f"{largest:.1e}")
@@ -267,7 +267,7 @@ def run_demo(
     TextColumn("{task.description}"),
     BarColumn(),
     MofNCompleteColumn(),
-    TextColumn("loss {task.fields[loss]:.4f}"),
+    TextColumn("batch loss {task.fields[loss]:.4f}"),
     TimeElapsedColumn(),
   ]
   with Progress(*columns, console=console) as progress:
@@ -287,6 +287,11 @@ def run_demo(
     )
 
   console.print(results_table(large, accumulated))
+  console.print(
+    "The progress bars' batch loss is the loss of the last batch (refreshed every "
+    f"{_LOSS_REFRESH} optimizer steps), which varies from batch to batch; the table's loss "
+    f"is the final parameters' mean loss over all {len(train_images)} training images."
+  )
   console.print(
     "Both runs took the same optimizer steps on the same images: the accumulated run "
     "averages the gradients of its k micro-batches and updates once per window, so it "

@@ -12,7 +12,7 @@ The random bits come from a counter-based integer hash (lowbias32) of each
 element's index, scrambled per leaf and per micro-step by two words that
 `jax.random` draws from a key kept in the state, so a run is reproducible from
 its key. On CPU, drawing threefry bits for every element makes a bare
-stochastically rounded `acc + g` 20x slower than the hashed bits, which cost no
+stochastically rounded `acc + g` 18x slower than the hashed bits, which cost no
 more than a float32 `acc + g` (benchmarks/accumulator_cost.py; numbers in
 docs/precision_and_statistics.md).
 """

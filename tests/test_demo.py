@@ -77,7 +77,7 @@ def test_demo_prints_both_runs_in_a_table_and_saves_the_plot(demo):
   assert "Large batch vs accumulated micro-batches" in printed
   assert "┃ batch of 1024 ┃ 8 × 128 accumulated ┃ difference ┃" in printed
   for row in [
-    "final training loss",
+    "loss, whole training set",
     "test accuracy",
     "max parameter difference",
     "step memory: temporaries",
@@ -86,6 +86,15 @@ def test_demo_prints_both_runs_in_a_table_and_saves_the_plot(demo):
     "wall time: training loop",
   ]:
     assert f"│ {row} " in printed
+
+
+def test_demo_says_which_loss_the_progress_bar_and_the_table_show(demo):
+  _, _, printed, _ = demo
+  words = " ".join(printed.split())
+  assert "batch loss is the loss of the last batch" in words
+  assert (
+    "the table's loss is the final parameters' mean loss over all 1438 training images" in words
+  )
 
 
 def test_demo_command_passes_its_options_to_the_demo(monkeypatch):
@@ -128,6 +137,55 @@ def test_demo_rejects_a_bad_option_on_one_line_with_exit_code_2(options, message
   captured = capsys.readouterr()
   assert captured.out == ""
   assert captured.err == f"optaccum demo: error: {message} (see `optaccum demo --help`)\n"
+
+
+@pytest.mark.parametrize(
+  "make_out, reason",
+  [
+    (lambda tmp: tmp / "a_file" / "loss.png", "{tmp}/a_file is not a directory"),
+    (lambda tmp: tmp / "a_file" / "plots" / "loss.png", "{tmp}/a_file is not a directory"),
+    (lambda tmp: tmp / "a_directory.png", "it is a directory"),
+  ],
+  ids=["parent is a file", "ancestor is a file", "out is a directory"],
+)
+def test_demo_rejects_an_unwritable_out_before_training(
+  make_out, reason, tmp_path, monkeypatch, capsys
+):
+  (tmp_path / "a_file").write_text("")
+  (tmp_path / "a_directory.png").mkdir()
+  out = str(make_out(tmp_path))
+  monkeypatch.setattr(_demo, "run_demo", lambda **options: pytest.fail("the demo started"))
+  with pytest.raises(SystemExit) as exit_info:
+    main(["demo", "--out", out])
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err == (
+    "optaccum demo: error: `optaccum demo --out` must be a path the plot can be saved to, "
+    f"got {out!r}: {reason.format(tmp=tmp_path)}. (see `optaccum demo --help`)\n"
+  )
+
+
+def test_module_entry_exits_2_on_an_unwritable_out_before_training(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  out = str(tmp_path / "a_file" / "loss.png")
+  result = subprocess.run(
+    [sys.executable, "-m", "optaccum", "demo", "--out", out], capture_output=True, text=True
+  )
+  assert result.returncode == 2, result.stderr
+  assert result.stdout == ""  # not even the demo's first line: no data loaded, no training
+  assert result.stderr.count("\n") == 1
+  assert f"`optaccum demo --out` must be a path the plot can be saved to, got {out!r}" in (
+    result.stderr
+  )
+
+
+def test_demo_accepts_an_out_in_directories_it_will_create(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(_demo, "run_demo", lambda **options: calls.append(options))
+  out = str(tmp_path / "new" / "plots" / "loss.png")
+  assert main(["demo", "--out", out]) == 0
+  assert calls[0]["out"] == out
 
 
 def test_module_entry_exits_2_on_a_bad_option():
