@@ -6,7 +6,8 @@ partial sums, and training resumed from it gives bit-identical parameters.
 What the tree does not hold is the window length k; these helpers record it
 next to the state and check both on restore, so a checkpoint that does not fit
 the optimizer fails with a message instead of a shape error inside JAX, or a
-silently different run.
+silently different run. Each array's checksum, computed on its device at
+save, is checked again after the restore, so damaged data fails loudly too.
 
 Orbax is an optional dependency (`pip install "optaccum[checkpoint]"`), imported
 only inside these functions.
@@ -14,21 +15,43 @@ only inside these functions.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from optaccum import _validation
 from optaccum._inspect import accumulation_state
-from optaccum._validation import _describe
 
-# Under this key of the checkpoint's custom metadata: the window at save time.
+# Under this key of the checkpoint's custom metadata: the window at save time, and
+# each leaf's checksum.
 _METADATA_KEY = "optaccum"
+_RECORD_FIELDS = ("every_k", "mini_step", "gradient_step", "checksums")
 # How many mismatching leaves a message lists before it summarises the rest.
 _MAX_LISTED = 8
+# Kinds of dtype a Python scalar in the target may take the checkpoint's dtype within.
+_KINDS = (jnp.bool_, jnp.integer, jnp.floating, jnp.complexfloating)
+# Orbax's JSON files in a checkpoint: the step metadata (which holds the custom
+# metadata) and the tree metadata always, the shardings and the per-process array
+# metadata where present.
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
+_OPTIONAL_FILES = ("_sharding",)
+_OPTIONAL_FOLDERS = ("array_metadatas",)
+# TensorStore's status codes for files it cannot find, read or decode.
+_STORAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+# Orbax numbers each save with a process-wide counter and keys the signals a save
+# waits on ("temporary directory created") by the current number, so two saves at
+# once in one process read each other's signals: one writes before its directory
+# exists, or waits for a signal that never comes. One Orbax call at a time keeps
+# them apart.
+_ORBAX_LOCK = threading.Lock()
 
 
 def save_checkpoint(
@@ -42,8 +65,10 @@ def save_checkpoint(
   Save at any micro-step, in the middle of a window too: the window's partial
   sums are part of the state. The state is written by
   `orbax.checkpoint.StandardCheckpointer`; the window length in force (k, or
-  `every_k(gradient_step)` for a schedule) and the counters go into the
-  checkpoint's custom metadata, where `restore_checkpoint` checks them.
+  `every_k(gradient_step)` for a schedule), the counters and a checksum of each
+  array (computed on its device, in one dispatch) go into the checkpoint's
+  custom metadata, where `restore_checkpoint` checks them. Saves from several
+  threads at once are safe: they take turns.
 
   Args:
     directory: a directory that does not exist yet (Orbax refuses to
@@ -77,8 +102,9 @@ def save_checkpoint(
     "every_k": _window_length(every_k, gradient_step),
     "mini_step": mini_step,
     "gradient_step": gradient_step,
+    "checksums": _checksums(ocp.tree.to_flat_dict(state)),
   }
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.fspath(directory), state, custom_metadata={_METADATA_KEY: record})
 
 
@@ -93,8 +119,10 @@ def restore_checkpoint(
   Before reading any array it compares the checkpoint with `target` (the state
   a fresh run builds: same model, same optimizer) and with `every_k`, and
   raises a `ValueError` that shows both sides where they differ: leaves present
-  on one side only or with other shapes (another model, another optimizer), or
-  another window length.
+  on one side only or with other shapes or dtypes (another model, another
+  optimizer, another precision), or another window length. After reading, it
+  checks each array against the checksum taken at save, so damaged data raises
+  a `ValueError` too, as do damaged or missing Orbax files.
 
   Args:
     directory: the checkpoint directory.
@@ -109,8 +137,8 @@ def restore_checkpoint(
 
   Raises:
     FileNotFoundError: if `directory` is not a directory.
-    ValueError: if the checkpoint's tree or window length does not fit, or the
-      checkpoint was not written by `save_checkpoint`.
+    ValueError: if the checkpoint's tree or window length does not fit, the
+      checkpoint was not written by `save_checkpoint`, or it is damaged.
 
   Examples:
     >>> import tempfile
@@ -136,20 +164,19 @@ def restore_checkpoint(
       "which is not a directory."
     )
   abstract = jax.eval_shape(lambda tree: tree, target)
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(directory)
-    if metadata.item_metadata is None:
-      raise ValueError(
-        f"`{where}(directory=...)` must be a checkpoint written by "
-        f"`optaccum.save_checkpoint`, but {directory!r} holds no Orbax checkpoint."
-      )
-    _check_tree_fits(
-      directory,
-      ocp.tree.to_flat_dict(metadata.item_metadata.tree),
-      ocp.tree.to_flat_dict(abstract),
-    )
-    _check_window_fits(directory, (metadata.custom_metadata or {}).get(_METADATA_KEY), every_k)
-    return checkpointer.restore(directory, abstract)
+  _check_files(directory)
+  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
+    saved_tree = _tree_metadata(directory)
+    with _reading(directory, "Orbax cannot read its _CHECKPOINT_METADATA"):
+      custom_metadata = checkpointer.metadata(directory).custom_metadata or {}
+    _check_tree_fits(directory, ocp.tree.to_flat_dict(saved_tree), ocp.tree.to_flat_dict(abstract))
+    record = custom_metadata.get(_METADATA_KEY)
+    _check_record(directory, record)
+    _check_window_fits(directory, record, every_k)
+    with _reading(directory, "Orbax cannot read its arrays"):
+      restored = checkpointer.restore(directory, abstract)
+  _check_checksums(directory, record["checksums"], ocp.tree.to_flat_dict(restored))
+  return restored
 
 
 def _counters(state: Any) -> tuple[int, int]:
@@ -167,39 +194,227 @@ def _window_length(every_k: Any, gradient_step: int) -> int:
   return int(_validation.as_schedule(every_k)(jnp.asarray(gradient_step, jnp.int32)))
 
 
+def _leaf_name(key: tuple) -> str:
+  """A leaf's name in messages and in the checksum record: its Orbax path, dotted."""
+  return ".".join(map(str, key))
+
+
+def _describe(leaf: Any) -> str:
+  """A leaf as `dtype[shape]`: float32[4, 8], key<fry>[2]."""
+  return f"{leaf.dtype}{list(leaf.shape)}"
+
+
+def _fits(saved: Any, target: Any) -> bool:
+  """Whether Orbax restores the `saved` leaf into `target` without reshaping or casting it."""
+  if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
+    target = jax.eval_shape(jax.random.key_data, target)  # Orbax stores a key as its data.
+  if tuple(saved.shape) != tuple(target.shape):
+    return False
+  if getattr(target, "weak_type", False):
+    # A Python scalar in the target (a fresh TrainState's step) has no dtype of its
+    # own; Orbax saved it as int64 or float64.
+    return [jnp.issubdtype(saved.dtype, kind) for kind in _KINDS] == [
+      jnp.issubdtype(target.dtype, kind) for kind in _KINDS
+    ]
+  return saved.dtype == target.dtype
+
+
+def _listing(lines: list[str]) -> str:
+  """`lines`, one per row and indented, the first `_MAX_LISTED` of them."""
+  listed = lines[:_MAX_LISTED]
+  if len(lines) > _MAX_LISTED:
+    listed.append(f"... and {len(lines) - _MAX_LISTED} more")
+  return "".join(f"\n  {line}" for line in listed)
+
+
+def _checksums(leaves: dict[tuple, Any]) -> dict[str, int]:
+  """Each leaf's checksum by name, computed where the leaves live, in one dispatch."""
+  named = {_leaf_name(key): leaf for key, leaf in leaves.items()}
+  return {name: int(value) for name, value in jax.device_get(_checksum_tree(named)).items()}
+
+
+@jax.jit
+def _checksum_tree(leaves: dict[str, Any]) -> dict[str, jax.Array]:
+  return {name: _checksum(leaf) for name, leaf in leaves.items()}
+
+
+def _checksum(leaf: jax.Array) -> jax.Array:
+  """A uint32 hash of the leaf's bits and where they sit.
+
+  Each word goes through a bijection keyed by its position, so a change to any
+  one word (a flipped bit, say) always changes the sum; and uint32 sums wrap
+  alike in any order, so the value does not depend on sharding or backend.
+  """
+  words = _words(leaf)
+  return jnp.sum(_mix(words ^ _mix(_positions(words.shape))), dtype=jnp.uint32)
+
+
+def _words(leaf: jax.Array) -> jax.Array:
+  """The leaf's bits as uint32 words (a complex entry as its real and imaginary parts).
+
+  One word per entry of 32 bits or fewer, in a trailing axis two per 64-bit entry.
+  """
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+    leaf = jnp.stack([jnp.real(leaf), jnp.imag(leaf)], axis=-1)
+  if leaf.dtype == jnp.bool_:
+    leaf = leaf.astype(jnp.uint8)
+  bits = jax.dtypes.itemsize_bits(leaf.dtype)
+  if bits > 32:
+    return lax.bitcast_convert_type(leaf, jnp.uint32)
+  return lax.bitcast_convert_type(leaf, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+  """Each entry's row-major index, modulo 2**32, without reshaping the leaf."""
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis, size in enumerate(shape):
+    index = index * np.uint32(size % 2**32) + lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return index
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """MurmurHash3's finaliser: a bijection of uint32 that spreads each bit over all 32."""
+  x = x ^ (x >> 16)
+  x = x * np.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * np.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _damaged(directory: str, what: str) -> ValueError:
+  return ValueError(
+    f"`restore_checkpoint(directory=...)`: the checkpoint at {directory} is damaged: {what}"
+  )
+
+
+def _storage_error(error: BaseException) -> BaseException:
+  """TensorStore's error where Orbax wraps it in a bare Exception, else `error`."""
+  if type(error) is Exception and error.__cause__ is not None:
+    return error.__cause__
+  return error
+
+
+def _is_damage(error: BaseException) -> bool:
+  """Whether an error from inside Orbax says the checkpoint's files are missing or bad.
+
+  TensorStore's errors are ValueErrors led by a status code; Orbax's own, on a
+  field missing from its metadata, are KeyErrors. Any other error (out of
+  memory, say) is not the checkpoint's fault and passes through unchanged.
+  """
+  error = _storage_error(error)
+  if isinstance(error, ValueError):
+    return str(error).startswith(_STORAGE_CODES)
+  return isinstance(error, KeyError)
+
+
+def _reason(error: BaseException) -> str:
+  """The error in one line, without the TensorStore spec it may end with."""
+  error = _storage_error(error)
+  text = (str(error).split(" [tensorstore_spec=")[0].splitlines() or [""])[0]
+  return f"{type(error).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def _reading(directory: str, what: str) -> Iterator[None]:
+  """Turns an error from damaged files inside Orbax into a ValueError saying what it is."""
+  try:
+    yield
+  except Exception as error:  # Orbax wraps TensorStore's errors in a bare Exception.
+    if not _is_damage(error):
+      raise
+    raise _damaged(directory, f"{what} ({_reason(error)}).") from error
+
+
+def _check_files(directory: str) -> None:
+  """Raises a ValueError where Orbax's JSON files in `directory` are missing or not JSON."""
+  names = set(os.listdir(directory))
+  if not names & {*_REQUIRED_FILES, "manifest.ocdbt"}:
+    raise ValueError(
+      "`restore_checkpoint(directory=...)` must be a checkpoint written by "
+      f"`optaccum.save_checkpoint`, but {directory!r} holds no Orbax checkpoint."
+    )
+  for name in _REQUIRED_FILES:
+    if name not in names:
+      raise _damaged(directory, f"its file {name} is missing.")
+  for name in _json_files(directory, names):
+    try:
+      with open(os.path.join(directory, name), "rb") as file:
+        json.loads(file.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+      raise _damaged(directory, f"its file {name} is not valid JSON ({error}).") from error
+
+
+def _json_files(directory: str, names: set[str]) -> list[str]:
+  """Orbax's JSON files among `names` (the entries of `directory`), relative to it."""
+  files = [name for name in (*_REQUIRED_FILES, *_OPTIONAL_FILES) if name in names]
+  for folder in _OPTIONAL_FOLDERS:
+    if folder in names:
+      files += [
+        os.path.join(folder, name) for name in sorted(os.listdir(os.path.join(directory, folder)))
+      ]
+  return files
+
+
+def _tree_metadata(directory: str) -> Any:
+  """The saved tree's metadata, from Orbax's handler, which names what it cannot read.
+
+  (`StandardCheckpointer.metadata` would log the reason and return no tree.)
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    with _reading(directory, "Orbax cannot read its tree metadata"):
+      return handler.metadata(epath.Path(directory)).tree
+  finally:
+    handler.close()
+
+
 def _check_tree_fits(directory: str, saved: dict, target: dict) -> None:
   """Raises a ValueError listing the leaves where `saved` and `target` differ."""
   lines = []
   # In the target's tree order (a TrainState lists its params before its optimizer
   # state), then what only the checkpoint holds.
   for key in [*target, *(key for key in saved if key not in target)]:
-    name = ".".join(map(str, key))
+    name = _leaf_name(key)
     if key not in target:
       lines.append(f"{name}: checkpoint has {_describe(saved[key])}, target has nothing")
     elif key not in saved:
       lines.append(f"{name}: checkpoint has nothing, target has {_describe(target[key])}")
-    elif tuple(saved[key].shape) != tuple(target[key].shape):
+    elif not _fits(saved[key], target[key]):
+      # Orbax would cast to the target's dtype without a word.
       lines.append(
         f"{name}: checkpoint has {_describe(saved[key])}, target has {_describe(target[key])}"
       )
-  if not lines:
-    return
-  listed = lines[:_MAX_LISTED]
-  if len(lines) > _MAX_LISTED:
-    listed.append(f"... and {len(lines) - _MAX_LISTED} more")
-  raise ValueError(
-    f"`restore_checkpoint(target=...)` does not fit the checkpoint at {directory}: "
-    f"{len(lines)} leaves differ (another model or optimizer?).\n  " + "\n  ".join(listed)
-  )
+  if lines:
+    raise ValueError(
+      f"`restore_checkpoint(target=...)` does not fit the checkpoint at {directory}: "
+      f"{len(lines)} leaves differ (another model, optimizer or dtype?)." + _listing(lines)
+    )
 
 
-def _check_window_fits(directory: str, record: Any, every_k: Any) -> None:
-  """Raises a ValueError where the saved window length differs from `every_k`'s."""
+def _check_record(directory: str, record: Any) -> None:
+  """Raises a ValueError where the record `save_checkpoint` writes is absent or incomplete."""
   if record is None:
     raise ValueError(
       f"`restore_checkpoint(directory=...)`: the checkpoint at {directory} records no "
       "window length; save it with `optaccum.save_checkpoint`."
     )
+  held = list(record) if isinstance(record, dict) else []
+  missing = [field for field in _RECORD_FIELDS if field not in held]
+  if missing:
+    raise _damaged(
+      directory,
+      f"its custom metadata {_METADATA_KEY!r} lacks {', '.join(missing)} (it holds "
+      f"{', '.join(map(str, held)) or 'nothing'}).",
+    )
+
+
+def _check_window_fits(directory: str, record: dict, every_k: Any) -> None:
+  """Raises a ValueError where the saved window length differs from `every_k`'s."""
   k = _window_length(every_k, record["gradient_step"])
   if k != record["every_k"]:
     raise ValueError(
@@ -207,4 +422,16 @@ def _check_window_fits(directory: str, record: Any, every_k: Any) -> None:
       f"step {record['gradient_step']}, but the checkpoint at {directory} was saved with "
       f"windows of {record['every_k']} ({record['mini_step']} micro-steps into the "
       f"current one); restore with the every_k it was saved with."
+    )
+
+
+def _check_checksums(directory: str, saved: dict, restored: dict[tuple, Any]) -> None:
+  """Raises a ValueError naming the leaves whose restored bits differ from the saved ones."""
+  computed = _checksums(restored)
+  differ = [name for name, value in computed.items() if saved.get(name) != value]
+  if differ:
+    raise _damaged(
+      directory,
+      f"the data of {len(differ)} of its {len(computed)} leaves reads back other than "
+      "it was saved (checksums differ):" + _listing(differ),
     )

@@ -6,6 +6,8 @@ final parameters to OUT.
 """
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -85,8 +87,14 @@ def test_resume_mid_window_in_a_fresh_process_is_bit_identical(checkpoint, tmp_p
   uninterrupted = flat_params(train(fresh_state(), range(MICRO_STEPS)))
 
   out = tmp_path / "resumed.npz"
+  # The tree's optaccum, not a copy installed in the environment: a script's own
+  # folder, not the repository, heads its sys.path.
+  repo = pathlib.Path(__file__).resolve().parent.parent
   result = subprocess.run(
-    [sys.executable, __file__, str(checkpoint), str(out)], capture_output=True, text=True
+    [sys.executable, __file__, str(checkpoint), str(out)],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=str(repo)),
   )
   assert result.returncode == 0, result.stderr
   # The restored window was the saved one, not a fresh state's.
@@ -102,7 +110,7 @@ def test_restore_with_other_params_names_the_leaves_and_both_shapes(checkpoint):
     optaccum.restore_checkpoint(checkpoint, fresh_state(hidden=16), every_k=EVERY_K)
   lines = str(error.value).splitlines()
   assert lines[0].startswith("`restore_checkpoint(target=...)` does not fit the checkpoint at ")
-  assert lines[0].endswith(": 9 leaves differ (another model or optimizer?).")
+  assert lines[0].endswith(": 9 leaves differ (another model, optimizer or dtype?).")
   # The parameters come first, then the optimizer state that mirrors them.
   assert lines[1:4] == [
     "  params.params.hidden.bias: checkpoint has float32[8], target has float32[16]",
@@ -110,6 +118,39 @@ def test_restore_with_other_params_names_the_leaves_and_both_shapes(checkpoint):
     "  params.params.out.kernel: checkpoint has float32[8, 2], target has float32[16, 2]",
   ]
   assert lines[-1] == "  ... and 1 more"
+
+
+def test_restore_into_other_dtypes_names_both_sides_instead_of_casting(tmp_path):
+  tx = optaccum.accumulate(optax.sgd(0.1), EVERY_K)
+  params = {"w": jnp.full(4, 1.0002441, jnp.float32)}
+  optaccum.save_checkpoint(tmp_path / "float32", (params, tx.init(params)), every_k=EVERY_K)
+  # In bfloat16 the saved 1.0002441 is 1.0: a cast would drop the difference unseen.
+  half = {"w": params["w"].astype(jnp.bfloat16)}
+  assert np.array_equal(np.asarray(half["w"], np.float32), np.ones(4, np.float32))
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(tmp_path / "float32", (half, tx.init(params)), every_k=EVERY_K)
+  assert str(error.value).splitlines() == [
+    f"`restore_checkpoint(target=...)` does not fit the checkpoint at {tmp_path / 'float32'}: "
+    "1 leaves differ (another model, optimizer or dtype?).",
+    "  0.w: checkpoint has float32[4], target has bfloat16[4]",
+  ]
+  restored, _ = optaccum.restore_checkpoint(
+    tmp_path / "float32", (params, tx.init(params)), every_k=EVERY_K
+  )
+  assert np.array_equal(restored["w"], np.full(4, 1.0002441, np.float32))
+
+
+def test_fresh_train_state_with_a_python_int_step_restores(tmp_path):
+  # TrainState.create leaves step a Python int, which Orbax saves as int64: the
+  # target's own Python int has no dtype to differ.
+  state = fresh_state()
+  assert isinstance(state.step, int)
+  optaccum.save_checkpoint(tmp_path / "fresh", state, every_k=EVERY_K)
+  restored = optaccum.restore_checkpoint(tmp_path / "fresh", fresh_state(seed=1), every_k=EVERY_K)
+  assert int(restored.step) == 0
+  assert flat_params(restored).keys() == flat_params(state).keys()
+  for name, value in flat_params(state).items():
+    assert np.array_equal(flat_params(restored)[name], value), name
 
 
 def test_restore_with_other_optimizer_lists_leaves_found_on_one_side_only(checkpoint):
