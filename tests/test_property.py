@@ -60,7 +60,7 @@ def numpy_reference(grads, weights, skipped, window_lengths, reduction):
   return emitted, gradient_step
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(scenarios())
 def test_accumulate_matches_numpy_windows(scenario):
   leaf_shapes, num_steps, window_lengths, weighted, weights, skipped, reduction, seed = scenario
