@@ -53,13 +53,13 @@ class AccumulateState(NamedTuple):
   skip_state: Any = ()
   # NumPy defaults: a JAX array here would start the XLA backend at import,
   # before a multi-host program can call `jax.distributed.initialize`.
-  acc_weight: jax.Array = np.zeros((), np.float32)  # shape=(), dtype=float32
-  num_skipped: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
-  emitted: jax.Array = np.zeros((), np.bool_)  # shape=(), dtype=bool
+  acc_weight: jax.Array = np.zeros((), np.float32)  # type: ignore[assignment]  # shape=(), dtype=float32
+  num_skipped: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
+  emitted: jax.Array = np.zeros((), np.bool_)  # type: ignore[assignment]  # shape=(), dtype=bool
   rounding_key: Any = ()  # shape=(2,), dtype=uint32 for threefry keys
   statistics: Any = ()
-  num_skipped_windows: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
-  num_empty_windows: jax.Array = np.zeros((), np.int32)  # shape=(), dtype=int32
+  num_skipped_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
+  num_empty_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
 def _at_least_float32(dtype: Any) -> Any:
@@ -76,7 +76,11 @@ def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
 
 def _same_shapes(tree: Any, shapes: Any) -> bool:
   """Whether `tree` has the structure, shapes and dtypes of `shapes`."""
-  if jax.tree.structure(tree, is_leaf=_IS_NONE) != jax.tree.structure(shapes, is_leaf=_IS_NONE):
+  structure, shapes_structure = (
+    jax.tree.structure(tree, is_leaf=_IS_NONE),
+    jax.tree.structure(shapes, is_leaf=_IS_NONE),
+  )
+  if structure != shapes_structure:  # type: ignore[operator]  # PyTreeDef: no stubs
     return False
   return all(
     leaf is None or (leaf.shape, leaf.dtype) == (shape.shape, shape.dtype)
@@ -256,7 +260,7 @@ class _Core:
     # accumulator out before overwriting it (see benchmarks/RESULTS.md).
     window_open = state.mini_step > 0
 
-    def add_leaf(g: Any, acc: jax.Array, seed: Any) -> jax.Array:
+    def add_leaf(g: Any, acc: jax.Array, seed: Any) -> jax.Array | None:
       if g is None:  # None where the parameters hold None: pass it through.
         return None
       # A select, not a multiply: a stale NaN (no skip policy) must not survive.
@@ -295,7 +299,7 @@ class _Core:
 
   def _reduced(self, state: AccumulateState) -> tuple[Any, jax.Array, tuple]:
     """The window's gradient sum, weight and statistics sums, summed across replicas if any."""
-    running = ()
+    running: tuple = ()
     if self.statistics is not None:
       # The micro-batch count travels as float32 (exact: it is at most k times
       # the replicas), so that one all-reduce of one dtype carries everything.

@@ -76,7 +76,7 @@ def run_if(strategy: str, predicate: jax.Array, step: Callable[[T], T], operand:
   axes = [varying_axes(x) | varying_axes(a) for x, a in zip(leaves, out_avals)]
 
   def joined(tree: T) -> T:
-    return treedef.unflatten(
+    return treedef.unflatten(  # type: ignore[attr-defined]  # PyTreeDef: no stubs
       [vary_over(x, ax) for x, ax in zip(jax.tree.leaves(tree), axes, strict=True)]
     )
 

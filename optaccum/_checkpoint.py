@@ -20,7 +20,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -172,10 +172,10 @@ def restore_checkpoint(
     _check_tree_fits(directory, ocp.tree.to_flat_dict(saved_tree), ocp.tree.to_flat_dict(abstract))
     record = custom_metadata.get(_METADATA_KEY)
     _check_record(directory, record)
-    _check_window_fits(directory, record, every_k)
+    _check_window_fits(directory, cast(dict, record), every_k)
     with _reading(directory, "Orbax cannot read its arrays"):
       restored = checkpointer.restore(directory, abstract)
-  _check_checksums(directory, record["checksums"], ocp.tree.to_flat_dict(restored))
+  _check_checksums(directory, cast(dict, record)["checksums"], ocp.tree.to_flat_dict(restored))
   return restored
 
 
@@ -183,10 +183,11 @@ def _counters(state: Any) -> tuple[int, int]:
   """The state's (mini_step, gradient_step) as Python ints, NNX Variables included."""
   accumulation = accumulation_state(state)
   # An NNX Variable is a pytree around its array; a plain array is its own leaf.
-  return tuple(
+  mini_step, gradient_step = (
     int(jax.tree.leaves(counter)[0])
     for counter in (accumulation.mini_step, accumulation.gradient_step)
   )
+  return mini_step, gradient_step
 
 
 def _window_length(every_k: Any, gradient_step: int) -> int:

@@ -33,9 +33,10 @@ def _per_replica_mask(tree: Any) -> Any:
     if isinstance(node.statistics, StatisticsState):
       # The open window's running sums are local, summed across replicas when it
       # closes; the last closed window's statistics are the same everywhere.
+      # A tree of masks in the state's own type, hence bools where arrays go.
       fields["statistics"] = node.statistics._replace(
-        squared_norm_sum=True,
-        num_micro_batches=True,
+        squared_norm_sum=True,  # type: ignore[arg-type]
+        num_micro_batches=True,  # type: ignore[arg-type]
         last_window=jax.tree.map(lambda _: False, node.statistics.last_window),
       )
     return AccumulateState(**fields)
@@ -138,17 +139,17 @@ def data_parallel(
       replicas if mask is None else jax.tree.map(lambda own: replicas if own else replicated, mask)
       for mask in masks
     )
-    outputs = {}
+    outputs: dict[str, Any] = {}
 
     def local_fn(*args: Any) -> tuple[list, list]:
       # Per-replica leaves arrive as this replica's [1, ...] slice: drop the axis.
-      args = [
+      local = [
         a if mask is None else jax.tree.map(lambda x, own: x[0] if own else x, a, mask)
         for a, mask in zip(args, masks)
       ]
-      out = fn(*args)
+      out = fn(*local)
       leaves, treedef = jax.tree.flatten(out)
-      own = treedef.flatten_up_to(_per_replica_mask(out))
+      own = treedef.flatten_up_to(_per_replica_mask(out))  # type: ignore[attr-defined]  # PyTreeDef
       outputs.update(treedef=treedef, own=own)
       shared = [x for x, o in zip(leaves, own) if not o]
       per_replica = [x[None] for x, o in zip(leaves, own) if o]
@@ -163,8 +164,8 @@ def data_parallel(
       # As under pmap: gradients stay per replica until the code reduces them.
       check_vma=False,
     )(*args)
-    shared, per_replica = iter(shared), iter(per_replica)
-    leaves = [next(per_replica) if o else next(shared) for o in outputs["own"]]
+    shared_leaves, per_replica_leaves = iter(shared), iter(per_replica)
+    leaves = [next(per_replica_leaves) if o else next(shared_leaves) for o in outputs["own"]]
     return outputs["treedef"].unflatten(leaves)
 
   return parallel_fn

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -95,7 +94,7 @@ def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> 
   return stream[: steps * batch_size].reshape(steps, batch_size)
 
 
-def _loss(state: TrainState, params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
+def _loss(state: TrainState, params: Any, images: Any, labels: Any) -> jax.Array:
   logits = state.apply_fn(params, images)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -108,7 +107,7 @@ def _train_step(
   return state.apply_gradients(grads=grads), loss
 
 
-def _compile(state: TrainState, images: np.ndarray, labels: np.ndarray) -> tuple[Callable, float]:
+def _compile(state: TrainState, images: np.ndarray, labels: np.ndarray) -> tuple[Any, float]:
   """Compiles one step for these shapes; the state's buffers are donated and reused."""
   start = time.perf_counter()
   compiled = jax.jit(_train_step, donate_argnums=0).lower(state, images, labels).compile()
@@ -139,11 +138,11 @@ def _train(
     progress.update(task, advance=1, **fields)
   jax.block_until_ready(state)
   train_seconds = time.perf_counter() - start
-  losses = _window_losses(losses, every_k)
+  window_losses = _window_losses(losses, every_k)
   logits = state.apply_fn(state.params, test_images)
   return RunResult(
     name=name,
-    losses=losses,
+    losses=window_losses,
     params=state.params,
     train_loss=float(_loss(state, state.params, train_images, train_labels)),
     test_accuracy=float(jnp.mean(jnp.argmax(logits, axis=-1) == test_labels)),
@@ -192,7 +191,7 @@ def results_table(large: RunResult, accumulated: RunResult) -> Table:
     ("step memory: arguments", "argument_size_in_bytes"),
   ]:
     kib = [getattr(run.memory, field) / 1024 for run in (large, accumulated)]
-    add(label, *kib, ",.0f", " KiB")
+    add(label, kib[0], kib[1], ",.0f", " KiB")
   add("wall time: compile", large.compile_seconds, accumulated.compile_seconds, ".1f", " s")
   add("wall time: training loop", large.train_seconds, accumulated.train_seconds, ".1f", " s")
   return table

@@ -122,7 +122,7 @@ def _aux_modes(aux: Any, aux_reduction: Any) -> list[Any]:
       f"`{_WHERE}(aux_reduction=...)` must be one choice or a tree prefix of the aux "
       f"output.\n  aux_reduction: {aux_reduction!r}\n  aux: {jax.tree.structure(aux)}"
     ) from error
-  return jax.tree.structure(aux).flatten_up_to(modes)
+  return jax.tree.structure(aux).flatten_up_to(modes)  # type: ignore[attr-defined]  # PyTreeDef
 
 
 def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
@@ -309,8 +309,10 @@ def microbatch(
   @functools.wraps(fn)
   def split_fn(*args: Any, **kwargs: Any) -> Any:
     plan = _plan(args, kwargs, batch_argnums, batch_argnames, key_arg)
-    args, kwargs = list(args), dict(kwargs)
-    batches = {n: _split(args[n], num_microbatches, f"argument {n}") for n in plan.batch_argnums}
+    kwargs = dict(kwargs)
+    batches: dict[int | str, Any] = {
+      n: _split(args[n], num_microbatches, f"argument {n}") for n in plan.batch_argnums
+    }
     batches.update(
       {n: _split(kwargs[n], num_microbatches, f"argument {n!r}") for n in plan.batch_argnames}
     )
@@ -328,7 +330,7 @@ def microbatch(
       def whole(name: int | str) -> bool:
         return name not in batches and name != plan.key_arg
 
-      args = [vary(a, axis_name) if whole(i) else a for i, a in enumerate(args)]
+      args = tuple(vary(a, axis_name) if whole(i) else a for i, a in enumerate(args))
       kwargs = {n: vary(v, axis_name) if whole(n) else v for n, v in kwargs.items()}
 
     def call(index: Any, key: Any) -> tuple[tuple[Any, Any, Any], Any]:
@@ -345,7 +347,7 @@ def microbatch(
       if key is not None:
         if isinstance(plan.key_arg, int):
           micro_args[plan.key_arg] = key
-        else:
+        elif plan.key_arg is not None:
           micro_kwargs[plan.key_arg] = key
       loss, aux, grads = _unpack(fn(*micro_args, **micro_kwargs), has_aux)
       weight = None
@@ -385,7 +387,7 @@ def microbatch(
     def body(carry: Any, xs: Any) -> tuple[Any, Any]:
       acc_loss, acc_grads, acc_aux, acc_weight = carry
       (loss, aux, grads), weight = call(*xs)
-      aux = aux_tree.flatten_up_to(aux)
+      aux = aux_tree.flatten_up_to(aux)  # type: ignore[attr-defined]  # PyTreeDef: no stubs
       acc_aux = [
         _add(acc, aux[i], weight if modes[i] == "mean" else None) for acc, i in zip(acc_aux, summed)
       ]
@@ -416,11 +418,11 @@ def microbatch(
     grads = jax.tree.map(lambda a, g: finish(a, g, is_mean), acc_grads, grads_shape)
     if not has_aux:
       return loss, grads
-    aux = [None] * len(aux_leaves)
+    aux: list[Any] = [None] * len(aux_leaves)
     for acc, i in zip(acc_aux, summed):
       aux[i] = finish(acc, aux_leaves[i], modes[i] == "mean")
     for stack, i in zip(aux_stacks, stacked):
       aux[i] = _combine_stacked(modes[i], stack)
-    return (loss, aux_tree.unflatten(aux)), grads
+    return (loss, aux_tree.unflatten(aux)), grads  # type: ignore[attr-defined]  # PyTreeDef
 
   return split_fn

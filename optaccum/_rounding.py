@@ -103,10 +103,10 @@ def _key_from(where: str, value: Any) -> jax.Array:
     return jax.random.key(int(value))
   if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == ():
     if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-      return value
+      return jnp.asarray(value)
   if isinstance(value, (jax.Array, np.ndarray)) and value.dtype == np.uint32:
     if value.shape == (2,):  # a raw key from `jax.random.PRNGKey`
-      return jax.random.wrap_key_data(value)
+      return jax.random.wrap_key_data(jnp.asarray(value))
   raise TypeError(
     f"`{where}(rounding_key=...)` must be a single jax.random.key or an int seed, "
     f"got rounding_key={value!r}."

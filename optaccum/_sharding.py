@@ -29,7 +29,7 @@ def vary_over(x: jax.Array, axes: frozenset) -> jax.Array:
     return x
   if hasattr(jax.lax, "pcast"):
     return jax.lax.pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)
+  return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # jax < 0.8 only
 
 
 def vary(tree: Any, axis_name: Hashable) -> Any:

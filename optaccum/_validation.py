@@ -139,7 +139,7 @@ def check_tree_matches(
   is_none = lambda x: x is None  # noqa: E731
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
   ref_leaves, ref_treedef = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
-  if treedef != ref_treedef:
+  if treedef != ref_treedef:  # type: ignore[operator]  # PyTreeDef: no stubs
     raise ValueError(
       f"`{where}({name}=...)` has a tree structure that does not match "
       f"{reference_name}.\n  {name}: {treedef}\n  {reference_name}: {ref_treedef}"
