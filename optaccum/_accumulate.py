@@ -62,11 +62,6 @@ class AccumulateState(NamedTuple):
   num_empty_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
-def _at_least_float32(dtype: Any) -> Any:
-  """`dtype`, widened to float32 if narrower (without promotion, which strict mode forbids)."""
-  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
 def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
   """Maps over an updates tree, passing its None leaves through."""
   return jax.tree.map(
@@ -108,6 +103,22 @@ def _keep_dtypes(new: T, old: T) -> T:
   return jax.tree.map(cast, new, old)
 
 
+def locate_state(where: str, opt_state: Any, hint: str = "") -> tuple[list, Any, int]:
+  """The leaves of `opt_state` (an AccumulateState counting as one), their treedef, and its index.
+
+  Raises a ValueError naming `where` unless `opt_state` holds exactly one.
+  """
+  leaves, treedef = jax.tree.flatten(opt_state, is_leaf=_IS_STATE)
+  found = [i for i, leaf in enumerate(leaves) if isinstance(leaf, AccumulateState)]
+  if len(found) != 1:
+    raise ValueError(
+      f"`{where}` must hold exactly one optaccum AccumulateState (from "
+      f"`optaccum.accumulate` or `optaccum.MultiSteps`), found {len(found)} in a "
+      f"state of type {type(opt_state).__name__}.{hint}"
+    )
+  return leaves, treedef, found[0]
+
+
 def check_state(where: str, state: Any) -> AccumulateState:
   """Returns `state` if it is an `AccumulateState`, else raises naming the call."""
   if not isinstance(state, AccumulateState):
@@ -116,13 +127,6 @@ def check_state(where: str, state: Any) -> AccumulateState:
       f"init built, got a {type(state).__name__} (a state of another optimizer?)."
     )
   return state
-
-
-def _check_weight(where: str, weight: Any) -> Any:
-  """`weight` as a float32 scalar, or None when no weight was given."""
-  if weight is None:
-    return None
-  return _validation.as_scalar(where, "weight", weight, jnp.float32)
 
 
 class _Verdict(NamedTuple):
@@ -214,7 +218,8 @@ class _Core:
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
     weighted = weight is not None
-    weight = _check_weight(where, weight)
+    if weighted:
+      weight = _validation.as_scalar(where, "weight", weight, jnp.float32)
     flush = _validation.as_flag(where, "flush", flush)
     verdict = self._verdict(updates, state, params, weight)
     acc_grads, rounding_key = self._sum_into(updates, state, verdict, weighted)
@@ -267,7 +272,7 @@ class _Core:
       acc = jnp.where(window_open, acc, jnp.zeros((), acc.dtype))
       if weighted:
         # Weigh in at least float32, so token counts stay exact.
-        wide = _at_least_float32(acc.dtype)
+        wide = _validation.at_least_float32(acc.dtype)
         g = g.astype(wide) * verdict.weight.astype(wide)
       summed = self.rounding.add(acc, g, seed)
       # A select, not a multiply: 0 * NaN would still be NaN.
@@ -286,7 +291,7 @@ class _Core:
       inverse = jnp.ones((), jnp.float32) / weight
 
       def scale(a: jax.Array) -> jax.Array:
-        wide = _at_least_float32(a.dtype)
+        wide = _validation.at_least_float32(a.dtype)
         return a.astype(wide) * inverse.astype(wide)
 
       acc_grads = jax.tree.map(scale, acc_grads)
@@ -355,10 +360,10 @@ class _Core:
     ):
       if like is None or acc is None or not acc.size:
         continue
-      wide = _at_least_float32(acc.dtype)
+      wide = _validation.at_least_float32(acc.dtype)
       largest = jnp.max(jnp.abs(acc)).astype(wide) * inverse.astype(wide)
       finite = finite & jnp.isfinite(largest.astype(like.dtype))
-    return finite & ~any_not_finite_in([leaf for leaf in jax.tree.leaves(acc_grads) if leaf.size])
+    return finite & ~any_not_finite_in(jax.tree.leaves(acc_grads))
 
   def _close(
     self,
@@ -744,15 +749,8 @@ def flush(
     >>> updates["w"]  # -lr * mean of the two micro-batches seen
     Array([-2., -4.], dtype=float32)
   """
-  leaves, treedef = jax.tree.flatten(opt_state, is_leaf=_IS_STATE)
-  found = [i for i, leaf in enumerate(leaves) if isinstance(leaf, AccumulateState)]
-  if len(found) != 1:
-    raise ValueError(
-      "`flush(opt_state=...)` must hold exactly one AccumulateState (from "
-      f"`optaccum.accumulate` or `optaccum.MultiSteps`), found {len(found)} in a state of "
-      f"type {type(opt_state).__name__}: with no window to close, `tx.update` would "
-      "take a plain optimizer step."
-    )
+  hint = " With no window to close, `tx.update` would take a plain optimizer step."
+  leaves, treedef, position = locate_state("flush(opt_state=...)", opt_state, hint)
   zeros = optax.tree.zeros_like(params)
   updates, new_state = tx.update(
     zeros,
@@ -763,7 +761,6 @@ def flush(
     **extra_args,
   )
   new_leaves = jax.tree.leaves(new_state, is_leaf=_IS_STATE)
-  (position,) = found
   # What precedes the accumulation saw only the zeros: keep it as it was.
   kept = leaves[:position] + new_leaves[position:]
   return updates, jax.tree.unflatten(treedef, kept)

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from optaccum._accumulate import AccumulateState
+from optaccum._accumulate import AccumulateState, locate_state
 
 
 def accumulation_state(opt_state: Any) -> AccumulateState:
@@ -33,18 +33,8 @@ def accumulation_state(opt_state: Any) -> AccumulateState:
     >>> int(optaccum.accumulation_state(state).mini_step)
     0
   """
-  found = [
-    leaf
-    for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AccumulateState))
-    if isinstance(leaf, AccumulateState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      "`opt_state` must hold exactly one optaccum AccumulateState (from "
-      f"`optaccum.accumulate` or `optaccum.MultiSteps`), found {len(found)} in a "
-      f"state of type {type(opt_state).__name__}."
-    )
-  return found[0]
+  leaves, _, position = locate_state("opt_state", opt_state)
+  return leaves[position]
 
 
 def has_updated(opt_state: Any) -> jax.Array:

@@ -171,7 +171,7 @@ def _accumulator(leaf: Any, dtype: Any) -> jax.Array:
 def _add(acc: jax.Array, x: jax.Array, weight: jax.Array | None) -> jax.Array:
   if weight is not None:
     # Weigh in at least float32, so token counts stay exact.
-    wide = jnp.promote_types(acc.dtype, jnp.float32)
+    wide = _validation.at_least_float32(acc.dtype)
     x = x.astype(wide) * weight.astype(wide)
   return acc + x.astype(acc.dtype)
 

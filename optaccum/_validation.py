@@ -215,6 +215,14 @@ def as_schedule(every_k: Any) -> Callable[[jax.Array], jax.Array]:
   return clamped
 
 
+def at_least_float32(dtype: Any) -> Any:
+  """`dtype`, widened to float32 if narrower (without promotion, which strict mode forbids).
+
+  Complex dtypes count by their parts: complex64 is kept.
+  """
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def accumulator_dtype_for(leaf_dtype: Any, requested: Any) -> Any:
   """The accumulator dtype of a leaf of `leaf_dtype` for `accumulator_dtype=requested`.
 
@@ -229,8 +237,7 @@ def accumulator_dtype_for(leaf_dtype: Any, requested: Any) -> Any:
     return jnp.dtype(requested or jnp.float32)
   is_complex = jnp.issubdtype(leaf_dtype, jnp.complexfloating)
   if requested is None:
-    wide = leaf_dtype.itemsize >= 4 if not is_complex else True
-    return leaf_dtype if wide else jnp.dtype(jnp.float32)
+    return at_least_float32(leaf_dtype)
   requested = jnp.dtype(requested)
   if jnp.issubdtype(requested, jnp.complexfloating):
     return requested if is_complex else jnp.dtype(jnp.finfo(requested).dtype)
