@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optax
 
-from benchmarks import _measure, _methods, _report, lm, microstep
+from benchmarks import _measure, _methods, _report, compile_time, lm, microstep
 
 EVERY_K = 8
 WORKLOADS = ("microstep", "lm-compute", "lm-params")
@@ -95,9 +95,19 @@ def main(argv: list[str] | None = None) -> Path:
       non_emitting=not workload.with_model,
       compiler_options={"xla_backend_optimization_level": 0} if args.quick else None,
     )
-    section = _report.Section(workload.key, workload.title, workload.description, results)
+    section = _report.Section(workload.key, workload.title, workload.description, results, EVERY_K)
     print(_report.workload_table(section), "\n", flush=True)
     sections.append(section)
+
+  # Compile time: a many-leaf model (quick: a small one at XLA's lowest level).
+  layers = 10 if args.quick else 300
+  compile_rows = compile_time.measure(
+    layers,
+    1 if args.quick else 3,
+    {"xla_backend_optimization_level": 0} if args.quick else None,
+  )
+  compile_section = _report.compile_section(compile_rows, layers, compile_time.EVERY_K)
+  print(compile_section, flush=True)
 
   results_path = out / "RESULTS.md"
   chart_name = "results.png"
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
       rounds=rounds,
       quick=args.quick,
       chart_name=chart_name,
+      compile_section=compile_section,
       kept=_report.kept_notes(results_path),
     )
   )

@@ -84,6 +84,7 @@ class Result:
       call is a micro-step that does not close the window; else None.
     memory: bytes of temporaries, arguments and outputs, each the largest
       over the method's compiled programs.
+    form: the limit it is held to (see `benchmarks._methods.Method`).
   """
 
   name: str
@@ -91,6 +92,7 @@ class Result:
   micro_step_s: float
   non_emitting_s: float | None
   memory: dict[str, int]
+  form: str = ""
 
 
 def measure_methods(
@@ -186,6 +188,7 @@ def measure_methods(
       micro_step_s=per_window[method.name],
       non_emitting_s=per_first.get(method.name),
       memory=memory[method.name],
+      form=method.form,
     )
     for method in methods
   ]

@@ -10,6 +10,7 @@ that returns the batch itself as the gradients for the optimizer-only micro-step
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -18,10 +19,12 @@ import jax.numpy as jnp
 import optax
 
 import optaccum
-from optaccum import _branching
 
 GradFn = Callable[[Any, Any], tuple[Any, Any]]
 Program = Callable[[Any, Any, Any], tuple[Any, Any]]
+
+# The branching strategy `accumulate` uses unless told otherwise.
+DEFAULT_STRATEGY = inspect.signature(optaccum.accumulate).parameters["strategy"].default
 
 # A plan entry names a program and its batch: micro-batch i, the whole
 # window's batch ("whole"), or no batch (None).
@@ -64,6 +67,10 @@ class Method:
     init: `params -> state`.
     programs: name -> pure `(params, state, batch) -> (params, state)`.
     plan: one window's calls, in order, as (program name, batch).
+    form: which limit the method is held to: "fast" (parameters written only
+      when a window closes: the floor plus the amortized optimizer),
+      "transformation" (a functional transformation, whose caller writes the
+      parameters on every micro-step: that write on top), or "" (none).
   """
 
   name: str
@@ -71,6 +78,7 @@ class Method:
   init: Callable[[Any], Any]
   programs: dict[str, Program]
   plan: tuple[tuple[str, Any], ...]
+  form: str = ""
 
 
 def _every_micro_step(every_k: int) -> tuple[tuple[str, Any], ...]:
@@ -109,6 +117,25 @@ def floor(grad_fn: GradFn, every_k: int) -> Method:
   )
 
 
+def floor_with_write(grad_fn: GradFn, every_k: int) -> Method:
+  """The floor plus the parameter write of a transformation: `p + where(emitted, u, 0)`."""
+
+  def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
+    acc, emitted = state
+    _, grads = grad_fn(params, batch)
+    acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+    updates = jax.tree.map(lambda g: jnp.where(emitted, g, jnp.zeros((), g.dtype)), grads)
+    return optax.apply_updates(params, updates), (acc, emitted)
+
+  def init(params: Any) -> Any:
+    acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return acc, jnp.zeros((), jnp.bool_)
+
+  return Method(
+    "floor + parameter write", "reference", init, {"step": step}, _every_micro_step(every_k)
+  )
+
+
 def transformation(
   name: str, family: str, tx: optax.GradientTransformation, grad_fn: GradFn, every_k: int
 ) -> Method:
@@ -119,7 +146,7 @@ def transformation(
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  return Method(name, family, tx.init, {"step": step}, _every_micro_step(every_k))
+  return Method(name, family, tx.init, {"step": step}, _every_micro_step(every_k), "transformation")
 
 
 def fast_path(
@@ -131,7 +158,7 @@ def fast_path(
     _, grads = grad_fn(params, batch)
     return optaccum.apply_gradients(tx, grads, state, params)
 
-  return Method(name, family, tx.init, {"step": step}, _every_micro_step(every_k))
+  return Method(name, family, tx.init, {"step": step}, _every_micro_step(every_k), "fast")
 
 
 def hand_written(inner: optax.GradientTransformation, grad_fn: GradFn, every_k: int) -> Method:
@@ -162,6 +189,7 @@ def hand_written(inner: optax.GradientTransformation, grad_fn: GradFn, every_k: 
     init,
     {"accumulate": accumulate, "update": update},
     plan,
+    "fast",
   )
 
 
@@ -204,20 +232,19 @@ def all_methods(
   """
   grad_fn, every_k = workload.grad_fn, len(workload.micro_batches)
   inner = make_inner()
-  default = _branching.resolve("auto")
-  methods = [plain(inner, grad_fn, every_k)]
-  if complete:
-    methods.append(floor(grad_fn, every_k))
+  default = DEFAULT_STRATEGY
+  methods = [plain(inner, grad_fn, every_k), floor(grad_fn, every_k)]
+  methods.append(floor_with_write(grad_fn, every_k))
   methods += [
     fast_path(
-      f'optaccum.apply_gradients (auto: "{default}")',
+      f'optaccum.apply_gradients (default: "{default}")',
       "optaccum",
       optaccum.accumulate(inner, every_k),
       grad_fn,
       every_k,
     ),
     transformation(
-      f'optaccum.accumulate (auto: "{default}")',
+      f'optaccum.accumulate (default: "{default}")',
       "optaccum",
       optaccum.accumulate(inner, every_k),
       grad_fn,

@@ -64,8 +64,8 @@ def _stochastic_floor(rounding: Any) -> tuple[Any, Any]:
 def methods(inner: optax.GradientTransformation) -> dict[str, tuple[Any, Any]]:
   """name -> (jitted step(params, state, grads), init(params))."""
   k = microstep.EVERY_K
-  bfloat16 = {"accumulator_dtype": jnp.bfloat16}
-  stochastic = {**bfloat16, "rounding": "stochastic", "rounding_key": 0}
+  bfloat16 = {"accumulator": jnp.bfloat16}
+  stochastic = {"accumulator": optaccum.stochastic_bfloat16(0)}
   variants = {
     BASELINE: {},
     STATISTICS: {"statistics": True},

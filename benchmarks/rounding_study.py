@@ -46,9 +46,9 @@ def accumulators(every_k: int) -> dict[str, optax.GradientTransformation]:
   inner = optax.identity()
   return {
     "float32": optaccum.accumulate(inner, every_k),
-    "bfloat16 nearest": optaccum.accumulate(inner, every_k, accumulator_dtype=jnp.bfloat16),
+    "bfloat16 nearest": optaccum.accumulate(inner, every_k, accumulator=jnp.bfloat16),
     "bfloat16 stochastic": optaccum.accumulate(
-      inner, every_k, accumulator_dtype=jnp.bfloat16, rounding="stochastic", rounding_key=0
+      inner, every_k, accumulator=optaccum.stochastic_bfloat16(0)
     ),
   }
 

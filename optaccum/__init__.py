@@ -1,8 +1,8 @@
 """optaccum: gradient accumulation for JAX, built on Optax."""
 
-from optaccum._accumulate import AccumulateState as AccumulateState
 from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
+from optaccum._accumulator import stochastic_bfloat16 as stochastic_bfloat16
 from optaccum._apply import apply_gradients as apply_gradients
 from optaccum._checkpoint import restore_checkpoint as restore_checkpoint
 from optaccum._checkpoint import save_checkpoint as save_checkpoint
@@ -22,6 +22,7 @@ from optaccum._scaling import scale_learning_rate as scale_learning_rate
 from optaccum._skip import SkipPolicy as SkipPolicy
 from optaccum._skip import skip_large_updates as skip_large_updates
 from optaccum._skip import skip_not_finite as skip_not_finite
+from optaccum._state import AccumulateState as AccumulateState
 from optaccum._statistics import WindowStatistics as WindowStatistics
 from optaccum._statistics import window_statistics as window_statistics
 
@@ -50,5 +51,6 @@ __all__ = [
   "scale_learning_rate",
   "skip_large_updates",
   "skip_not_finite",
+  "stochastic_bfloat16",
   "window_statistics",
 ]

@@ -6,8 +6,7 @@ from typing import Any
 
 import optax
 
-from optaccum import _branching
-from optaccum._accumulate import check_state, core_of
+from optaccum._accumulate import accumulation_of
 
 
 def apply_gradients(
@@ -58,17 +57,10 @@ def apply_gradients(
     >>> params["w"]
     Array([-1., -1.], dtype=float32)
   """
-  core = core_of(tx)
-  if core is None:
+  accumulation = accumulation_of(tx)
+  if accumulation is None:
     raise TypeError(
       "`apply_gradients(tx=...)` must be a transformation made by `optaccum.accumulate` "
       f"(put other transforms inside its `inner`), got tx={tx!r}."
     )
-  opt_state = check_state("apply_gradients", opt_state)
-  opt_state, close_window = core.add(grads, opt_state, params, weight, flush)
-
-  def close(operand: tuple[Any, Any]) -> tuple[Any, Any]:
-    params, state = operand
-    return core.close_and_apply(grads, state, params, extra_args)
-
-  return _branching.run_if(core.strategy, close_window, close, (params, opt_state))
+  return accumulation.apply(grads, opt_state, params, weight, flush, extra_args)

@@ -10,14 +10,13 @@ import jax
 from jax.sharding import PartitionSpec
 
 from optaccum import _validation
-from optaccum._accumulate import AccumulateState
+from optaccum._state import AccumulateState, is_state
 from optaccum._statistics import StatisticsState
 
 # The fields of an AccumulateState that differ between replicas when the
 # transformation reduces across them only as a window closes. The others
 # (counters, the inner optimizer's state) stay equal on every replica.
 _PER_REPLICA_FIELDS = frozenset({"acc_grads", "skip_state", "acc_weight", "num_skipped"})
-_IS_STATE = lambda x: isinstance(x, AccumulateState)  # noqa: E731
 
 
 def _per_replica_mask(tree: Any) -> Any:
@@ -41,7 +40,83 @@ def _per_replica_mask(tree: Any) -> Any:
       )
     return AccumulateState(**fields)
 
-  return jax.tree.map(mark, tree, is_leaf=_IS_STATE)
+  return jax.tree.map(mark, tree, is_leaf=is_state)
+
+
+def _check_arguments(fn: Any, mesh: Any, axis_name: Any, batch_argnums: Any) -> tuple[int, ...]:
+  """Checks `data_parallel`'s arguments; returns `batch_argnums` as a tuple of ints."""
+  if not callable(fn):
+    raise TypeError(f"`data_parallel(fn=...)` must be callable, got fn={fn!r}.")
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"`data_parallel(mesh=...)` must be a jax.sharding.Mesh, got mesh={mesh!r}.")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(
+      f"`data_parallel(axis_name=...)` must name an axis of the mesh, whose axes are "
+      f"{mesh.axis_names}, got axis_name={axis_name!r}."
+    )
+  return _validation.as_argnums("data_parallel", "batch_argnums", batch_argnums)
+
+
+def _check_call(args: tuple, batch_argnums: tuple[int, ...]) -> None:
+  """Checks that the call passes every argument `batch_argnums` names."""
+  for n in batch_argnums:
+    if n >= len(args):
+      raise ValueError(
+        f"`data_parallel(batch_argnums=...)` names argument {n}, but the call has "
+        f"{len(args)} positional arguments."
+      )
+
+
+def _in_specs(masks: list[Any], axis_name: Hashable) -> tuple[Any, ...]:
+  """`shard_map`'s in_specs: batches (mask None) and per-replica leaves split, others replicated."""
+  replicas, replicated = PartitionSpec(axis_name), PartitionSpec()
+  return tuple(
+    replicas if mask is None else jax.tree.map(lambda own: replicas if own else replicated, mask)
+    for mask in masks
+  )
+
+
+def _strip_replica_axis(args: tuple, masks: list[Any]) -> list[Any]:
+  """The arguments as `fn` sees them: each per-replica leaf's `[1, ...]` slice without its axis."""
+  return [
+    a if mask is None else jax.tree.map(lambda x, own: x[0] if own else x, a, mask)
+    for a, mask in zip(args, masks)
+  ]
+
+
+def _split_outputs(out: Any) -> tuple[Any, list[bool], list, list]:
+  """`fn`'s output as its structure, per-replica mask, shared and per-replica leaves.
+
+  Each per-replica leaf gets a leading axis of one, along which `shard_map`
+  joins the replicas' leaves.
+  """
+  leaves, treedef = jax.tree.flatten(out)
+  own = treedef.flatten_up_to(_per_replica_mask(out))  # type: ignore[attr-defined]  # PyTreeDef
+  shared = [x for x, o in zip(leaves, own) if not o]
+  per_replica = [x[None] for x, o in zip(leaves, own) if o]
+  return treedef, own, shared, per_replica
+
+
+def _local_fn(fn: Callable[..., Any], masks: list[Any], outputs: dict[str, Any]) -> Callable:
+  """`fn` on one replica, as `shard_map` calls it, returning `(shared, per_replica)` leaves.
+
+  The output's structure and mask are known only inside the trace, so they
+  are left in `outputs`, for `_join_outputs`.
+  """
+
+  def local_fn(*args: Any) -> tuple[list, list]:
+    treedef, own, shared, per_replica = _split_outputs(fn(*_strip_replica_axis(args, masks)))
+    outputs.update(treedef=treedef, own=own)
+    return shared, per_replica
+
+  return local_fn
+
+
+def _join_outputs(treedef: Any, own: list[bool], shared: list, per_replica: list) -> Any:
+  """`fn`'s output tree, from its shared and per-replica leaves in flattened order."""
+  shared_leaves, per_replica_leaves = iter(shared), iter(per_replica)
+  leaves = [next(per_replica_leaves) if o else next(shared_leaves) for o in own]
+  return treedef.unflatten(leaves)
 
 
 def data_parallel(
@@ -113,59 +188,22 @@ def data_parallel(
     >>> params
     Array([0.5, 0.5, 0.5], dtype=float32)
   """
-  if not callable(fn):
-    raise TypeError(f"`data_parallel(fn=...)` must be callable, got fn={fn!r}.")
-  if not isinstance(mesh, jax.sharding.Mesh):
-    raise TypeError(f"`data_parallel(mesh=...)` must be a jax.sharding.Mesh, got mesh={mesh!r}.")
-  if axis_name not in mesh.axis_names:
-    raise ValueError(
-      f"`data_parallel(axis_name=...)` must name an axis of the mesh, whose axes are "
-      f"{mesh.axis_names}, got axis_name={axis_name!r}."
-    )
-  batch_argnums = _validation.as_argnums("data_parallel", "batch_argnums", batch_argnums)
-  replicas = PartitionSpec(axis_name)
-  replicated = PartitionSpec()
+  batch_argnums = _check_arguments(fn, mesh, axis_name, batch_argnums)
 
   @functools.wraps(fn)
   def parallel_fn(*args: Any) -> Any:
-    for n in batch_argnums:
-      if n >= len(args):
-        raise ValueError(
-          f"`data_parallel(batch_argnums=...)` names argument {n}, but the call has "
-          f"{len(args)} positional arguments."
-        )
+    _check_call(args, batch_argnums)
     masks = [None if n in batch_argnums else _per_replica_mask(a) for n, a in enumerate(args)]
-    in_specs = tuple(
-      replicas if mask is None else jax.tree.map(lambda own: replicas if own else replicated, mask)
-      for mask in masks
-    )
     outputs: dict[str, Any] = {}
-
-    def local_fn(*args: Any) -> tuple[list, list]:
-      # Per-replica leaves arrive as this replica's [1, ...] slice: drop the axis.
-      local = [
-        a if mask is None else jax.tree.map(lambda x, own: x[0] if own else x, a, mask)
-        for a, mask in zip(args, masks)
-      ]
-      out = fn(*local)
-      leaves, treedef = jax.tree.flatten(out)
-      own = treedef.flatten_up_to(_per_replica_mask(out))  # type: ignore[attr-defined]  # PyTreeDef
-      outputs.update(treedef=treedef, own=own)
-      shared = [x for x, o in zip(leaves, own) if not o]
-      per_replica = [x[None] for x, o in zip(leaves, own) if o]
-      return shared, per_replica
-
     shared, per_replica = jax.shard_map(
-      local_fn,
+      _local_fn(fn, masks, outputs),
       mesh=mesh,
-      in_specs=in_specs,
-      out_specs=(replicated, replicas),
+      in_specs=_in_specs(masks, axis_name),
+      out_specs=(PartitionSpec(), PartitionSpec(axis_name)),
       axis_names=frozenset({axis_name}),
       # As under pmap: gradients stay per replica until the code reduces them.
       check_vma=False,
     )(*args)
-    shared_leaves, per_replica_leaves = iter(shared), iter(per_replica)
-    leaves = [next(per_replica_leaves) if o else next(shared_leaves) for o in outputs["own"]]
-    return outputs["treedef"].unflatten(leaves)
+    return _join_outputs(outputs["treedef"], outputs["own"], shared, per_replica)
 
   return parallel_fn

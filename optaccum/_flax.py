@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum._accumulate import core_of
+from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import gradient_step
 
@@ -115,7 +115,7 @@ def apply_train_state_gradients(
       f"TrainState, got {type(state).__name__}; for nnx.Optimizer pass weight= to "
       "`optimizer.update(model, grads, weight=...)`."
     )
-  if core_of(state.tx) is not None:
+  if accumulation_of(state.tx) is not None:
     # `tx` is the accumulation itself: the fast path, which writes the
     # parameters only when a window closes.
     params, opt_state = apply_gradients(

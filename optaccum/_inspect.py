@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from optaccum._accumulate import AccumulateState, locate_state
+from optaccum._state import AccumulateState, locate_state
 
 
 def accumulation_state(opt_state: Any) -> AccumulateState:

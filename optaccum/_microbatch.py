@@ -10,13 +10,34 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optaccum import _validation
+from optaccum import _accumulator, _validation
 from optaccum._sharding import vary
 
-_REDUCTIONS = ("mean", "sum")
 _AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
 _IS_SPEC = lambda x: isinstance(x, str) or callable(x)  # noqa: E731
 _WHERE = "microbatch"
+# The micro-batch weights sum in float32, whatever `accumulator=` says.
+_WEIGHTS = _accumulator.Accumulator()
+
+
+# --- Arguments --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """`microbatch`'s arguments, checked: what every call of the split function reads."""
+
+  fn: Callable[..., Any]
+  num_microbatches: int
+  has_aux: bool
+  batch_argnums: tuple[int, ...] | None
+  batch_argnames: tuple[str, ...]
+  key_arg: int | str | None
+  reduction: str
+  weight_fn: Callable[..., Any] | None
+  accumulator: _accumulator.Accumulator
+  aux_reduction: Any
+  axis_name: Hashable | None
 
 
 def _as_argnames(value: Any) -> tuple[str, ...]:
@@ -29,6 +50,21 @@ def _as_argnames(value: Any) -> tuple[str, ...]:
   return tuple(names)
 
 
+def _check_key_arg(key_arg: Any, batch_argnums: tuple[int, ...], batch_argnames: tuple) -> None:
+  if key_arg is None:
+    return
+  if isinstance(key_arg, bool) or not isinstance(key_arg, (int, str)) or key_arg in (0, ""):
+    raise TypeError(
+      f"`{_WHERE}(key_arg=...)` must be None, a positive int (a position) or a str (a "
+      f"keyword), got key_arg={key_arg!r}."
+    )
+  if key_arg in batch_argnums or key_arg in batch_argnames:
+    raise ValueError(
+      f"`{_WHERE}(key_arg=...)` names a batch argument; a key is split, not sliced, "
+      f"got key_arg={key_arg!r}."
+    )
+
+
 def _check_aux_reduction(value: Any) -> None:
   for spec in jax.tree.leaves(value, is_leaf=_IS_SPEC):
     if not (callable(spec) or spec in _AUX_REDUCTIONS):
@@ -36,6 +72,54 @@ def _check_aux_reduction(value: Any) -> None:
         f"`{_WHERE}(aux_reduction=...)` must be one of {', '.join(map(repr, _AUX_REDUCTIONS))}, "
         f"a callable, or a tree of them, got aux_reduction={value!r}."
       )
+
+
+def _check_arguments(
+  fn: Any,
+  num_microbatches: Any,
+  *,
+  has_aux: Any,
+  batch_argnums: Any,
+  batch_argnames: Any,
+  key_arg: Any,
+  reduction: Any,
+  weight_fn: Any,
+  accumulator: Any,
+  aux_reduction: Any,
+  axis_name: Any,
+) -> _Settings:
+  """`microbatch`'s arguments as `_Settings`; raises, naming the argument, at the first bad one."""
+  if not callable(fn):
+    raise TypeError(f"`{_WHERE}(fn=...)` must be callable, got fn={fn!r}.")
+  _validation.check_positive_int(_WHERE, "num_microbatches", num_microbatches)
+  if not isinstance(has_aux, bool):
+    raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
+  if batch_argnums is not None:
+    batch_argnums = _validation.as_argnums(_WHERE, "batch_argnums", batch_argnums)
+  batch_argnames = _as_argnames(batch_argnames)
+  _check_key_arg(key_arg, batch_argnums or (), batch_argnames)
+  _validation.check_choice(_WHERE, "reduction", reduction, _accumulator.REDUCTIONS)
+  _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
+  accumulator = _accumulator.as_accumulator(_WHERE, accumulator, stochastic=False)
+  _check_aux_reduction(aux_reduction)
+  if axis_name is not None and not isinstance(axis_name, Hashable):
+    raise TypeError(f"`{_WHERE}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
+  return _Settings(
+    fn=fn,
+    num_microbatches=int(num_microbatches),
+    has_aux=has_aux,
+    batch_argnums=batch_argnums,
+    batch_argnames=batch_argnames,
+    key_arg=key_arg,
+    reduction=reduction,
+    weight_fn=weight_fn,
+    accumulator=accumulator,
+    aux_reduction=aux_reduction,
+    axis_name=axis_name,
+  )
+
+
+# --- Slicing one call into micro-batch calls --------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +131,9 @@ class _Plan:
   key_arg: int | str | None
 
 
-def _plan(
-  args: tuple, kwargs: dict, batch_argnums: Any, batch_argnames: Any, key_arg: Any
-) -> _Plan:
+def _plan(settings: _Settings, args: tuple, kwargs: dict) -> _Plan:
   """Resolves the defaults against the call's arguments and checks they exist."""
+  batch_argnums, key_arg = settings.batch_argnums, settings.key_arg
   if batch_argnums is None:
     batch_argnums = tuple(i for i in range(1, len(args)) if i != key_arg)
   for n in batch_argnums:
@@ -59,7 +142,7 @@ def _plan(
         f"`{_WHERE}(batch_argnums=...)` names argument {n}, but the call has "
         f"{len(args)} positional arguments."
       )
-  for name in batch_argnames:
+  for name in settings.batch_argnames:
     if name not in kwargs:
       raise ValueError(
         f"`{_WHERE}(batch_argnames=...)` names {name!r}, which the call does not pass; "
@@ -75,7 +158,7 @@ def _plan(
       f"`{_WHERE}(key_arg=...)` names {key_arg!r}, which the call does not pass; "
       f"it passes {sorted(kwargs)}."
     )
-  return _Plan(batch_argnums, batch_argnames, key_arg)
+  return _Plan(batch_argnums, settings.batch_argnames, key_arg)
 
 
 def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
@@ -100,6 +183,17 @@ def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
   return jax.tree_util.tree_map_with_path(split_leaf, tree)
 
 
+def _split_batches(plan: _Plan, args: tuple, kwargs: dict, num_microbatches: int) -> dict:
+  """Each batch argument, by position or keyword, split by `_split`."""
+  batches: dict[int | str, Any] = {
+    n: _split(args[n], num_microbatches, f"argument {n}") for n in plan.batch_argnums
+  }
+  batches.update(
+    {n: _split(kwargs[n], num_microbatches, f"argument {n!r}") for n in plan.batch_argnames}
+  )
+  return batches
+
+
 def _check_key(key: Any, key_arg: int | str) -> None:
   dtype = jnp.result_type(key)
   is_typed = jnp.issubdtype(dtype, jax.dtypes.prng_key) and jnp.shape(key) == ()
@@ -111,18 +205,54 @@ def _check_key(key: Any, key_arg: int | str) -> None:
     )
 
 
-def _aux_modes(aux: Any, aux_reduction: Any) -> list[Any]:
-  """One reduction per aux leaf, from a single choice or a tree prefix of `aux`."""
-  try:
-    modes = jax.tree.map(
-      lambda spec, sub: jax.tree.map(lambda _: spec, sub), aux_reduction, aux, is_leaf=_IS_SPEC
+def _microbatch_keys(settings: _Settings, plan: _Plan, args: tuple, kwargs: dict) -> Any:
+  """The key argument split into one key per micro-batch, or None without one."""
+  if plan.key_arg is None:
+    return None
+  key = args[plan.key_arg] if isinstance(plan.key_arg, int) else kwargs[plan.key_arg]
+  _check_key(key, plan.key_arg)
+  if settings.axis_name is not None:
+    # Each replica draws its own dropout masks.
+    key = jax.random.fold_in(key, jax.lax.axis_index(settings.axis_name))
+  return jax.random.split(key, settings.num_microbatches)
+
+
+def _vary_whole_arguments(
+  plan: _Plan, args: tuple, kwargs: dict, axis_name: Hashable
+) -> tuple[tuple, dict]:
+  """The arguments passed whole to every micro-batch, marked as varying over `axis_name`.
+
+  Under shard_map with check_vma, gradients with respect to a replicated
+  argument come back summed across replicas: one all-reduce per micro-batch.
+  Marked per replica, they stay local until the one psum.
+  """
+  not_whole = {*plan.batch_argnums, *plan.batch_argnames, plan.key_arg}
+  args = tuple(a if i in not_whole else vary(a, axis_name) for i, a in enumerate(args))
+  kwargs = {n: v if n in not_whole else vary(v, axis_name) for n, v in kwargs.items()}
+  return args, kwargs
+
+
+def _put(args: list, kwargs: dict, name: int | str, value: Any) -> None:
+  """Sets the positional (int `name`) or keyword (str `name`) argument to `value`."""
+  if isinstance(name, int):
+    args[name] = value
+  else:
+    kwargs[name] = value
+
+
+def _microbatch_arguments(
+  plan: _Plan, args: tuple, kwargs: dict, batches: dict, index: Any, key: Any
+) -> tuple[list, dict]:
+  """The arguments of micro-batch `index`: column `index` of each batch, and its key."""
+  micro_args, micro_kwargs = list(args), dict(kwargs)
+  for name, batch in batches.items():
+    part = jax.tree.map(
+      lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False), batch
     )
-  except ValueError as error:
-    raise ValueError(
-      f"`{_WHERE}(aux_reduction=...)` must be one choice or a tree prefix of the aux "
-      f"output.\n  aux_reduction: {aux_reduction!r}\n  aux: {jax.tree.structure(aux)}"
-    ) from error
-  return jax.tree.structure(aux).flatten_up_to(modes)  # type: ignore[attr-defined]  # PyTreeDef
+    _put(micro_args, micro_kwargs, name, part)
+  if plan.key_arg is not None:
+    _put(micro_args, micro_kwargs, plan.key_arg, key)
+  return micro_args, micro_kwargs
 
 
 def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
@@ -149,6 +279,100 @@ def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
   return loss, aux, grads
 
 
+_Call = Callable[[Any, Any], tuple[tuple[Any, Any, Any], Any]]
+
+
+def _microbatch_call(settings: _Settings, args: tuple, kwargs: dict) -> tuple[_Call, Any]:
+  """`call(index, key)`, which runs `fn` on micro-batch `index`, and the micro-batch keys.
+
+  `call` returns `(loss, aux, grads)` and the micro-batch's weight (None
+  without `weight_fn`).
+  """
+  plan = _plan(settings, args, kwargs)
+  batches = _split_batches(plan, args, kwargs, settings.num_microbatches)
+  keys = _microbatch_keys(settings, plan, args, kwargs)
+  if settings.axis_name is not None:
+    args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.axis_name)
+
+  def call(index: Any, key: Any) -> tuple[tuple[Any, Any, Any], Any]:
+    micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
+    loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
+    weight = None
+    if settings.weight_fn is not None:
+      weight = _validation.as_scalar(
+        _WHERE, "weight_fn", settings.weight_fn(*micro_args, **micro_kwargs), jnp.float32
+      )
+    return (loss, aux, grads), weight
+
+  return call, keys
+
+
+# --- Aux outputs ------------------------------------------------------------------------
+
+
+def _aux_modes(aux: Any, aux_reduction: Any) -> list[Any]:
+  """One reduction per aux leaf, from a single choice or a tree prefix of `aux`."""
+  try:
+    modes = jax.tree.map(
+      lambda spec, sub: jax.tree.map(lambda _: spec, sub), aux_reduction, aux, is_leaf=_IS_SPEC
+    )
+  except ValueError as error:
+    raise ValueError(
+      f"`{_WHERE}(aux_reduction=...)` must be one choice or a tree prefix of the aux "
+      f"output.\n  aux_reduction: {aux_reduction!r}\n  aux: {jax.tree.structure(aux)}"
+    ) from error
+  return jax.tree.structure(aux).flatten_up_to(modes)  # type: ignore[attr-defined]  # PyTreeDef
+
+
+def _check_aux_mode(mode: Any, leaf: Any) -> None:
+  if mode == "mean" and not jnp.issubdtype(leaf.dtype, jnp.inexact):
+    raise TypeError(
+      f"`{_WHERE}(aux_reduction=...)` is 'mean' for an aux leaf of dtype "
+      f"{leaf.dtype}; choose 'sum' (or 'stack') for it with a tree of choices."
+    )
+  if mode == "concat" and not leaf.shape:
+    raise ValueError(
+      f"`{_WHERE}(aux_reduction=...)` is 'concat' for a scalar aux leaf; 'concat' "
+      "joins per-example leaves, use 'stack' for scalars."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _AuxLayout:
+  """Where each aux leaf goes: summed in the carry ("mean", "sum") or stacked by the scan.
+
+  Attributes:
+    treedef: the aux output's structure.
+    leaves: its leaves' shapes and dtypes, in flattened order.
+    modes: each leaf's reduction.
+    summed: the indices of the leaves summed in the carry.
+    stacked: the indices of the leaves kept per micro-batch.
+  """
+
+  treedef: Any
+  leaves: tuple[Any, ...]
+  modes: tuple[Any, ...]
+  summed: tuple[int, ...]
+  stacked: tuple[int, ...]
+
+  def flatten(self, aux: Any) -> list[Any]:
+    return self.treedef.flatten_up_to(aux)
+
+  def unflatten(self, leaves: list[Any]) -> Any:
+    return self.treedef.unflatten(leaves)
+
+
+def _aux_layout(aux_shape: Any, aux_reduction: Any) -> _AuxLayout:
+  """The layout of `fn`'s aux output (`None` without aux), its reductions checked."""
+  leaves, treedef = jax.tree.flatten(aux_shape)
+  modes = _aux_modes(aux_shape, aux_reduction)
+  for mode, leaf in zip(modes, leaves):
+    _check_aux_mode(mode, leaf)
+  summed = tuple(i for i, mode in enumerate(modes) if mode in _accumulator.REDUCTIONS)
+  stacked = tuple(i for i, mode in enumerate(modes) if mode not in _accumulator.REDUCTIONS)
+  return _AuxLayout(treedef, tuple(leaves), tuple(modes), summed, stacked)
+
+
 def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
   """An aux leaf from its `[k, ...]` stack of micro-batch values."""
   if mode == "stack":
@@ -160,20 +384,102 @@ def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
   return mode(stack)
 
 
-def _accumulator(leaf: Any, dtype: Any) -> jax.Array:
-  # zeros_like keeps the sharding (and, under shard_map, the per-replica type)
-  # of what the micro-batch returns, so the carry lies where the gradients do.
-  if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-    return jnp.zeros_like(leaf)  # Integer leaves (counts) sum exactly as they are.
-  return jnp.zeros_like(leaf, _validation.accumulator_dtype_for(leaf.dtype, dtype))
+# --- The scan ---------------------------------------------------------------------------
 
 
-def _add(acc: jax.Array, x: jax.Array, weight: jax.Array | None) -> jax.Array:
-  if weight is not None:
-    # Weigh in at least float32, so token counts stay exact.
-    wide = _validation.at_least_float32(acc.dtype)
-    x = x.astype(wide) * weight.astype(wide)
-  return acc + x.astype(acc.dtype)
+def _init_carry(
+  accumulator: _accumulator.Accumulator, loss: Any, grads: Any, aux: _AuxLayout, weight: Any
+) -> tuple[Any, Any, list, jax.Array]:
+  """The scan's carry, all zeros: the sums of loss, grads, summed aux leaves and weights."""
+  zeros = functools.partial(accumulator.zeros_like, _WHERE)
+  zero_weight = (
+    jnp.zeros((), jnp.float32) if weight is None else _WEIGHTS.zeros_like(_WHERE, weight)
+  )
+  return (
+    zeros(loss),
+    jax.tree.map(zeros, grads),
+    [zeros(aux.leaves[i]) for i in aux.summed],
+    zero_weight,
+  )
+
+
+def _scan_body(
+  accumulator: _accumulator.Accumulator, call: _Call, aux: _AuxLayout
+) -> Callable[[Any, Any], tuple[Any, list]]:
+  """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
+
+  def body(carry: Any, xs: Any) -> tuple[Any, list]:
+    acc_loss, acc_grads, acc_aux, acc_weight = carry
+    (loss, aux_out, grads), weight = call(*xs)
+    leaves = aux.flatten(aux_out)
+    acc_aux = [
+      accumulator.add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
+      for acc, i in zip(acc_aux, aux.summed)
+    ]
+    carry = (
+      accumulator.add(acc_loss, loss, weight),
+      jax.tree.map(lambda acc, g: accumulator.add(acc, g, weight), acc_grads, grads),
+      acc_aux,
+      acc_weight + (jnp.ones((), jnp.float32) if weight is None else weight),
+    )
+    return carry, [leaves[i] for i in aux.stacked]
+
+  return body
+
+
+# --- Finishing --------------------------------------------------------------------------
+
+
+def _finisher(total_weight: jax.Array, weighted: bool) -> Callable[[str, Any, Any], jax.Array]:
+  """`finish(reduction, acc, like)`: a sum's mean or sum, in the dtype of `like`."""
+  inverses = {r: _accumulator.inverse_weight(r, total_weight) for r in _accumulator.REDUCTIONS}
+
+  def finish(reduction: str, acc: jax.Array, like: Any) -> jax.Array:
+    value = _accumulator.finish(acc, inverses[reduction], like.dtype)
+    if reduction == "mean" and weighted:
+      # A batch of zero total weight gives zeros, also where `fn` returned NaN
+      # for it (a mean over 0 tokens), which a multiply by 0 would keep.
+      value = jnp.where(total_weight > 0, value, jnp.zeros_like(value))
+    return value
+
+  return finish
+
+
+def _finish(
+  settings: _Settings, carry: Any, stacks: list, loss_shape: Any, grads_shape: Any, aux: _AuxLayout
+) -> Any:
+  """What the split function returns, from the scan's final carry and stacked aux."""
+  acc_loss, acc_grads, acc_aux, total_weight = carry
+  finish = _finisher(total_weight, weighted=settings.weight_fn is not None)
+  loss = finish(settings.reduction, acc_loss, loss_shape)
+  grads = jax.tree.map(lambda acc, g: finish(settings.reduction, acc, g), acc_grads, grads_shape)
+  if not settings.has_aux:
+    return loss, grads
+  leaves: list[Any] = [None] * len(aux.leaves)
+  for acc, i in zip(acc_aux, aux.summed):
+    leaves[i] = finish(aux.modes[i], acc, aux.leaves[i])
+  for stack, i in zip(stacks, aux.stacked):
+    leaves[i] = _combine_stacked(aux.modes[i], stack)
+  return (loss, aux.unflatten(leaves)), grads
+
+
+def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
+  """One call of the split function: slice, scan over the micro-batches, finish."""
+  call, keys = _microbatch_call(settings, args, kwargs)
+  first_key = None if keys is None else keys[0]
+  (loss_shape, aux_shape, grads_shape), weight_shape = jax.eval_shape(call, jnp.int32(0), first_key)
+  aux = _aux_layout(aux_shape, settings.aux_reduction)
+  carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)
+  body = _scan_body(settings.accumulator, call, aux)
+  xs = (jnp.arange(settings.num_microbatches, dtype=jnp.int32), keys)
+  carry, stacks = jax.lax.scan(body, carry, xs)
+  if settings.axis_name is not None:
+    # The one cross-replica reduction of the step.
+    carry = jax.lax.psum(carry, settings.axis_name)
+  return _finish(settings, carry, stacks, loss_shape, grads_shape, aux)
+
+
+# --- The public function ----------------------------------------------------------------
 
 
 def microbatch(
@@ -186,7 +492,7 @@ def microbatch(
   key_arg: int | str | None = None,
   reduction: str = "mean",
   weight_fn: Callable[..., Any] | None = None,
-  accumulator_dtype: Any = None,
+  accumulator: Any = None,
   aux_reduction: Any = "mean",
   axis_name: Hashable | None = None,
 ) -> Callable[..., Any]:
@@ -242,12 +548,14 @@ def microbatch(
     reduction: `"mean"` or `"sum"`, see above.
     weight_fn: called with each micro-batch's arguments exactly as `fn` is, it
       returns the micro-batch's scalar weight (e.g. its number of valid tokens).
-    accumulator_dtype: dtype in which loss, grads and mean/sum aux leaves are
+    accumulator: dtype in which loss, grads and mean/sum aux leaves are
       summed. None (default) widens each leaf's dtype to at least 32 bits
       (float32 for bfloat16, so bfloat16 gradients lose nothing across
       micro-batches; float64 and complex kept); a dtype sets the precision and
       each leaf keeps its kind (complex stays complex), as in
       `optaccum.accumulate`. Results come back in the dtypes `fn` returns.
+      `optaccum.stochastic_bfloat16(...)` is refused: a sum within one step
+      has no window over which its rounding would be unbiased.
     aux_reduction: how aux leaves are combined, see above.
     axis_name: for data-parallel training inside `jax.shard_map` (or
       `optaccum.data_parallel`): the mapped axis over which replicas hold
@@ -276,153 +584,22 @@ def microbatch(
     >>> bool(jnp.allclose(grads, grad_fn(w, x)[1]))
     True
   """
-  if not callable(fn):
-    raise TypeError(f"`{_WHERE}(fn=...)` must be callable, got fn={fn!r}.")
-  _validation.check_positive_int(_WHERE, "num_microbatches", num_microbatches)
-  num_microbatches = int(num_microbatches)
-  if not isinstance(has_aux, bool):
-    raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
-  if batch_argnums is not None:
-    batch_argnums = _validation.as_argnums(_WHERE, "batch_argnums", batch_argnums)
-  batch_argnames = _as_argnames(batch_argnames)
-  if key_arg is not None and (
-    isinstance(key_arg, bool) or not isinstance(key_arg, (int, str)) or key_arg in (0, "")
-  ):
-    raise TypeError(
-      f"`{_WHERE}(key_arg=...)` must be None, a positive int (a position) or a str (a "
-      f"keyword), got key_arg={key_arg!r}."
-    )
-  if key_arg is not None and (key_arg in (batch_argnums or ()) or key_arg in batch_argnames):
-    raise ValueError(
-      f"`{_WHERE}(key_arg=...)` names a batch argument; a key is split, not sliced, "
-      f"got key_arg={key_arg!r}."
-    )
-  _validation.check_choice(_WHERE, "reduction", reduction, _REDUCTIONS)
-  _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
-  accumulator_dtype = _validation.floating_dtype(
-    _WHERE, "accumulator_dtype", accumulator_dtype, allow_none=True
+  settings = _check_arguments(
+    fn,
+    num_microbatches,
+    has_aux=has_aux,
+    batch_argnums=batch_argnums,
+    batch_argnames=batch_argnames,
+    key_arg=key_arg,
+    reduction=reduction,
+    weight_fn=weight_fn,
+    accumulator=accumulator,
+    aux_reduction=aux_reduction,
+    axis_name=axis_name,
   )
-  _check_aux_reduction(aux_reduction)
-  if axis_name is not None and not isinstance(axis_name, Hashable):
-    raise TypeError(f"`{_WHERE}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
 
   @functools.wraps(fn)
   def split_fn(*args: Any, **kwargs: Any) -> Any:
-    plan = _plan(args, kwargs, batch_argnums, batch_argnames, key_arg)
-    kwargs = dict(kwargs)
-    batches: dict[int | str, Any] = {
-      n: _split(args[n], num_microbatches, f"argument {n}") for n in plan.batch_argnums
-    }
-    batches.update(
-      {n: _split(kwargs[n], num_microbatches, f"argument {n!r}") for n in plan.batch_argnames}
-    )
-    keys = None
-    if plan.key_arg is not None:
-      key = args[plan.key_arg] if isinstance(plan.key_arg, int) else kwargs[plan.key_arg]
-      _check_key(key, plan.key_arg)
-      if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-      keys = jax.random.split(key, num_microbatches)
-    if axis_name is not None:
-      # Under shard_map with check_vma, gradients with respect to a replicated
-      # argument come back summed across replicas: one all-reduce per
-      # micro-batch. Marked per replica, they stay local until the one psum.
-      def whole(name: int | str) -> bool:
-        return name not in batches and name != plan.key_arg
-
-      args = tuple(vary(a, axis_name) if whole(i) else a for i, a in enumerate(args))
-      kwargs = {n: vary(v, axis_name) if whole(n) else v for n, v in kwargs.items()}
-
-    def call(index: Any, key: Any) -> tuple[tuple[Any, Any, Any], Any]:
-      """Runs `fn` on micro-batch `index`; returns `(loss, aux, grads)` and its weight."""
-      micro_args, micro_kwargs = list(args), dict(kwargs)
-      for n, batch in batches.items():
-        part = jax.tree.map(
-          lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False), batch
-        )
-        if isinstance(n, int):
-          micro_args[n] = part
-        else:
-          micro_kwargs[n] = part
-      if key is not None:
-        if isinstance(plan.key_arg, int):
-          micro_args[plan.key_arg] = key
-        elif plan.key_arg is not None:
-          micro_kwargs[plan.key_arg] = key
-      loss, aux, grads = _unpack(fn(*micro_args, **micro_kwargs), has_aux)
-      weight = None
-      if weight_fn is not None:
-        weight = _validation.as_scalar(
-          _WHERE, "weight_fn", weight_fn(*micro_args, **micro_kwargs), jnp.float32
-        )
-      return (loss, aux, grads), weight
-
-    first_key = None if keys is None else keys[0]
-    (loss_shape, aux_shape, grads_shape), weight_shape = jax.eval_shape(
-      call, jnp.int32(0), first_key
-    )
-    aux_leaves, aux_tree = jax.tree.flatten(aux_shape)
-    modes = _aux_modes(aux_shape, aux_reduction)
-    for mode, leaf in zip(modes, aux_leaves):
-      if mode == "mean" and not jnp.issubdtype(leaf.dtype, jnp.inexact):
-        raise TypeError(
-          f"`{_WHERE}(aux_reduction=...)` is 'mean' for an aux leaf of dtype "
-          f"{leaf.dtype}; choose 'sum' (or 'stack') for it with a tree of choices."
-        )
-      if mode == "concat" and not leaf.shape:
-        raise ValueError(
-          f"`{_WHERE}(aux_reduction=...)` is 'concat' for a scalar aux leaf; 'concat' "
-          "joins per-example leaves, use 'stack' for scalars."
-        )
-    summed = [i for i, mode in enumerate(modes) if mode in ("mean", "sum")]
-    stacked = [i for i, mode in enumerate(modes) if mode not in ("mean", "sum")]
-
-    carry = (
-      _accumulator(loss_shape, accumulator_dtype),
-      jax.tree.map(lambda g: _accumulator(g, accumulator_dtype), grads_shape),
-      [_accumulator(aux_leaves[i], accumulator_dtype) for i in summed],
-      jnp.zeros((), jnp.float32) if weight_shape is None else _accumulator(weight_shape, None),
-    )
-
-    def body(carry: Any, xs: Any) -> tuple[Any, Any]:
-      acc_loss, acc_grads, acc_aux, acc_weight = carry
-      (loss, aux, grads), weight = call(*xs)
-      aux = aux_tree.flatten_up_to(aux)  # type: ignore[attr-defined]  # PyTreeDef: no stubs
-      acc_aux = [
-        _add(acc, aux[i], weight if modes[i] == "mean" else None) for acc, i in zip(acc_aux, summed)
-      ]
-      carry = (
-        _add(acc_loss, loss, weight),
-        jax.tree.map(lambda acc, g: _add(acc, g, weight), acc_grads, grads),
-        acc_aux,
-        acc_weight + (jnp.ones((), jnp.float32) if weight is None else weight),
-      )
-      return carry, [aux[i] for i in stacked]
-
-    xs = (jnp.arange(num_microbatches, dtype=jnp.int32), keys)
-    carry, aux_stacks = jax.lax.scan(body, carry, xs)
-    if axis_name is not None:
-      # The one cross-replica reduction of the step.
-      carry = jax.lax.psum(carry, axis_name)
-    acc_loss, acc_grads, acc_aux, total_weight = carry
-
-    def finish(acc: jax.Array, like: Any, mean: bool) -> jax.Array:
-      if mean:
-        # A batch of zero total weight gives zeros, not 0 / 0.
-        safe = jnp.where(total_weight > 0, total_weight, jnp.ones((), jnp.float32))
-        acc = jnp.where(total_weight > 0, acc / safe.astype(acc.dtype), jnp.zeros_like(acc))
-      return acc.astype(like.dtype)
-
-    is_mean = reduction == "mean"
-    loss = finish(acc_loss, loss_shape, is_mean)
-    grads = jax.tree.map(lambda a, g: finish(a, g, is_mean), acc_grads, grads_shape)
-    if not has_aux:
-      return loss, grads
-    aux: list[Any] = [None] * len(aux_leaves)
-    for acc, i in zip(acc_aux, summed):
-      aux[i] = finish(acc, aux_leaves[i], modes[i] == "mean")
-    for stack, i in zip(aux_stacks, stacked):
-      aux[i] = _combine_stacked(modes[i], stack)
-    return (loss, aux_tree.unflatten(aux)), grads  # type: ignore[attr-defined]  # PyTreeDef
+    return _split_call(settings, args, kwargs)
 
   return split_fn

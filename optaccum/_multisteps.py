@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum._accumulate import AccumulateState, make_core, transformation
+from optaccum._accumulate import build
 from optaccum._inspect import has_updated
 from optaccum._skip import SkipPolicy
+from optaccum._state import AccumulateState
 
 MultiStepsState = AccumulateState
 
@@ -44,8 +45,8 @@ class MultiSteps:
     every_k_schedule: a positive int, or a schedule `gradient_step -> k`.
     use_grad_mean: average the window's gradients (True) or sum them.
     should_skip_update_fn: a skip policy, see `optaccum.SkipPolicy`.
-    accumulator_dtype: the accumulator's dtype; None (default) widens each
-      parameter's dtype to at least 32 bits, as in `optaccum.accumulate`.
+    accumulator: what the window is summed into, as in `optaccum.accumulate`;
+      None (default) widens each parameter's dtype to at least 32 bits.
     window_guard: drop a window whose gradient is not finite (default True).
 
   Examples:
@@ -67,31 +68,28 @@ class MultiSteps:
     every_k_schedule: int | Callable[[jax.Array], Any],
     use_grad_mean: bool = True,
     should_skip_update_fn: SkipPolicy | None = None,
-    accumulator_dtype: Any = None,
     *,
+    accumulator: Any = None,
     window_guard: bool = True,
   ):
     if not isinstance(use_grad_mean, bool):
       raise TypeError(
         f"`MultiSteps(use_grad_mean=...)` must be a bool, got use_grad_mean={use_grad_mean!r}."
       )
-    core = make_core(
+    accumulation = build(
       "MultiSteps",
       opt,
       every_k_schedule,
-      inner_name="opt",
-      every_k_name="every_k_schedule",
-      skip_name="should_skip_update_fn",
+      names=("opt", "every_k_schedule", "should_skip_update_fn"),
       reduction="mean" if use_grad_mean else "sum",
-      accumulator_dtype=accumulator_dtype,
+      accumulator=accumulator,
       skip=should_skip_update_fn,
-      axis_name=None,
       window_guard=window_guard,
     )
     self._use_grad_mean = use_grad_mean
     self._has_skip = should_skip_update_fn is not None
-    self._opt = core.inner
-    self._tx = transformation(core)
+    self._opt = accumulation.inner
+    self._tx = accumulation.transformation()
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:

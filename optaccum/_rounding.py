@@ -19,17 +19,8 @@ docs/precision_and_statistics.md).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Hashable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from optaccum import _validation
-
-MODES = ("nearest", "stochastic")
 
 
 def _lowbias32(x: jax.Array) -> jax.Array:
@@ -95,97 +86,3 @@ def stochastic_round(x: jax.Array, seed: jax.Array) -> jax.Array:
   """
   counter = _element_index(x.shape) * (seed[0] | jnp.uint32(1)) + seed[1]
   return round_with_noise(x, _lowbias32(counter) & jnp.uint32(0xFFFF))
-
-
-def _key_from(where: str, value: Any) -> jax.Array:
-  """A single typed PRNG key from a typed key, a raw uint32[2] key or an int seed."""
-  if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-    return jax.random.key(int(value))
-  if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == ():
-    if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-      return jnp.asarray(value)
-  if isinstance(value, (jax.Array, np.ndarray)) and value.dtype == np.uint32:
-    if value.shape == (2,):  # a raw key from `jax.random.PRNGKey`
-      return jax.random.wrap_key_data(jnp.asarray(value))
-  raise TypeError(
-    f"`{where}(rounding_key=...)` must be a single jax.random.key or an int seed, "
-    f"got rounding_key={value!r}."
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class Rounding:
-  """How each micro-step's sum is rounded into the accumulator.
-
-  Attributes:
-    mode: `"nearest"` or `"stochastic"`.
-    key_data: with `"stochastic"`, the bits of the initial key (plain ints, so
-      that the core stays hashable).
-    key_impl: the name of that key's PRNG implementation.
-  """
-
-  mode: str = "nearest"
-  key_data: tuple[int, ...] = ()
-  key_impl: Any = None
-
-  def init_key(self) -> Any:
-    """The key kept in the state: its raw uint32 data, or () when nearest."""
-    if self.mode == "nearest":
-      return ()
-    return jnp.asarray(self.key_data, jnp.uint32)
-
-  def split_key(
-    self, key_data: Any, accumulator: Any, axis_name: Hashable | None
-  ) -> tuple[Any, Any]:
-    """The state's next key, and a seed (two uint32 words) per leaf of `accumulator`.
-
-    When rounding to nearest, the key stays () and every seed is None.
-    """
-    if self.mode == "nearest":
-      return key_data, jax.tree.map(lambda _: None, accumulator)
-    key, step_key = jax.random.split(jax.random.wrap_key_data(key_data, impl=self.key_impl))
-    if axis_name is not None:
-      # Replicas hold the same key; each must draw its own bits, or their
-      # rounding errors would add up instead of averaging out.
-      step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
-    leaves, treedef = jax.tree.flatten(accumulator)
-    seeds = jax.random.bits(step_key, (len(leaves), 2), jnp.uint32)
-    return jax.random.key_data(key), jax.tree.unflatten(treedef, list(seeds))
-
-  def add(self, accumulator: jax.Array, increment: jax.Array, seed: Any) -> jax.Array:
-    """`accumulator + increment`, rounded into the accumulator's dtype."""
-    if self.mode == "nearest":
-      return accumulator + increment.astype(accumulator.dtype)
-    # One rounding, of the sum formed exactly enough in float32.
-    total = accumulator.astype(jnp.float32) + increment.astype(jnp.float32)
-    return stochastic_round(total, seed)
-
-
-def make_rounding(where: str, mode: Any, key: Any, accumulator_dtype: Any) -> Rounding:
-  """Validates `accumulate`'s rounding arguments and builds the rounding."""
-  _validation.check_choice(where, "rounding", mode, MODES)
-  if mode == "nearest":
-    if key is not None:
-      raise ValueError(
-        f"`{where}(rounding_key=...)` is used only with rounding='stochastic', "
-        f"got rounding={mode!r} and a key."
-      )
-    return Rounding()
-  if accumulator_dtype is None or jnp.dtype(accumulator_dtype) != jnp.bfloat16:
-    name = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype).name
-    raise ValueError(
-      f"`{where}(rounding='stochastic')` rounds into bfloat16 only: pass "
-      f"accumulator_dtype=jnp.bfloat16, got accumulator_dtype={name}."
-    )
-  if key is None:
-    raise ValueError(
-      f"`{where}(rounding='stochastic')` needs `rounding_key=`: a jax.random.key or an "
-      "int seed, from which the rounding is reproducible."
-    )
-  key = _key_from(where, key)
-  data = np.asarray(jax.random.key_data(key), np.uint32)
-  return Rounding(
-    mode=mode,
-    key_data=tuple(int(word) for word in data.ravel()),
-    key_impl=jax.random.key_impl(key),
-  )

@@ -25,13 +25,13 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from optaccum import _validation
+from optaccum._state import locate_state
 
 
 class WindowStatistics(NamedTuple):
@@ -41,7 +41,7 @@ class WindowStatistics(NamedTuple):
   NaN and the counts zero. A window of a single micro-batch has no spread to
   measure: its `gradient_squared_norm`, `trace_covariance` and `noise_scale`
   are NaN. Units of "example" are those of `micro_batch_size` (see
-  `optaccum.accumulate`).
+  `optaccum.window_statistics`).
 
   Attributes:
     window_norm: global norm of the window's mean gradient |Gbar|, read from
@@ -93,103 +93,79 @@ def _squared_norm(tree: Any) -> jax.Array:
   return total
 
 
-@dataclasses.dataclass(frozen=True)
-class Statistics:
-  """The statistics an accumulation keeps: one scalar per micro-step, one formula per window.
-
-  Attributes:
-    micro_batch_size: examples per unit of weight; None counts one unit of
-      weight as one example.
-  """
-
-  micro_batch_size: int | None = None
-
-  def init(self) -> StatisticsState:
-    # A new array per field: one array in two fields could not be donated.
-    nan = lambda: jnp.full((), jnp.nan, jnp.float32)  # noqa: E731
-    return StatisticsState(
-      squared_norm_sum=jnp.zeros((), jnp.float32),
+def init() -> StatisticsState:
+  """The statistics before the first window: NaN, and zero counts."""
+  # A new array per field: one array in two fields could not be donated.
+  nan = lambda: jnp.full((), jnp.nan, jnp.float32)  # noqa: E731
+  return StatisticsState(
+    squared_norm_sum=jnp.zeros((), jnp.float32),
+    num_micro_batches=jnp.zeros((), jnp.int32),
+    last_window=WindowStatistics(
+      window_norm=nan(),
+      micro_batch_squared_norm=nan(),
+      gradient_squared_norm=nan(),
+      trace_covariance=nan(),
+      noise_scale=nan(),
+      batch_size=jnp.zeros((), jnp.float32),
       num_micro_batches=jnp.zeros((), jnp.int32),
-      last_window=WindowStatistics(
-        window_norm=nan(),
-        micro_batch_squared_norm=nan(),
-        gradient_squared_norm=nan(),
-        trace_covariance=nan(),
-        noise_scale=nan(),
-        batch_size=jnp.zeros((), jnp.float32),
-        num_micro_batches=jnp.zeros((), jnp.int32),
-      ),
-    )
-
-  def add(self, state: StatisticsState, updates: Any, weight: jax.Array) -> StatisticsState:
-    """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped)."""
-    counted = weight > 0
-    # A select, not a multiply: a skipped micro-batch's norm may be NaN.
-    squared_norm = jnp.where(counted, weight * _squared_norm(updates), jnp.float32(0))
-    return state._replace(
-      squared_norm_sum=state.squared_norm_sum + squared_norm,
-      num_micro_batches=state.num_micro_batches + counted.astype(jnp.int32),
-    )
-
-  def close(
-    self,
-    state: StatisticsState,
-    acc_grads: Any,
-    total_weight: jax.Array,
-    squared_norm_sum: jax.Array,
-    count: jax.Array,
-  ) -> StatisticsState:
-    """The window's statistics from its sums, reduced over all replicas if any.
-
-    `acc_grads`, `total_weight`, `squared_norm_sum` and `count` are the window's
-    sums (the accumulation reduces them across replicas in one all-reduce,
-    together with the gradients). A window of zero weight keeps the last
-    window's statistics.
-    """
-    k = count.astype(jnp.float32)
-    window_squared_norm = _squared_norm(acc_grads) / jnp.square(total_weight)
-    micro_batch_squared_norm = squared_norm_sum / total_weight
-    batch_size = total_weight * jnp.float32(self.micro_batch_size or 1)
-    # k = 1 divides by zero: NaN, as documented, whatever the rounding left.
-    spread = jnp.where(k > 1, k - 1, jnp.float32(jnp.nan))
-    gradient_squared_norm = (k * window_squared_norm - micro_batch_squared_norm) / spread
-    trace_covariance = batch_size * (micro_batch_squared_norm - window_squared_norm) / spread
-    window = WindowStatistics(
-      window_norm=jnp.sqrt(window_squared_norm),
-      micro_batch_squared_norm=micro_batch_squared_norm,
-      gradient_squared_norm=gradient_squared_norm,
-      trace_covariance=trace_covariance,
-      noise_scale=trace_covariance / gradient_squared_norm,
-      batch_size=batch_size,
-      num_micro_batches=count,
-    )
-    has_weight = total_weight > 0
-    # zeros_like: under `shard_map` the reset sums keep the per-replica type.
-    return StatisticsState(
-      squared_norm_sum=jnp.zeros_like(state.squared_norm_sum),
-      num_micro_batches=jnp.zeros_like(state.num_micro_batches),
-      last_window=jax.tree.map(
-        lambda new, old: jnp.where(has_weight, new, old), window, state.last_window
-      ),
-    )
+    ),
+  )
 
 
-def make_statistics(where: str, statistics: Any, micro_batch_size: Any) -> Statistics | None:
-  """Validates `accumulate`'s statistics arguments; None when statistics are off."""
-  if not isinstance(statistics, bool):
-    raise TypeError(f"`{where}(statistics=...)` must be a bool, got statistics={statistics!r}.")
-  if micro_batch_size is None:
-    return Statistics() if statistics else None
-  if not statistics:
-    raise ValueError(
-      f"`{where}(micro_batch_size=...)` is used only with statistics=True, "
-      f"got micro_batch_size={micro_batch_size!r} and statistics=False."
-    )
-  _validation.check_positive_int(where, "micro_batch_size", micro_batch_size)
-  return Statistics(micro_batch_size=int(micro_batch_size))
+def add(state: StatisticsState, updates: Any, weight: jax.Array) -> StatisticsState:
+  """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped)."""
+  counted = weight > 0
+  # A select, not a multiply: a skipped micro-batch's norm may be NaN.
+  squared_norm = jnp.where(counted, weight * _squared_norm(updates), jnp.float32(0))
+  return state._replace(
+    squared_norm_sum=state.squared_norm_sum + squared_norm,
+    num_micro_batches=state.num_micro_batches + counted.astype(jnp.int32),
+  )
 
 
-def window_statistics(opt_state: Any) -> WindowStatistics:
+def close(
+  state: StatisticsState,
+  acc_grads: Any,
+  total_weight: jax.Array,
+  squared_norm_sum: jax.Array,
+  count: jax.Array,
+) -> StatisticsState:
+  """The window's statistics from its sums, reduced over all replicas if any.
+
+  `acc_grads`, `total_weight`, `squared_norm_sum` and `count` are the window's
+  sums (the accumulation reduces them across replicas in one all-reduce,
+  together with the gradients). A window of zero weight keeps the last
+  window's statistics. Sizes are in units of weight; `window_statistics`
+  converts them to examples.
+  """
+  k = count.astype(jnp.float32)
+  window_squared_norm = _squared_norm(acc_grads) / jnp.square(total_weight)
+  micro_batch_squared_norm = squared_norm_sum / total_weight
+  # k = 1 divides by zero: NaN, as documented, whatever the rounding left.
+  spread = jnp.where(k > 1, k - 1, jnp.float32(jnp.nan))
+  gradient_squared_norm = (k * window_squared_norm - micro_batch_squared_norm) / spread
+  trace_covariance = total_weight * (micro_batch_squared_norm - window_squared_norm) / spread
+  window = WindowStatistics(
+    window_norm=jnp.sqrt(window_squared_norm),
+    micro_batch_squared_norm=micro_batch_squared_norm,
+    gradient_squared_norm=gradient_squared_norm,
+    trace_covariance=trace_covariance,
+    noise_scale=trace_covariance / gradient_squared_norm,
+    batch_size=total_weight,
+    num_micro_batches=count,
+  )
+  has_weight = total_weight > 0
+  # zeros_like: under `shard_map` the reset sums keep the per-replica type.
+  return StatisticsState(
+    squared_norm_sum=jnp.zeros_like(state.squared_norm_sum),
+    num_micro_batches=jnp.zeros_like(state.num_micro_batches),
+    last_window=jax.tree.map(
+      lambda new, old: jnp.where(has_weight, new, old), window, state.last_window
+    ),
+  )
+
+
+def window_statistics(opt_state: Any, *, micro_batch_size: int | None = None) -> WindowStatistics:
   """The gradient statistics of the last closed window.
 
   Readable after each step that closes a window (when `optaccum.has_updated`
@@ -202,15 +178,20 @@ def window_statistics(opt_state: Any) -> WindowStatistics:
   B_simple wastes steps on noise, much larger ones waste examples.
 
   With `weight=` passed to `update`, the estimators take the weights as the
-  micro-batches' sizes (e.g. token counts, which are then the examples); give
-  `micro_batch_size` to `accumulate` to count examples per unit of weight (the
-  micro-batch size when no weights are passed). Examples are assumed
+  micro-batches' sizes (e.g. token counts, which are then the examples); pass
+  `micro_batch_size` to count examples per unit of weight (the micro-batch
+  size when no weights are passed). Examples are assumed
   independent; tokens of one sequence are not, so token-weighted estimates
   measure noise per token as if they were.
 
   Args:
     opt_state: an optimizer state holding one `AccumulateState` built with
       `statistics=True`.
+    micro_batch_size: examples per unit of weight: the micro-batch size when
+      no weights are passed. It scales `batch_size`, `trace_covariance` and
+      `noise_scale` into examples. None (default) counts one unit of weight
+      as one example: a micro-batch, or a token when the weights are token
+      counts.
 
   Returns:
     A `WindowStatistics` of scalars.
@@ -238,13 +219,21 @@ def window_statistics(opt_state: Any) -> WindowStatistics:
   References:
     McCandlish et al., 2018, "An Empirical Model of Large-Batch Training".
   """
-  # _inspect imports _accumulate, which imports this module: import on use.
-  from optaccum._inspect import accumulation_state
-
-  statistics = accumulation_state(opt_state).statistics
+  if micro_batch_size is not None:
+    _validation.check_positive_int("window_statistics", "micro_batch_size", micro_batch_size)
+  leaves, _, position = locate_state("window_statistics(opt_state)", opt_state)
+  statistics = leaves[position].statistics
   if not isinstance(statistics, StatisticsState):
     raise ValueError(
       "`window_statistics(opt_state)` needs an accumulation that keeps statistics: "
       "build it with `optaccum.accumulate(..., statistics=True)`."
     )
-  return statistics.last_window
+  window = statistics.last_window
+  if micro_batch_size is None:
+    return window
+  examples = jnp.float32(micro_batch_size)
+  return window._replace(
+    trace_covariance=window.trace_covariance * examples,
+    noise_scale=window.noise_scale * examples,
+    batch_size=window.batch_size * examples,
+  )

@@ -66,22 +66,6 @@ def check_callable_or_none(where: str, name: str, value: Any) -> None:
     raise TypeError(f"`{where}({name}=...)` must be None or a callable, got {name}={value!r}.")
 
 
-def floating_dtype(where: str, name: str, value: Any, *, allow_none: bool) -> Any:
-  """Returns `value` as a floating numpy dtype, or None where allowed."""
-  if value is None and allow_none:
-    return None
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-    allowed = "a floating or complex dtype or None" if allow_none else "a floating dtype"
-    raise TypeError(
-      f"`{where}({name}=...)` must be {allowed} such as jnp.float32, got {name}={value!r}."
-    )
-  return dtype
-
-
 def check_positive_int(where: str, name: str, value: Any) -> None:
   """Checks that `value` is an int >= 1 (bools rejected)."""
   is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -213,35 +197,3 @@ def as_schedule(every_k: Any) -> Callable[[jax.Array], jax.Array]:
     return jnp.maximum(k.astype(jnp.int32), jnp.int32(1))
 
   return clamped
-
-
-def at_least_float32(dtype: Any) -> Any:
-  """`dtype`, widened to float32 if narrower (without promotion, which strict mode forbids).
-
-  Complex dtypes count by their parts: complex64 is kept.
-  """
-  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
-def accumulator_dtype_for(leaf_dtype: Any, requested: Any) -> Any:
-  """The accumulator dtype of a leaf of `leaf_dtype` for `accumulator_dtype=requested`.
-
-  `requested` sets the precision and the leaf sets the kind, so a complex leaf
-  is never summed in a real dtype (which would drop its imaginary part) and a
-  real leaf never in a complex one. None (the default) widens the leaf's own
-  dtype to at least 32 bits: bfloat16 and float16 to float32, float64 and
-  complex dtypes kept as they are.
-  """
-  leaf_dtype = jnp.dtype(leaf_dtype)
-  if not jnp.issubdtype(leaf_dtype, jnp.inexact):
-    return jnp.dtype(requested or jnp.float32)
-  is_complex = jnp.issubdtype(leaf_dtype, jnp.complexfloating)
-  if requested is None:
-    return at_least_float32(leaf_dtype)
-  requested = jnp.dtype(requested)
-  if jnp.issubdtype(requested, jnp.complexfloating):
-    return requested if is_complex else jnp.dtype(jnp.finfo(requested).dtype)
-  if not is_complex:
-    return requested
-  # No complex dtype narrower than complex64: bfloat16 and float16 widen to it.
-  return jnp.dtype(jnp.complex128 if requested.itemsize == 8 else jnp.complex64)

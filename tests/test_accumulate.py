@@ -239,18 +239,18 @@ def test_counters_saturate_instead_of_overflowing():
 # --- Dtypes, jit, scan --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("accumulator_dtype", [jnp.float32, None])
+@pytest.mark.parametrize("accumulator", [jnp.float32, None])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
   "make_inner", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.lion(0.01)]
 )
-def test_low_precision_grads_under_strict_promotion(dtype, accumulator_dtype, make_inner):
+def test_low_precision_grads_under_strict_promotion(dtype, accumulator, make_inner):
   params = helpers.init_params(dtype=dtype)
   inner = make_inner()
-  tx = optaccum.accumulate(inner, every_k=2, accumulator_dtype=accumulator_dtype)
+  tx = optaccum.accumulate(inner, every_k=2, accumulator=accumulator)
   state = tx.init(params)
   for leaf in jax.tree.leaves(state.acc_grads):
-    assert leaf.dtype == (accumulator_dtype or jnp.float32)  # None widens to 32 bits
+    assert leaf.dtype == (accumulator or jnp.float32)  # None widens to 32 bits
   x, y = helpers.make_data(4)
   step = jax.jit(lambda p, s: tx.update(helpers.grad(p, x, y), s, p))
   expected_dtypes = jax.tree.map(
@@ -266,7 +266,7 @@ def test_low_precision_grads_under_strict_promotion(dtype, accumulator_dtype, ma
 
 
 def test_weighted_bfloat16_accumulator_passes_strict_promotion():
-  tx = optaccum.accumulate(optax.identity(), every_k=2, accumulator_dtype=jnp.bfloat16)
+  tx = optaccum.accumulate(optax.identity(), every_k=2, accumulator=jnp.bfloat16)
   params = {"w": jnp.zeros(2)}
   grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([4.0, 8.0])}]
   outputs, _ = _run(tx, grads, params, weight=[jnp.float32(3), jnp.float32(1)])
@@ -331,9 +331,9 @@ def test_bad_reduction_fails_at_construction():
     optaccum.accumulate(optax.sgd(0.1), 2, reduction="max")
 
 
-def test_bad_accumulator_dtype_fails_at_construction():
-  with pytest.raises(TypeError, match=r"accumulator_dtype=<class 'jax.numpy.int32'>"):
-    optaccum.accumulate(optax.sgd(0.1), 2, accumulator_dtype=jnp.int32)
+def test_bad_accumulator_fails_at_construction():
+  with pytest.raises(TypeError, match=r"accumulator=<class 'jax.numpy.int32'>"):
+    optaccum.accumulate(optax.sgd(0.1), 2, accumulator=jnp.int32)
 
 
 def test_bad_skip_fails_at_construction():
@@ -513,3 +513,46 @@ def test_weighted_product_and_mean_are_formed_in_float32_for_bfloat16_gradients(
       {"w": jnp.full(1, 3.0, jnp.bfloat16)}, state, params, weight=jnp.float32(w)
     )
   assert float(state.acc_grads["w"][0]) == 9.0 and float(updates["w"][0]) == 3.0
+
+
+def _counting(inner):
+  """`inner`, and a list whose length is how often its `update` was traced."""
+  calls = []
+
+  def update(updates, state, params=None):
+    calls.append(None)
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(inner.init, update), calls
+
+
+@pytest.mark.parametrize("form", ["transformation", "apply_gradients"])
+@pytest.mark.parametrize("strategy", ["loop", "cond", "select"])
+def test_inner_optimizer_is_traced_once_per_step(strategy, form):
+  # Tracing an optimizer over a large model takes seconds: one trace per step,
+  # not one per conditional (the first version traced it five times).
+  inner, calls = _counting(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, 0.9)))
+  tx = optaccum.accumulate(inner, every_k=4, strategy=strategy)
+  params = helpers.init_params()
+
+  def step(params, state, grads):
+    if form == "apply_gradients":
+      return optaccum.apply_gradients(tx, grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  jax.jit(step).lower(params, tx.init(params), params)
+  assert len(calls) == 1
+
+
+def test_updates_of_other_dtypes_than_the_gradients_cost_one_more_trace():
+  # bfloat16 gradients of float32 parameters: sgd's momentum makes float32
+  # updates, which the gradients' buffers cannot hold.
+  inner, calls = _counting(optax.sgd(0.1, momentum=0.9))
+  tx = optaccum.accumulate(inner, every_k=2)
+  params = helpers.init_params()
+  grads = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  with jax.numpy_dtype_promotion("standard"):
+    shapes, _ = jax.eval_shape(tx.update, grads, tx.init(params), params)
+  assert len(calls) == 2
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))

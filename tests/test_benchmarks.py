@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,8 @@ def test_quick_run_of_the_model_writes_targets_and_chart_and_keeps_notes(tmp_pat
   assert "## (b2) Transformer LM, parameter-heavy" in text
   for method in (
     "| plain: optimizer every micro-step |",
-    '| optaccum.apply_gradients (auto: "loop") |',
-    '| optaccum.accumulate (auto: "loop") |',
+    '| optaccum.apply_gradients (default: "loop") |',
+    '| optaccum.accumulate (default: "loop") |',
     "| optax.MultiSteps |",
   ):
     assert method in text
@@ -58,8 +59,8 @@ def test_quick_run_of_the_micro_step_measures_every_method(tmp_path):
   for method in (
     "| plain: optimizer every micro-step |",
     "| floor: acc + g, no optimizer |",
-    '| optaccum.apply_gradients (auto: "loop") |',
-    '| optaccum.accumulate (auto: "loop") |',
+    '| optaccum.apply_gradients (default: "loop") |',
+    '| optaccum.accumulate (default: "loop") |',
     "| optaccum.accumulate(window_guard=False) |",
     "| optaccum.apply_gradients(skip=skip_not_finite) |",
     "| optax.MultiSteps |",
@@ -91,8 +92,8 @@ def test_unknown_workload_is_rejected_naming_the_choices():
 def test_targets_table_says_whether_each_target_is_met(fast_seconds, fast_temp, met):
   results = [
     _result("plain: optimizer every micro-step", "reference", 1.0, 40.0),
-    _result('optaccum.apply_gradients (auto: "loop")', "optaccum", fast_seconds, fast_temp),
-    _result('optaccum.accumulate (auto: "loop")', "optaccum", 1.05, 60.0),
+    _result('optaccum.apply_gradients (default: "loop")', "optaccum", fast_seconds, fast_temp),
+    _result('optaccum.accumulate (default: "loop")', "optaccum", 1.05, 60.0),
     _result("optax.MultiSteps", "alternative", 1.25, 70.0),
   ]
   table = _report.targets_table(_report.Section("lm-params", "LM", "", results))
@@ -101,3 +102,24 @@ def test_targets_table_says_whether_each_target_is_met(fast_seconds, fast_temp, 
   # 1 / 1.05 = 0.952x plain >= 0.93x, and 60 MiB <= 70 MiB.
   assert "0.952x (optax.MultiSteps: 0.800x)" in rows[2] and rows[2].endswith("| yes |")
   assert rows[3].endswith("| yes |")
+
+
+def test_limit_is_the_floor_plus_the_optimizer_amortized_over_the_window():
+  fast = _result('optaccum.apply_gradients (default: "loop")', "optaccum", 1.5, 1.0)
+  transform = _result('optaccum.accumulate (default: "loop")', "optaccum", 2.5, 1.0)
+  results = [
+    _result("plain: optimizer every micro-step", "reference", 9.0, 1.0),
+    _result("floor: acc + g, no optimizer", "reference", 1.0, 1.0),
+    _result("floor + parameter write", "reference", 2.0, 1.0),
+    dataclasses.replace(fast, form="fast"),
+    dataclasses.replace(transform, form="transformation"),
+    _result("optax.MultiSteps", "alternative", 5.0, 2.0),
+  ]
+  section = _report.Section("lm-params", "LM", "", results, every_k=8)
+  # Limits: 1 + (9 - 1) / 8 = 2 for the fast path, 2 + 1 = 3 for the transformation.
+  assert _report.vs_limit(results[3], section) == pytest.approx(2.0 / 1.5)
+  assert _report.vs_limit(results[4], section) == pytest.approx(3.0 / 2.5)
+  assert _report.vs_limit(results[0], section) is None
+  rows = _report.targets_table(section).splitlines()[2:4]
+  assert rows[0].startswith("| apply_gradients >= 0.85x of its limit | 1.333x | yes")
+  assert rows[1].startswith("| accumulate >= 0.85x of its limit | 1.200x | yes")

@@ -67,5 +67,9 @@ def test_cond_strategy_is_reverse_differentiable():
 
 
 def test_bad_strategy_is_rejected():
-  with pytest.raises(ValueError, match=r"`accumulate\(strategy=...\)` must be one of 'auto'"):
-    optaccum.accumulate(optax.sgd(0.1), 2, strategy="fast")
+  with pytest.raises(
+    ValueError,
+    match=r"`accumulate\(strategy=...\)` must be one of 'loop', 'cond', 'select', "
+    r"got strategy='auto'",
+  ):
+    optaccum.accumulate(optax.sgd(0.1), 2, strategy="auto")

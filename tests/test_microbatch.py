@@ -125,6 +125,7 @@ def test_weighted_sum_reduction_sums_weighted_microbatches(params):
 def test_zero_total_weight_gives_zeros(params):
   batch = token_batch(jax.random.key(2))
   batch["mask"] = jnp.zeros_like(batch["mask"])
+  # token_loss is then 0 / 0 = NaN on every micro-batch: zeros must come back anyway.
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: token_loss(p, b)[0]))
   value, grads = jax.jit(optaccum.microbatch(grad_fn, 4, weight_fn=num_tokens))(params, batch)
   assert float(value) == 0.0
@@ -143,7 +144,7 @@ def test_bfloat16_gradients_accumulate_in_float32():
   assert grads.dtype == jnp.bfloat16 and value.dtype == jnp.bfloat16
   assert float(grads) == float(jnp.asarray(expected, jnp.bfloat16))  # 0.126953125
   # The same sum in bfloat16 drops the small terms: what float32 buys.
-  _, low = jax.jit(optaccum.microbatch(grad_fn, 8, accumulator_dtype=jnp.bfloat16))(weight, x)
+  _, low = jax.jit(optaccum.microbatch(grad_fn, 8, accumulator=jnp.bfloat16))(weight, x)
   assert float(low) == 0.125
 
 
@@ -344,10 +345,30 @@ def _loss_with_int_aux(params, batch):
       r"got batch_argnames=3\.",
     ),
     (
-      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, accumulator_dtype=jnp.int32),
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, accumulator=jnp.int32),
       None,
       TypeError,
-      r"`microbatch\(accumulator_dtype=...\)` must be a floating or complex dtype or None",
+      r"`microbatch\(accumulator=...\)` must be None, a floating or complex dtype",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, accumulator="int32"),
+      None,
+      TypeError,
+      r"`microbatch\(accumulator=...\)` must be None, .* got accumulator='int32'\.",
+    ),
+    (
+      lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, accumulator=3),
+      None,
+      TypeError,
+      r"`microbatch\(accumulator=...\)` must be None, .* got accumulator=3\.",
+    ),
+    (
+      lambda: optaccum.microbatch(
+        jax.value_and_grad(mse), 2, accumulator=optaccum.stochastic_bfloat16(0)
+      ),
+      None,
+      ValueError,
+      r"`microbatch\(accumulator=...\)` sums within one step, where stochastic rounding",
     ),
     (
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, axis_name=["data"]),

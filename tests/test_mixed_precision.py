@@ -90,7 +90,7 @@ def _check_forms(make, param_dtype, grad_dtype, forms):
       if form == "multisteps":
         tx = optaccum.MultiSteps(make(), every_k_schedule=2).gradient_transformation()
       else:
-        strategy = "auto" if form == "apply_gradients" else form
+        strategy = "loop" if form == "apply_gradients" else form
         tx = optaccum.accumulate(make(), every_k=2, strategy=strategy)
       updates, state, new_params = _run_form(tx, form, params, grad_dtype, 2)
       if updates is not None:
@@ -110,7 +110,7 @@ PAIRS = [
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_mixed_precision_grid_keeps_the_inner_optimizers_dtypes(name, param_dtype, grad_dtype):
   _check_forms(
-    OPTIMIZERS[name], DTYPES[param_dtype], DTYPES[grad_dtype], ("auto", "apply_gradients")
+    OPTIMIZERS[name], DTYPES[param_dtype], DTYPES[grad_dtype], ("loop", "apply_gradients")
   )
 
 
@@ -171,19 +171,19 @@ def test_lbfgs_with_bfloat16_gradients_of_float32_parameters():
 # --- Complex ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("accumulator_dtype", [None, jnp.float32, jnp.complex64, jnp.bfloat16])
-def test_complex_gradients_keep_their_imaginary_part(accumulator_dtype):
+@pytest.mark.parametrize("accumulator", [None, jnp.float32, jnp.complex64, jnp.bfloat16])
+def test_complex_gradients_keep_their_imaginary_part(accumulator):
   rng = np.random.default_rng(0)
   shape = (300, 400)
   grads = [
     (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64) for _ in range(3)
   ]
   params = {"z": jnp.zeros(shape, jnp.complex64), "r": jnp.zeros(5, jnp.float32)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, accumulator_dtype=accumulator_dtype)
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, accumulator=accumulator)
   state = tx.init(params)
   assert state.acc_grads["z"].dtype == jnp.complex64
   assert state.acc_grads["r"].dtype == (
-    jnp.bfloat16 if accumulator_dtype == jnp.bfloat16 else jnp.float32
+    jnp.bfloat16 if accumulator == jnp.bfloat16 else jnp.float32
   )
   for g in grads:
     updates, state = tx.update({"z": jnp.asarray(g), "r": jnp.ones(5, jnp.float32)}, state, params)

@@ -207,9 +207,7 @@ def test_skipped_micro_batch_draws_no_rounding_bits():
     tx = optaccum.accumulate(
       optax.sgd(1.0),
       every_k=4,
-      accumulator_dtype=jnp.bfloat16,
-      rounding="stochastic",
-      rounding_key=3,
+      accumulator=optaccum.stochastic_bfloat16(3),
       skip=optaccum.skip_not_finite,
     )
     params = {"w": jnp.zeros(100_000, jnp.float32)}

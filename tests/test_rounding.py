@@ -18,9 +18,7 @@ def _stochastic(every_k, key=0, **kwargs):
   return optaccum.accumulate(
     optax.identity(),
     every_k,
-    accumulator_dtype=jnp.bfloat16,
-    rounding="stochastic",
-    rounding_key=key,
+    accumulator=optaccum.stochastic_bfloat16(key),
     **kwargs,
   )
 
@@ -84,7 +82,7 @@ def test_stochastic_window_mean_is_unbiased_where_nearest_loses_small_gradients(
 
   stochastic_bias = mean_error(_stochastic(every_k))
   nearest_bias = mean_error(
-    optaccum.accumulate(optax.identity(), every_k, accumulator_dtype=jnp.bfloat16)
+    optaccum.accumulate(optax.identity(), every_k, accumulator=jnp.bfloat16)
   )
   # The sum stays below 2 + 7 * 3e-3 < 4, where the bfloat16 gap u is at most
   # 2^-6. Each of the k roundings of a window errs by a zero-mean amount of
@@ -171,43 +169,25 @@ def test_bfloat16_stochastic_state_is_half_of_float32():
 # --- Bad input --------------------------------------------------------------------------
 
 
-def test_unknown_rounding_is_rejected():
+def test_stochastic_rounding_refuses_complex_leaves():
+  # There is no complex bfloat16: a complex leaf would need a complex64 sum.
   with pytest.raises(
     ValueError,
-    match=r"`accumulate\(rounding=...\)` must be one of 'nearest', 'stochastic', got rounding='up'",
+    match=r"`accumulate\(accumulator=optaccum.stochastic_bfloat16\(...\)\)` rounds into "
+    r"bfloat16 only, but a leaf of dtype complex64 needs a complex64 accumulator",
   ):
-    optaccum.accumulate(optax.sgd(0.1), 2, rounding="up")
+    _stochastic(2).init({"w": jnp.zeros(3, jnp.complex64)})
 
 
-@pytest.mark.parametrize(("dtype", "name"), [(jnp.float32, "float32"), (None, "None")])
-def test_stochastic_rounding_needs_a_bfloat16_accumulator(dtype, name):
-  with pytest.raises(
-    ValueError,
-    match=rf"`accumulate\(rounding='stochastic'\)` rounds into bfloat16 only: .*"
-    rf"got accumulator_dtype={name}\.",
-  ):
-    optaccum.accumulate(
-      optax.sgd(0.1), 2, accumulator_dtype=dtype, rounding="stochastic", rounding_key=0
-    )
-
-
-def test_stochastic_rounding_needs_a_key():
-  with pytest.raises(
-    ValueError, match=r"`accumulate\(rounding='stochastic'\)` needs `rounding_key=`"
-  ):
-    optaccum.accumulate(optax.sgd(0.1), 2, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
-
-
-def test_key_without_stochastic_rounding_is_rejected():
-  with pytest.raises(
-    ValueError, match=r"`accumulate\(rounding_key=...\)` is used only with rounding='stochastic'"
-  ):
-    optaccum.accumulate(optax.sgd(0.1), 2, accumulator_dtype=jnp.bfloat16, rounding_key=0)
+@pytest.mark.parametrize("value", ["int32", 3, jnp.int32, "nearest"])
+def test_bad_accumulator_is_rejected(value):
+  with pytest.raises(TypeError, match=r"`accumulate\(accumulator=...\)` must be None, a floating"):
+    optaccum.accumulate(optax.sgd(0.1), 2, accumulator=value)
 
 
 @pytest.mark.parametrize("key", ["0", 1.5, True, jax.random.split(jax.random.key(0), 2)])
 def test_bad_rounding_key_is_rejected(key):
   with pytest.raises(
-    TypeError, match=r"`accumulate\(rounding_key=...\)` must be a single jax.random.key or an int"
+    TypeError, match=r"`stochastic_bfloat16\(key=...\)` must be a single jax.random.key or an int"
   ):
     _stochastic(2, key=key)

@@ -59,13 +59,12 @@ GRADS = np.array(
 
 @pytest.mark.parametrize("strategy", ["loop", "cond", "select"])
 def test_statistics_match_float64_definitions(strategy):
-  tx = optaccum.accumulate(
-    optax.sgd(0.1), every_k=3, statistics=True, micro_batch_size=16, strategy=strategy
-  )
+  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True, strategy=strategy)
   state = tx.init(PARAMS)
   for g in GRADS:
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
-  _assert_statistics(optaccum.window_statistics(state), _reference(GRADS, [1, 1, 1], 16.0))
+  statistics = optaccum.window_statistics(state, micro_batch_size=16)
+  _assert_statistics(statistics, _reference(GRADS, [1, 1, 1], 16.0))
 
 
 def test_weighted_statistics_take_weights_as_micro_batch_sizes():
@@ -156,14 +155,15 @@ def _gaussian_problem(dimension=6, seed=0):
   return rng, mean, factor @ factor.T  # per-example gradient: N(mean, covariance)
 
 
-def _per_window_statistics(tx, grads, weights):
+def _per_window_statistics(tx, grads, weights, micro_batch_size=None):
   """The statistics of every window of a scan over micro-steps, as float64 arrays."""
   params = jnp.zeros(grads.shape[1], jnp.float32)
 
   def body(state, step):
     g, w = step
     _, state = tx.update(g, state, params, weight=w)
-    return state, (optaccum.window_statistics(state), optaccum.has_updated(state))
+    statistics = optaccum.window_statistics(state, micro_batch_size=micro_batch_size)
+    return state, (statistics, optaccum.has_updated(state))
 
   run = jax.jit(lambda xs: jax.lax.scan(body, tx.init(params), xs)[1])
   windows, emitted = run((jnp.asarray(grads, jnp.float32), jnp.asarray(weights, jnp.float32)))
@@ -176,10 +176,8 @@ def test_estimators_are_unbiased_for_gaussian_micro_batch_gradients():
   steps = every_k * num_windows
   # A micro-batch gradient averages `micro_batch_size` examples: N(mean, covariance / B).
   noise = rng.multivariate_normal(np.zeros_like(mean), covariance / micro_batch_size, size=steps)
-  tx = optaccum.accumulate(
-    optax.sgd(0.1), every_k, statistics=True, micro_batch_size=micro_batch_size
-  )
-  windows = _per_window_statistics(tx, mean + noise, np.ones(steps))
+  tx = optaccum.accumulate(optax.sgd(0.1), every_k, statistics=True)
+  windows = _per_window_statistics(tx, mean + noise, np.ones(steps), micro_batch_size)
   assert len(windows.trace_covariance) == num_windows
   # For Gaussian g_i with covariance C = Sigma / B, the unbiased sample variance
   # trace is a sum of eigenvalue-weighted chi^2_{k-1} / (k - 1): variance
@@ -227,19 +225,26 @@ def test_non_bool_statistics_is_rejected():
     optaccum.accumulate(optax.sgd(0.1), 2, statistics=1)
 
 
-def test_micro_batch_size_without_statistics_is_rejected():
-  with pytest.raises(
-    ValueError, match=r"`accumulate\(micro_batch_size=...\)` is used only with statistics=True"
-  ):
-    optaccum.accumulate(optax.sgd(0.1), 2, micro_batch_size=8)
+def test_micro_batch_size_scales_sizes_into_examples():
+  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True)
+  state = tx.init(PARAMS)
+  for g in GRADS:
+    _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
+  per_unit = optaccum.window_statistics(state)
+  examples = optaccum.window_statistics(state, micro_batch_size=16)
+  for field in ("batch_size", "trace_covariance", "noise_scale"):
+    np.testing.assert_allclose(getattr(examples, field), 16 * getattr(per_unit, field), rtol=1e-6)
+  for field in ("window_norm", "micro_batch_squared_norm", "gradient_squared_norm"):
+    assert getattr(examples, field) == getattr(per_unit, field)
 
 
 @pytest.mark.parametrize("size", [0, 2.5, True])
 def test_bad_micro_batch_size_is_rejected(size):
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, statistics=True)
   with pytest.raises(
-    ValueError, match=r"`accumulate\(micro_batch_size=...\)` must be a positive int"
+    ValueError, match=r"`window_statistics\(micro_batch_size=...\)` must be a positive int"
   ):
-    optaccum.accumulate(optax.sgd(0.1), 2, statistics=True, micro_batch_size=size)
+    optaccum.window_statistics(tx.init(PARAMS), micro_batch_size=size)
 
 
 def test_window_statistics_without_statistics_is_rejected():

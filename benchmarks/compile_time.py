@@ -1,0 +1,144 @@
+"""Trace and compile time of one jitted micro-step on a many-leaf model.
+
+`python -m benchmarks.compile_time [--layers N] [--rounds R]`. The model is N
+layers of a 16x16 matrix and a bias (2N leaves), the optimizer
+`clip_by_global_norm` + `adamw`, k = 4; the step takes the gradients as an
+argument, so the time is the optimizer's and the accumulation's alone. Each
+method's step is traced (`jax.jit(...).lower`) and compiled afresh in every
+round, in rotating order; the table gives medians and the ratio to plain
+training. A wrapper counts how many times the inner optimizer's `update` is
+traced per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optaccum
+
+EVERY_K = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One method's medians: seconds to trace and to compile, and inner traces per step."""
+
+  name: str
+  trace_s: float
+  compile_s: float
+  traces: int
+
+
+def model(layers: int) -> dict[str, Any]:
+  """`layers` dense layers of 16x16 and a bias: 2 * layers leaves."""
+  return {f"layer{i}": {"w": jnp.zeros((16, 16)), "b": jnp.zeros(16)} for i in range(layers)}
+
+
+class _Counted:
+  """An optimizer whose `update` counts how often it is traced."""
+
+  def __init__(self) -> None:
+    self.traces = 0
+    self.inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+
+  def transformation(self) -> optax.GradientTransformation:
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+      self.traces += 1
+      return self.inner.update(updates, state, params)
+
+    return optax.GradientTransformation(self.inner.init, update)
+
+
+def _with_updates(tx: optax.GradientTransformation) -> Callable[..., Any]:
+  def step(params: Any, state: Any, grads: Any) -> Any:
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def _methods(counter: _Counted) -> dict[str, tuple[Any, Callable[..., Any]]]:
+  """Name -> (transformation, step), each around the counted optimizer."""
+  inner = counter.transformation()
+  accumulate = optaccum.accumulate(inner, EVERY_K)
+  multisteps = optax.MultiSteps(inner, EVERY_K).gradient_transformation()
+
+  def fast(params: Any, state: Any, grads: Any) -> Any:
+    return optaccum.apply_gradients(accumulate, grads, state, params)
+
+  return {
+    "plain: optimizer every micro-step": (inner, _with_updates(inner)),
+    "optax.MultiSteps": (multisteps, _with_updates(multisteps)),
+    "optaccum.accumulate": (accumulate, _with_updates(accumulate)),
+    "optaccum.apply_gradients": (accumulate, fast),
+  }
+
+
+def _compile_once(name: str, params: Any, options: dict | None) -> tuple[float, float, int]:
+  counter = _Counted()
+  tx, step = _methods(counter)[name]
+  state = tx.init(params)
+  start = time.perf_counter()
+  # optax's adamw and MultiSteps fail strict promotion; the suite's setting.
+  with jax.numpy_dtype_promotion("standard"):
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+  traced = time.perf_counter()
+  lowered.compile(options) if options else lowered.compile()
+  return traced - start, time.perf_counter() - traced, counter.traces
+
+
+def measure(layers: int, rounds: int, options: dict | None = None) -> list[Row]:
+  """Medians over `rounds` interleaved rounds of every method's trace and compile."""
+  params = model(layers)
+  names = list(_methods(_Counted()))
+  samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in names}
+  for round_index in range(rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      samples[name].append(_compile_once(name, params, options))
+  return [
+    Row(
+      name,
+      statistics.median(s[0] for s in samples[name]),
+      statistics.median(s[1] for s in samples[name]),
+      samples[name][0][2],
+    )
+    for name in names
+  ]
+
+
+def table(rows: list[Row]) -> str:
+  """Markdown: seconds, the ratio of trace + compile to plain's, inner traces per step."""
+  plain = rows[0].trace_s + rows[0].compile_s
+  lines = [
+    "| method | trace (s) | compile (s) | trace + compile (s) | vs plain | inner traces |",
+    "|---|---|---|---|---|---|",
+  ]
+  for row in rows:
+    total = row.trace_s + row.compile_s
+    lines.append(
+      f"| {row.name} | {row.trace_s:.2f} | {row.compile_s:.2f} | {total:.2f} | "
+      f"{total / plain:.2f}x | {row.traces} |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time")
+  parser.add_argument("--layers", type=int, default=300, help="dense layers (2 leaves each)")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+  args = parser.parse_args(argv)
+  print(table(measure(args.layers, args.rounds)))
+
+
+if __name__ == "__main__":
+  main()
