@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     sections.append(section)
 
   # Compile time: a many-leaf model (quick: a small one at XLA's lowest level).
-  layers = 10 if args.quick else 300
+  layers = 4 if args.quick else 300
   compile_rows = compile_time.measure(
     layers,
     1 if args.quick else 3,

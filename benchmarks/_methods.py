@@ -117,22 +117,27 @@ def floor(grad_fn: GradFn, every_k: int) -> Method:
   )
 
 
-def floor_with_write(grad_fn: GradFn, every_k: int) -> Method:
-  """The floor plus the parameter write of a transformation: `p + where(emitted, u, 0)`."""
+def parameter_write(every_k: int) -> Method:
+  """What a functional transformation's caller adds to every micro-step: `p + where(emitted, u, 0)`.
+
+  Alone, on updates kept in the state: the floor's gradient and add are timed
+  by `floor`, and the limit of the transformation form is the two together.
+  """
 
   def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
-    acc, emitted = state
-    _, grads = grad_fn(params, batch)
-    acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
-    updates = jax.tree.map(lambda g: jnp.where(emitted, g, jnp.zeros((), g.dtype)), grads)
-    return optax.apply_updates(params, updates), (acc, emitted)
+    updates, emitted = state
+    masked = jax.tree.map(lambda u: jnp.where(emitted, u, jnp.zeros((), u.dtype)), updates)
+    return optax.apply_updates(params, masked), state
 
   def init(params: Any) -> Any:
-    acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    return acc, jnp.zeros((), jnp.bool_)
+    return jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.bool_)
 
   return Method(
-    "floor + parameter write", "reference", init, {"step": step}, _every_micro_step(every_k)
+    "parameter write: p + where(emitted, u, 0)",
+    "reference",
+    init,
+    {"step": step},
+    _every_micro_step(every_k),
   )
 
 
@@ -234,7 +239,7 @@ def all_methods(
   inner = make_inner()
   default = DEFAULT_STRATEGY
   methods = [plain(inner, grad_fn, every_k), floor(grad_fn, every_k)]
-  methods.append(floor_with_write(grad_fn, every_k))
+  methods.append(parameter_write(every_k))
   methods += [
     fast_path(
       f'optaccum.apply_gradients (default: "{default}")',

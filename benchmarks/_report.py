@@ -52,19 +52,20 @@ def limit_s(section: Section, form: str) -> float | None:
   """The least time a micro-step of `form` can take: a floor plus the optimizer over k.
 
   The floor is the gradient and `acc + g` ("fast": parameters written only
-  when a window closes), plus the parameter write `p + where(emitted, u, 0)`
-  that a functional transformation's caller does on every micro-step
-  ("transformation"). None where the floors were not measured.
+  when a window closes), plus, for a functional transformation whose caller
+  writes the parameters on every micro-step ("transformation"), that write
+  `p + where(emitted, u, 0)`, timed alone. None where they were not measured.
   """
-  floors = {"fast": "floor: ", "transformation": "floor + parameter write"}
-  if form not in floors:
+  if form not in ("fast", "transformation"):
     return None
   try:
-    floor, base = _find(section.results, floors[form]), _find(section.results, "floor: ")
+    floor = _find(section.results, "floor: ")
+    write = _find(section.results, "parameter write")
   except StopIteration:
     return None
   plain = _plain(section.results)
-  return floor.micro_step_s + (plain.micro_step_s - base.micro_step_s) / section.every_k
+  limit = floor.micro_step_s + (plain.micro_step_s - floor.micro_step_s) / section.every_k
+  return limit + (write.micro_step_s if form == "transformation" else 0.0)
 
 
 def vs_limit(result: Result, section: Section) -> float | None:

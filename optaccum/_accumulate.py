@@ -15,11 +15,10 @@ from optaccum._accumulator import (
   REDUCTIONS,
   Accumulator,
   as_accumulator,
-  at_least_float32,
   finish,
   inverse_weight,
 )
-from optaccum._skip import SkipPolicy, any_not_finite_in
+from optaccum._skip import SkipPolicy
 from optaccum._state import AccumulateState, check_state, is_state, locate_state
 
 _IS_NONE = lambda x: x is None  # noqa: E731
@@ -91,12 +90,12 @@ class _Verdict(NamedTuple):
 
 
 class _Window(NamedTuple):
-  """A window's reduced sums, as the step that closes it sees them."""
+  """What the closing of a window found; on a micro-step that closes none, `runs` is False."""
 
-  acc_grads: Any  # summed across replicas, if any
+  acc_grads: Any  # the window's sums, across replicas if any
   total_weight: jax.Array  # scalar float32
-  running: tuple  # the statistics' sums: (squared norm sum, count), or ()
-  runs: jax.Array  # scalar bool: whether the inner optimizer's step is kept
+  runs: jax.Array  # scalar bool: whether the inner optimizer steps
+  statistics: Any  # the StatisticsState after the window, or ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,32 +163,21 @@ class Accumulation:
     # Not across replicas: there the gradients are per replica, the updates
     # must be the same on every replica (and under `shard_map` typed so).
     carried = updates if self.axis_name is None else _zeros_shaped_like(updates)
+    operand = (carried, state.inner_opt_state)
     try:
-      new_updates, state = self._emit(carried, updates, state, params, extra_args, close_window)
+      new_updates, inner_state, window = self._close(
+        updates, state, close_window, operand, params, extra_args
+      )
     except _OtherShapes as other:
       # The inner optimizer emits other dtypes (float32 updates for bfloat16
       # gradients): trace again with a carry of its shapes.
-      carried = optax.tree.zeros_like(other.shapes)
-      new_updates, state = self._emit(carried, updates, state, params, extra_args, close_window)
+      operand = (optax.tree.zeros_like(other.shapes), state.inner_opt_state)
+      new_updates, inner_state, window = self._close(
+        updates, state, close_window, operand, params, extra_args
+      )
+    state = self._closed(state, close_window, window, inner_state)
     emitted = state.emitted
     return _map(lambda u: jnp.where(emitted, u, jnp.zeros((), u.dtype)), new_updates), state
-
-  def _emit(
-    self,
-    carried: Any,
-    updates: Any,
-    state: AccumulateState,
-    params: Any,
-    extra_args: dict,
-    close_window: jax.Array,
-  ) -> tuple[Any, AccumulateState]:
-    """`update`'s conditional: the closing step's updates, or `carried` where none closes."""
-    return _branching.run_if(
-      self.strategy,
-      close_window,
-      lambda operand: self._close(updates, operand[1], params, extra_args, operand[0]),
-      (carried, state),
-    )
 
   def apply(
     self,
@@ -207,12 +195,11 @@ class Accumulation:
     not close the window leaves the parameters in place.
     """
     state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
-    return _branching.run_if(
-      self.strategy,
-      close_window,
-      lambda operand: self._close(grads, operand[1], operand[0], extra_args, apply=True),
-      (params, state),
+    operand = (params, state.inner_opt_state)
+    params, inner_state, window = self._close(
+      grads, state, close_window, operand, params, extra_args, apply=True
     )
+    return params, self._closed(state, close_window, window, inner_state)
 
   def _add(
     self, where: str, updates: Any, state: AccumulateState, params: Any, weight: Any, flush: Any
@@ -307,20 +294,87 @@ class Accumulation:
     self,
     like: Any,
     state: AccumulateState,
+    close_window: jax.Array,
+    operand: tuple[Any, Any],
     params: Any,
     extra_args: dict,
-    carried: Any = None,
+    apply: bool = False,
+  ) -> tuple[Any, Any, _Window]:
+    """Where `close_window` holds, closes the window: `_step`'s outputs, and the window.
+
+    Alone, two conditionals in a row, the window's check and then the
+    optimizer's step: nested, they made XLA's compile time grow by half on a
+    model of 600 leaves (benchmarks/RESULTS.md, "Compile time"). Across
+    replicas, one conditional holds both: the window's sums come out of the
+    all-reduce replica-invariant, and a loop's carry that went in per replica
+    would come out per replica, and so would the optimizer's state.
+    """
+    if self.axis_name is None:
+      window = self._window(like, state, close_window)
+      return *self._step(window, like, operand, params, extra_args, apply=apply), window
+
+    def close(carry: tuple) -> tuple:
+      window = self._reduce(like, state)
+      out = self._step(window, like, carry[0], params, extra_args, apply=apply)
+      return out, (window.total_weight, window.statistics, window.runs)
+
+    scalars = (state.acc_weight, state.statistics, jnp.zeros((), jnp.bool_))
+    (out, inner_state), (total_weight, statistics, runs) = _branching.run_if(
+      self.strategy, close_window, close, (operand, scalars)
+    )
+    return out, inner_state, _Window(None, total_weight, runs, statistics)
+
+  def _window(self, like: Any, state: AccumulateState, close_window: jax.Array) -> _Window:
+    """`_reduce` where `close_window` holds; else a window that does not run."""
+
+    def close(_: tuple) -> tuple:
+      window = self._reduce(like, state)
+      return window.total_weight, window.statistics, window.runs
+
+    scalars = (state.acc_weight, state.statistics, jnp.zeros((), jnp.bool_))
+    total_weight, statistics, runs = _branching.run_if(self.strategy, close_window, close, scalars)
+    return _Window(state.acc_grads, total_weight, runs, statistics)
+
+  def _reduce(self, like: Any, state: AccumulateState) -> _Window:
+    """The window's sums, across replicas if any, the window guard and the statistics."""
+    running: tuple = ()
+    if self.statistics:
+      # The micro-batch count travels as float32 (exact: it is at most k times
+      # the replicas), so that one all-reduce of one dtype carries everything.
+      count = state.statistics.num_micro_batches.astype(jnp.float32)
+      running = (state.statistics.squared_norm_sum, count)
+    sums = (state.acc_grads, state.acc_weight, running)
+    if self.axis_name is not None:
+      # The one cross-replica reduction of the window.
+      sums = jax.lax.psum(sums, self.axis_name)
+    acc_grads, total_weight, running = sums
+    runs = total_weight > 0
+    if self.window_guard:
+      runs = runs & _window_is_finite(self.reduction, like, acc_grads, total_weight)
+    statistics = state.statistics
+    if self.statistics:
+      # A window that does not run keeps the last window's statistics.
+      weight = jnp.where(runs, total_weight, jnp.float32(0))
+      statistics = _statistics.close(
+        statistics, acc_grads, weight, running[0], running[1].astype(jnp.int32)
+      )
+    return _Window(acc_grads, total_weight, runs, statistics)
+
+  def _step(
+    self,
+    window: _Window,
+    like: Any,
+    operand: tuple[Any, Any],
+    params: Any,
+    extra_args: dict,
     *,
     apply: bool = False,
-  ) -> tuple[Any, AccumulateState]:
-    """Closes the window: the inner updates (with `apply`, the new parameters) and the state.
+  ) -> tuple[Any, Any]:
+    """Where the window runs: the inner updates (with `apply`, the new parameters) and inner state.
 
-    A window of zero total weight, or one that fails the window guard, runs
-    no inner step: it returns `carried` (with `apply`, the parameters), keeps
-    the inner state and is counted. The accumulator is left for the next
-    `_add` to clear.
+    `operand` is `(carried, inner_state)`: what to return where the window
+    does not run (with `apply`, the parameters).
     """
-    window = self._window(like, state)
 
     def step(operand: tuple[Any, Any]) -> tuple[Any, Any]:
       carried, inner_state = operand
@@ -337,53 +391,28 @@ class Accumulation:
         raise _OtherShapes(_map(lambda u: jax.ShapeDtypeStruct(u.shape, u.dtype), updates))
       return updates, new_inner_state
 
-    if apply:
-      carried = params
-    out, inner_state = _branching.run_if(
-      self.strategy, window.runs, step, (carried, state.inner_opt_state)
-    )
-    return out, self._closed(state, window, inner_state)
+    return _branching.run_if(self.strategy, window.runs, step, operand)
 
-  def _window(self, like: Any, state: AccumulateState) -> _Window:
-    """The window's sums, reduced across replicas if any, and whether its step runs."""
-    running: tuple = ()
-    if self.statistics:
-      # The micro-batch count travels as float32 (exact: it is at most k times
-      # the replicas), so that one all-reduce of one dtype carries everything.
-      count = state.statistics.num_micro_batches.astype(jnp.float32)
-      running = (state.statistics.squared_norm_sum, count)
-    sums = (state.acc_grads, state.acc_weight, running)
-    if self.axis_name is not None:
-      # The one cross-replica reduction of the window.
-      sums = jax.lax.psum(sums, self.axis_name)
-    acc_grads, total_weight, running = sums
-    if running:
-      running = (running[0], running[1].astype(jnp.int32))
-    runs = total_weight > 0
-    if self.window_guard:
-      runs = runs & _window_is_finite(self.reduction, like, acc_grads, total_weight)
-    return _Window(acc_grads, total_weight, running, runs)
+  def _closed(
+    self, state: AccumulateState, close_window: jax.Array, window: _Window, inner_state: Any
+  ) -> AccumulateState:
+    """The state after the micro-step: where a window closed, counters advanced and reset.
 
-  def _closed(self, state: AccumulateState, window: _Window, inner_state: Any) -> AccumulateState:
-    """The state after closing `window`: counters advanced, statistics of the window kept."""
-    statistics = state.statistics
-    if self.statistics:
-      # A window that does not run keeps the last window's statistics.
-      weight = jnp.where(window.runs, window.total_weight, jnp.float32(0))
-      statistics = _statistics.close(statistics, window.acc_grads, weight, *window.running)
+    The accumulator is left for the next `_add` to clear.
+    """
     has_weight = window.total_weight > 0
+    skipped_window = close_window & has_weight & ~window.runs
+    empty_window = close_window & ~has_weight & (state.mini_step > 0)
     return state._replace(
-      mini_step=jnp.zeros((), jnp.int32),
+      mini_step=jnp.where(close_window, jnp.zeros((), jnp.int32), state.mini_step),
       gradient_step=_increment_where(window.runs, state.gradient_step),
       inner_opt_state=inner_state,
       # zeros_like: under `shard_map` it keeps the per-replica type.
-      acc_weight=jnp.zeros_like(state.acc_weight),
+      acc_weight=jnp.where(close_window, jnp.zeros_like(state.acc_weight), state.acc_weight),
       emitted=window.runs,
-      statistics=statistics,
-      num_skipped_windows=_increment_where(has_weight & ~window.runs, state.num_skipped_windows),
-      num_empty_windows=_increment_where(
-        ~has_weight & (state.mini_step > 0), state.num_empty_windows
-      ),
+      statistics=window.statistics,
+      num_skipped_windows=_increment_where(skipped_window, state.num_skipped_windows),
+      num_empty_windows=_increment_where(empty_window, state.num_empty_windows),
     )
 
 
@@ -393,32 +422,30 @@ def _window_is_finite(
   """The window guard: whether the gradient the inner optimizer would get is finite.
 
   Checked on the window's reduced sums (after weighting and the cross-replica
-  sum), and for the mean and the cast to the gradients' dtype that follow:
-  those are monotone in |acc|, so the largest entry alone tells whether one of
-  them overflows. No NaN or inf gets past it, whatever its source: a NaN
+  sum), as the inner optimizer would receive them: averaged and cast to the
+  gradients' dtype. No NaN or inf gets past it, whatever its source: a NaN
   micro-batch, an overflowing float32 sum, a huge weight, a mean too large for
-  float16. Two reductions per leaf, in the window-closing step only: an or of
-  `~isfinite(acc)`, which cannot miss a NaN (see `any_not_finite_in`), and a
-  max of |acc| for the overflow. (A single max over |acc| with non-finite
-  entries made inf first needed a parameter-sized temporary: tests/test_memory.py.)
-  The per-leaf maxima are checked together, one vector per dtype, so that a
-  model of many leaves adds few operations to compile.
+  float16. One sum per leaf, in the window-closing step only, of that
+  gradient times 0: 0 unless an entry is NaN or infinite, and then NaN. A sum
+  propagates NaN where XLA:CPU's vectorized max drops it; it fuses the mean,
+  the cast and the product into one read of the leaf, with no temporary; and
+  it compiles to fewer operations than a max (benchmarks/RESULTS.md, "Compile
+  time"). The per-leaf sums are checked together, as one vector.
   """
   inverse = inverse_weight(reduction, total_weight)
   finite = jnp.isfinite(total_weight) & jnp.isfinite(inverse)
-  maxima: dict[tuple[Any, Any], list[jax.Array]] = {}
+  sums = []
   for target, acc in zip(
     jax.tree.leaves(like, is_leaf=_IS_NONE), jax.tree.leaves(acc_grads, is_leaf=_IS_NONE)
   ):
     if target is None or acc is None or not acc.size:
       continue
-    largest = jnp.max(jnp.abs(acc))
-    wide = at_least_float32(largest.dtype)
-    maxima.setdefault((wide, jnp.dtype(target.dtype)), []).append(largest.astype(wide))
-  for (wide, dtype), values in maxima.items():
-    scaled = jnp.stack(values) * inverse.astype(wide)
-    finite = finite & jnp.all(jnp.isfinite(scaled.astype(dtype)))
-  return finite & ~any_not_finite_in(jax.tree.leaves(acc_grads))
+    gradient = finish(acc, inverse, target.dtype)
+    zero = jnp.zeros((), gradient.dtype)
+    sums.append(jnp.real(jnp.sum(gradient * zero)).astype(jnp.float32))  # 0, or NaN
+  if sums:
+    finite = finite & jnp.all(jnp.isfinite(jnp.stack(sums)))
+  return finite
 
 
 def build(

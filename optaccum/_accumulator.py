@@ -125,21 +125,21 @@ class Accumulator:
 
 
 def inverse_weight(reduction: str, total_weight: jax.Array) -> jax.Array:
-  """What a window's sum is multiplied by: 1 / total weight for a mean (0 when empty), else 1.
+  """What a window's sum is multiplied by: 1 / total weight for a mean, else 1.
 
-  A multiply by the reciprocal, not a divide: XLA recomputes a multiply in each
-  consumer (Adam's two moments) but materializes a divide, a parameter-sized
-  temporary. In float64 when 64-bit types are enabled, so that float64 sums
-  keep their precision (k = 3 would lose 3e-8 to a float32 reciprocal).
+  A window of zero weight gets an infinite factor: callers never use it (a
+  window of zero weight does not run; `microbatch` gives zeros for it). No
+  select for that case here: XLA copies a scalar expression into every fusion
+  that reads the gradient, and the compile time of a many-leaf model grows
+  with it. A multiply by the reciprocal, not a divide: XLA recomputes a
+  multiply in each consumer (Adam's two moments) but materializes a divide, a
+  parameter-sized temporary. In float64 when 64-bit types are enabled, so that
+  float64 sums keep their precision (k = 3 would lose 3e-8 to a float32
+  reciprocal).
   """
   dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   one = jnp.ones((), dtype)
-  if reduction != "mean":
-    return one
-  total_weight = total_weight.astype(dtype)
-  has_weight = total_weight > 0
-  safe = jnp.where(has_weight, total_weight, one)
-  return jnp.where(has_weight, one / safe, jnp.zeros((), dtype))
+  return one / total_weight.astype(dtype) if reduction == "mean" else one
 
 
 def finish(acc: jax.Array, inverse: jax.Array, dtype: Any) -> jax.Array:

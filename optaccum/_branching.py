@@ -102,4 +102,8 @@ def _join_per_replica_types(step: Callable[[T], T], operand: T) -> tuple[Callabl
       [vary_over(x, ax) for x, ax in zip(jax.tree.leaves(tree), axes, strict=True)]
     )
 
-  return (lambda value: joined(traced.fn(value))), joined(operand)
+  # The trace can be replayed only on inputs of the types it was traced with:
+  # where the join changed one, `step` is traced again on the joined types.
+  same_inputs = all(varying_axes(x) == ax for x, ax in zip(leaves, axes))
+  body = traced.fn if same_inputs else step
+  return (lambda value: joined(body(value))), joined(operand)

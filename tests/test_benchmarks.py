@@ -110,7 +110,7 @@ def test_limit_is_the_floor_plus_the_optimizer_amortized_over_the_window():
   results = [
     _result("plain: optimizer every micro-step", "reference", 9.0, 1.0),
     _result("floor: acc + g, no optimizer", "reference", 1.0, 1.0),
-    _result("floor + parameter write", "reference", 2.0, 1.0),
+    _result("parameter write: p + where(emitted, u, 0)", "reference", 1.0, 1.0),
     dataclasses.replace(fast, form="fast"),
     dataclasses.replace(transform, form="transformation"),
     _result("optax.MultiSteps", "alternative", 5.0, 2.0),
