@@ -63,6 +63,31 @@ def _keep_dtypes(new: T, old: T) -> T:
   return jax.tree.map(cast, new, old)
 
 
+def _holds_exactly(acc_grads: Any, updates: Any) -> bool:
+  """Whether each accumulator leaf's dtype holds the update leaf's values exactly."""
+
+  def holds(acc: Any, update: Any) -> bool:
+    a, u = jnp.dtype(acc.dtype), jnp.dtype(update.dtype)
+    if a == u:
+      return True
+    complex_kind = jnp.issubdtype(a, jnp.complexfloating)
+    if complex_kind != jnp.issubdtype(u, jnp.complexfloating):
+      return False
+    if not (jnp.issubdtype(a, jnp.inexact) and jnp.issubdtype(u, jnp.inexact)):
+      return False
+    wide, narrow = jnp.finfo(a), jnp.finfo(u)
+    return (
+      wide.nmant >= narrow.nmant and wide.maxexp >= narrow.maxexp and wide.minexp <= narrow.minexp
+    )
+
+  return all(
+    u is None or holds(a, u)
+    for u, a in zip(
+      jax.tree.leaves(updates, is_leaf=_IS_NONE), jax.tree.leaves(acc_grads, is_leaf=_IS_NONE)
+    )
+  )
+
+
 def _zeros_shaped_like(tree: Any) -> Any:
   """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant)."""
   return _map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
@@ -155,26 +180,64 @@ class Accumulation:
   ) -> tuple[Any, AccumulateState]:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
     state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
-    # The window's updates are written into the gradients' buffers, dead once
-    # added into the accumulator, rather than into a fresh tree of zeros; a
-    # select then emits zeros unless the inner optimizer ran. XLA fuses that
-    # select into the caller's `apply_updates`: a micro-step that does not emit
-    # writes no tree of updates and allocates none (tests/test_memory.py).
-    # Not across replicas: there the gradients are per replica, the updates
-    # must be the same on every replica (and under `shard_map` typed so).
-    carried = updates if self.axis_name is None else _zeros_shaped_like(updates)
-    operand = (carried, state.inner_opt_state)
+    if self.axis_name is None:
+      try:
+        return self._emit_from_accumulator(updates, state, close_window, params, extra_args)
+      except _OtherShapes as other:
+        shapes = other.shapes
+    else:
+      shapes = _map(lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype), updates)
     try:
-      new_updates, inner_state, window = self._close(
-        updates, state, close_window, operand, params, extra_args
+      return self._emit(
+        _zeros_shaped_like(shapes), updates, state, close_window, params, extra_args
       )
     except _OtherShapes as other:
-      # The inner optimizer emits other dtypes (float32 updates for bfloat16
-      # gradients): trace again with a carry of its shapes.
-      operand = (optax.tree.zeros_like(other.shapes), state.inner_opt_state)
-      new_updates, inner_state, window = self._close(
-        updates, state, close_window, operand, params, extra_args
-      )
+      # The inner optimizer emits other dtypes than the gradients' (float32
+      # updates for bfloat16 gradients): trace again with a carry of its shapes.
+      carried = _zeros_shaped_like(other.shapes)
+      return self._emit(carried, updates, state, close_window, params, extra_args)
+
+  def _emit_from_accumulator(
+    self, like: Any, state: AccumulateState, close_window: jax.Array, params: Any, extra_args: dict
+  ) -> tuple[Any, AccumulateState]:
+    """`update`'s conditional, writing the window's updates into the accumulator's buffer.
+
+    Once the window's gradient is formed the accumulator is free (the next
+    micro-step clears it), so the closing step writes the updates there and
+    every micro-step emits `where(emitted, acc, 0)`, which XLA fuses into the
+    caller's `apply_updates`: a micro-step that does not close its window
+    reads the gradient once for the add and the accumulator once for the
+    caller's write, and allocates nothing (tests/test_memory.py). Raises
+    `_OtherShapes` where the updates do not fit the accumulator's dtypes.
+    """
+    operand = (state.acc_grads, state.inner_opt_state)
+    acc_grads, inner_state, window = self._close(
+      like, state, close_window, operand, params, extra_args, into="accumulator"
+    )
+    state = self._closed(state, close_window, window, inner_state)._replace(acc_grads=acc_grads)
+    emitted = state.emitted
+    emit = lambda g, acc: jnp.where(emitted, acc.astype(g.dtype), jnp.zeros((), g.dtype))  # noqa: E731
+    return _map(emit, like, acc_grads), state
+
+  def _emit(
+    self,
+    carried: Any,
+    like: Any,
+    state: AccumulateState,
+    close_window: jax.Array,
+    params: Any,
+    extra_args: dict,
+  ) -> tuple[Any, AccumulateState]:
+    """`update`'s conditional with a carry of its own for the updates (zeros where none runs).
+
+    Across replicas (the gradients and the accumulator are per replica, the
+    updates must be the same on every replica, and under `shard_map` typed
+    so), or where the updates do not fit the accumulator.
+    """
+    operand = (carried, state.inner_opt_state)
+    new_updates, inner_state, window = self._close(
+      like, state, close_window, operand, params, extra_args
+    )
     state = self._closed(state, close_window, window, inner_state)
     emitted = state.emitted
     return _map(lambda u: jnp.where(emitted, u, jnp.zeros((), u.dtype)), new_updates), state
@@ -197,7 +260,7 @@ class Accumulation:
     state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
     operand = (params, state.inner_opt_state)
     params, inner_state, window = self._close(
-      grads, state, close_window, operand, params, extra_args, apply=True
+      grads, state, close_window, operand, params, extra_args, into="params"
     )
     return params, self._closed(state, close_window, window, inner_state)
 
@@ -298,7 +361,7 @@ class Accumulation:
     operand: tuple[Any, Any],
     params: Any,
     extra_args: dict,
-    apply: bool = False,
+    into: str = "carried",
   ) -> tuple[Any, Any, _Window]:
     """Where `close_window` holds, closes the window: `_step`'s outputs, and the window.
 
@@ -311,11 +374,11 @@ class Accumulation:
     """
     if self.axis_name is None:
       window = self._window(like, state, close_window)
-      return *self._step(window, like, operand, params, extra_args, apply=apply), window
+      return *self._step(window, like, operand, params, extra_args, into), window
 
     def close(carry: tuple) -> tuple:
       window = self._reduce(like, state)
-      out = self._step(window, like, carry[0], params, extra_args, apply=apply)
+      out = self._step(window, like, carry[0], params, extra_args, into)
       return out, (window.total_weight, window.statistics, window.runs)
 
     scalars = (state.acc_weight, state.statistics, jnp.zeros((), jnp.bool_))
@@ -367,28 +430,36 @@ class Accumulation:
     operand: tuple[Any, Any],
     params: Any,
     extra_args: dict,
-    *,
-    apply: bool = False,
+    into: str,
   ) -> tuple[Any, Any]:
-    """Where the window runs: the inner updates (with `apply`, the new parameters) and inner state.
+    """Where the window runs: its updates, written `into` the carry, and the inner state.
 
-    `operand` is `(carried, inner_state)`: what to return where the window
-    does not run (with `apply`, the parameters).
+    `operand` is `(carry, inner_state)`; the carry is what is returned where
+    the window does not run: the parameters (`into="params"`: the new
+    parameters are returned), the accumulator (`"accumulator"`: the updates
+    in its dtypes) or a buffer of the updates' shapes (`"carried"`).
     """
 
     def step(operand: tuple[Any, Any]) -> tuple[Any, Any]:
-      carried, inner_state = operand
-      # With `apply` the parameters are the carry: read them from it, not from
-      # the closure, or XLA must copy what the loop updates in place.
-      current = carried if apply else params
+      carry, inner_state = operand
+      # Read the parameters and the accumulator from the carry where it holds
+      # them, not from the closure: the same value in both makes XLA copy what
+      # the loop updates in place.
+      current = carry if into == "params" else params
+      acc_grads = carry if into == "accumulator" else window.acc_grads
       inverse = inverse_weight(self.reduction, window.total_weight)
-      gradient = _map(lambda g, acc: finish(acc, inverse, g.dtype), like, window.acc_grads)
+      gradient = _map(lambda g, acc: finish(acc, inverse, g.dtype), like, acc_grads)
       updates, new_inner_state = self.inner.update(gradient, inner_state, current, **extra_args)
       new_inner_state = _keep_dtypes(new_inner_state, inner_state)
-      if apply:
-        return optax.apply_updates(carried, updates), new_inner_state
-      if not _same_shapes(updates, carried):
+      if into == "params":
+        return optax.apply_updates(carry, updates), new_inner_state
+      fits = _same_shapes(updates, like if into == "accumulator" else carry)
+      if into == "accumulator":
+        fits = fits and _holds_exactly(acc_grads, updates)
+      if not fits:
         raise _OtherShapes(_map(lambda u: jax.ShapeDtypeStruct(u.shape, u.dtype), updates))
+      if into == "accumulator":
+        updates = _map(lambda u, acc: u.astype(acc.dtype), updates, acc_grads)
       return updates, new_inner_state
 
     return _branching.run_if(self.strategy, window.runs, step, operand)

@@ -21,7 +21,8 @@ class AccumulateState(NamedTuple):
     gradient_step: inner-optimizer steps taken so far (windows emitted).
     inner_opt_state: the wrapped optimizer's state; it advances once per window.
     acc_grads: the window's running sum of (weighted) gradients, in the
-      accumulator dtype.
+      accumulator dtype. Right after a window closes (`mini_step` 0) it holds
+      what the window emitted, in that dtype; the next micro-step clears it.
     skip_state: what the skip policy returned for the last micro-batch.
     acc_weight: the window's sum of weights (the micro-batch count when
       unweighted).

@@ -44,6 +44,10 @@ def test_quick_run_of_the_model_writes_targets_and_chart_and_keeps_notes(tmp_pat
   assert "old tables" not in text and text.endswith(notes)
   assert "## Targets (parameter-heavy LM)" in text
   assert "## (b2) Transformer LM, parameter-heavy" in text
+  assert "| apply_gradients >= 0.85x of its limit |" in text
+  compile_section = text.split("## Compile time", 1)[1]
+  for row in ("| optaccum.apply_gradients |", "| optaccum.accumulate |", "| optax.MultiSteps |"):
+    assert row in compile_section
   for method in (
     "| plain: optimizer every micro-step |",
     '| optaccum.apply_gradients (default: "loop") |',

@@ -1,6 +1,6 @@
 """Memory the compiled step needs, from XLA's compiled memory analysis (no timings).
 
-The comments in the core that say "written into the gradients' buffers" or "no
+The comments in the core that say "written into the accumulator's buffer" or "no
 parameter-sized temporary" are checked here, on a 1M-parameter layer, against
 the temporaries of a plain SGD step on the same gradient (the gradient itself
 and the backward pass's scratch).
@@ -39,7 +39,7 @@ def _plain_temp():
 
 
 @pytest.mark.parametrize("inner", [optax.adam(1e-3), optax.sgd(0.1, momentum=0.9)])
-def test_transformation_writes_updates_into_the_gradients_buffers(inner):
+def test_transformation_writes_updates_into_the_accumulators_buffer(inner):
   tx = optaccum.accumulate(inner, every_k=4)
 
   def train(params, state, x):
@@ -48,8 +48,9 @@ def test_transformation_writes_updates_into_the_gradients_buffers(inner):
     return optax.apply_updates(params, updates), state
 
   extra = _temp_bytes(train, PARAMS, tx.init(PARAMS), X, donate=(0, 1)) - _plain_temp()
-  # A fresh tree of updates (or of zeros) would be one more parameter-sized buffer.
-  assert extra < PARAM_BYTES / 2, extra
+  # A fresh tree of updates (or of zeros), or a copy of the gradients to hold
+  # them, would be one more parameter-sized buffer. Measured: 0.4 KB.
+  assert extra < PARAM_BYTES / 8, extra
 
 
 @pytest.mark.parametrize("skip", [None, optaccum.skip_not_finite])
