@@ -50,8 +50,8 @@ def test_quick_run_of_the_model_writes_targets_and_chart_and_keeps_notes(tmp_pat
     assert row in compile_section
   for method in (
     "| plain: optimizer every micro-step |",
-    '| optaccum.apply_gradients (default: "loop") |',
-    '| optaccum.accumulate (default: "loop") |',
+    '| optaccum.apply_gradients (default: "cond") |',
+    '| optaccum.accumulate (default: "cond") |',
     "| optax.MultiSteps |",
   ):
     assert method in text
@@ -63,8 +63,8 @@ def test_quick_run_of_the_micro_step_measures_every_method(tmp_path):
   for method in (
     "| plain: optimizer every micro-step |",
     "| floor: acc + g, no optimizer |",
-    '| optaccum.apply_gradients (default: "loop") |',
-    '| optaccum.accumulate (default: "loop") |',
+    '| optaccum.apply_gradients (default: "cond") |',
+    '| optaccum.accumulate (default: "cond") |',
     "| optaccum.accumulate(window_guard=False) |",
     "| optaccum.apply_gradients(skip=skip_not_finite) |",
     "| optax.MultiSteps |",
@@ -74,7 +74,7 @@ def test_quick_run_of_the_micro_step_measures_every_method(tmp_path):
     '| optaccum.accumulate (strategy="select") |',
   ):
     assert method in text
-  assert "| (a) Optimizer-only micro-step | cond | " in text
+  assert "| (a) Optimizer-only micro-step | loop | " in text
 
 
 def test_unknown_workload_is_rejected_naming_the_choices():
@@ -96,8 +96,8 @@ def test_unknown_workload_is_rejected_naming_the_choices():
 def test_targets_table_says_whether_each_target_is_met(fast_seconds, fast_temp, met):
   results = [
     _result("plain: optimizer every micro-step", "reference", 1.0, 40.0),
-    _result('optaccum.apply_gradients (default: "loop")', "optaccum", fast_seconds, fast_temp),
-    _result('optaccum.accumulate (default: "loop")', "optaccum", 1.05, 60.0),
+    _result('optaccum.apply_gradients (default: "cond")', "optaccum", fast_seconds, fast_temp),
+    _result('optaccum.accumulate (default: "cond")', "optaccum", 1.05, 60.0),
     _result("optax.MultiSteps", "alternative", 1.25, 70.0),
   ]
   table = _report.targets_table(_report.Section("lm-params", "LM", "", results))
@@ -109,8 +109,8 @@ def test_targets_table_says_whether_each_target_is_met(fast_seconds, fast_temp, 
 
 
 def test_limit_is_the_floor_plus_the_optimizer_amortized_over_the_window():
-  fast = _result('optaccum.apply_gradients (default: "loop")', "optaccum", 1.5, 1.0)
-  transform = _result('optaccum.accumulate (default: "loop")', "optaccum", 2.5, 1.0)
+  fast = _result('optaccum.apply_gradients (default: "cond")', "optaccum", 1.5, 1.0)
+  transform = _result('optaccum.accumulate (default: "cond")', "optaccum", 2.5, 1.0)
   results = [
     _result("plain: optimizer every micro-step", "reference", 9.0, 1.0),
     _result("floor: acc + g, no optimizer", "reference", 1.0, 1.0),

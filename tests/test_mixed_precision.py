@@ -90,7 +90,7 @@ def _check_forms(make, param_dtype, grad_dtype, forms):
       if form == "multisteps":
         tx = optaccum.MultiSteps(make(), every_k_schedule=2).gradient_transformation()
       else:
-        strategy = "loop" if form == "apply_gradients" else form
+        strategy = "cond" if form == "apply_gradients" else form
         tx = optaccum.accumulate(make(), every_k=2, strategy=strategy)
       updates, state, new_params = _run_form(tx, form, params, grad_dtype, 2)
       if updates is not None:
@@ -110,7 +110,7 @@ PAIRS = [
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_mixed_precision_grid_keeps_the_inner_optimizers_dtypes(name, param_dtype, grad_dtype):
   _check_forms(
-    OPTIMIZERS[name], DTYPES[param_dtype], DTYPES[grad_dtype], ("loop", "apply_gradients")
+    OPTIMIZERS[name], DTYPES[param_dtype], DTYPES[grad_dtype], ("cond", "apply_gradients")
   )
 
 
