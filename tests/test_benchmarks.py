@@ -64,13 +64,14 @@ def test_quick_run_of_the_micro_step_measures_every_method(tmp_path):
     "| plain: optimizer every micro-step |",
     "| floor: acc + g, no optimizer |",
     '| optaccum.apply_gradients (default: "cond") |',
+    "| parameter write: p + where(emitted, u, 0) |",
     '| optaccum.accumulate (default: "cond") |',
     "| optaccum.accumulate(window_guard=False) |",
     "| optaccum.apply_gradients(skip=skip_not_finite) |",
     "| optax.MultiSteps |",
     "| optax.chain(adamw, apply_every(k)) |",
     "| hand-written loop (Python branch) |",
-    '| optaccum.apply_gradients (strategy="cond") |',
+    '| optaccum.apply_gradients (strategy="loop") |',
     '| optaccum.accumulate (strategy="select") |',
   ):
     assert method in text
