@@ -181,46 +181,21 @@ class Accumulation:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
     state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
     if self.axis_name is None:
-      try:
-        return self._emit_from_accumulator(updates, state, close_window, params, extra_args)
-      except _OtherShapes as other:
-        shapes = other.shapes
+      into, carried = "accumulator", state.acc_grads
     else:
-      shapes = _map(lambda g: jax.ShapeDtypeStruct(g.shape, g.dtype), updates)
+      into, carried = "carried", _zeros_shaped_like(updates)
     try:
-      return self._emit(
-        _zeros_shaped_like(shapes), updates, state, close_window, params, extra_args
-      )
+      return self._emit(into, carried, updates, state, close_window, params, extra_args)
     except _OtherShapes as other:
       # The inner optimizer emits other dtypes than the gradients' (float32
-      # updates for bfloat16 gradients): trace again with a carry of its shapes.
+      # updates for bfloat16 gradients, or more precise than the accumulator):
+      # trace again with a carry of its shapes.
       carried = _zeros_shaped_like(other.shapes)
-      return self._emit(carried, updates, state, close_window, params, extra_args)
-
-  def _emit_from_accumulator(
-    self, like: Any, state: AccumulateState, close_window: jax.Array, params: Any, extra_args: dict
-  ) -> tuple[Any, AccumulateState]:
-    """`update`'s conditional, writing the window's updates into the accumulator's buffer.
-
-    Once the window's gradient is formed the accumulator is free (the next
-    micro-step clears it), so the closing step writes the updates there and
-    every micro-step emits `where(emitted, acc, 0)`, which XLA fuses into the
-    caller's `apply_updates`: a micro-step that does not close its window
-    reads the gradient once for the add and the accumulator once for the
-    caller's write, and allocates nothing (tests/test_memory.py). Raises
-    `_OtherShapes` where the updates do not fit the accumulator's dtypes.
-    """
-    operand = (state.acc_grads, state.inner_opt_state)
-    acc_grads, inner_state, window = self._close(
-      like, state, close_window, operand, params, extra_args, into="accumulator"
-    )
-    state = self._closed(state, close_window, window, inner_state)._replace(acc_grads=acc_grads)
-    emitted = state.emitted
-    emit = lambda g, acc: jnp.where(emitted, acc.astype(g.dtype), jnp.zeros((), g.dtype))  # noqa: E731
-    return _map(emit, like, acc_grads), state
+      return self._emit("carried", carried, updates, state, close_window, params, extra_args)
 
   def _emit(
     self,
+    into: str,
     carried: Any,
     like: Any,
     state: AccumulateState,
@@ -228,19 +203,32 @@ class Accumulation:
     params: Any,
     extra_args: dict,
   ) -> tuple[Any, AccumulateState]:
-    """`update`'s conditional with a carry of its own for the updates (zeros where none runs).
+    """`update`'s conditionals: the updates written `into` `carried`, emitted where they ran.
 
-    Across replicas (the gradients and the accumulator are per replica, the
-    updates must be the same on every replica, and under `shard_map` typed
-    so), or where the updates do not fit the accumulator.
+    `into="accumulator"` (`carried` is the accumulator): once the window's
+    gradient is formed the accumulator is free (the next micro-step clears
+    it), so the closing step writes the updates there and every micro-step
+    emits `where(emitted, acc, 0)`, which XLA fuses into the caller's
+    `apply_updates`: a micro-step that does not close its window reads the
+    gradient once for the add and the accumulator once for the caller's
+    write, and allocates nothing (tests/test_memory.py). Raises `_OtherShapes`
+    where the updates do not fit the accumulator's dtypes. `into="carried"`
+    (`carried` is zeros of the updates' shapes): across replicas (the
+    gradients and the accumulator are per replica, the updates must be the
+    same on every replica, and under `shard_map` typed so), or where the
+    updates do not fit the accumulator.
     """
     operand = (carried, state.inner_opt_state)
     new_updates, inner_state, window = self._close(
-      like, state, close_window, operand, params, extra_args
+      like, state, close_window, operand, params, extra_args, into
     )
     state = self._closed(state, close_window, window, inner_state)
+    dtypes = new_updates
+    if into == "accumulator":
+      state, dtypes = state._replace(acc_grads=new_updates), like
     emitted = state.emitted
-    return _map(lambda u: jnp.where(emitted, u, jnp.zeros((), u.dtype)), new_updates), state
+    emit = lambda d, u: jnp.where(emitted, u.astype(d.dtype), jnp.zeros((), d.dtype))  # noqa: E731
+    return _map(emit, dtypes, new_updates), state
 
   def apply(
     self,

@@ -36,10 +36,9 @@ T = TypeVar("T")
 
 
 class Traced(NamedTuple):
-  """A function traced once: `fn` replays it; `shapes` and `avals` describe its output."""
+  """A function traced once: `fn` replays it; `avals` describe its output."""
 
   fn: Callable[..., Any]
-  shapes: Any  # a tree of jax.ShapeDtypeStruct, like the output
   avals: list  # the output's abstract values, flat (they carry per-replica types)
 
 
@@ -57,7 +56,7 @@ def trace_once(fn: Callable[..., Any], *args: Any) -> Traced:
   def replayed(*args: Any) -> Any:
     return jax.tree.unflatten(out_tree, replay(*jax.tree.leaves(args)))
 
-  return Traced(replayed, shapes, list(closed.out_avals))
+  return Traced(replayed, list(closed.out_avals))
 
 
 def run_if(strategy: str, predicate: jax.Array, step: Callable[[T], T], operand: T) -> T:
