@@ -18,6 +18,7 @@ from optaccum._inspect import num_skipped_windows as num_skipped_windows
 from optaccum._microbatch import microbatch as microbatch
 from optaccum._multisteps import MultiSteps as MultiSteps
 from optaccum._multisteps import MultiStepsState as MultiStepsState
+from optaccum._per_replica import per_replica as per_replica
 from optaccum._scaling import scale_learning_rate as scale_learning_rate
 from optaccum._skip import SkipPolicy as SkipPolicy
 from optaccum._skip import skip_large_updates as skip_large_updates
@@ -46,6 +47,7 @@ __all__ = [
   "num_empty_windows",
   "num_skipped",
   "num_skipped_windows",
+  "per_replica",
   "restore_checkpoint",
   "save_checkpoint",
   "scale_learning_rate",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum import _branching, _statistics, _validation
+from optaccum import _branching, _replicas, _statistics, _validation
 from optaccum._accumulator import (
   REDUCTIONS,
   Accumulator,
@@ -88,8 +88,13 @@ def _holds_exactly(acc_grads: Any, updates: Any) -> bool:
   )
 
 
-def _zeros_shaped_like(tree: Any) -> Any:
-  """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant)."""
+def _zeros_shaped_like(tree: Any, per_replica: bool = False) -> Any:
+  """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant).
+
+  With `per_replica`, the shapes of one replica's: without `tree`'s leading axis.
+  """
+  if per_replica:
+    return _map(_replicas.zeros_of_one, tree)
   return _map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
 
 
@@ -142,6 +147,7 @@ class Accumulation:
   axis_name: Hashable | None
   strategy: str
   statistics: bool
+  reduce_axes: tuple[str, ...] | None = None
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     """The optax transformation: `init` and `update`."""
@@ -157,7 +163,9 @@ class Accumulation:
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=gradient_step,
       inner_opt_state=self.inner.init(params),
-      acc_grads=jax.tree.map(lambda p: self.accumulator.zeros_like("accumulate", p), params),
+      acc_grads=jax.tree.map(
+        lambda p: self.accumulator.zeros_like("accumulate", p, self.reduce_axes), params
+      ),
       skip_state=skip_state,
       acc_weight=jnp.zeros((), jnp.float32),
       num_skipped=jnp.zeros((), jnp.int32),
@@ -180,10 +188,10 @@ class Accumulation:
   ) -> tuple[Any, AccumulateState]:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
     state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
-    if self.axis_name is None:
+    if self.axis_name is None and self.reduce_axes is None:
       into, carried = "accumulator", state.acc_grads
     else:
-      into, carried = "carried", _zeros_shaped_like(updates)
+      into, carried = "carried", _zeros_shaped_like(updates, self.reduce_axes is not None)
     try:
       return self._emit(into, carried, updates, state, close_window, params, extra_args)
     except _OtherShapes as other:
@@ -257,12 +265,14 @@ class Accumulation:
   ) -> tuple[AccumulateState, jax.Array]:
     """Adds one micro-batch into the window; returns the state and whether to close it."""
     state = check_state(where, state)
+    if self.reduce_axes is not None:
+      _replicas.check_leading(where, "updates", updates, self.reduce_axes, self._replicas(where))
     _validation.check_tree_matches(
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
     weighted = weight is not None
     if weighted:
-      weight = _validation.as_scalar(where, "weight", weight, jnp.float32)
+      weight = self._as_weight(where, weight)
     flush = _validation.as_flag(where, "flush", flush)
     verdict = self._verdict(updates, state, params, weight)
     acc_grads, rounding_key = self._sum_into(updates, state, verdict, weighted)
@@ -273,23 +283,44 @@ class Accumulation:
     # micro-step: a flush of an empty window closes no window.
     counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
     if weighted:
-      counts = counts & ~(flush & (weight == 0))
+      counts = counts & ~(flush & jnp.all(weight == 0))
     mini_step = _increment_where(counts, state.mini_step)
     close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
     statistics = state.statistics
     if self.statistics:
-      statistics = _statistics.add(statistics, updates, verdict.weight)
+      statistics = _statistics.add(
+        statistics, updates, verdict.weight, self.reduce_axes is not None
+      )
     state = state._replace(
       mini_step=mini_step,
       acc_grads=acc_grads,
       skip_state=verdict.skip_state,
-      acc_weight=state.acc_weight + verdict.weight,
+      acc_weight=state.acc_weight + jnp.sum(verdict.weight),
       num_skipped=_increment_where(~accepted, state.num_skipped),
       emitted=jnp.zeros((), jnp.bool_),
       rounding_key=rounding_key,
       statistics=statistics,
     )
     return state, close_window
+
+  def _replicas(self, where: str) -> int:
+    """R, the number of replicas under `reduce_axes` (from the mesh in context)."""
+    assert self.reduce_axes is not None
+    return _replicas.count(where, self.reduce_axes)
+
+  def _as_weight(self, where: str, weight: Any) -> jax.Array:
+    """`weight=` as float32: a scalar, or under `reduce_axes` also one per replica, `[R]`."""
+    if self.reduce_axes is None or jnp.ndim(weight) == 0:
+      return _validation.as_scalar(where, "weight", weight, jnp.float32)
+    replicas = self._replicas(where)
+    if jnp.shape(weight) != (replicas,):
+      raise ValueError(
+        f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.reduce_axes!r}, "
+        f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
+      )
+    if jnp.result_type(weight) == jnp.bool_:
+      raise TypeError(f"`{where}(weight=...)` must be numbers, got dtype bool.")
+    return jnp.asarray(weight).astype(jnp.float32)
 
   def _verdict(self, updates: Any, state: AccumulateState, params: Any, weight: Any) -> _Verdict:
     """Runs the skip policy and checks the weight: a NaN, inf or negative one skips."""
@@ -305,9 +336,13 @@ class Accumulation:
     if weight is None:
       weight = jnp.ones((), jnp.float32)
     else:
-      # `not (w >= 0)` also holds for NaN; inf fails `isfinite`.
-      bad_weight = ~((weight >= 0) & jnp.isfinite(weight))
+      # `not (w >= 0)` also holds for NaN; inf fails `isfinite`. Replicas
+      # skip together: one bad replica's weight skips the micro-step.
+      bad_weight = ~jnp.all((weight >= 0) & jnp.isfinite(weight))
       should_skip = bad_weight if should_skip is None else should_skip | bad_weight
+    if self.reduce_axes is not None:
+      # Per replica: each replica's micro-batch weighs in (1 each unweighted).
+      weight = jnp.broadcast_to(weight, (self._replicas("accumulate"),))
     if should_skip is not None:
       weight = jnp.where(should_skip, jnp.float32(0), weight)
     return _Verdict(should_skip, weight, skip_state)
@@ -335,7 +370,10 @@ class Accumulation:
       # Selects, not multiplies: a stale NaN (no skip policy) must not survive,
       # and 0 * NaN would still be NaN.
       acc = jnp.where(window_open, acc, jnp.zeros((), acc.dtype))
-      summed = self.accumulator.add(acc, g, weight, seed)
+      w = weight
+      if w is not None and w.ndim:  # one weight per replica, along the leading axis
+        w = jnp.reshape(w, w.shape + (1,) * (g.ndim - 1))
+      summed = self.accumulator.add(acc, g, w, seed)
       return summed if verdict.skip is None else jnp.where(verdict.skip, acc, summed)
 
     acc_grads = jax.tree.map(add_leaf, updates, state.acc_grads, seeds, is_leaf=_IS_NONE)
@@ -360,7 +398,7 @@ class Accumulation:
     all-reduce replica-invariant, and a loop's carry that went in per replica
     would come out per replica, and so would the optimizer's state.
     """
-    if self.axis_name is None:
+    if self.axis_name is None and self.reduce_axes is None:
       window = self._window(like, state, close_window)
       return *self._step(window, like, operand, params, extra_args, into), window
 
@@ -399,6 +437,10 @@ class Accumulation:
       # The one cross-replica reduction of the window.
       sums = jax.lax.psum(sums, self.axis_name)
     acc_grads, total_weight, running = sums
+    if self.reduce_axes is not None:
+      # The one reduction of the window over the replica axes (the weights
+      # and statistics were summed over replicas as they came).
+      acc_grads = _map(_replicas.total, acc_grads)
     runs = total_weight > 0
     if self.window_guard:
       runs = runs & _window_is_finite(self.reduction, like, acc_grads, total_weight)
@@ -520,6 +562,7 @@ def build(
   axis_name: Any = None,
   strategy: Any = "cond",
   statistics: Any = False,
+  reduce_axes: Any = None,
 ) -> Accumulation:
   """Validates an accumulation's arguments, with errors naming `where` and `names`.
 
@@ -543,6 +586,13 @@ def build(
   if axis_name is not None and not isinstance(axis_name, Hashable):
     raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
   _validation.check_choice(where, "strategy", strategy, _branching.STRATEGIES)
+  reduce_axes = _replicas.check_axes(where, reduce_axes)
+  if axis_name is not None and reduce_axes is not None:
+    raise ValueError(
+      f"`{where}(axis_name=..., reduce_axes=...)`: pass one. `axis_name` names the "
+      "mapped axis inside `shard_map` or `pmap`; `reduce_axes` the mesh axes under plain "
+      f"`jax.jit`, got axis_name={axis_name!r} and reduce_axes={reduce_axes!r}."
+    )
   return Accumulation(
     inner=optax.with_extra_args_support(inner),
     schedule=_validation.as_schedule(every_k),
@@ -553,6 +603,7 @@ def build(
     axis_name=axis_name,
     strategy=strategy,
     statistics=statistics,
+    reduce_axes=reduce_axes,
   )
 
 
@@ -573,6 +624,7 @@ def accumulate(
   axis_name: Hashable | None = None,
   strategy: str = "cond",
   statistics: bool = False,
+  reduce_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Accumulates gradients over a window of micro-steps, then runs `inner` once.
 
@@ -645,6 +697,22 @@ def accumulate(
       the window reduces the accumulators (and weights) across the axis once,
       then runs `inner`. Across replicas a skipped micro-batch adds nothing but
       still counts towards the window length, so that replicas stay in step.
+    reduce_axes: for data-parallel training under plain `jax.jit` over a
+      mesh (Auto or Explicit axes, the mesh in context: `with
+      jax.set_mesh(mesh):`, for `init` too): the mesh axes over which replicas
+      hold different micro-batches, e.g. `("data",)`. `update` then takes
+      per-replica gradients, every leaf with a leading axis of R replicas (R
+      the product of the axes' sizes), as `optaccum.per_replica(grad_fn,
+      reduce_axes)` returns them; the accumulator holds one sum per replica,
+      sharded over `reduce_axes` and otherwise like the parameters, and the
+      window-closing step sums the replicas once: one all-reduce of the
+      gradients per window, where plain `jax.jit` reduces every micro-batch.
+      The emitted updates have the parameters' shapes. `weight` may then be a
+      scalar or one weight per replica, `[R]`; the mean is over every
+      replica's micro-batches. A skip policy sees the per-replica gradients
+      and decides for all replicas at once (`skip_not_finite` skips the
+      micro-step if any replica's gradient is not finite). See
+      docs/distributed.md.
     strategy: how the window-closing step is made conditional: `"cond"`
       (default: `lax.cond`, reverse-differentiable), `"loop"` (a while loop
       of zero or one trips, which keeps the state in place; not
@@ -688,6 +756,7 @@ def accumulate(
     axis_name=axis_name,
     strategy=strategy,
     statistics=statistics,
+    reduce_axes=reduce_axes,
   ).transformation()
 
 

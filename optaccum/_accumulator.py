@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaccum import _rounding
+from optaccum import _replicas, _rounding
 
 REDUCTIONS = ("mean", "sum")
 
@@ -76,8 +76,13 @@ class Accumulator:
     """The dtype in which a leaf of `leaf_dtype` is summed."""
     return _dtype_for(leaf_dtype, self.dtype)
 
-  def zeros_like(self, where: str, leaf: Any) -> jax.Array:
-    """An empty accumulator for `leaf`, with its shape and sharding."""
+  def zeros_like(
+    self, where: str, leaf: Any, reduce_axes: tuple[str, ...] | None = None
+  ) -> jax.Array:
+    """An empty accumulator for `leaf`, with its shape and sharding.
+
+    With `reduce_axes`, one per replica: a leading axis of R replicas, over those axes.
+    """
     dtype = self.dtype_for(jnp.result_type(leaf))
     if self.stochastic and dtype != jnp.bfloat16:
       raise ValueError(
@@ -85,6 +90,8 @@ class Accumulator:
         f"only, but a leaf of dtype {jnp.result_type(leaf).name} needs a {dtype.name} "
         "accumulator."
       )
+    if reduce_axes is not None:
+      return _replicas.zeros(leaf, reduce_axes, _replicas.count(where, reduce_axes), dtype)
     # zeros_like, not zeros(shape): it keeps the leaf's sharding (and, under
     # shard_map, its per-replica type), so the sum lies where the leaf does.
     return jnp.zeros_like(leaf, dtype)

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from optaccum._sharding import vary_over, varying_axes
 
 STRATEGIES = ("loop", "cond", "select")
-LOOP_SCOPE = "optaccum_run_if"
 
 T = TypeVar("T")
 
@@ -79,10 +78,7 @@ def run_if(strategy: str, predicate: jax.Array, step: Callable[[T], T], operand:
     # `again & False`, not a fresh False: it keeps the predicate's type.
     return again & jnp.zeros((), jnp.bool_), step(value)
 
-  # The scope names the loop in the compiled program, where tools that count
-  # what a step runs (tests/hlo.py) read it as a branch, not a loop.
-  with jax.named_scope(LOOP_SCOPE):
-    return jax.lax.while_loop(lambda carry: carry[0], body, (predicate, operand))[1]
+  return jax.lax.while_loop(lambda carry: carry[0], body, (predicate, operand))[1]
 
 
 def _join_per_replica_types(step: Callable[[T], T], operand: T) -> tuple[Callable[[T], T], T]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _validation
+from optaccum import _accumulator, _arguments, _replicas, _validation
 from optaccum._sharding import vary
 
 _AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
@@ -30,39 +30,13 @@ class _Settings:
   fn: Callable[..., Any]
   num_microbatches: int
   has_aux: bool
-  batch_argnums: tuple[int, ...] | None
-  batch_argnames: tuple[str, ...]
-  key_arg: int | str | None
+  arguments: _arguments.Arguments
   reduction: str
   weight_fn: Callable[..., Any] | None
   accumulator: _accumulator.Accumulator
   aux_reduction: Any
   axis_name: Hashable | None
-
-
-def _as_argnames(value: Any) -> tuple[str, ...]:
-  names = (value,) if isinstance(value, str) else value
-  if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
-    raise TypeError(
-      f"`{_WHERE}(batch_argnames=...)` must be a str or a sequence of str, "
-      f"got batch_argnames={value!r}."
-    )
-  return tuple(names)
-
-
-def _check_key_arg(key_arg: Any, batch_argnums: tuple[int, ...], batch_argnames: tuple) -> None:
-  if key_arg is None:
-    return
-  if isinstance(key_arg, bool) or not isinstance(key_arg, (int, str)) or key_arg in (0, ""):
-    raise TypeError(
-      f"`{_WHERE}(key_arg=...)` must be None, a positive int (a position) or a str (a "
-      f"keyword), got key_arg={key_arg!r}."
-    )
-  if key_arg in batch_argnums or key_arg in batch_argnames:
-    raise ValueError(
-      f"`{_WHERE}(key_arg=...)` names a batch argument; a key is split, not sliced, "
-      f"got key_arg={key_arg!r}."
-    )
+  reduce_axes: tuple[str, ...] | None
 
 
 def _check_aux_reduction(value: Any) -> None:
@@ -87,6 +61,7 @@ def _check_arguments(
   accumulator: Any,
   aux_reduction: Any,
   axis_name: Any,
+  reduce_axes: Any,
 ) -> _Settings:
   """`microbatch`'s arguments as `_Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
@@ -94,71 +69,35 @@ def _check_arguments(
   _validation.check_positive_int(_WHERE, "num_microbatches", num_microbatches)
   if not isinstance(has_aux, bool):
     raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
-  if batch_argnums is not None:
-    batch_argnums = _validation.as_argnums(_WHERE, "batch_argnums", batch_argnums)
-  batch_argnames = _as_argnames(batch_argnames)
-  _check_key_arg(key_arg, batch_argnums or (), batch_argnames)
+  arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
   _validation.check_choice(_WHERE, "reduction", reduction, _accumulator.REDUCTIONS)
   _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
   accumulator = _accumulator.as_accumulator(_WHERE, accumulator, stochastic=False)
   _check_aux_reduction(aux_reduction)
   if axis_name is not None and not isinstance(axis_name, Hashable):
     raise TypeError(f"`{_WHERE}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
+  reduce_axes = _replicas.check_axes(_WHERE, reduce_axes)
+  if axis_name is not None and reduce_axes is not None:
+    raise ValueError(
+      f"`{_WHERE}(axis_name=..., reduce_axes=...)`: pass one. `axis_name` names the "
+      "mapped axis inside `shard_map`; `reduce_axes` the mesh axes under plain `jax.jit`, "
+      f"got axis_name={axis_name!r} and reduce_axes={reduce_axes!r}."
+    )
   return _Settings(
     fn=fn,
     num_microbatches=int(num_microbatches),
     has_aux=has_aux,
-    batch_argnums=batch_argnums,
-    batch_argnames=batch_argnames,
-    key_arg=key_arg,
+    arguments=arguments,
     reduction=reduction,
     weight_fn=weight_fn,
     accumulator=accumulator,
     aux_reduction=aux_reduction,
     axis_name=axis_name,
+    reduce_axes=reduce_axes,
   )
 
 
 # --- Slicing one call into micro-batch calls --------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """What one call does with each argument: which are split, which is the key."""
-
-  batch_argnums: tuple[int, ...]
-  batch_argnames: tuple[str, ...]
-  key_arg: int | str | None
-
-
-def _plan(settings: _Settings, args: tuple, kwargs: dict) -> _Plan:
-  """Resolves the defaults against the call's arguments and checks they exist."""
-  batch_argnums, key_arg = settings.batch_argnums, settings.key_arg
-  if batch_argnums is None:
-    batch_argnums = tuple(i for i in range(1, len(args)) if i != key_arg)
-  for n in batch_argnums:
-    if n >= len(args):
-      raise ValueError(
-        f"`{_WHERE}(batch_argnums=...)` names argument {n}, but the call has "
-        f"{len(args)} positional arguments."
-      )
-  for name in settings.batch_argnames:
-    if name not in kwargs:
-      raise ValueError(
-        f"`{_WHERE}(batch_argnames=...)` names {name!r}, which the call does not pass; "
-        f"it passes {sorted(kwargs)}."
-      )
-  if isinstance(key_arg, int) and key_arg >= len(args):
-    raise ValueError(
-      f"`{_WHERE}(key_arg=...)` names argument {key_arg}, but the call has "
-      f"{len(args)} positional arguments."
-    )
-  if isinstance(key_arg, str) and key_arg not in kwargs:
-    raise ValueError(
-      f"`{_WHERE}(key_arg=...)` names {key_arg!r}, which the call does not pass; "
-      f"it passes {sorted(kwargs)}."
-    )
-  return _Plan(batch_argnums, settings.batch_argnames, key_arg)
 
 
 def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
@@ -183,42 +122,40 @@ def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
   return jax.tree_util.tree_map_with_path(split_leaf, tree)
 
 
-def _split_batches(plan: _Plan, args: tuple, kwargs: dict, num_microbatches: int) -> dict:
+def _label(name: int | str) -> str:
+  return f"argument {name!r}" if isinstance(name, str) else f"argument {name}"
+
+
+def _split_batches(
+  plan: _arguments.Plan, args: tuple, kwargs: dict, num_microbatches: int
+) -> dict[int | str, Any]:
   """Each batch argument, by position or keyword, split by `_split`."""
-  batches: dict[int | str, Any] = {
-    n: _split(args[n], num_microbatches, f"argument {n}") for n in plan.batch_argnums
+  return {
+    name: _split(batch, num_microbatches, _label(name))
+    for name, batch in _arguments.batches(plan, args, kwargs).items()
   }
-  batches.update(
-    {n: _split(kwargs[n], num_microbatches, f"argument {n!r}") for n in plan.batch_argnames}
-  )
-  return batches
 
 
-def _check_key(key: Any, key_arg: int | str) -> None:
-  dtype = jnp.result_type(key)
-  is_typed = jnp.issubdtype(dtype, jax.dtypes.prng_key) and jnp.shape(key) == ()
-  is_raw = dtype == jnp.uint32 and jnp.shape(key) == (2,)
-  if not (is_typed or is_raw):
-    raise TypeError(
-      f"`{_WHERE}(key_arg=...)` names argument {key_arg!r}, which must be a single PRNG key, "
-      f"got {dtype} of shape {jnp.shape(key)}."
-    )
+def _microbatch_keys(
+  settings: _Settings, plan: _arguments.Plan, args: tuple, kwargs: dict, replica: Any
+) -> Any:
+  """The key argument split into one key per micro-batch, or None without one.
 
-
-def _microbatch_keys(settings: _Settings, plan: _Plan, args: tuple, kwargs: dict) -> Any:
-  """The key argument split into one key per micro-batch, or None without one."""
-  if plan.key_arg is None:
+  Each replica (`replica`: its index under `reduce_axes`) draws its own
+  dropout masks.
+  """
+  key = _arguments.key(_WHERE, plan, args, kwargs)
+  if key is None:
     return None
-  key = args[plan.key_arg] if isinstance(plan.key_arg, int) else kwargs[plan.key_arg]
-  _check_key(key, plan.key_arg)
   if settings.axis_name is not None:
-    # Each replica draws its own dropout masks.
     key = jax.random.fold_in(key, jax.lax.axis_index(settings.axis_name))
+  if replica is not None:
+    key = jax.random.fold_in(key, replica)
   return jax.random.split(key, settings.num_microbatches)
 
 
 def _vary_whole_arguments(
-  plan: _Plan, args: tuple, kwargs: dict, axis_name: Hashable
+  plan: _arguments.Plan, args: tuple, kwargs: dict, axis_name: Hashable
 ) -> tuple[tuple, dict]:
   """The arguments passed whole to every micro-batch, marked as varying over `axis_name`.
 
@@ -232,27 +169,15 @@ def _vary_whole_arguments(
   return args, kwargs
 
 
-def _put(args: list, kwargs: dict, name: int | str, value: Any) -> None:
-  """Sets the positional (int `name`) or keyword (str `name`) argument to `value`."""
-  if isinstance(name, int):
-    args[name] = value
-  else:
-    kwargs[name] = value
-
-
 def _microbatch_arguments(
-  plan: _Plan, args: tuple, kwargs: dict, batches: dict, index: Any, key: Any
+  plan: _arguments.Plan, args: tuple, kwargs: dict, batches: dict, index: Any, key: Any
 ) -> tuple[list, dict]:
   """The arguments of micro-batch `index`: column `index` of each batch, and its key."""
-  micro_args, micro_kwargs = list(args), dict(kwargs)
-  for name, batch in batches.items():
-    part = jax.tree.map(
-      lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False), batch
-    )
-    _put(micro_args, micro_kwargs, name, part)
+  column = lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)  # noqa: E731
+  values = {name: jax.tree.map(column, batch) for name, batch in batches.items()}
   if plan.key_arg is not None:
-    _put(micro_args, micro_kwargs, plan.key_arg, key)
-  return micro_args, micro_kwargs
+    values[plan.key_arg] = key
+  return _arguments.replaced(args, kwargs, values)
 
 
 def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
@@ -282,15 +207,17 @@ def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
 _Call = Callable[[Any, Any], tuple[tuple[Any, Any, Any], Any]]
 
 
-def _microbatch_call(settings: _Settings, args: tuple, kwargs: dict) -> tuple[_Call, Any]:
+def _microbatch_call(
+  settings: _Settings, args: tuple, kwargs: dict, replica: Any
+) -> tuple[_Call, Any]:
   """`call(index, key)`, which runs `fn` on micro-batch `index`, and the micro-batch keys.
 
   `call` returns `(loss, aux, grads)` and the micro-batch's weight (None
   without `weight_fn`).
   """
-  plan = _plan(settings, args, kwargs)
+  plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   batches = _split_batches(plan, args, kwargs, settings.num_microbatches)
-  keys = _microbatch_keys(settings, plan, args, kwargs)
+  keys = _microbatch_keys(settings, plan, args, kwargs, replica)
   if settings.axis_name is not None:
     args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.axis_name)
 
@@ -445,27 +372,39 @@ def _finisher(total_weight: jax.Array, weighted: bool) -> Callable[[str, Any, An
   return finish
 
 
-def _finish(
-  settings: _Settings, carry: Any, stacks: list, loss_shape: Any, grads_shape: Any, aux: _AuxLayout
-) -> Any:
-  """What the split function returns, from the scan's final carry and stacked aux."""
+class _Shapes(NamedTuple):
+  """The shapes and dtypes of one micro-batch's loss and gradients, and the aux layout."""
+
+  loss: Any
+  grads: Any
+  aux: _AuxLayout
+
+
+def _finish(settings: _Settings, carry: Any, combined: list, shapes: _Shapes) -> Any:
+  """What the split function returns, from the final sums and the combined stacked aux."""
   acc_loss, acc_grads, acc_aux, total_weight = carry
   finish = _finisher(total_weight, weighted=settings.weight_fn is not None)
-  loss = finish(settings.reduction, acc_loss, loss_shape)
-  grads = jax.tree.map(lambda acc, g: finish(settings.reduction, acc, g), acc_grads, grads_shape)
+  loss = finish(settings.reduction, acc_loss, shapes.loss)
+  grads = jax.tree.map(lambda acc, g: finish(settings.reduction, acc, g), acc_grads, shapes.grads)
   if not settings.has_aux:
     return loss, grads
+  aux = shapes.aux
   leaves: list[Any] = [None] * len(aux.leaves)
   for acc, i in zip(acc_aux, aux.summed):
     leaves[i] = finish(aux.modes[i], acc, aux.leaves[i])
-  for stack, i in zip(stacks, aux.stacked):
-    leaves[i] = _combine_stacked(aux.modes[i], stack)
+  for value, i in zip(combined, aux.stacked):
+    leaves[i] = value
   return (loss, aux.unflatten(leaves)), grads
 
 
-def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
-  """One call of the split function: slice, scan over the micro-batches, finish."""
-  call, keys = _microbatch_call(settings, args, kwargs)
+def _local_sums(
+  settings: _Settings, args: tuple, kwargs: dict, replica: Any = None
+) -> tuple[Any, list, _Shapes]:
+  """The scan over this call's micro-batches (one replica's, under `reduce_axes`).
+
+  Returns the final carry (the sums), the stacked aux leaves combined, and the shapes.
+  """
+  call, keys = _microbatch_call(settings, args, kwargs, replica)
   first_key = None if keys is None else keys[0]
   (loss_shape, aux_shape, grads_shape), weight_shape = jax.eval_shape(call, jnp.int32(0), first_key)
   aux = _aux_layout(aux_shape, settings.aux_reduction)
@@ -473,10 +412,51 @@ def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
   body = _scan_body(settings.accumulator, call, aux)
   xs = (jnp.arange(settings.num_microbatches, dtype=jnp.int32), keys)
   carry, stacks = jax.lax.scan(body, carry, xs)
+  combined = [_combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
+  return carry, combined, _Shapes(loss_shape, grads_shape, aux)
+
+
+def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
+  """One call of the split function: slice, scan over the micro-batches, finish."""
+  if settings.reduce_axes is not None:
+    return _split_call_per_replica(settings, settings.reduce_axes, args, kwargs)
+  carry, combined, shapes = _local_sums(settings, args, kwargs)
   if settings.axis_name is not None:
     # The one cross-replica reduction of the step.
     carry = jax.lax.psum(carry, settings.axis_name)
-  return _finish(settings, carry, stacks, loss_shape, grads_shape, aux)
+  return _finish(settings, carry, combined, shapes)
+
+
+def _split_call_per_replica(
+  settings: _Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
+) -> Any:
+  """Under `reduce_axes`: each replica scans its own rows; the sums are reduced once.
+
+  See `optaccum/_replicas.py`. "concat" aux leaves are joined back into the
+  batch's row order; "stack" and callable ones keep a leading replica axis.
+  """
+  replicas = _replicas.count(_WHERE, axes)
+  plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
+  batches = _arguments.batches(plan, args, kwargs)
+  parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
+  found: list[_Shapes] = []
+
+  def local(parts: dict, replica: jax.Array) -> tuple[Any, list]:
+    local_args, local_kwargs = _arguments.replaced(args, kwargs, parts)
+    carry, combined, shapes = _local_sums(settings, tuple(local_args), local_kwargs, replica)
+    found.append(shapes)
+    return carry, combined
+
+  indices = _replicas.indices(axes, replicas)
+  carry, combined = _replicas.vmap(local, axes, in_axes=(0, 0))(parts, indices)
+  shapes = found[-1]
+  # The one reduction over the replica axes.
+  carry = jax.tree.map(_replicas.total, carry)
+  combined = [
+    jnp.reshape(value, (-1, *value.shape[2:])) if shapes.aux.modes[i] == "concat" else value
+    for value, i in zip(combined, shapes.aux.stacked)
+  ]
+  return _finish(settings, carry, combined, shapes)
 
 
 # --- The public function ----------------------------------------------------------------
@@ -495,6 +475,7 @@ def microbatch(
   accumulator: Any = None,
   aux_reduction: Any = "mean",
   axis_name: Hashable | None = None,
+  reduce_axes: str | Sequence[str] | None = None,
 ) -> Callable[..., Any]:
   """Splits a gradient function's batch into micro-batches and scans over them.
 
@@ -566,6 +547,19 @@ def microbatch(
       global batch. The PRNG key is folded with the replica index first, so
       replicas draw different dropout masks. `"stack"`, `"concat"` and
       callable aux leaves stay per replica.
+    reduce_axes: for data-parallel training under plain `jax.jit` over a
+      mesh, with the mesh in context (`with jax.set_mesh(mesh):`, an Auto or
+      Explicit mesh): the mesh axes over which the batch is split among
+      replicas, e.g. `("data",)`. Each replica (R of them, the product of the
+      axes' sizes) scans the micro-batches of its own contiguous block of
+      `B / R` rows, summing its gradients locally, and the sums are reduced
+      over `reduce_axes` once per call: one all-reduce of the gradients per
+      step where XLA would otherwise insert one per micro-batch. Other mesh
+      axes (FSDP's) are left to XLA, so their per-micro-batch reduce-scatter
+      stays. The key is folded with the replica index. Results equal the
+      unsplit call's; `"concat"` aux leaves come back in the batch's row
+      order, `"stack"` and callable ones with a leading axis of R replicas.
+      See docs/distributed.md.
 
   Returns:
     A function with the signature and output structure of `fn`.
@@ -596,6 +590,7 @@ def microbatch(
     accumulator=accumulator,
     aux_reduction=aux_reduction,
     axis_name=axis_name,
+    reduce_axes=reduce_axes,
   )
 
   @functools.wraps(fn)

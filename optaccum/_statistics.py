@@ -85,11 +85,15 @@ class StatisticsState(NamedTuple):
   last_window: WindowStatistics
 
 
-def _squared_norm(tree: Any) -> jax.Array:
-  """Squared global norm in float32, whatever the leaves' dtype."""
+def _squared_norm(tree: Any, per_replica: bool = False) -> jax.Array:
+  """Squared global norm in float32, whatever the leaves' dtype.
+
+  With `per_replica`, `[R]`: one per replica (the leaves' leading axis).
+  """
   total = jnp.zeros((), jnp.float32)
   for leaf in jax.tree.leaves(tree):
-    total += jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    axes = tuple(range(1, leaf.ndim)) if per_replica else None
+    total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=axes)
   return total
 
 
@@ -112,14 +116,21 @@ def init() -> StatisticsState:
   )
 
 
-def add(state: StatisticsState, updates: Any, weight: jax.Array) -> StatisticsState:
-  """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped)."""
+def add(
+  state: StatisticsState, updates: Any, weight: jax.Array, per_replica: bool = False
+) -> StatisticsState:
+  """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped).
+
+  With `per_replica` (under `reduce_axes`) `updates` has a leading replica
+  axis and `weight` is `[R]`: each replica's micro-batch counts as one, as
+  under `shard_map`.
+  """
   counted = weight > 0
   # A select, not a multiply: a skipped micro-batch's norm may be NaN.
-  squared_norm = jnp.where(counted, weight * _squared_norm(updates), jnp.float32(0))
+  squared_norm = jnp.where(counted, weight * _squared_norm(updates, per_replica), jnp.float32(0))
   return state._replace(
-    squared_norm_sum=state.squared_norm_sum + squared_norm,
-    num_micro_batches=state.num_micro_batches + counted.astype(jnp.int32),
+    squared_norm_sum=state.squared_norm_sum + jnp.sum(squared_norm),
+    num_micro_batches=state.num_micro_batches + jnp.sum(counted.astype(jnp.int32)),
   )
 
 

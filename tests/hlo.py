@@ -4,8 +4,12 @@ A program's text lists each collective once, even inside a loop that runs it k
 times, and even inside a conditional branch that runs it only sometimes. So
 each op found here carries how many times one call of the program runs it (the
 product of the known trip counts of the loops around it) and whether it sits in
-a conditional branch. Used by the multi-device checks, whose printed numbers
-are the ones quoted in docs/distributed.md.
+a conditional branch. A while loop whose trip count XLA does not know (such as
+the zero-or-one-trip loop of `strategy="loop"`) makes the count unknown (None):
+only the program's structure is read, never a name the library sets. Each op
+also carries its device groups, so a check can tell which mesh axes it
+communicates over. Used by the multi-device checks, whose printed numbers are
+the ones quoted in docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import dataclasses
 import math
 import re
 
-from optaccum._branching import LOOP_SCOPE
+import numpy as np
 
 _BYTES = {
   "pred": 1,
@@ -40,6 +44,12 @@ _BRANCH_CALLS = re.compile(
 )
 _PLAIN_CALLS = re.compile(r"\b(?:calls|to_apply)=%([\w.\-]+)|called_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_LIST_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_MESH_GROUPS = re.compile(
+  r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+  r" \{([^}]*)\}"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +63,62 @@ class Collective:
     conditional: whether it sits in a branch of a conditional, so that a call
       runs it only when that branch is taken.
     bytes: the size of its result, which for an all-reduce is its operands.
+    groups: the sets of devices (logical ids: positions in the mesh's device
+      array, flattened) that communicate; None where the text gives none.
   """
 
   op: str
   executions: int | None
   conditional: bool
   bytes: int
+  groups: tuple[frozenset[int], ...] | None = None
+
+  def spans(self, mesh_shape: tuple[int, ...], axis: int) -> bool:
+    """Whether some group holds devices at different positions along mesh axis `axis`.
+
+    None groups (all devices in one group) span every axis of size above 1.
+    """
+    if self.groups is None:
+      return mesh_shape[axis] > 1
+    for group in self.groups:
+      coordinates = {np.unravel_index(d, mesh_shape)[axis] for d in group}
+      if len(coordinates) > 1:
+        return True
+    return False
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+  ids = np.arange(math.prod(int(d) for d in dims.split(","))).reshape(
+    [int(d) for d in dims.split(",")]
+  )
+  if perm:
+    ids = ids.transpose([int(p) for p in perm.split(",")])
+  return ids.ravel()
+
+
+def _groups(line: str) -> tuple[frozenset[int], ...] | None:
+  """The device groups of a collective's line, in any of XLA's three spellings."""
+  listed = _LIST_GROUPS.search(line)
+  if listed:
+    found = re.findall(r"\{([\d,]*)\}", listed.group(1))
+    groups = tuple(frozenset(int(d) for d in g.split(",") if d) for g in found)
+    return groups if any(groups) else None
+  iota = _IOTA_GROUPS.search(line)
+  if iota:
+    count, size, dims, perm = iota.groups()
+    ids = _iota(dims, perm).reshape(int(count), int(size))
+    return tuple(frozenset(int(d) for d in row) for row in ids)
+  mesh = _MESH_GROUPS.search(line)
+  if mesh:
+    axes_text, dims, perm, over = mesh.groups()
+    names = re.findall(r"'(\w+)'=(\d+)", axes_text)
+    sizes = [int(n) for _, n in names]
+    ids = (_iota(dims, perm) if dims else np.arange(math.prod(sizes))).reshape(sizes)
+    reduced = [i for i, (name, _) in enumerate(names) if f"'{name}'" in over]
+    kept = [i for i in range(len(sizes)) if i not in reduced]
+    grouped = ids.transpose(kept + reduced).reshape(-1, math.prod(sizes[i] for i in reduced))
+    return tuple(frozenset(int(d) for d in row) for row in grouped)
+  return None
 
 
 def _array_bytes(shape_text: str) -> int:
@@ -103,12 +163,10 @@ def collectives(hlo_text: str, ops: tuple[str, ...] = ("all-reduce",)) -> list[C
         shape, opcode = instruction.groups()
         base = opcode.removesuffix("-start")
         if base in ops and not opcode.endswith("-done"):
-          found.append(Collective(base, executions, conditional, _array_bytes(shape)))
+          found.append(
+            Collective(base, executions, conditional, _array_bytes(shape), _groups(line))
+          )
       for callee in _LOOP_CALLS.findall(line):
-        if LOOP_SCOPE in line:
-          # optaccum's run_if: a while loop of zero or one trips is a branch.
-          visit(callee, executions, True)
-          continue
         trip = _TRIP_COUNT.search(line)
         times = None if trip is None or executions is None else executions * int(trip.group(1))
         visit(callee, times, conditional)

@@ -1,0 +1,105 @@
+"""`per_replica`: a gradient function whose gradients come out per replica, not yet reduced."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from optaccum import _arguments, _replicas
+
+_WHERE = "per_replica"
+
+
+def per_replica(
+  fn: Callable[..., Any],
+  reduce_axes: str | Sequence[str] = ("data",),
+  *,
+  batch_argnums: int | Sequence[int] | None = None,
+  batch_argnames: str | Sequence[str] = (),
+  key_arg: int | str | None = None,
+) -> Callable[..., Any]:
+  """Wraps a gradient function so that its outputs come out per replica, not yet reduced.
+
+  Under plain `jax.jit` over a mesh whose batch axis is sharded, XLA reduces
+  the gradients over the batch's devices inside every gradient computation:
+  with `optaccum.accumulate`, one all-reduce per micro-step. `per_replica`
+  splits each batch `[B, ...]` into R contiguous blocks of `B / R` rows, one
+  per replica (R is the product of the sizes of `reduce_axes` in the mesh in
+  context), and runs `fn` on each block with `jax.vmap(...,
+  spmd_axis_name=reduce_axes)`: every replica computes the gradient of its own
+  rows, with no communication over `reduce_axes`. Feed the result to
+  `optaccum.accumulate(..., reduce_axes=reduce_axes)` (or
+  `optaccum.apply_gradients` with it), which sums the replicas once, when the
+  window closes: one all-reduce of the gradients per window.
+
+  Every output leaf of `fn` (loss, aux, gradients) gains a leading axis of
+  size R, sharded over `reduce_axes`: replica r's value, as `fn` would return
+  it for its rows alone (a mean loss is the mean over those rows; take
+  `jnp.mean(loss)` for the batch's). Other mesh axes (FSDP's) are left to XLA.
+  The model is unchanged; it sees a batch of `B / R` rows. Call it with the
+  mesh in context: `with jax.set_mesh(mesh):` (Auto or Explicit axes).
+
+  Args:
+    fn: a function like `jax.grad(loss)` or `jax.value_and_grad(loss)`; its
+      first argument is the parameters.
+    reduce_axes: the mesh axes over which the batch is split among replicas
+      (default `("data",)`).
+    batch_argnums: positional arguments that are batches, split along axis 0;
+      None (default) means every one after the first, except the key.
+    batch_argnames: keyword arguments that are batches.
+    key_arg: the position (int) or keyword (str) of a PRNG key argument, if
+      any: replica r gets the key folded with r, so replicas draw different
+      dropout masks.
+
+  Returns:
+    A function with `fn`'s signature whose every output leaf has a leading
+    replica axis.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> def loss(w, x):
+    ...   return jnp.mean((x @ w) ** 2)
+    >>> grad_fn = optaccum.per_replica(jax.grad(loss), reduce_axes=("data",))
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("data",))
+    >>> with jax.set_mesh(mesh):
+    ...   w, x = jnp.ones(3), jnp.ones((4, 3))
+    ...   state = tx.init(w)
+    ...   grads = grad_fn(w, x)
+    ...   updates, state = tx.update(grads, state, w)
+    >>> grads.shape  # one replica on this machine
+    (1, 3)
+  """
+  if not callable(fn):
+    raise TypeError(f"`{_WHERE}(fn=...)` must be callable, got fn={fn!r}.")
+  axes = _replicas.check_axes(_WHERE, reduce_axes)
+  if axes is None:
+    raise TypeError(
+      f"`{_WHERE}(reduce_axes=...)` must name the mesh axes of the replicas, such as "
+      "('data',), got reduce_axes=None."
+    )
+  arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
+
+  @functools.wraps(fn)
+  def per_replica_fn(*args: Any, **kwargs: Any) -> Any:
+    replicas = _replicas.count(_WHERE, axes)
+    plan = _arguments.plan(_WHERE, arguments, args, kwargs)
+    key = _arguments.key(_WHERE, plan, args, kwargs)
+    parts = _replicas.split_batches(_WHERE, _arguments.batches(plan, args, kwargs), axes, replicas)
+
+    def local(parts: dict, replica: jax.Array) -> Any:
+      values = dict(parts)
+      if plan.key_arg is not None:
+        values[plan.key_arg] = jax.random.fold_in(key, replica)
+      local_args, local_kwargs = _arguments.replaced(args, kwargs, values)
+      return fn(*local_args, **local_kwargs)
+
+    return _replicas.vmap(local, axes, in_axes=(0, 0))(parts, _replicas.indices(axes, replicas))
+
+  return per_replica_fn

@@ -1,0 +1,214 @@
+"""Per-replica values under plain `jax.jit` on a mesh: a leading replica axis, summed once.
+
+Under plain `jax.jit` over a mesh whose batch axis is sharded (`'data'`), the
+gradient of a mean loss comes back summed over the batch, so XLA (GSPMD)
+inserts an all-reduce of the gradients into every gradient computation. To
+defer it, optaccum gives the computation an explicit replica axis: each batch
+`[B, ...]` is reshaped to `[R, B / R, ...]`, its leading axis sharded over the
+replica axes (`reduce_axes`, R the product of their sizes), and the gradient
+function is `jax.vmap`-ed over it with `spmd_axis_name=reduce_axes`. Every
+replica then computes the gradient of its own rows, a leaf `[R, ...]` sharded
+over the replica axes: nothing to communicate. Summing that leading axis is the
+one all-reduce, which optaccum does once per window.
+
+This works on Auto meshes (sharding constraints) and Explicit ones (sharding in
+types, `jax.sharding.reshard`) alike, with the model unchanged: the model sees
+a batch of `B / R` rows and parameters as they are (an FSDP model still gathers
+its weights, and its gradients are still reduce-scattered over the FSDP axes
+per micro-batch; only the replica axes are deferred).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def check_axes(where: str, value: Any) -> tuple[str, ...] | None:
+  """`reduce_axes=` as a tuple of mesh axis names, or None; raises naming `where`."""
+  if value is None:
+    return None
+  axes = (value,) if isinstance(value, str) else value
+  if (
+    not isinstance(axes, Sequence)
+    or not axes
+    or not all(isinstance(a, str) and a for a in axes)
+    or len(set(axes)) != len(axes)
+  ):
+    raise TypeError(
+      f"`{where}(reduce_axes=...)` must be a mesh axis name or a non-empty sequence of "
+      f"distinct names, such as ('data',), got reduce_axes={value!r}."
+    )
+  return tuple(axes)
+
+
+def _context_mesh(where: str, axes: tuple[str, ...]) -> Any:
+  """The mesh set by `jax.set_mesh`, checked to hold `axes` of one axis type."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.shape:
+    raise ValueError(
+      f"`{where}(reduce_axes={axes!r})` needs the mesh in context: call it under "
+      "`with jax.set_mesh(mesh):` (inside and outside `jax.jit`)."
+    )
+  missing = [a for a in axes if a not in mesh.shape]
+  if missing:
+    raise ValueError(
+      f"`{where}(reduce_axes={axes!r})` names axes {missing} that the mesh in context "
+      f"does not have; its axes are {tuple(mesh.axis_names)}."
+    )
+  types = {mesh.axis_types[mesh.axis_names.index(a)] for a in axes}
+  if len(types) != 1 or AxisType.Manual in types:
+    raise ValueError(
+      f"`{where}(reduce_axes={axes!r})` needs axes that are all Auto or all Explicit, "
+      f"got {sorted(str(t) for t in types)}; inside `shard_map`, use `axis_name=`."
+    )
+  return mesh
+
+
+def count(where: str, axes: tuple[str, ...]) -> int:
+  """R, the number of replicas: the product of the sizes of `axes` in the mesh in context."""
+  mesh = _context_mesh(where, axes)
+  total = 1
+  for a in axes:
+    total *= mesh.shape[a]
+  return total
+
+
+def _explicit(axes: tuple[str, ...]) -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Explicit
+
+
+def _entry(axes: tuple[str, ...]) -> Any:
+  return axes[0] if len(axes) == 1 else axes
+
+
+def _without(entry: Any, axes: tuple[str, ...]) -> Any:
+  """A PartitionSpec entry with `axes` taken out (None where nothing is left)."""
+  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  kept = tuple(n for n in names if n not in axes)
+  return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def _spec_of(x: Any) -> tuple[Any, ...] | None:
+  """`x`'s PartitionSpec entries, one per dimension, where they are known; else None."""
+  sharding = getattr(x, "sharding", None)
+  if isinstance(x, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+    sharding = jax.typeof(x).sharding
+    if not isinstance(sharding, NamedSharding) or not _explicit_spec(sharding):
+      return None
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def _explicit_spec(sharding: NamedSharding) -> bool:
+  """Whether a traced value's sharding is its type (Explicit axes), not a placeholder."""
+  return any(t == AxisType.Explicit for t in sharding.mesh.axis_types)
+
+
+def _place(x: jax.Array, axes: tuple[str, ...], rest: tuple[Any, ...] | None) -> jax.Array:
+  """`x` with its leading axis sharded over `axes`, the others as `rest` (None: XLA's choice)."""
+  if _explicit(axes):
+    return jax.sharding.reshard(x, P(_entry(axes), *(rest or (None,) * (x.ndim - 1))))
+  others = rest if rest is not None else (P.UNCONSTRAINED,) * (x.ndim - 1)
+  return jax.lax.with_sharding_constraint(x, P(_entry(axes), *others))
+
+
+def split(where: str, x: Any, axes: tuple[str, ...], replicas: int, argument: str) -> jax.Array:
+  """A batch leaf `[B, ...]` as `[R, B / R, ...]`: replica r holds rows r B/R to (r+1) B/R.
+
+  Contiguous blocks, as a batch sharded along its first axis lies on the devices.
+  """
+  shape = jnp.shape(x)
+  if not shape or shape[0] % replicas:
+    size = "no batch axis" if not shape else f"a batch of {shape[0]}"
+    raise ValueError(
+      f"`{where}(reduce_axes={axes!r})` splits every batch into {replicas} replicas, "
+      f"but {argument} has {size}, which does not divide by {replicas}."
+    )
+  spec = _spec_of(x)
+  rest = None if spec is None else (_without(spec[0], axes), *spec[1:])
+  local = jnp.reshape(x, (replicas, shape[0] // replicas, *shape[1:]))
+  return _place(local, axes, rest)
+
+
+def split_batches(
+  where: str, batches: dict[int | str, Any], axes: tuple[str, ...], replicas: int
+) -> dict[int | str, Any]:
+  """Every leaf of every batch argument `split` among the replicas."""
+
+  def split_argument(name: int | str, batch: Any) -> Any:
+    label = f"argument {name!r}" if isinstance(name, str) else f"argument {name}"
+    return jax.tree_util.tree_map_with_path(
+      lambda path, x: split(
+        where, x, axes, replicas, f"{label} at {jax.tree_util.keystr(path) or 'the root'}"
+      ),
+      batch,
+    )
+
+  return {name: split_argument(name, batch) for name, batch in batches.items()}
+
+
+def vmap(fn: Callable[..., Any], axes: tuple[str, ...], in_axes: Any) -> Callable[..., Any]:
+  """`fn` mapped over the replica axis: every output leaf `[R, ...]`, sharded over `axes`."""
+  mapped = jax.vmap(fn, in_axes=in_axes, spmd_axis_name=_entry(axes))
+
+  def per_replica_fn(*args: Any) -> Any:
+    out = mapped(*args)
+    return jax.tree.map(lambda y: _place(y, axes, _rest_of(y, axes)), out)
+
+  return per_replica_fn
+
+
+def indices(axes: tuple[str, ...], replicas: int) -> jax.Array:
+  """Each replica's index, `[R]` int32, sharded over `axes` (a `vmap` input like the batches)."""
+  return _place(jnp.arange(replicas, dtype=jnp.int32), axes, ())
+
+
+def _rest_of(y: Any, axes: tuple[str, ...]) -> tuple[Any, ...] | None:
+  spec = _spec_of(y)
+  return None if spec is None else tuple(_without(e, axes) for e in spec[1:])
+
+
+def zeros(leaf: Any, axes: tuple[str, ...], replicas: int, dtype: Any) -> jax.Array:
+  """A per-replica accumulator for `leaf`: `[R, *leaf.shape]` zeros, sharded like `leaf`.
+
+  The leading axis lies over `axes`, the others as `leaf`'s (without `axes`: a
+  leaf sharded over a replica axis, as in pure FSDP, gets one full copy per
+  replica).
+  """
+  spec = _spec_of(leaf)
+  rest = None if spec is None else tuple(_without(e, axes) for e in spec)
+  return _place(jnp.zeros((replicas, *jnp.shape(leaf)), dtype), axes, rest)
+
+
+def zeros_of_one(x: Any) -> jax.Array:
+  """Zeros shaped like one replica's slice of per-replica `x`, placed like it where typed."""
+  spec = _spec_of(x)
+  out = jnp.zeros(jnp.shape(x)[1:], x.dtype)
+  if spec is not None and _explicit_spec(jax.typeof(x).sharding):
+    out = jax.sharding.reshard(out, P(*spec[1:]))
+  return out
+
+
+def check_leading(where: str, name: str, tree: Any, axes: tuple[str, ...], replicas: int) -> None:
+  """Raises unless every array leaf of `tree` has a leading replica axis of size R."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != replicas:
+      raise ValueError(
+        f"`{where}({name}=...)` must hold per-replica gradients under "
+        f"reduce_axes={axes!r}: every leaf with a leading axis of {replicas} replicas, as "
+        f"`optaccum.per_replica(grad_fn, reduce_axes={axes!r})` returns them; the leaf at "
+        f"{jax.tree_util.keystr(path) or 'the root'} has shape {shape}."
+      )
+
+
+def total(x: jax.Array) -> jax.Array:
+  """The sum over the replica axis: the all-reduce over the replica axes."""
+  return jnp.sum(x, axis=0)
