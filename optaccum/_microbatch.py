@@ -437,6 +437,7 @@ def _split_call_per_replica(
   """
   replicas = _replicas.count(_WHERE, axes)
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
+  _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
   batches = _arguments.batches(plan, args, kwargs)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
   found: list[_Shapes] = []

@@ -91,6 +91,7 @@ def per_replica(
     replicas = _replicas.count(_WHERE, axes)
     plan = _arguments.plan(_WHERE, arguments, args, kwargs)
     key = _arguments.key(_WHERE, plan, args, kwargs)
+    _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
     parts = _replicas.split_batches(_WHERE, _arguments.batches(plan, args, kwargs), axes, replicas)
 
     def local(parts: dict, replica: jax.Array) -> Any:

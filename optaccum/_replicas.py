@@ -160,6 +160,11 @@ def vmap(fn: Callable[..., Any], axes: tuple[str, ...], in_axes: Any) -> Callabl
 
   def per_replica_fn(*args: Any) -> Any:
     out = mapped(*args)
+    if not _explicit(axes):
+      # On an Auto mesh `spmd_axis_name` already shards the outputs' replica
+      # axis; constraining the others too would let XLA pick other layouts
+      # than the parameters' (measured: a bias sharded over 'fsdp').
+      return out
     return jax.tree.map(lambda y: _place(y, axes, _rest_of(y, axes)), out)
 
   return per_replica_fn
@@ -194,6 +199,37 @@ def zeros_of_one(x: Any) -> jax.Array:
   if spec is not None and _explicit_spec(jax.typeof(x).sharding):
     out = jax.sharding.reshard(out, P(*spec[1:]))
   return out
+
+
+def check_not_sharded_over(
+  where: str, args: tuple, kwargs: dict, plan: Any, axes: tuple[str, ...]
+) -> None:
+  """Raises where an argument passed whole (the parameters) is typed as sharded over `axes`.
+
+  On an Explicit mesh, a parameter sharded over a replica axis (pure FSDP,
+  where one axis splits both the batch and the parameters) cannot be mapped
+  over that axis. On an Auto mesh it can, at the price of a full-size
+  accumulator per replica (docs/distributed.md), and is not detectable here.
+  """
+  batches = {*plan.batch_argnums, *plan.batch_argnames, plan.key_arg}
+  whole = {i: a for i, a in enumerate(args) if i not in batches}
+  whole.update({n: v for n, v in kwargs.items() if n not in batches})
+  for name, value in whole.items():
+    for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+      if not isinstance(leaf, jax.Array):
+        continue
+      spec = _spec_of(leaf)
+      used = {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
+      if used & set(axes):
+        raise ValueError(
+          f"`{where}(reduce_axes={axes!r})`: argument {name!r} at "
+          f"{jax.tree_util.keystr(path) or 'the root'} is sharded over "
+          f"{sorted(used & set(axes))} (spec {P(*spec or ())}), a replica axis. With "
+          "parameters sharded over the batch axis itself (pure FSDP), deferring the "
+          "reduction would keep a full-size gradient per device: use accumulate or "
+          "microbatch without reduce_axes, or an HSDP mesh whose replica axis does not "
+          "shard the parameters."
+        )
 
 
 def check_leading(where: str, name: str, tree: Any, axes: tuple[str, ...], replicas: int) -> None:

@@ -1,0 +1,390 @@
+"""Data parallelism under plain `jax.jit` on 8 CPU devices: all-reduces per window, equality.
+
+Run by tests/test_plain_jit.py in a process of its own, or by hand:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.checks.plain_jit
+Prints one JSON line. For each mesh (dp: 'data'=8; hsdp: 'data'=2 x 'fsdp'=4,
+the matrices sharded over 'fsdp' by rows; pure fsdp: 'data'=8 sharding both the
+batch and the matrices, Auto only), each axis type (Auto, Explicit)
+and each method, it counts the compiled all-reduces per window of k = 4
+micro-steps that communicate over 'data' and over 'fsdp' (from the program's
+structure: loop trip counts, conditional branches, device groups), their
+bytes, the per-device bytes of the accumulator, and the largest difference
+from large-batch Optax (SGD with momentum and weight decay) on the same data
+after two windows. `features` checks the window guard, skip policies, weights,
+statistics, stochastic rounding, aux outputs and keys under `reduce_axes`. The
+numbers in docs/distributed.md come from this script.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optaccum
+from tests import hlo
+
+K, ROWS, WINDOWS = 4, 64, 2
+MESHES = {"dp": ((8,), ("data",)), "hsdp": ((2, 4), ("data", "fsdp")), "fsdp": ((8,), ("data",))}
+# The mesh axis each kind shards its matrices over: pure FSDP shards them over the batch axis.
+PARAM_AXIS = {"dp": None, "hsdp": "fsdp", "fsdp": "data"}
+AXES = ("data",)
+
+
+def spec_of(x):
+  parts = list(x.sharding.spec)
+  while parts and parts[-1] is None:
+    parts.pop()
+  return str(P(*parts))
+
+
+def make_params(mesh, kind):
+  """A 3-layer MLP; its matrices sharded by rows over `PARAM_AXIS[kind]`, if any."""
+  rng = np.random.RandomState(0)
+  shapes = {"w1": (32, 128), "b1": (128,), "w2": (128, 128), "b2": (128,), "w3": (128, 16)}
+  shapes["b3"] = (16,)
+  params = {}
+  for name, shape in shapes.items():
+    value = (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)
+    spec = P(PARAM_AXIS[kind]) if PARAM_AXIS[kind] and len(shape) == 2 else P()
+    params[name] = jax.device_put(value, NamedSharding(mesh, spec))
+  return params
+
+
+def make_loss(explicit_fsdp):
+  def loss(params, x, y):
+    if explicit_fsdp:
+      # The model contract on an Explicit FSDP mesh: the model gathers its weights.
+      params = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params)
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    h = jnp.tanh(h @ params["w2"] + params["b2"])
+    return jnp.mean((h @ params["w3"] + params["b3"] - y) ** 2)
+
+  return loss
+
+
+def make_data(mesh, kind):
+  """[WINDOWS * K] micro-batches of ROWS rows, sharded over the batch axes."""
+  rng = np.random.RandomState(1)
+  batch = NamedSharding(mesh, P(("data", "fsdp") if kind == "hsdp" else "data"))
+  xs = rng.normal(size=(WINDOWS * K, ROWS, 32)).astype(np.float32)
+  ys = rng.normal(size=(WINDOWS * K, ROWS, 16)).astype(np.float32)
+  return [(jax.device_put(x, batch), jax.device_put(y, batch)) for x, y in zip(xs, ys)]
+
+
+def optimizer():
+  # Not AdamW: optax's bias correction fails the strict dtype promotion this check runs under.
+  return optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.5, momentum=0.9))
+
+
+def reference(params, data, loss):
+  """Large-batch Optax on the host: one update per window, on the window's rows."""
+  params = jax.device_get(params)
+  state = optimizer().init(params)
+  for w in range(WINDOWS):
+    window = data[w * K : (w + 1) * K]
+    x = np.concatenate([np.asarray(x) for x, _ in window])
+    y = np.concatenate([np.asarray(y) for _, y in window])
+    grads = jax.grad(loss)(params, x, y)
+    updates, state = optimizer().update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def per_window(text, mesh_shape, axis, steps):
+  """All-reduces over mesh axis `axis` per window: `steps` calls of the compiled step.
+
+  Ops outside conditionals run on every call; those inside a branch run on
+  the window's closing call only.
+  """
+  count, size = 0, 0
+  for c in hlo.collectives(text, ("all-reduce",)):
+    if not c.spans(mesh_shape, axis):
+      continue
+    assert c.executions is not None, "a loop of unknown trip count"
+    runs = c.executions * (1 if c.conditional else steps)
+    count, size = count + runs, size + runs * c.bytes
+  return count, size
+
+
+def local_bytes(tree):
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def methods(loss):
+  """Name -> (init, step, calls per window). A step is (params, state, x, y) -> (params, state)."""
+  tx = optaccum.accumulate(optimizer(), K, reduce_axes=AXES)
+  plain_tx = optaccum.accumulate(optimizer(), K)
+  multisteps = optax.MultiSteps(optimizer(), K)
+  grad_fn = optaccum.per_replica(jax.grad(loss), reduce_axes=AXES)
+  split = optaccum.microbatch(jax.value_and_grad(loss), K, reduce_axes=AXES)
+  plain_split = optaccum.microbatch(jax.value_and_grad(loss), K)
+
+  def transformation(tx, grads_of):
+    def step(params, state, x, y):
+      updates, state = tx.update(grads_of(params, x, y), state, params)
+      return optax.apply_updates(params, updates), state
+
+    return step
+
+  def fast(params, state, x, y):
+    return optaccum.apply_gradients(tx, grad_fn(params, x, y), state, params)
+
+  def in_step(split_fn):
+    def step(params, state, x, y):
+      _, grads = split_fn(params, x, y)
+      updates, state = optimizer().update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return step
+
+  return {
+    "accumulate(reduce_axes) + per_replica": (tx.init, transformation(tx, grad_fn), K),
+    "apply_gradients(reduce_axes) + per_replica": (tx.init, fast, K),
+    "microbatch(reduce_axes)": (optimizer().init, in_step(split), 1),
+    "accumulate, plain jit": (plain_tx.init, transformation(plain_tx, jax.grad(loss)), K),
+    "microbatch, plain jit": (optimizer().init, in_step(plain_split), 1),
+    "optax.MultiSteps": (multisteps.init, transformation(multisteps, jax.grad(loss)), K),
+    "large batch, no accumulation": (optimizer().init, in_step(jax.value_and_grad(loss)), 1),
+  }
+
+
+def joined(data, calls):
+  """The micro-batches as the method takes them: one by one, or k joined into one call."""
+  if calls == K:
+    return data
+  return [
+    tuple(jnp.concatenate([d[i] for d in data[w * K : (w + 1) * K]]) for i in range(2))
+    for w in range(WINDOWS)
+  ]
+
+
+def check(kind, axis_type):
+  shape, names = MESHES[kind]
+  mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+  explicit_fsdp = PARAM_AXIS[kind] is not None and axis_type == AxisType.Explicit
+  loss = make_loss(explicit_fsdp)
+  results = {}
+  with jax.set_mesh(mesh):
+    params = make_params(mesh, kind)
+    data = make_data(mesh, kind)
+    expected = reference(params, data, make_loss(False))
+    for name, (init, step, calls) in methods(loss).items():
+      batches = joined(data, calls)
+      state = init(params)
+      # optax.MultiSteps fails strict promotion itself; optaccum runs strict.
+      promotion = "standard" if name == "optax.MultiSteps" else "strict"
+      # On an Auto mesh XLA picks the outputs' layouts: pin them to the inputs',
+      # as a training loop that feeds its outputs back must. Explicit: the types do.
+      out = None
+      if axis_type == AxisType.Auto:
+        out = jax.tree.map(lambda a: a.sharding, (params, state))
+      with jax.numpy_dtype_promotion(promotion):
+        compiled = jax.jit(step, out_shardings=out).lower(params, state, *batches[0]).compile()
+      text = compiled.as_text()
+      new_params = params
+      for x, y in batches:
+        new_params, state = compiled(new_params, state, x, y)
+      diff = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(expected))
+      )
+      data_reduces, data_bytes = per_window(text, shape, 0, calls)
+      fsdp_reduces, fsdp_bytes = per_window(text, shape, 1, calls) if kind == "hsdp" else (0, 0)
+      acc = getattr(state, "acc_grads", None)
+      results[name] = {
+        "data_all_reduces": data_reduces,
+        "data_bytes": data_bytes,
+        "fsdp_all_reduces": fsdp_reduces,
+        "fsdp_bytes": fsdp_bytes,
+        "max_abs_diff": diff,
+        "param_specs": [spec_of(p) for p in jax.tree.leaves(params)],
+        "out_param_specs": [spec_of(p) for p in jax.tree.leaves(new_params)],
+        "acc_specs": None if acc is None else [spec_of(a) for a in jax.tree.leaves(acc)],
+        "acc_local_bytes": None if acc is None else local_bytes(acc),
+        "param_local_bytes": local_bytes(params),
+      }
+  return results
+
+
+def replica_grads(loss, params, x, y, replicas):
+  """Host reference: each replica's gradient of its own contiguous block of rows."""
+  params = jax.device_get(params)
+  x, y = np.asarray(x), np.asarray(y)
+  rows = x.shape[0] // replicas
+  return [
+    jax.grad(loss)(params, x[r * rows : (r + 1) * rows], y[r * rows : (r + 1) * rows])
+    for r in range(replicas)
+  ]
+
+
+def sgd_reference(params, gradient):
+  updates, _ = optimizer().update(gradient, optimizer().init(params), params)
+  return optax.apply_updates(jax.device_get(params), updates)
+
+
+def max_diff(a, b):
+  return max(
+    float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+def mean_of(trees, weights=None):
+  weights = np.ones(len(trees)) if weights is None else np.asarray(weights, np.float64)
+  total = float(np.sum(weights))
+  return jax.tree.map(
+    lambda *leaves: (
+      sum(w * np.asarray(leaf, np.float64) for w, leaf in zip(weights, leaves)) / total
+    ),
+    *trees,
+  )
+
+
+def run_window(tx, loss, params, data, weights=None, fast=False, steps=K):
+  """`steps` micro-steps (one window) through `tx` (or the fast path), jitted."""
+  grad_fn = optaccum.per_replica(jax.grad(loss), reduce_axes=AXES)
+
+  def step(params, state, x, y, weight):
+    grads = grad_fn(params, x, y)
+    if fast:
+      return optaccum.apply_gradients(tx, grads, state, params, weight=weight)
+    updates, state = tx.update(grads, state, params, weight=weight)
+    return optax.apply_updates(params, updates), state
+
+  compiled = jax.jit(step)
+  state = tx.init(params)
+  for t, (x, y) in enumerate(data[:steps]):
+    weight = None if weights is None else jnp.asarray(weights[t], jnp.float32)
+    params, state = compiled(params, state, x, y, weight)
+  return params, state
+
+
+def features(kind, axis_type):
+  """The guard, skip policies, per-replica weights, statistics, rounding, aux and keys."""
+  shape, names = MESHES[kind]
+  mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+  loss = make_loss(kind == "hsdp" and axis_type == AxisType.Explicit)
+  host_loss = make_loss(False)
+  replicas = shape[0]
+  out = {}
+  with jax.set_mesh(mesh):
+    params = make_params(mesh, kind)
+    data = make_data(mesh, kind)
+    grads = [replica_grads(host_loss, params, x, y, replicas) for x, y in data[: K + 1]]
+
+    # A NaN (and nothing else) in one row of one replica's block of micro-batch 1.
+    bad = [list(d) for d in data]
+    x_bad = np.asarray(bad[1][0]).copy()
+    x_bad[ROWS - 1, 3] = np.nan
+    bad[1][0] = jax.device_put(x_bad, data[1][0].sharding)
+    bad = [tuple(d) for d in bad]
+    tx = optaccum.accumulate(optimizer(), K, reduce_axes=AXES)
+    for form in ("transformation", "fast path"):
+      new, state = run_window(tx, loss, params, bad, fast=form == "fast path")
+      out[f"guard/{form}"] = {
+        "unchanged": max_diff(new, params),
+        "skipped_windows": int(optaccum.num_skipped_windows(state)),
+      }
+    skipping = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, skip=optaccum.skip_not_finite)
+    # The skipped micro-step is as if it never happened: the window takes a fifth.
+    new, state = run_window(skipping, loss, params, bad, steps=K + 1)
+    kept = [g for t, gs in enumerate(grads) if t != 1 for g in gs]
+    out["skip_not_finite"] = {
+      "diff": max_diff(new, sgd_reference(params, mean_of(kept))),
+      "skipped": int(optaccum.num_skipped(state)),
+    }
+
+    weights = np.random.RandomState(2).uniform(1, 5, size=(K, replicas)).astype(np.float32)
+    new, _ = run_window(tx, loss, params, data, weights=weights)
+    flat = [g for gs in grads[:K] for g in gs]
+    out["replica_weights"] = max_diff(new, sgd_reference(params, mean_of(flat, weights.ravel())))
+
+    with_stats = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, statistics=True)
+    _, state = run_window(with_stats, loss, params, data)
+    stats = optaccum.window_statistics(state)
+    squared = np.mean(
+      [sum(float(np.sum(np.square(leaf))) for leaf in jax.tree.leaves(g)) for g in flat]
+    )
+    out["statistics"] = {
+      "num_micro_batches": int(stats.num_micro_batches),
+      "micro_batch_squared_norm": float(stats.micro_batch_squared_norm),
+      "expected_squared_norm": squared,
+    }
+
+    rounding = optaccum.accumulate(
+      optimizer(), K, reduce_axes=AXES, accumulator=optaccum.stochastic_bfloat16(0)
+    )
+    new, state = run_window(rounding, loss, params, data)
+    out["stochastic_bfloat16"] = {
+      "diff": max_diff(new, sgd_reference(params, mean_of(flat))),
+      "dtypes": sorted({str(a.dtype) for a in jax.tree.leaves(state.acc_grads)}),
+      "acc_specs": [spec_of(a) for a in jax.tree.leaves(state.acc_grads)],
+    }
+
+    def with_aux(params, x, y):
+      value = loss(params, x, y)
+      return value, {"pred": x[:, 0] * 2, "rows": jnp.asarray(x.shape[0], jnp.int32)}
+
+    split = optaccum.microbatch(
+      jax.value_and_grad(with_aux, has_aux=True),
+      K,
+      has_aux=True,
+      reduce_axes=AXES,
+      aux_reduction={"pred": "concat", "rows": "sum"},
+    )
+    (value, aux), _ = jax.jit(split)(params, *data[0])
+    out["microbatch_aux"] = {
+      "loss_diff": abs(float(value) - float(host_loss(jax.device_get(params), *data[0]))),
+      "concat_in_order": bool(
+        np.array_equal(np.asarray(aux["pred"]), np.asarray(data[0][0])[:, 0] * 2)
+      ),
+      "rows": int(aux["rows"]),
+    }
+
+    draws = optaccum.per_replica(
+      lambda params, x, key: jax.random.uniform(key, ()), reduce_axes=AXES, key_arg=2
+    )
+    values = np.asarray(jax.jit(draws)(params, data[0][0], jax.random.key(0)))
+    out["per_replica_keys"] = {"shape": list(values.shape), "distinct": len(set(values.tolist()))}
+  return out
+
+
+def pure_fsdp_refusal():
+  """The error per_replica raises for parameters sharded over the replica axis (Explicit)."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    params = make_params(mesh, "fsdp")
+    x, y = make_data(mesh, "fsdp")[0]
+    try:
+      jax.jit(optaccum.per_replica(jax.grad(make_loss(True)), reduce_axes=AXES))(params, x, y)
+    except ValueError as error:
+      return str(error)
+  return None
+
+
+def main():
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  jax.config.update("jax_numpy_dtype_promotion", "strict")
+  results = {
+    f"{kind}/{axis_type.name.lower()}": check(kind, axis_type)
+    for kind in ("dp", "hsdp")
+    for axis_type in (AxisType.Auto, AxisType.Explicit)
+  }
+  # Pure FSDP: measured on Auto; on Explicit per_replica refuses it.
+  results["fsdp/auto"] = check("fsdp", AxisType.Auto)
+  results["fsdp/explicit refused"] = pure_fsdp_refusal()
+  results["features"] = {
+    "dp/auto": features("dp", AxisType.Auto),
+    "hsdp/explicit": features("hsdp", AxisType.Explicit),
+  }
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()

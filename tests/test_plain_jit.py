@@ -1,0 +1,187 @@
+"""One gradient all-reduce per window under plain `jax.jit` (8 CPU devices, Auto and Explicit).
+
+The measurements come from tests/checks/plain_jit.py, run in a process of its
+own because the device count is fixed when JAX starts. Collectives are counted
+from the compiled program's structure: loop trip counts, conditional branches
+(run once per window, in its closing step) and device groups (which mesh axes
+an all-reduce communicates over).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optaccum
+
+CASES = ["dp/auto", "dp/explicit", "hsdp/auto", "hsdp/explicit"]
+DEFERRED = [
+  "accumulate(reduce_axes) + per_replica",
+  "apply_gradients(reduce_axes) + per_replica",
+  "microbatch(reduce_axes)",
+]
+PER_MICRO_BATCH = ["accumulate, plain jit", "microbatch, plain jit", "optax.MultiSteps"]
+GRADIENT_BYTES = 91200  # the MLP's float32 gradients
+K = 4
+
+
+@pytest.fixture(scope="module")
+def results(run_python):
+  return run_python(["-m", "tests.checks.plain_jit"], num_devices=8, timeout=400)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", DEFERRED)
+def test_one_all_reduce_over_the_data_axis_per_window(results, case, method):
+  result = results[case][method]
+  assert result["data_all_reduces"] == 1, result
+  assert result["max_abs_diff"] < 1e-6, result
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", PER_MICRO_BATCH)
+def test_without_reduce_axes_plain_jit_reduces_every_micro_batch(results, case, method):
+  # The measured baseline the docs quote: XLA reduces each micro-batch's gradients.
+  result = results[case][method]
+  assert result["data_all_reduces"] >= K, result
+  assert result["max_abs_diff"] < 1e-6, result
+
+
+@pytest.mark.parametrize("case", ["dp/auto", "dp/explicit"])
+def test_the_window_reduces_the_whole_gradient_once(results, case):
+  for method in DEFERRED:
+    assert results[case][method]["data_bytes"] in (GRADIENT_BYTES, GRADIENT_BYTES + 4)
+  assert results[case]["accumulate, plain jit"]["data_bytes"] == K * GRADIENT_BYTES
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", DEFERRED[:2])
+def test_parameters_keep_their_shardings_and_the_accumulator_lies_like_them(
+  results, case, method
+):
+  result = results[case][method]
+  assert result["out_param_specs"] == result["param_specs"]
+  # One replica's sum per device: the per-device bytes of the parameters, so
+  # under HSDP the accumulator is sharded over 'fsdp' like them.
+  assert result["acc_local_bytes"] == result["param_local_bytes"]
+  assert all(spec.startswith("P('data'") for spec in result["acc_specs"]), result["acc_specs"]
+
+
+@pytest.mark.parametrize("case", ["hsdp/auto", "hsdp/explicit"])
+def test_hsdp_keeps_the_per_micro_batch_fsdp_reduction(results, case):
+  # Only the replica axis is deferred: each micro-batch's gradient is still
+  # reduced over 'fsdp', within its replica, as without accumulation.
+  result = results[case]["accumulate(reduce_axes) + per_replica"]
+  assert result["fsdp_all_reduces"] >= K
+
+
+def test_pure_fsdp_defers_at_the_price_of_a_full_accumulator(results):
+  result = results["fsdp/auto"]["accumulate(reduce_axes) + per_replica"]
+  assert result["max_abs_diff"] < 1e-6
+  assert result["acc_local_bytes"] == GRADIENT_BYTES  # a full gradient per device
+  assert result["param_local_bytes"] < GRADIENT_BYTES / 4
+  refused = results["fsdp/explicit refused"]
+  assert refused is not None and "pure FSDP" in refused and "['w1']" in refused
+
+
+@pytest.mark.parametrize("case", ["dp/auto", "hsdp/explicit"])
+def test_guard_skip_weights_statistics_rounding_aux_and_keys(results, case):
+  result = results["features"][case]
+  for form in ("transformation", "fast path"):
+    assert result[f"guard/{form}"] == {"unchanged": 0.0, "skipped_windows": 1}
+  assert result["skip_not_finite"]["skipped"] == 1
+  assert result["skip_not_finite"]["diff"] < 1e-6
+  assert result["replica_weights"] < 1e-6
+  replicas = 8 if case == "dp/auto" else 2
+  stats = result["statistics"]
+  assert stats["num_micro_batches"] == K * replicas
+  assert stats["micro_batch_squared_norm"] == pytest.approx(stats["expected_squared_norm"], 1e-5)
+  rounding = result["stochastic_bfloat16"]
+  assert rounding["dtypes"] == ["bfloat16"] and rounding["diff"] < 1e-3
+  assert all(spec.startswith("P('data'") for spec in rounding["acc_specs"])
+  aux = result["microbatch_aux"]
+  assert aux == {"loss_diff": aux["loss_diff"], "concat_in_order": True, "rows": 64}
+  assert aux["loss_diff"] < 1e-6
+  assert result["per_replica_keys"] == {"shape": [replicas], "distinct": replicas}
+
+
+# --- One device, in this process: the errors, and equality with plain accumulation -------
+
+
+def _mesh():
+  return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _loss(w, x):
+  return jnp.mean((x @ w) ** 2)
+
+
+def test_reduce_axes_on_one_replica_equals_plain_accumulation():
+  # Not Adam: optax's bias correction fails the suite's strict dtype promotion.
+  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2, reduce_axes="data")
+  plain = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2)
+  grad_fn = optaccum.per_replica(jax.grad(_loss))
+  w = jnp.ones(3)
+  xs = [jnp.arange(12.0).reshape(4, 3) / (i + 1) for i in range(4)]
+  with jax.set_mesh(_mesh()):
+    state, plain_state, w1, w2 = tx.init(w), plain.init(w), w, w
+    for x in xs:
+      updates, state = jax.jit(tx.update)(grad_fn(w1, x), state, w1)
+      w1 = optax.apply_updates(w1, updates)
+      plain_updates, plain_state = plain.update(jax.grad(_loss)(w2, x), plain_state, w2)
+      w2 = optax.apply_updates(w2, plain_updates)
+  assert state.acc_grads.shape == (1, 3)
+  assert jnp.allclose(w1, w2, rtol=1e-6, atol=0)
+  assert not jnp.allclose(w1, w)
+
+
+def test_reduce_axes_needs_the_mesh_in_context():
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("data",))
+  with pytest.raises(ValueError, match=r"reduce_axes=\('data',\)\)` needs the mesh in context"):
+    tx.init(jnp.ones(3))
+  with pytest.raises(ValueError, match="jax.set_mesh"):
+    optaccum.per_replica(jax.grad(_loss))(jnp.ones(3), jnp.ones((4, 3)))
+
+
+def test_reduce_axes_names_axes_of_the_mesh():
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("batch",))
+  with jax.set_mesh(_mesh()), pytest.raises(ValueError, match=r"axes \['batch'\].*\('data',\)"):
+    tx.init(jnp.ones(3))
+
+
+@pytest.mark.parametrize("bad", [(), ("data", "data"), 3, ("data", None)])
+def test_bad_reduce_axes_are_refused_naming_the_value(bad):
+  for make in (
+    lambda: optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=bad),
+    lambda: optaccum.microbatch(jax.value_and_grad(_loss), 2, reduce_axes=bad),
+    lambda: optaccum.per_replica(jax.grad(_loss), reduce_axes=bad),
+  ):
+    with pytest.raises(TypeError, match=r"reduce_axes=\.\.\.\)` must be a mesh axis name"):
+      make()
+
+
+def test_axis_name_and_reduce_axes_together_are_refused():
+  with pytest.raises(ValueError, match="pass one"):
+    optaccum.accumulate(optax.sgd(0.1), 2, axis_name="batch", reduce_axes="data")
+  with pytest.raises(ValueError, match="pass one"):
+    optaccum.microbatch(jax.value_and_grad(_loss), 2, axis_name="batch", reduce_axes="data")
+
+
+def test_update_refuses_gradients_that_are_not_per_replica():
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes="data")
+  with jax.set_mesh(_mesh()):
+    state = tx.init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"per-replica gradients.*\['w'\] has shape \(3,\)"):
+      tx.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"one weight per replica of shape \(1,\), got shape \(2,\)"):
+      tx.update({"w": jnp.ones((1, 3))}, state, {"w": jnp.ones(3)}, weight=jnp.ones(2))
+
+
+def test_per_replica_gives_every_output_a_replica_axis():
+  value_and_grad = optaccum.per_replica(jax.value_and_grad(_loss))
+  w, x = jnp.ones(3), jnp.arange(12.0).reshape(4, 3)
+  with jax.set_mesh(_mesh()):
+    value, grads = value_and_grad(w, x)
+  assert value.shape == (1,) and grads.shape == (1, 3)
+  ref_value, ref_grads = jax.value_and_grad(_loss)(w, x)
+  assert jnp.allclose(value[0], ref_value) and jnp.allclose(grads[0], ref_grads)
