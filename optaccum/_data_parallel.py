@@ -67,6 +67,35 @@ def _check_call(args: tuple, batch_argnums: tuple[int, ...]) -> None:
       )
 
 
+def _check_replicated(args: tuple, masks: list[Any]) -> None:
+  """Raises where an argument `fn` shares across replicas is known to be sharded.
+
+  `shard_map` would gather it (FSDP in, replicated out: every device then
+  holds the whole parameters and state). Known: a concrete array's sharding,
+  or a traced one's type on an Explicit mesh; on an Auto mesh under `jax.jit`
+  the layout is XLA's, not visible here.
+  """
+  for n, (arg, mask) in enumerate(zip(args, masks)):
+    if mask is None:
+      continue
+    for (path, leaf), own in zip(jax.tree_util.tree_leaves_with_path(arg), jax.tree.leaves(mask)):
+      if own or not isinstance(leaf, jax.Array):
+        continue
+      sharding = (
+        leaf.sharding if not isinstance(leaf, jax.core.Tracer) else jax.typeof(leaf).sharding
+      )
+      spec = getattr(sharding, "spec", None)
+      if spec is not None and any(e is not None for e in spec):
+        raise ValueError(
+          f"`data_parallel` got argument {n} at {jax.tree_util.keystr(path) or 'the root'} "
+          f"sharded as {spec}; it replicates every argument but the batches and the "
+          "accumulators, so sharded (FSDP) parameters and state would be gathered onto "
+          "every device. For sharded parameters, use plain `jax.jit` with "
+          "`optaccum.per_replica(grad_fn, reduce_axes=...)` and "
+          "`optaccum.accumulate(..., reduce_axes=...)` (docs/distributed.md)."
+        )
+
+
 def _in_specs(masks: list[Any], axis_name: Hashable) -> tuple[Any, ...]:
   """`shard_map`'s in_specs: batches (mask None) and per-replica leaves split, others replicated."""
   replicas, replicated = PartitionSpec(axis_name), PartitionSpec()
@@ -150,6 +179,12 @@ def data_parallel(
   `accumulate` the same `axis_name`. Wrap `tx.init` in it too, so the state
   starts with its per-replica axis. Other mesh axes stay automatic.
 
+  Parameters and state must be replicated: an argument known to be sharded
+  (a concrete array's sharding, or its type on an Explicit mesh) is refused,
+  since `shard_map` would gather it onto every device. For FSDP or HSDP
+  parameters use plain `jax.jit` with `optaccum.per_replica` and
+  `reduce_axes=` instead, which keeps their shardings.
+
   For in-step micro-batching, use `optaccum.microbatch(..., axis_name=...)`
   inside `fn` with any optax optimizer: its state holds no accumulator and
   stays replicated.
@@ -194,6 +229,7 @@ def data_parallel(
   def parallel_fn(*args: Any) -> Any:
     _check_call(args, batch_argnums)
     masks = [None if n in batch_argnums else _per_replica_mask(a) for n, a in enumerate(args)]
+    _check_replicated(args, masks)
     outputs: dict[str, Any] = {}
     shared, per_replica = jax.shard_map(
       _local_fn(fn, masks, outputs),

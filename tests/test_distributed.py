@@ -2,7 +2,7 @@
 
 tests/checks/multiprocess.py is started three times at once: two workers that
 join over 127.0.0.1 (gloo CPU collectives, 2 devices each) and train with
-optaccum, and one single-process large-batch optax run on the same global data.
+optaccum (inside `data_parallel`, then under plain `jax.jit` with `reduce_axes`), and one single-process large-batch optax run on the same global data.
 """
 
 import socket
@@ -29,5 +29,8 @@ def test_two_processes_hold_identical_params_equal_to_one_process(run_processes)
   assert first["local_device_count"] == 2
   assert first["params"] == second["params"]  # bit for bit
   assert first["emitted"] == [False, True] * 3
+  assert first["plain_jit_params"] == second["plain_jit_params"]
+  assert first["plain_jit_emitted"] == [False, True] * 3
   for name, expected in reference["params"].items():
     np.testing.assert_allclose(first["params"][name], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first["plain_jit_params"][name], expected, rtol=1e-5, atol=1e-6)

@@ -56,9 +56,7 @@ def test_the_window_reduces_the_whole_gradient_once(results, case):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("method", DEFERRED[:2])
-def test_parameters_keep_their_shardings_and_the_accumulator_lies_like_them(
-  results, case, method
-):
+def test_parameters_keep_their_shardings_and_the_accumulator_lies_like_them(results, case, method):
   result = results[case][method]
   assert result["out_param_specs"] == result["param_specs"]
   # One replica's sum per device: the per-device bytes of the parameters, so
@@ -173,7 +171,9 @@ def test_update_refuses_gradients_that_are_not_per_replica():
     state = tx.init({"w": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"per-replica gradients.*\['w'\] has shape \(3,\)"):
       tx.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
-    with pytest.raises(ValueError, match=r"one weight per replica of shape \(1,\), got shape \(2,\)"):
+    with pytest.raises(
+      ValueError, match=r"one weight per replica of shape \(1,\), got shape \(2,\)"
+    ):
       tx.update({"w": jnp.ones((1, 3))}, state, {"w": jnp.ones(3)}, weight=jnp.ones(2))
 
 
@@ -185,3 +185,27 @@ def test_per_replica_gives_every_output_a_replica_axis():
   assert value.shape == (1,) and grads.shape == (1, 3)
   ref_value, ref_grads = jax.value_and_grad(_loss)(w, x)
   assert jnp.allclose(value[0], ref_value) and jnp.allclose(grads[0], ref_grads)
+
+
+def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, axis_name="data")
+
+  def step(params, opt_state, x):
+    updates, opt_state = tx.update(jax.grad(_loss)(params, x), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  with jax.set_mesh(mesh):
+    init = optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=())
+    params = jnp.ones(3)
+    opt_state = jax.jit(init)(params)
+    sharded = jax.sharding.reshard(params, jax.sharding.PartitionSpec("data"))
+    parallel = optaccum.data_parallel(step, mesh, axis_name="data", batch_argnums=2)
+    with pytest.raises(ValueError, match=r"argument 0 at the root sharded as .*reduce_axes"):
+      parallel(sharded, opt_state, jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"argument 0 .*per_replica"):
+      jax.jit(parallel)(sharded, opt_state, jnp.ones((4, 3)))
+    # Replicated parameters (and the per-replica accumulator) pass.
+    batch = jax.sharding.reshard(jnp.ones((4, 3)), jax.sharding.PartitionSpec("data"))
+    new_params, _ = jax.jit(parallel)(params, opt_state, batch)
+  assert new_params.shape == (3,)

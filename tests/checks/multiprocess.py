@@ -4,7 +4,9 @@ Each process is one host: `jax.distributed.initialize` joins them over
 127.0.0.1, CPU collectives run on gloo, and each process holds 2 of the 4
 devices of the mesh. They train three windows of two micro-steps
 (`accumulate(axis_name=...)` inside `data_parallel`), each micro-step itself
-split in two by `microbatch`, and print their parameters. `--reference` instead
+split in two by `microbatch`, then again under plain `jax.jit` (`per_replica`
+around the same `microbatch`, `apply_gradients` with `reduce_axes`), and print
+their parameters. `--reference` instead
 trains large-batch optax on one device on the same global data.
 
 Run by tests/test_distributed.py, or by hand (one line per process):
@@ -103,6 +105,7 @@ def train(process_id, port):
         params, opt_state = step(params, opt_state, batch)
         emitted.append(bool(optaccum.has_updated(opt_state).addressable_shards[0].data))
     local = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).tolist(), params)
+    plain_params, plain_emitted = train_plain_jit(mesh, global_array, data)
     return {
       "process_id": jax.process_index(),
       "process_count": jax.process_count(),
@@ -110,9 +113,36 @@ def train(process_id, port):
       "local_device_count": jax.local_device_count(),
       "emitted": emitted,
       "params": local,
+      "plain_jit_params": plain_params,
+      "plain_jit_emitted": plain_emitted,
     }
   finally:
     jax.distributed.shutdown()
+
+
+def train_plain_jit(mesh, global_array, data):
+  """The same training under plain `jax.jit`: per_replica gradients, reduce_axes."""
+  tx = optaccum.accumulate(optimizer(), K, reduce_axes=("data",))
+  grad_fn = optaccum.per_replica(
+    optaccum.microbatch(jax.value_and_grad(loss), MICROBATCHES), reduce_axes=("data",)
+  )
+
+  def step(params, opt_state, batch):
+    _, grads = grad_fn(params, batch)
+    return optaccum.apply_gradients(tx, grads, opt_state, params)
+
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(lambda x: global_array(x, P()), init_params())
+    opt_state = tx.init(params)
+    step = jax.jit(step)
+    emitted = []
+    for w in range(WINDOWS):
+      for m in range(K):
+        batch = {name: global_array(x[w, m], P("data")) for name, x in data.items()}
+        params, opt_state = step(params, opt_state, batch)
+        emitted.append(bool(optaccum.has_updated(opt_state).addressable_shards[0].data))
+  local = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).tolist(), params)
+  return local, emitted
 
 
 def main():
