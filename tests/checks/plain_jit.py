@@ -1,7 +1,7 @@
 """Data parallelism under plain `jax.jit` on 8 CPU devices: all-reduces per window, equality.
 
 Run by tests/test_plain_jit.py in a process of its own, or by hand:
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.checks.plain_jit
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.checks.plain_jit [--full]
 Prints one JSON line. For each mesh (dp: 'data'=8; hsdp: 'data'=2 x 'fsdp'=4,
 the matrices sharded over 'fsdp' by rows; pure fsdp: 'data'=8 sharding both the
 batch and the matrices, Auto only), each axis type (Auto, Explicit)
@@ -12,11 +12,13 @@ bytes, the per-device bytes of the accumulator, and the largest difference
 from large-batch Optax (SGD with momentum and weight decay) on the same data
 after two windows. `features` checks the window guard, skip policies, weights,
 statistics, stochastic rounding, aux outputs and keys under `reduce_axes`. The
-numbers in docs/distributed.md come from this script.
+numbers in docs/distributed.md come from `--full`; the test runs the methods it
+asserts on (and one baseline) and the features on one mesh.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
@@ -164,9 +166,18 @@ def joined(data, calls):
   ]
 
 
-def check(kind, axis_type):
-  shape, names = MESHES[kind]
-  mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+# Without --full: the methods the test asserts on, and one baseline (the suite's time).
+ASSERTED = (
+  "accumulate(reduce_axes) + per_replica",
+  "apply_gradients(reduce_axes) + per_replica",
+  "microbatch(reduce_axes)",
+  "accumulate, plain jit",
+)
+
+
+def check(kind, axis_type, chosen=ASSERTED):
+  shape, axis_names = MESHES[kind]
+  mesh = jax.make_mesh(shape, axis_names, axis_types=(axis_type,) * len(axis_names))
   explicit_fsdp = PARAM_AXIS[kind] is not None and axis_type == AxisType.Explicit
   loss = make_loss(explicit_fsdp)
   results = {}
@@ -175,6 +186,8 @@ def check(kind, axis_type):
     data = make_data(mesh, kind)
     expected = reference(params, data, make_loss(False))
     for name, (init, step, calls) in methods(loss).items():
+      if name not in chosen:
+        continue
       batches = joined(data, calls)
       state = init(params)
       # optax.MultiSteps fails strict promotion itself; optaccum runs strict.
@@ -368,21 +381,26 @@ def pure_fsdp_refusal():
   return None
 
 
-def main():
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m tests.checks.plain_jit")
+  parser.add_argument(
+    "--full", action="store_true", help="every method (the docs' table) and both feature meshes"
+  )
+  full = parser.parse_args(argv).full
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   jax.config.update("jax_numpy_dtype_promotion", "strict")
+  names = tuple(methods(make_loss(False))) if full else ASSERTED
   results = {
-    f"{kind}/{axis_type.name.lower()}": check(kind, axis_type)
+    f"{kind}/{axis_type.name.lower()}": check(kind, axis_type, names)
     for kind in ("dp", "hsdp")
     for axis_type in (AxisType.Auto, AxisType.Explicit)
   }
   # Pure FSDP: measured on Auto; on Explicit per_replica refuses it.
-  results["fsdp/auto"] = check("fsdp", AxisType.Auto)
+  results["fsdp/auto"] = check("fsdp", AxisType.Auto, names if full else ASSERTED[:1])
   results["fsdp/explicit refused"] = pure_fsdp_refusal()
-  results["features"] = {
-    "dp/auto": features("dp", AxisType.Auto),
-    "hsdp/explicit": features("hsdp", AxisType.Explicit),
-  }
+  results["features"] = {"hsdp/explicit": features("hsdp", AxisType.Explicit)}
+  if full:
+    results["features"]["dp/auto"] = features("dp", AxisType.Auto)
   print(json.dumps(results))
 
 
