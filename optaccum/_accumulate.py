@@ -95,7 +95,7 @@ def _zeros_shaped_like(tree: Any, per_replica: bool = False) -> Any:
   """
   if per_replica:
     return _map(_replicas.zeros_of_one, tree)
-  return _map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+  return _map(_replicas.typed_zeros, tree)
 
 
 class _OtherShapes(Exception):
@@ -104,6 +104,14 @@ class _OtherShapes(Exception):
   def __init__(self, shapes: Any):
     super().__init__("the inner optimizer's updates differ from the gradients' shapes")
     self.shapes = shapes
+
+
+def _gradient_zeros(params: Any, acc_grads: Any) -> Any:
+  """Zero gradients: the parameters' dtypes, the accumulator's shapes and placement.
+
+  Under `reduce_axes` that is one zero gradient per replica.
+  """
+  return jax.tree.map(lambda p, acc: jnp.zeros_like(acc, jnp.result_type(p)), params, acc_grads)
 
 
 def _increment_where(condition: jax.Array, counter: jax.Array) -> jax.Array:
@@ -115,7 +123,7 @@ class _Verdict(NamedTuple):
   """What one micro-step does: whether it enters the window, and its weight there."""
 
   skip: jax.Array | None  # scalar bool; None when nothing can be skipped
-  weight: jax.Array  # scalar float32: 0 when skipped
+  weight: jax.Array  # float32, scalar (under reduce_axes one per replica, [R]): 0 when skipped
   skip_state: Any
 
 
@@ -156,16 +164,18 @@ class Accumulation:
   def init(self, params: Any) -> AccumulateState:
     """The state before the first micro-step: an empty window."""
     gradient_step = jnp.zeros((), jnp.int32)
+    acc_grads = jax.tree.map(
+      lambda p: self.accumulator.zeros_like("accumulate", p, self.reduce_axes), params
+    )
     skip_state = ()
     if self.skip is not None:
-      _, skip_state = self.skip(optax.tree.zeros_like(params), gradient_step, params)
+      zeros = _gradient_zeros(params, acc_grads)  # as `update` gets them
+      _, skip_state = self.skip(zeros, gradient_step, params)
     return AccumulateState(
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=gradient_step,
       inner_opt_state=self.inner.init(params),
-      acc_grads=jax.tree.map(
-        lambda p: self.accumulator.zeros_like("accumulate", p, self.reduce_axes), params
-      ),
+      acc_grads=acc_grads,
       skip_state=skip_state,
       acc_weight=jnp.zeros((), jnp.float32),
       num_skipped=jnp.zeros((), jnp.int32),
@@ -274,7 +284,7 @@ class Accumulation:
     if weighted:
       weight = self._as_weight(where, weight)
     flush = _validation.as_flag(where, "flush", flush)
-    verdict = self._verdict(updates, state, params, weight)
+    verdict = self._verdict(where, updates, state, params, weight)
     acc_grads, rounding_key = self._sum_into(updates, state, verdict, weighted)
     accepted = jnp.ones((), jnp.bool_) if verdict.skip is None else ~verdict.skip
     # Across replicas every micro-step counts, skipped or not, so that all
@@ -322,7 +332,9 @@ class Accumulation:
       raise TypeError(f"`{where}(weight=...)` must be numbers, got dtype bool.")
     return jnp.asarray(weight).astype(jnp.float32)
 
-  def _verdict(self, updates: Any, state: AccumulateState, params: Any, weight: Any) -> _Verdict:
+  def _verdict(
+    self, where: str, updates: Any, state: AccumulateState, params: Any, weight: Any
+  ) -> _Verdict:
     """Runs the skip policy and checks the weight: a NaN, inf or negative one skips."""
     should_skip, skip_state = None, state.skip_state
     if self.skip is not None:
@@ -342,7 +354,7 @@ class Accumulation:
       should_skip = bad_weight if should_skip is None else should_skip | bad_weight
     if self.reduce_axes is not None:
       # Per replica: each replica's micro-batch weighs in (1 each unweighted).
-      weight = jnp.broadcast_to(weight, (self._replicas("accumulate"),))
+      weight = jnp.broadcast_to(weight, (self._replicas(where),))
     if should_skip is not None:
       weight = jnp.where(should_skip, jnp.float32(0), weight)
     return _Verdict(should_skip, weight, skip_state)
@@ -487,7 +499,7 @@ class Accumulation:
       if into == "accumulator":
         fits = fits and _holds_exactly(acc_grads, updates)
       if not fits:
-        raise _OtherShapes(_map(lambda u: jax.ShapeDtypeStruct(u.shape, u.dtype), updates))
+        raise _OtherShapes(_map(_replicas.abstract, updates))
       if into == "accumulator":
         updates = _map(lambda u, acc: u.astype(acc.dtype), updates, acc_grads)
       return updates, new_inner_state
@@ -586,13 +598,7 @@ def build(
   if axis_name is not None and not isinstance(axis_name, Hashable):
     raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
   _validation.check_choice(where, "strategy", strategy, _branching.STRATEGIES)
-  reduce_axes = _replicas.check_axes(where, reduce_axes)
-  if axis_name is not None and reduce_axes is not None:
-    raise ValueError(
-      f"`{where}(axis_name=..., reduce_axes=...)`: pass one. `axis_name` names the "
-      "mapped axis inside `shard_map` or `pmap`; `reduce_axes` the mesh axes under plain "
-      f"`jax.jit`, got axis_name={axis_name!r} and reduce_axes={reduce_axes!r}."
-    )
+  reduce_axes = _replicas.check_axes(where, reduce_axes, axis_name)
   return Accumulation(
     inner=optax.with_extra_args_support(inner),
     schedule=_validation.as_schedule(every_k),
@@ -707,12 +713,17 @@ def accumulate(
       sharded over `reduce_axes` and otherwise like the parameters, and the
       window-closing step sums the replicas once: one all-reduce of the
       gradients per window, where plain `jax.jit` reduces every micro-batch.
-      The emitted updates have the parameters' shapes. `weight` may then be a
-      scalar or one weight per replica, `[R]`; the mean is over every
-      replica's micro-batches. A skip policy sees the per-replica gradients
+      The emitted updates have the parameters' shapes. `weight` may then be
+      one weight per replica, `[R]`, or a scalar, which is each replica's
+      weight (the window's total weight, which the statistics' `batch_size`
+      reports, is then R times it); the mean is over every replica's
+      micro-batches. A skip policy sees the per-replica gradients
       and decides for all replicas at once (`skip_not_finite` skips the
-      micro-step if any replica's gradient is not finite). See
-      docs/distributed.md.
+      micro-step if any replica's gradient is not finite;
+      `skip_large_updates` measures the norm of all replicas' gradients
+      together). The statistics count each replica's micro-batch (B / R rows)
+      as one micro-batch: pass that as `window_statistics(...,
+      micro_batch_size=)`. See docs/distributed.md.
     strategy: how the window-closing step is made conditional: `"cond"`
       (default: `lax.cond`, reverse-differentiable), `"loop"` (a while loop
       of zero or one trips, which keeps the state in place; not
@@ -807,7 +818,7 @@ def flush(
   """
   hint = " With no window to close, `tx.update` would take a plain optimizer step."
   leaves, treedef, position = locate_state("flush(opt_state=...)", opt_state, hint)
-  zeros = optax.tree.zeros_like(params)
+  zeros = _gradient_zeros(params, leaves[position].acc_grads)
   updates, new_state = tx.update(
     zeros,
     opt_state,

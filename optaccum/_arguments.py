@@ -53,7 +53,12 @@ def check(where: str, batch_argnums: Any, batch_argnames: Any, key_arg: Any) -> 
       f"got batch_argnames={batch_argnames!r}."
     )
   if key_arg is not None:
-    if isinstance(key_arg, bool) or not isinstance(key_arg, (int, str)) or key_arg in (0, ""):
+    if (
+      isinstance(key_arg, bool)
+      or not isinstance(key_arg, (int, str))
+      or key_arg == ""
+      or (isinstance(key_arg, int) and key_arg < 1)
+    ):
       raise TypeError(
         f"`{where}(key_arg=...)` must be None, a positive int (a position) or a str (a "
         f"keyword), got key_arg={key_arg!r}."

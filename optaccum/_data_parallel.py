@@ -67,13 +67,18 @@ def _check_call(args: tuple, batch_argnums: tuple[int, ...]) -> None:
       )
 
 
-def _check_replicated(args: tuple, masks: list[Any]) -> None:
-  """Raises where an argument `fn` shares across replicas is known to be sharded.
+def _names_in(spec: Any) -> set:
+  return {n for e in spec for n in ((e,) if isinstance(e, str) else (e or ()))}
 
-  `shard_map` would gather it (FSDP in, replicated out: every device then
-  holds the whole parameters and state). Known: a concrete array's sharding,
-  or a traced one's type on an Explicit mesh; on an Auto mesh under `jax.jit`
-  the layout is XLA's, not visible here.
+
+def _check_replicated(args: tuple, masks: list[Any], axis_name: Hashable) -> None:
+  """Raises where an argument `fn` shares across replicas is known to be sharded over `axis_name`.
+
+  `shard_map` replicates it over `axis_name` (its in_specs), gathering the
+  shards onto every replica. Sharding over the other mesh axes, which stay
+  automatic, is kept (measured: FSDP over 'fsdp' of a 'data' x 'fsdp' mesh
+  comes back sharded). Known: a concrete array's sharding, or a traced one's
+  type on an Explicit mesh; on an Auto mesh under `jax.jit` it is not visible.
   """
   for n, (arg, mask) in enumerate(zip(args, masks)):
     if mask is None:
@@ -85,12 +90,13 @@ def _check_replicated(args: tuple, masks: list[Any]) -> None:
         leaf.sharding if not isinstance(leaf, jax.core.Tracer) else jax.typeof(leaf).sharding
       )
       spec = getattr(sharding, "spec", None)
-      if spec is not None and any(e is not None for e in spec):
+      if spec is not None and axis_name in _names_in(spec):
         raise ValueError(
-          f"`data_parallel` got argument {n} at {jax.tree_util.keystr(path) or 'the root'} "
-          f"sharded as {spec}; it replicates every argument but the batches and the "
-          "accumulators, so sharded (FSDP) parameters and state would be gathered onto "
-          "every device. For sharded parameters, use plain `jax.jit` with "
+          f"`data_parallel(axis_name={axis_name!r})` got argument {n} at "
+          f"{jax.tree_util.keystr(path) or 'the root'} sharded as {spec}, over the replica "
+          "axis; it replicates every argument but the batches and the accumulators over "
+          "that axis, so these shards would be gathered onto every replica. For parameters "
+          "sharded over the batch axis, use plain `jax.jit` with "
           "`optaccum.per_replica(grad_fn, reduce_axes=...)` and "
           "`optaccum.accumulate(..., reduce_axes=...)` (docs/distributed.md)."
         )
@@ -179,11 +185,12 @@ def data_parallel(
   `accumulate` the same `axis_name`. Wrap `tx.init` in it too, so the state
   starts with its per-replica axis. Other mesh axes stay automatic.
 
-  Parameters and state must be replicated: an argument known to be sharded
-  (a concrete array's sharding, or its type on an Explicit mesh) is refused,
-  since `shard_map` would gather it onto every device. For FSDP or HSDP
-  parameters use plain `jax.jit` with `optaccum.per_replica` and
-  `reduce_axes=` instead, which keeps their shardings.
+  Parameters and state must be replicated over `axis_name`: an argument known
+  to be sharded over it (a concrete array's sharding, or its type on an
+  Explicit mesh) is refused, since `shard_map` would gather it onto every
+  replica; sharding over other mesh axes (HSDP's 'fsdp') is kept. For
+  parameters sharded over the batch axis use plain `jax.jit` with
+  `optaccum.per_replica` and `reduce_axes=` instead.
 
   For in-step micro-batching, use `optaccum.microbatch(..., axis_name=...)`
   inside `fn` with any optax optimizer: its state holds no accumulator and
@@ -229,7 +236,7 @@ def data_parallel(
   def parallel_fn(*args: Any) -> Any:
     _check_call(args, batch_argnums)
     masks = [None if n in batch_argnums else _per_replica_mask(a) for n, a in enumerate(args)]
-    _check_replicated(args, masks)
+    _check_replicated(args, masks, axis_name)
     outputs: dict[str, Any] = {}
     shared, per_replica = jax.shard_map(
       _local_fn(fn, masks, outputs),

@@ -76,13 +76,7 @@ def _check_arguments(
   _check_aux_reduction(aux_reduction)
   if axis_name is not None and not isinstance(axis_name, Hashable):
     raise TypeError(f"`{_WHERE}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
-  reduce_axes = _replicas.check_axes(_WHERE, reduce_axes)
-  if axis_name is not None and reduce_axes is not None:
-    raise ValueError(
-      f"`{_WHERE}(axis_name=..., reduce_axes=...)`: pass one. `axis_name` names the "
-      "mapped axis inside `shard_map`; `reduce_axes` the mesh axes under plain `jax.jit`, "
-      f"got axis_name={axis_name!r} and reduce_axes={reduce_axes!r}."
-    )
+  reduce_axes = _replicas.check_axes(_WHERE, reduce_axes, axis_name)
   return _Settings(
     fn=fn,
     num_microbatches=int(num_microbatches),

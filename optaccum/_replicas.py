@@ -29,10 +29,19 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def check_axes(where: str, value: Any) -> tuple[str, ...] | None:
-  """`reduce_axes=` as a tuple of mesh axis names, or None; raises naming `where`."""
+def check_axes(where: str, value: Any, axis_name: Any = None) -> tuple[str, ...] | None:
+  """`reduce_axes=` as a tuple of mesh axis names, or None; raises naming `where`.
+
+  Also refuses it beside an `axis_name` (the `shard_map` form).
+  """
   if value is None:
     return None
+  if axis_name is not None:
+    raise ValueError(
+      f"`{where}(axis_name=..., reduce_axes=...)`: pass one. `axis_name` names the "
+      "mapped axis inside `shard_map` (or `pmap`); `reduce_axes` the mesh axes under plain "
+      f"`jax.jit`, got axis_name={axis_name!r} and reduce_axes={value!r}."
+    )
   axes = (value,) if isinstance(value, str) else value
   if (
     not isinstance(axes, Sequence)
@@ -192,6 +201,23 @@ def zeros(leaf: Any, axes: tuple[str, ...], replicas: int, dtype: Any) -> jax.Ar
   return _place(jnp.zeros((replicas, *jnp.shape(leaf)), dtype), axes, rest)
 
 
+def abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+  """`x`'s shape and dtype, and its sharding where that is its type (Explicit axes)."""
+  sharding = jax.typeof(x).sharding
+  typed = isinstance(sharding, NamedSharding) and _explicit_spec(sharding)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if typed else None)
+
+
+def typed_zeros(x: Any) -> jax.Array:
+  """Zeros with `x`'s shape and dtype, placed as `x` where its sharding is its type."""
+  out = jnp.zeros(x.shape, x.dtype)
+  sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
+  if isinstance(sharding, NamedSharding) and _explicit_spec(sharding):
+    if any(e is not None for e in sharding.spec):
+      out = jax.sharding.reshard(out, sharding.spec)
+  return out
+
+
 def zeros_of_one(x: Any) -> jax.Array:
   """Zeros shaped like one replica's slice of per-replica `x`, placed like it where typed."""
   spec = _spec_of(x)
@@ -209,8 +235,11 @@ def check_not_sharded_over(
   On an Explicit mesh, a parameter sharded over a replica axis (pure FSDP,
   where one axis splits both the batch and the parameters) cannot be mapped
   over that axis. On an Auto mesh it can, at the price of a full-size
-  accumulator per replica (docs/distributed.md), and is not detectable here.
+  accumulator per replica (docs/distributed.md): not checked there, so that
+  an eager call and a jitted one behave alike.
   """
+  if not _explicit(axes):
+    return  # Auto: XLA's layouts, the same eagerly and under jit
   batches = {*plan.batch_argnums, *plan.batch_argnames, plan.key_arg}
   whole = {i: a for i, a in enumerate(args) if i not in batches}
   whole.update({n: v for n, v in kwargs.items() if n not in batches})
@@ -246,5 +275,10 @@ def check_leading(where: str, name: str, tree: Any, axes: tuple[str, ...], repli
 
 
 def total(x: jax.Array) -> jax.Array:
-  """The sum over the replica axis: the all-reduce over the replica axes."""
-  return jnp.sum(x, axis=0)
+  """The sum over the replica axis: the all-reduce over the replica axes.
+
+  Half-precision sums (a bfloat16 accumulator, stochastically rounded per
+  replica) are added in float32, not rounded once more to nearest.
+  """
+  wide = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
+  return jnp.sum(x, axis=0, dtype=wide)

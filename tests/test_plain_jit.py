@@ -101,6 +101,8 @@ def test_guard_skip_weights_statistics_rounding_aux_and_keys(results, case):
   assert aux == {"loss_diff": aux["loss_diff"], "concat_in_order": True, "rows": 64}
   assert aux["loss_diff"] < 1e-6
   assert result["per_replica_keys"] == {"shape": [replicas], "distinct": replicas}
+  other = result["other_update_dtypes"]
+  assert other["dtypes"] == ["float32"] and other["specs"] == other["param_specs"]
 
 
 # --- One device, in this process: the errors, and equality with plain accumulation -------
@@ -209,3 +211,16 @@ def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
     batch = jax.sharding.reshard(jnp.ones((4, 3)), jax.sharding.PartitionSpec("data"))
     new_params, _ = jax.jit(parallel)(params, opt_state, batch)
   assert new_params.shape == (3,)
+
+
+def test_flush_closes_a_partial_window_of_per_replica_gradients():
+  tx = optaccum.accumulate(optax.sgd(1.0), 4, reduce_axes="data")
+  grad_fn = optaccum.per_replica(jax.grad(_loss))
+  w, x = jnp.ones(3), jnp.arange(12.0).reshape(4, 3)
+  with jax.set_mesh(_mesh()):
+    state = tx.init(w)
+    _, state = tx.update(grad_fn(w, x), state, w)
+    updates, state = optaccum.flush(tx, state, w)
+  # One micro-batch seen: its gradient, as sgd(1.0) emits it.
+  assert jnp.allclose(updates, -jax.grad(_loss)(w, x), rtol=1e-6)
+  assert bool(optaccum.has_updated(state))

@@ -360,6 +360,23 @@ def features(kind, axis_type):
       "rows": int(aux["rows"]),
     }
 
+    # Updates in another dtype than the gradients' (bfloat16 parameters, a
+    # float32-emitting optimizer): the fallback carry keeps the Explicit shardings.
+    to_float32 = optax.stateless(lambda u, p: jax.tree.map(lambda a: a.astype(jnp.float32), u))
+    casting = optaccum.accumulate(optax.chain(optimizer(), to_float32), K, reduce_axes=AXES)
+    low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    low_loss = lambda p, x, y: loss(jax.tree.map(lambda a: a.astype(jnp.float32), p), x, y)  # noqa: E731
+    updates, _ = jax.jit(casting.update)(
+      optaccum.per_replica(jax.grad(low_loss), reduce_axes=AXES)(low, *data[0]),
+      casting.init(low),
+      low,
+    )
+    out["other_update_dtypes"] = {
+      "dtypes": sorted({str(u.dtype) for u in jax.tree.leaves(updates)}),
+      "specs": [spec_of(u) for u in jax.tree.leaves(updates)],
+      "param_specs": [spec_of(p) for p in jax.tree.leaves(params)],
+    }
+
     draws = optaccum.per_replica(
       lambda params, x, key: jax.random.uniform(key, ()), reduce_axes=AXES, key_arg=2
     )
