@@ -305,7 +305,9 @@ class Accumulation:
       mini_step=mini_step,
       acc_grads=acc_grads,
       skip_state=verdict.skip_state,
-      acc_weight=state.acc_weight + jnp.sum(verdict.weight),
+      # Summed over replicas under reduce_axes; a plain scalar add otherwise.
+      acc_weight=state.acc_weight
+      + (jnp.sum(verdict.weight) if verdict.weight.ndim else verdict.weight),
       num_skipped=_increment_where(~accepted, state.num_skipped),
       emitted=jnp.zeros((), jnp.bool_),
       rounding_key=rounding_key,

@@ -41,6 +41,10 @@ class Plan:
   batch_argnames: tuple[str, ...]
   key_arg: int | str | None
 
+  def passes_whole(self, name: int | str) -> bool:
+    """Whether argument `name` (a position or keyword) is neither a batch nor the key."""
+    return name not in {*self.batch_argnums, *self.batch_argnames, self.key_arg}
+
 
 def check(where: str, batch_argnums: Any, batch_argnames: Any, key_arg: Any) -> Arguments:
   """The three arguments, checked; raises naming `where` and the argument."""

@@ -103,14 +103,14 @@ def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
   """
 
   def split_leaf(path: Any, x: Any) -> jax.Array:
-    shape = jnp.shape(x)
-    if not shape or shape[0] % num_microbatches:
-      size = "no batch axis" if not shape else f"a batch of {shape[0]}"
+    size = _validation.unsplittable(x, num_microbatches)
+    if size is not None:
       raise ValueError(
         f"`{_WHERE}(num_microbatches=...)` must divide the batch: {argument} at "
         f"{jax.tree_util.keystr(path) or 'the root'} has {size}, which does not split "
         f"into num_microbatches={num_microbatches} equal micro-batches."
       )
+    shape = jnp.shape(x)
     return jnp.reshape(x, (shape[0] // num_microbatches, num_microbatches, *shape[1:]))
 
   return jax.tree_util.tree_map_with_path(split_leaf, tree)
@@ -157,9 +157,8 @@ def _vary_whole_arguments(
   argument come back summed across replicas: one all-reduce per micro-batch.
   Marked per replica, they stay local until the one psum.
   """
-  not_whole = {*plan.batch_argnums, *plan.batch_argnames, plan.key_arg}
-  args = tuple(a if i in not_whole else vary(a, axis_name) for i, a in enumerate(args))
-  kwargs = {n: v if n in not_whole else vary(v, axis_name) for n, v in kwargs.items()}
+  args = tuple(vary(a, axis_name) if plan.passes_whole(i) else a for i, a in enumerate(args))
+  kwargs = {n: vary(v, axis_name) if plan.passes_whole(n) else v for n, v in kwargs.items()}
   return args, kwargs
 
 

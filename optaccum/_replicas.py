@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optaccum import _arguments, _validation
+
 
 def check_axes(where: str, value: Any, axis_name: Any = None) -> tuple[str, ...] | None:
   """`reduce_axes=` as a tuple of mesh axis names, or None; raises naming `where`.
@@ -133,15 +135,15 @@ def split(where: str, x: Any, axes: tuple[str, ...], replicas: int, argument: st
 
   Contiguous blocks, as a batch sharded along its first axis lies on the devices.
   """
-  shape = jnp.shape(x)
-  if not shape or shape[0] % replicas:
-    size = "no batch axis" if not shape else f"a batch of {shape[0]}"
+  size = _validation.unsplittable(x, replicas)
+  if size is not None:
     raise ValueError(
       f"`{where}(reduce_axes={axes!r})` splits every batch into {replicas} replicas, "
       f"but {argument} has {size}, which does not divide by {replicas}."
     )
   spec = _spec_of(x)
   rest = None if spec is None else (_without(spec[0], axes), *spec[1:])
+  shape = jnp.shape(x)
   local = jnp.reshape(x, (replicas, shape[0] // replicas, *shape[1:]))
   return _place(local, axes, rest)
 
@@ -228,7 +230,7 @@ def zeros_of_one(x: Any) -> jax.Array:
 
 
 def check_not_sharded_over(
-  where: str, args: tuple, kwargs: dict, plan: Any, axes: tuple[str, ...]
+  where: str, args: tuple, kwargs: dict, plan: _arguments.Plan, axes: tuple[str, ...]
 ) -> None:
   """Raises where an argument passed whole (the parameters) is typed as sharded over `axes`.
 
@@ -240,9 +242,8 @@ def check_not_sharded_over(
   """
   if not _explicit(axes):
     return  # Auto: XLA's layouts, the same eagerly and under jit
-  batches = {*plan.batch_argnums, *plan.batch_argnames, plan.key_arg}
-  whole = {i: a for i, a in enumerate(args) if i not in batches}
-  whole.update({n: v for n, v in kwargs.items() if n not in batches})
+  whole = {i: a for i, a in enumerate(args) if plan.passes_whole(i)}
+  whole.update({n: v for n, v in kwargs.items() if plan.passes_whole(n)})
   for name, value in whole.items():
     for path, leaf in jax.tree_util.tree_leaves_with_path(value):
       if not isinstance(leaf, jax.Array):

@@ -197,3 +197,11 @@ def as_schedule(every_k: Any) -> Callable[[jax.Array], jax.Array]:
     return jnp.maximum(k.astype(jnp.int32), jnp.int32(1))
 
   return clamped
+
+
+def unsplittable(x: Any, parts: int) -> str | None:
+  """Why `x`'s leading axis does not split into `parts` equal parts ("a batch of 10"), or None."""
+  shape = jnp.shape(x)
+  if shape and not shape[0] % parts:
+    return None
+  return "no batch axis" if not shape else f"a batch of {shape[0]}"

@@ -101,6 +101,7 @@ def test_guard_skip_weights_statistics_rounding_aux_and_keys(results, case):
   assert aux == {"loss_diff": aux["loss_diff"], "concat_in_order": True, "rows": 64}
   assert aux["loss_diff"] < 1e-6
   assert result["per_replica_keys"] == {"shape": [replicas], "distinct": replicas}
+  assert result["large_leaf"] < 1e-6
   other = result["other_update_dtypes"]
   assert other["dtypes"] == ["float32"] and other["specs"] == other["param_specs"]
 

@@ -96,15 +96,8 @@ def train(process_id, port):
     init = jax.jit(optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=()))
     step = jax.jit(optaccum.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2))
     params = jax.tree.map(lambda x: global_array(x, P()), init_params())
-    opt_state = init(params)
     data = make_data()
-    emitted = []
-    for w in range(WINDOWS):
-      for m in range(K):
-        batch = {name: global_array(x[w, m], P("data")) for name, x in data.items()}
-        params, opt_state = step(params, opt_state, batch)
-        emitted.append(bool(optaccum.has_updated(opt_state).addressable_shards[0].data))
-    local = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).tolist(), params)
+    local, emitted = run_windows(step, params, init(params), data, global_array)
     plain_params, plain_emitted = train_plain_jit(mesh, global_array, data)
     return {
       "process_id": jax.process_index(),
@@ -133,14 +126,17 @@ def train_plain_jit(mesh, global_array, data):
 
   with jax.set_mesh(mesh):
     params = jax.tree.map(lambda x: global_array(x, P()), init_params())
-    opt_state = tx.init(params)
-    step = jax.jit(step)
-    emitted = []
-    for w in range(WINDOWS):
-      for m in range(K):
-        batch = {name: global_array(x[w, m], P("data")) for name, x in data.items()}
-        params, opt_state = step(params, opt_state, batch)
-        emitted.append(bool(optaccum.has_updated(opt_state).addressable_shards[0].data))
+    return run_windows(jax.jit(step), params, tx.init(params), data, global_array)
+
+
+def run_windows(step, params, opt_state, data, global_array):
+  """Every micro-step of every window; this process's parameters and whether each emitted."""
+  emitted = []
+  for w in range(WINDOWS):
+    for m in range(K):
+      batch = {name: global_array(x[w, m], P("data")) for name, x in data.items()}
+      params, opt_state = step(params, opt_state, batch)
+      emitted.append(bool(optaccum.has_updated(opt_state).addressable_shards[0].data))
   local = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).tolist(), params)
   return local, emitted
 

@@ -377,6 +377,32 @@ def features(kind, axis_type):
       "param_specs": [spec_of(p) for p in jax.tree.leaves(params)],
     }
 
+    # A leaf of 131 072 entries, sharded like the matrices (here over 'fsdp').
+    big = {
+      "w": jax.device_put(
+        (np.random.RandomState(3).normal(size=(512, 256)) / 16).astype(np.float32),
+        params["w1"].sharding,
+      )
+    }
+    rng = np.random.RandomState(4)
+    rows = data[0][0].sharding
+    big_data = [
+      tuple(jax.device_put(rng.normal(size=(ROWS, n)).astype(np.float32), rows) for n in (512, 256))
+      for _ in range(K)
+    ]
+
+    def big_loss(params, x, y, gather=kind == "hsdp" and axis_type == AxisType.Explicit):
+      w = jax.sharding.reshard(params["w"], P()) if gather else params["w"]
+      return jnp.mean((x @ w - y) ** 2)
+
+    new, _ = run_window(tx, big_loss, big, big_data)
+    window_x = np.concatenate([np.asarray(x) for x, _ in big_data])
+    window_y = np.concatenate([np.asarray(y) for _, y in big_data])
+    gradient = jax.grad(lambda p, x, y: big_loss(p, x, y, gather=False))(
+      jax.device_get(big), window_x, window_y
+    )
+    out["large_leaf"] = max_diff(new, sgd_reference(big, gradient))
+
     draws = optaccum.per_replica(
       lambda params, x, key: jax.random.uniform(key, ()), reduce_axes=AXES, key_arg=2
     )
