@@ -29,6 +29,7 @@ from jax import lax
 
 from optaccum import _validation
 from optaccum._inspect import accumulation_state
+from optaccum._state import AccumulateState, is_state
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
 # each leaf's checksum.
@@ -180,14 +181,46 @@ def restore_checkpoint(
 
 
 def _counters(state: Any) -> tuple[int, int]:
-  """The state's (mini_step, gradient_step) as Python ints, NNX Variables included."""
-  accumulation = accumulation_state(state)
+  """The state's (mini_step, gradient_step) as Python ints, NNX Variables and States included."""
+  if any(isinstance(leaf, AccumulateState) for leaf in jax.tree.leaves(state, is_leaf=is_state)):
+    accumulation = accumulation_state(state)
+    counters: tuple[Any, ...] = (accumulation.mini_step, accumulation.gradient_step)
+  else:
+    # `nnx.state(optimizer)` turns the AccumulateState into a mapping of its fields.
+    counters = _counters_by_name(state)
   # An NNX Variable is a pytree around its array; a plain array is its own leaf.
-  mini_step, gradient_step = (
-    int(jax.tree.leaves(counter)[0])
-    for counter in (accumulation.mini_step, accumulation.gradient_step)
-  )
+  mini_step, gradient_step = (int(jax.tree.leaves(counter)[0]) for counter in counters)
   return mini_step, gradient_step
+
+
+def _counters_by_name(state: Any) -> tuple[Any, Any]:
+  """`mini_step` and `gradient_step` of the one mapping in `state` that has them and `acc_grads`."""
+  paths = [
+    tuple(_key_name(key) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(state)
+  ]
+  leaves = jax.tree.leaves(state)
+  prefixes = {path[: path.index("mini_step")] for path in paths if "mini_step" in path}
+  prefixes = {
+    prefix
+    for prefix in prefixes
+    if any(path[: len(prefix) + 1] == (*prefix, "acc_grads") for path in paths)
+  }
+  if len(prefixes) != 1:
+    accumulation_state(state)  # raises, saying how many it found
+  (prefix,) = prefixes
+
+  def leaf(name: str) -> Any:
+    return next(x for path, x in zip(paths, leaves) if path[: len(prefix) + 1] == (*prefix, name))
+
+  return leaf("mini_step"), leaf("gradient_step")
+
+
+def _key_name(key: Any) -> str:
+  """A tree path entry's name: a dict key, an attribute or a sequence index."""
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
 
 
 def _window_length(every_k: Any, gradient_step: int) -> int:

@@ -6,6 +6,7 @@ only inside the functions that take Flax objects.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,6 +16,10 @@ import optax
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import gradient_step
+from optaccum._state import is_state
+
+# TrainState fields that apply_train_state_gradients computes rather than replaces.
+_COMPUTED = ("step", "params", "opt_state")
 
 
 def flax_gradient_step(state: Any) -> jax.Array:
@@ -28,6 +33,10 @@ def flax_gradient_step(state: Any) -> jax.Array:
   Args:
     state: a linen `flax.training.train_state.TrainState` or an `nnx.Optimizer`
       whose `tx` holds one `optaccum.accumulate` (chains included).
+
+  Where `tx` holds no accumulation (switched off by configuration), every
+  step is an optimizer step and this is the state's own `step`, so a training
+  loop needs no branch.
 
   Returns:
     A scalar int32 array; it works under `jax.jit` and `nnx.jit` too.
@@ -57,23 +66,40 @@ def flax_gradient_step(state: Any) -> jax.Array:
 
   # nnx.Optimizer wraps each state array in a Variable; as_pure reads the arrays
   # and leaves a linen TrainState's plain arrays as they are.
-  return jnp.asarray(gradient_step(nnx.as_pure(state.opt_state)), jnp.int32)
+  opt_state = nnx.as_pure(state.opt_state)
+  if not _holds_accumulation(opt_state):
+    # No accumulation (switched off by configuration): every step is an optimizer step.
+    return jnp.asarray(nnx.as_pure(state.step), jnp.int32)
+  return jnp.asarray(gradient_step(opt_state), jnp.int32)
+
+
+def _holds_accumulation(opt_state: Any) -> bool:
+  """Whether `opt_state` holds any `AccumulateState` (more than one is an error later)."""
+  return any(is_state(leaf) for leaf in jax.tree.leaves(opt_state, is_leaf=is_state))
 
 
 def apply_train_state_gradients(
-  state: Any, *, grads: Any, weight: Any = None, **extra_args: Any
+  state: Any,
+  *,
+  grads: Any,
+  weight: Any = None,
+  flush: Any = False,
+  update_args: dict[str, Any] | None = None,
+  **fields: Any,
 ) -> Any:
-  """`TrainState.apply_gradients` that passes `weight` (and extra arguments) to `tx.update`.
+  """`TrainState.apply_gradients` that passes `weight` (and `flush`) to the accumulation.
 
   Flax's `TrainState.apply_gradients(grads=..., **kwargs)` treats its keyword
   arguments as fields to replace, so it cannot hand a micro-batch's `weight` to
   `optaccum.accumulate`. This does the same step (`step + 1`, the parameters
-  and optimizer state `tx.update` and `optax.apply_updates` would give) and
-  forwards `weight` and `**extra_args` to the accumulation. Where `tx` is
-  `optaccum.accumulate(...)` itself it runs the fast path,
-  `optaccum.apply_gradients`: a micro-step that does not close the window only
-  adds the gradients into the accumulator. `step` counts micro-steps; the
-  optimizer steps are `optaccum.flax_gradient_step(state)`.
+  and optimizer state `tx.update` and `optax.apply_updates` would give, and
+  the fields given as keywords replaced, as Flax does: `batch_stats=...`) and
+  passes `weight`, `flush` and `update_args` to the accumulation. A keyword
+  that names no field of the state is refused, so a misspelt `wieght=` fails
+  instead of being ignored. Where `tx` is `optaccum.accumulate(...)` itself it
+  runs the fast path, `optaccum.apply_gradients`: a micro-step that does not
+  close the window only adds the gradients into the accumulator. `step` counts
+  micro-steps; the optimizer steps are `optaccum.flax_gradient_step(state)`.
 
   Use it for token-weighted windows: pass the gradient of the micro-batch's
   mean loss and its number of valid tokens.
@@ -87,10 +113,18 @@ def apply_train_state_gradients(
     grads: gradients with the structure of `state.params`.
     weight: the micro-batch's weight, e.g. its count of valid tokens; None
       counts as 1.
-    **extra_args: further keyword arguments for `tx.update`.
+    flush: close the window now, as in `accumulate`.
+    update_args: further keyword arguments for the inner optimizer's update
+      (e.g. `value=` for `optax.contrib.reduce_on_plateau`).
+    **fields: fields of the state to replace, as in Flax's `apply_gradients`;
+      not `step`, `params` or `opt_state`, which this step computes.
 
   Returns:
     The new `TrainState`, with `step` advanced by one micro-step.
+
+  Raises:
+    TypeError: if `state` is not a linen `TrainState`, or a keyword names no
+      field of it (or one this step computes).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -106,6 +140,9 @@ def apply_train_state_gradients(
     ...     state, grads={"w": jnp.array([5.0])}, weight=1)
     >>> state.params["w"]  # -lr * (3 * 1 + 1 * 5) / 4 tokens
     Array([-2.], dtype=float32)
+    >>> optaccum.apply_train_state_gradients(state, grads=state.params, wieght=1)
+    Traceback (most recent call last):
+    TypeError: `apply_train_state_gradients(wieght=...)` names no field of TrainState ...
   """
   from flax.training.train_state import TrainState
 
@@ -115,15 +152,39 @@ def apply_train_state_gradients(
       f"TrainState, got {type(state).__name__}; for nnx.Optimizer pass weight= to "
       "`optimizer.update(model, grads, weight=...)`."
     )
+  _check_fields(state, fields)
+  if update_args is not None and not isinstance(update_args, dict):
+    raise TypeError(
+      "`apply_train_state_gradients(update_args=...)` must be a dict of keyword "
+      f"arguments or None, got {update_args!r}."
+    )
+  extra_args = dict(update_args or {})
   if accumulation_of(state.tx) is not None:
     # `tx` is the accumulation itself: the fast path, which writes the
     # parameters only when a window closes.
     params, opt_state = apply_gradients(
-      state.tx, grads, state.opt_state, state.params, weight=weight, **extra_args
+      state.tx, grads, state.opt_state, state.params, weight=weight, flush=flush, **extra_args
     )
   else:  # e.g. a chain that holds the accumulation
-    if weight is not None:
-      extra_args["weight"] = weight
+    extra_args.update(weight=weight, flush=flush)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
+
+
+def _check_fields(state: Any, fields: dict[str, Any]) -> None:
+  """Raises a TypeError for a keyword that is not a replaceable field of `state`."""
+  names = [field.name for field in dataclasses.fields(state)]
+  for name in fields:
+    if name in _COMPUTED:
+      raise TypeError(
+        f"`apply_train_state_gradients({name}=...)`: `{name}` is what this step "
+        "computes; it cannot be replaced."
+      )
+    if name not in names:
+      replaceable = [n for n in names if n not in _COMPUTED]
+      raise TypeError(
+        f"`apply_train_state_gradients({name}=...)` names no field of "
+        f"{type(state).__name__} (fields: {', '.join(replaceable)}; weight, flush and "
+        "update_args go to the accumulation)."
+      )

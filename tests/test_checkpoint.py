@@ -219,21 +219,23 @@ def test_restore_from_a_directory_without_a_checkpoint_says_so(tmp_path):
   )
 
 
+@nnx.jit
+def _nnx_step(model, optimizer, x, y):
+  grads = nnx.grad(lambda model: jnp.mean(jnp.square(model(x) - y)))(model)
+  optimizer.update(model, grads)
+
+
+def train_nnx(model, optimizer, steps):
+  for step in steps:
+    _nnx_step(model, optimizer, *micro_batch(step))
+
+
 def test_nnx_model_and_optimizer_resume_mid_window_bit_identically(tmp_path):
   def fresh(seed):
     model = nnx.Linear(FEATURES, 2, rngs=nnx.Rngs(seed))
     return model, nnx.Optimizer(
       model, optaccum.accumulate(inner_optimizer(), EVERY_K), wrt=nnx.Param
     )
-
-  @nnx.jit
-  def nnx_step(model, optimizer, x, y):
-    grads = nnx.grad(lambda model: jnp.mean(jnp.square(model(x) - y)))(model)
-    optimizer.update(model, grads)
-
-  def train_nnx(model, optimizer, steps):
-    for step in steps:
-      nnx_step(model, optimizer, *micro_batch(step))
 
   uninterrupted = fresh(0)
   train_nnx(*uninterrupted, range(MICRO_STEPS))
@@ -249,6 +251,48 @@ def test_nnx_model_and_optimizer_resume_mid_window_bit_identically(tmp_path):
     jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(uninterrupted[0]))
   ):
     assert np.array_equal(resumed, expected)
+
+
+class _DropoutMlp(nnx.Module):
+  def __init__(self, seed):
+    rngs = nnx.Rngs(params=seed, dropout=seed + 100)
+    self.hidden = nnx.Linear(FEATURES, 16, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    self.out = nnx.Linear(16, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.dropout(jax.nn.relu(self.hidden(x))))
+
+
+def test_nnx_state_with_dropout_keys_resumes_mid_window_bit_identically(tmp_path):
+  # `nnx.state((model, optimizer))`, as Flax's checkpointing guide saves it: the
+  # Rngs' typed key and count are saved, so dropout masks continue, not restart.
+  def fresh(seed):
+    model = _DropoutMlp(seed)
+    return model, nnx.Optimizer(
+      model, optaccum.accumulate(inner_optimizer(), EVERY_K), wrt=nnx.Param
+    )
+
+  uninterrupted = fresh(0)
+  train_nnx(*uninterrupted, range(MICRO_STEPS))
+  saved = fresh(0)
+  train_nnx(*saved, range(SAVE_AT))
+  optaccum.save_checkpoint(tmp_path / "nnx_state", nnx.state(saved), every_k=EVERY_K)
+
+  resumed = fresh(1)
+  path = tmp_path / "nnx_state"
+  restored = optaccum.restore_checkpoint(path, nnx.state(resumed), every_k=EVERY_K)
+  nnx.update(resumed, restored)
+  keys = jax.tree.leaves(nnx.state(resumed[0], nnx.RngKey))
+  assert keys and all(jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) for key in keys)
+  train_nnx(*resumed, range(SAVE_AT, MICRO_STEPS))
+  for got, expected in zip(
+    jax.tree.leaves(nnx.state(resumed[0], nnx.Param)),
+    jax.tree.leaves(nnx.state(uninterrupted[0], nnx.Param)),
+  ):
+    assert np.array_equal(got, expected)
+  with pytest.raises(ValueError, match=r"windows of 2 micro-steps"):
+    optaccum.restore_checkpoint(tmp_path / "nnx_state", nnx.state(fresh(1)), every_k=2)
 
 
 if __name__ == "__main__":

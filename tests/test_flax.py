@@ -1,5 +1,7 @@
 """Flax train states with `optaccum.accumulate` as `tx`, against large-batch training."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +195,68 @@ def test_apply_train_state_gradients_rejects_an_nnx_optimizer():
   optimizer = nnx.Optimizer(model, optaccum.accumulate(optax.sgd(0.1), 2), wrt=nnx.Param)
   with pytest.raises(TypeError, match=r"for nnx.Optimizer pass weight= to"):
     optaccum.apply_train_state_gradients(optimizer, grads=nnx.state(model), weight=1.0)
+
+
+def test_flax_gradient_step_falls_back_to_the_step_without_accumulation():
+  from flax import nnx
+  from flax.training.train_state import TrainState
+
+  state = TrainState.create(apply_fn=None, params={"w": jnp.zeros(2)}, tx=optax.sgd(0.1))
+  for _ in range(3):
+    state = state.apply_gradients(grads={"w": jnp.ones(2)})
+  assert int(optaccum.flax_gradient_step(state)) == 3
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  grads = nnx.state(model, nnx.Param)
+  optimizer.update(model, grads)
+  optimizer.update(model, grads)
+  step = nnx.jit(optaccum.flax_gradient_step)(optimizer)
+  assert int(step) == 2 and step.dtype == jnp.int32
+
+
+class _StatsState(TrainState):
+  batch_stats: Any = None
+
+
+def test_apply_train_state_gradients_replaces_fields_and_refuses_unknown_keywords():
+  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  state = _StatsState.create(
+    apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx, batch_stats={"mean": jnp.zeros(1)}
+  )
+  state = optaccum.apply_train_state_gradients(
+    state, grads={"w": jnp.ones(1)}, weight=3.0, batch_stats={"mean": jnp.full(1, 7.0)}
+  )
+  assert float(state.batch_stats["mean"][0]) == 7.0 and int(state.step) == 1
+  # The chain path replaces fields too, and passes weight.
+  chained = _StatsState.create(
+    apply_fn=None,
+    params={"w": jnp.zeros(1)},
+    tx=optax.chain(optax.scale(1.0), tx),
+    batch_stats={"mean": jnp.zeros(1)},
+  )
+  chained = optaccum.apply_train_state_gradients(
+    chained, grads={"w": jnp.ones(1)}, weight=1.0, batch_stats={"mean": jnp.ones(1)}
+  )
+  assert float(chained.batch_stats["mean"][0]) == 1.0
+  with pytest.raises(TypeError, match=r"apply_train_state_gradients\(wieght=...\)` names no field"):
+    optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, wieght=1.0)
+  with pytest.raises(TypeError, match=r"apply_train_state_gradients\(params=...\)`: `params` is"):
+    optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, params={})
+  with pytest.raises(TypeError, match=r"update_args=...\)` must be a dict"):
+    optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, update_args=[1])
+
+
+def test_apply_train_state_gradients_passes_update_args_to_the_inner_optimizer():
+  seen = []
+
+  def record(updates, state, params=None, *, value):
+    seen.append(value)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), record)
+  tx = optaccum.accumulate(inner, every_k=1)
+  state = TrainState.create(apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx)
+  optaccum.apply_train_state_gradients(
+    state, grads={"w": jnp.ones(1)}, update_args={"value": jnp.float32(2.5)}
+  )
+  assert len(seen) == 1 and float(seen[0]) == 2.5
