@@ -661,7 +661,11 @@ def accumulate(
   or `optax.lbfgs`'s line search) reach it only on the micro-step that closes
   the window: pass that micro-step's values (e.g. the window's mean loss).
   Micro-batches are separate forward passes, so a model with dropout draws
-  its own masks for each, as with separate batches.
+  its own masks for each, as with separate batches: the window's gradient
+  then equals a large batch's only in distribution, not bit for bit (the
+  large batch draws one mask for all its rows). Keep the dropout key in the
+  training state (an `nnx.Rngs`, a key field) so a resumed run draws the same
+  masks.
 
   By default no NaN or inf reaches the parameters, whatever its source: the
   *window guard* checks the window's gradient, as the inner optimizer would
