@@ -29,7 +29,7 @@ from jax import lax
 
 from optaccum import _validation
 from optaccum._inspect import accumulation_state
-from optaccum._state import AccumulateState, is_state
+from optaccum._state import holds_state
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
 # each leaf's checksum.
@@ -182,7 +182,7 @@ def restore_checkpoint(
 
 def _counters(state: Any) -> tuple[int, int]:
   """The state's (mini_step, gradient_step) as Python ints, NNX Variables and States included."""
-  if any(isinstance(leaf, AccumulateState) for leaf in jax.tree.leaves(state, is_leaf=is_state)):
+  if holds_state(state):
     accumulation = accumulation_state(state)
     counters: tuple[Any, ...] = (accumulation.mini_step, accumulation.gradient_step)
   else:

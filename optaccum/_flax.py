@@ -16,7 +16,7 @@ import optax
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import gradient_step
-from optaccum._state import is_state
+from optaccum._state import holds_state
 
 # TrainState fields that apply_train_state_gradients computes rather than replaces.
 _COMPUTED = ("step", "params", "opt_state")
@@ -67,15 +67,10 @@ def flax_gradient_step(state: Any) -> jax.Array:
   # nnx.Optimizer wraps each state array in a Variable; as_pure reads the arrays
   # and leaves a linen TrainState's plain arrays as they are.
   opt_state = nnx.as_pure(state.opt_state)
-  if not _holds_accumulation(opt_state):
+  if not holds_state(opt_state):
     # No accumulation (switched off by configuration): every step is an optimizer step.
     return jnp.asarray(nnx.as_pure(state.step), jnp.int32)
   return jnp.asarray(gradient_step(opt_state), jnp.int32)
-
-
-def _holds_accumulation(opt_state: Any) -> bool:
-  """Whether `opt_state` holds any `AccumulateState` (more than one is an error later)."""
-  return any(is_state(leaf) for leaf in jax.tree.leaves(opt_state, is_leaf=is_state))
 
 
 def apply_train_state_gradients(

@@ -60,6 +60,11 @@ def is_state(x: Any) -> bool:
   return isinstance(x, AccumulateState)
 
 
+def holds_state(tree: Any) -> bool:
+  """Whether `tree` holds any `AccumulateState` (more than one is an error where it is read)."""
+  return any(is_state(leaf) for leaf in jax.tree.leaves(tree, is_leaf=is_state))
+
+
 def locate_state(where: str, opt_state: Any, hint: str = "") -> tuple[list, Any, int]:
   """The leaves of `opt_state` (an AccumulateState counting as one), their treedef, and its index.
 

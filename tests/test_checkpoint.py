@@ -225,18 +225,17 @@ def _nnx_step(model, optimizer, x, y):
   optimizer.update(model, grads)
 
 
+def _with_optimizer(model):
+  return model, nnx.Optimizer(model, optaccum.accumulate(inner_optimizer(), EVERY_K), wrt=nnx.Param)
+
+
 def train_nnx(model, optimizer, steps):
   for step in steps:
     _nnx_step(model, optimizer, *micro_batch(step))
 
 
 def test_nnx_model_and_optimizer_resume_mid_window_bit_identically(tmp_path):
-  def fresh(seed):
-    model = nnx.Linear(FEATURES, 2, rngs=nnx.Rngs(seed))
-    return model, nnx.Optimizer(
-      model, optaccum.accumulate(inner_optimizer(), EVERY_K), wrt=nnx.Param
-    )
-
+  fresh = lambda seed: _with_optimizer(nnx.Linear(FEATURES, 2, rngs=nnx.Rngs(seed)))  # noqa: E731
   uninterrupted = fresh(0)
   train_nnx(*uninterrupted, range(MICRO_STEPS))
 
@@ -267,12 +266,7 @@ class _DropoutMlp(nnx.Module):
 def test_nnx_state_with_dropout_keys_resumes_mid_window_bit_identically(tmp_path):
   # `nnx.state((model, optimizer))`, as Flax's checkpointing guide saves it: the
   # Rngs' typed key and count are saved, so dropout masks continue, not restart.
-  def fresh(seed):
-    model = _DropoutMlp(seed)
-    return model, nnx.Optimizer(
-      model, optaccum.accumulate(inner_optimizer(), EVERY_K), wrt=nnx.Param
-    )
-
+  fresh = lambda seed: _with_optimizer(_DropoutMlp(seed))  # noqa: E731
   uninterrupted = fresh(0)
   train_nnx(*uninterrupted, range(MICRO_STEPS))
   saved = fresh(0)
