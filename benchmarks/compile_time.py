@@ -16,8 +16,13 @@ skip or counters.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -168,12 +173,57 @@ def table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
+_PASS_TIME = re.compile(r"HLO pass: (\S+) time: ([\d.]+) (us|ms|s) ")
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def pass_times(name: str, layers: int) -> tuple[float, collections.Counter]:
+  """XLA's own time per HLO pass for one compile of `name`, from its log; and the compile time.
+
+  Runs the compile in a child process with XLA's pass-pipeline log on (the
+  logging slows the compile itself a little, the same for every method).
+  """
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="hlo_pass_pipeline=1")
+  command = [sys.executable, "-W", "ignore", "-m", "benchmarks.compile_time", "--one", name]
+  child = subprocess.run(
+    command + ["--layers", str(layers)],
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  passes: collections.Counter = collections.Counter()
+  for match in _PASS_TIME.finditer(child.stderr):
+    passes[match.group(1)] += float(match.group(2)) * _SECONDS[match.group(3)]
+  return float(child.stdout.split()[-1]), passes
+
+
+def passes_table(layers: int, names: list[str], top: int = 4) -> str:
+  """Markdown: compile time, the time in HLO passes, and the passes that take longest."""
+  lines = ["| method | compile (s) | HLO passes (s) | longest passes (s) |", "|---|---|---|---|"]
+  for name in names:
+    compile_s, passes = pass_times(name, layers)
+    longest = ", ".join(f"{p} {t:.2f}" for p, t in passes.most_common(top))
+    lines.append(f"| {name} | {compile_s:.2f} | {sum(passes.values()):.2f} | {longest} |")
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time")
   parser.add_argument("--layers", type=int, default=300, help="dense layers (2 leaves each)")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+  parser.add_argument(
+    "--passes", action="store_true", help="time XLA's HLO passes per method (one compile each)"
+  )
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of --passes: compile one method
   args = parser.parse_args(argv)
-  print(table(measure(args.layers, args.rounds)))
+  if args.one:
+    print(_compile_once(args.one, model(args.layers), None)[1])
+  elif args.passes:
+    print(passes_table(args.layers, list(_methods(_Counted()))))
+  else:
+    print(table(measure(args.layers, args.rounds)))
 
 
 if __name__ == "__main__":

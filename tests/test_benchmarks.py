@@ -128,3 +128,13 @@ def test_limit_is_the_floor_plus_the_optimizer_amortized_over_the_window():
   rows = _report.targets_table(section).splitlines()[2:4]
   assert rows[0].startswith("| apply_gradients >= 0.85x of its limit | 1.333x | yes")
   assert rows[1].startswith("| accumulate >= 0.85x of its limit | 1.200x | yes")
+
+
+def test_pass_times_reads_xla_pass_log_of_a_real_compile():
+  from benchmarks import compile_time
+
+  compile_s, passes = compile_time.pass_times("optaccum.apply_gradients", layers=2)
+  assert compile_s > 0
+  # Passes every XLA:CPU compile runs; their times come from XLA's own log.
+  assert {"copy-insertion", "fusion", "layout-assignment"} <= set(passes)
+  assert 0 < sum(passes.values()) < compile_s
