@@ -4,6 +4,7 @@ from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
 from optaccum._accumulator import stochastic_bfloat16 as stochastic_bfloat16
 from optaccum._apply import apply_gradients as apply_gradients
+from optaccum._checkpoint import checkpoint_metadata as checkpoint_metadata
 from optaccum._checkpoint import restore_checkpoint as restore_checkpoint
 from optaccum._checkpoint import save_checkpoint as save_checkpoint
 from optaccum._data_parallel import data_parallel as data_parallel
@@ -38,6 +39,7 @@ __all__ = [
   "accumulate",
   "accumulation_state",
   "apply_train_state_gradients",
+  "checkpoint_metadata",
   "data_parallel",
   "flax_gradient_step",
   "flush",

@@ -79,6 +79,13 @@ def save_checkpoint(
       `optaccum.AccumulateState`.
     every_k: the `every_k` given to `optaccum.accumulate`.
 
+  Raises:
+    ValueError: if `state` holds no (or several) AccumulateState; or if, in
+      the middle of a window under `pmap` with `axis_name`, a state declared
+      replicated holds other partial sums on other devices (Orbax would write
+      device 0's alone): save when a window has just closed, or keep the state
+      per device (`out_axes=0`).
+
   Examples:
     >>> import tempfile
     >>> import jax.numpy as jnp
@@ -97,16 +104,68 @@ def save_checkpoint(
   """
   import orbax.checkpoint as ocp
 
-  _validation.check_every_k("save_checkpoint", every_k)
-  mini_step, gradient_step = _counters(state)
+  metadata = _metadata("save_checkpoint", state, every_k)
+  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.fspath(directory), state, custom_metadata=metadata)
+
+
+def checkpoint_metadata(state: Any, *, every_k: int | Callable[[jax.Array], Any]) -> dict:
+  """What `restore_checkpoint` checks, for a save through Orbax's `CheckpointManager`.
+
+  `save_checkpoint` writes one checkpoint directory; a training loop that keeps
+  several with `orbax.checkpoint.CheckpointManager` passes this as the save's
+  `custom_metadata`, and restores a step with `restore_checkpoint` pointed at
+  that step's directory: the window length, the counters and each array's
+  checksum are checked as for `save_checkpoint`'s own.
+
+  Args:
+    state: the whole training state the manager saves (one item).
+    every_k: the `every_k` given to `optaccum.accumulate`.
+
+  Returns:
+    A dict for `CheckpointManager.save(..., custom_metadata=...)`.
+
+  Raises:
+    ValueError: if `state` holds no (or several) AccumulateState, or under
+      `pmap` its replicas hold different partial sums (see `save_checkpoint`).
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import orbax.checkpoint as ocp
+    >>> import optaccum
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=4)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = (params, tx.init(params))
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     manager.save(7, args=ocp.args.StandardSave(state),
+    ...                  custom_metadata=optaccum.checkpoint_metadata(state, every_k=4))
+    ...     manager.wait_until_finished()
+    ...   optaccum.restore_checkpoint(f"{directory}/7", state, every_k=2)
+    Traceback (most recent call last):
+    ValueError: `restore_checkpoint(every_k=...)` gives windows of 2 micro-steps ... of 4 ...
+  """
+  return _metadata("checkpoint_metadata", state, every_k)
+
+
+def _metadata(where: str, state: Any, every_k: Any) -> dict:
+  """The custom metadata of a checkpoint of `state`: the window in force and the checksums."""
+  import orbax.checkpoint as ocp
+
+  _validation.check_every_k(where, every_k)
+  fields = _accumulation_fields(state)
+  mini_step, gradient_step = _counters(fields)
+  if mini_step > 0:
+    _check_replicas_agree(where, fields)
   record = {
     "every_k": _window_length(every_k, gradient_step),
     "mini_step": mini_step,
     "gradient_step": gradient_step,
     "checksums": _checksums(ocp.tree.to_flat_dict(state)),
   }
-  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.fspath(directory), state, custom_metadata={_METADATA_KEY: record})
+  return {_METADATA_KEY: record}
 
 
 def restore_checkpoint(
@@ -114,6 +173,7 @@ def restore_checkpoint(
   target: Any,
   *,
   every_k: int | Callable[[jax.Array], Any],
+  item: str | None = None,
 ) -> Any:
   """Restores a state saved by `save_checkpoint`, after checking that it fits.
 
@@ -125,13 +185,20 @@ def restore_checkpoint(
   checks each array against the checksum taken at save, so damaged data raises
   a `ValueError` too, as do damaged or missing Orbax files.
 
+  It also restores one step of an `orbax.checkpoint.CheckpointManager` saved
+  with `custom_metadata=optaccum.checkpoint_metadata(state, every_k=...)`:
+  point `directory` at the step's directory (`f"{manager.directory}/{step}"`).
+
   Args:
-    directory: the checkpoint directory.
+    directory: the checkpoint directory, or a CheckpointManager step's.
     target: a state of the form to restore: a freshly created `TrainState`,
       `(model, optimizer)` NNX objects, or any pytree, with arrays or
       `jax.ShapeDtypeStruct` leaves. Only its structure, shapes and dtypes are
       used.
     every_k: the `every_k` of the optimizer that will continue the training.
+    item: in a CheckpointManager step that holds several items (saved with
+      `ocp.args.Composite`), the one holding the state; None (default) takes
+      the only one.
 
   Returns:
     The restored state, of the form of `target`.
@@ -165,9 +232,10 @@ def restore_checkpoint(
       "which is not a directory."
     )
   abstract = jax.eval_shape(lambda tree: tree, target)
-  _check_files(directory)
+  item_directory = _item_directory(directory, item)
+  _check_files(directory, item_directory)
   with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
-    saved_tree = _tree_metadata(directory)
+    saved_tree = _tree_metadata(item_directory)
     with _reading(directory, "Orbax cannot read its _CHECKPOINT_METADATA"):
       custom_metadata = checkpointer.metadata(directory).custom_metadata or {}
     _check_tree_fits(directory, ocp.tree.to_flat_dict(saved_tree), ocp.tree.to_flat_dict(abstract))
@@ -175,26 +243,57 @@ def restore_checkpoint(
     _check_record(directory, record)
     _check_window_fits(directory, cast(dict, record), every_k)
     with _reading(directory, "Orbax cannot read its arrays"):
-      restored = checkpointer.restore(directory, abstract)
+      restored = checkpointer.restore(item_directory, abstract)
   _check_checksums(directory, cast(dict, record)["checksums"], ocp.tree.to_flat_dict(restored))
   return restored
 
 
-def _counters(state: Any) -> tuple[int, int]:
-  """The state's (mini_step, gradient_step) as Python ints, NNX Variables and States included."""
+def _item_directory(directory: str, item: str | None) -> str:
+  """Where the arrays of the checkpoint at `directory` lie.
+
+  `directory` itself for `save_checkpoint`'s (and `StandardCheckpointer`'s)
+  layout; the folder of one item within a `CheckpointManager` step directory.
+  """
+  names = set(os.listdir(directory))
+  if names & {"_METADATA", "manifest.ocdbt"}:
+    if item is not None:
+      raise ValueError(
+        f"`restore_checkpoint(item=...)` names an item of a CheckpointManager step, but "
+        f"{directory!r} is a checkpoint of one item; leave item=None, got item={item!r}."
+      )
+    return directory
+  folders = sorted(n for n in names if os.path.isdir(os.path.join(directory, n)))
+  if "_CHECKPOINT_METADATA" not in names:
+    steps = [n for n in folders if n.isdigit()]
+    if steps and os.path.isfile(os.path.join(directory, steps[-1], "_CHECKPOINT_METADATA")):
+      latest = max(steps, key=int)
+      raise ValueError(
+        f"`restore_checkpoint(directory=...)` must be one checkpoint, but {directory!r} is a "
+        f"CheckpointManager's directory of steps {', '.join(sorted(steps, key=int))}: pass "
+        f"one step's directory, e.g. {os.path.join(directory, latest)!r}."
+      )
+    return directory  # `_check_files` says it holds no checkpoint
+  if item is None and len(folders) == 1:
+    return os.path.join(directory, folders[0])
+  if item is None or item not in folders:
+    got = "" if item is None else f", got item={item!r}"
+    raise ValueError(
+      f"`restore_checkpoint(item=...)` must name the item to restore of the CheckpointManager "
+      f"step at {directory!r}, which holds {', '.join(folders) or 'none'}{got}."
+    )
+  return os.path.join(directory, item)
+
+
+def _accumulation_fields(state: Any) -> dict[str, list]:
+  """The leaves of each field of the one AccumulateState in `state`, by field name.
+
+  `state` may hold the AccumulateState itself (a TrainState, a tuple), or be
+  an NNX State, where `nnx.state(optimizer)` turned it into a mapping of its
+  fields.
+  """
   if holds_state(state):
     accumulation = accumulation_state(state)
-    counters: tuple[Any, ...] = (accumulation.mini_step, accumulation.gradient_step)
-  else:
-    # `nnx.state(optimizer)` turns the AccumulateState into a mapping of its fields.
-    counters = _counters_by_name(state)
-  # An NNX Variable is a pytree around its array; a plain array is its own leaf.
-  mini_step, gradient_step = (int(jax.tree.leaves(counter)[0]) for counter in counters)
-  return mini_step, gradient_step
-
-
-def _counters_by_name(state: Any) -> tuple[Any, Any]:
-  """`mini_step` and `gradient_step` of the one mapping in `state` that has them and `acc_grads`."""
+    return {name: jax.tree.leaves(value) for name, value in accumulation._asdict().items()}
   paths = [
     tuple(_key_name(key) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(state)
   ]
@@ -208,11 +307,48 @@ def _counters_by_name(state: Any) -> tuple[Any, Any]:
   if len(prefixes) != 1:
     accumulation_state(state)  # raises, saying how many it found
   (prefix,) = prefixes
+  fields: dict[str, list] = {}
+  for path, leaf in zip(paths, leaves):
+    if path[: len(prefix)] == prefix and len(path) > len(prefix):
+      fields.setdefault(path[len(prefix)], []).append(leaf)
+  return fields
 
-  def leaf(name: str) -> Any:
-    return next(x for path, x in zip(paths, leaves) if path[: len(prefix) + 1] == (*prefix, name))
 
-  return leaf("mini_step"), leaf("gradient_step")
+def _counters(fields: dict[str, list]) -> tuple[int, int]:
+  """(mini_step, gradient_step) as Python ints.
+
+  Under `pmap` with the state kept per device (`out_axes=0`) each counter has
+  a leading device axis; the devices step together, so they agree.
+  """
+  mini_step, gradient_step = (
+    int(np.asarray(fields[name][0]).reshape(-1)[0]) for name in ("mini_step", "gradient_step")
+  )
+  return mini_step, gradient_step
+
+
+def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
+  """Raises a ValueError where one array of the window's sums differs between its replicas.
+
+  Under `pmap(..., out_axes=None)` (or `in_axes=None` for the state) an
+  `accumulate(axis_name=...)` state is declared replicated, but in the middle
+  of a window each device holds its own partial sum. Orbax, like
+  `jax.device_get`, would write device 0's copy alone and lose the others.
+  """
+  for name in ("acc_grads", "acc_weight", "statistics"):
+    for leaf in fields.get(name, []):
+      if not isinstance(leaf, jax.Array) or not leaf.is_fully_replicated:
+        continue
+      shards = [np.asarray(shard.data).tobytes() for shard in leaf.addressable_shards]
+      differ = sum(shard != shards[0] for shard in shards[1:])
+      if differ:
+        raise ValueError(
+          f"`{where}(state=...)` is declared replicated over {len(shards)} devices, but "
+          f"{differ} of them hold other partial sums in a leaf of `{name}` of shape "
+          f"{list(leaf.shape)}, in the middle of a window: under pmap with axis_name each device "
+          "accumulates its own micro-batches until the window closes, and a save (or "
+          "jax.device_get) would keep device 0's alone. Save when a window has just "
+          "closed (optaccum.has_updated), or keep the state per device (pmap out_axes=0)."
+        )
 
 
 def _key_name(key: Any) -> str:
@@ -361,33 +497,42 @@ def _reading(directory: str, what: str) -> Iterator[None]:
     raise _damaged(directory, f"{what} ({_reason(error)}).") from error
 
 
-def _check_files(directory: str) -> None:
-  """Raises a ValueError where Orbax's JSON files in `directory` are missing or not JSON."""
-  names = set(os.listdir(directory))
+def _check_files(directory: str, item_directory: str) -> None:
+  """Raises a ValueError where Orbax's JSON files of the checkpoint are missing or not JSON.
+
+  The step's metadata lies in `directory`, the item's files in `item_directory`
+  (the same folder but in a CheckpointManager step).
+  """
+  names = set(os.listdir(directory)) | set(os.listdir(item_directory))
   if not names & {*_REQUIRED_FILES, "manifest.ocdbt"}:
     raise ValueError(
       "`restore_checkpoint(directory=...)` must be a checkpoint written by "
-      f"`optaccum.save_checkpoint`, but {directory!r} holds no Orbax checkpoint."
+      f"`optaccum.save_checkpoint` (or a CheckpointManager step), but {directory!r} holds "
+      "no Orbax checkpoint."
     )
-  for name in _REQUIRED_FILES:
-    if name not in names:
-      raise _damaged(directory, f"its file {name} is missing.")
-  for name in _json_files(directory, names):
+  step_file, item_file = _REQUIRED_FILES
+  for path in (os.path.join(directory, step_file), os.path.join(item_directory, item_file)):
+    if not os.path.isfile(path):
+      raise _damaged(directory, f"its file {os.path.relpath(path, directory)} is missing.")
+  for path in _json_files(directory, item_directory):
     try:
-      with open(os.path.join(directory, name), "rb") as file:
+      with open(path, "rb") as file:
         json.loads(file.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
+      name = os.path.relpath(path, directory)
       raise _damaged(directory, f"its file {name} is not valid JSON ({error}).") from error
 
 
-def _json_files(directory: str, names: set[str]) -> list[str]:
-  """Orbax's JSON files among `names` (the entries of `directory`), relative to it."""
-  files = [name for name in (*_REQUIRED_FILES, *_OPTIONAL_FILES) if name in names]
+def _json_files(directory: str, item_directory: str) -> list[str]:
+  """The paths of Orbax's JSON files of the checkpoint: the step's metadata, then the item's."""
+  step_file, item_file = _REQUIRED_FILES
+  names = set(os.listdir(item_directory))
+  files = [os.path.join(directory, step_file)]
+  files += [os.path.join(item_directory, n) for n in (item_file, *_OPTIONAL_FILES) if n in names]
   for folder in _OPTIONAL_FOLDERS:
     if folder in names:
-      files += [
-        os.path.join(folder, name) for name in sorted(os.listdir(os.path.join(directory, folder)))
-      ]
+      path = os.path.join(item_directory, folder)
+      files += [os.path.join(path, name) for name in sorted(os.listdir(path))]
   return files
 
 
@@ -435,7 +580,9 @@ def _check_record(directory: str, record: Any) -> None:
   if record is None:
     raise ValueError(
       f"`restore_checkpoint(directory=...)`: the checkpoint at {directory} records no "
-      "window length; save it with `optaccum.save_checkpoint`."
+      "window length; save it with `optaccum.save_checkpoint`, or through a "
+      "CheckpointManager with `custom_metadata=optaccum.checkpoint_metadata(state, "
+      "every_k=...)`."
     )
   held = list(record) if isinstance(record, dict) else []
   missing = [field for field in _RECORD_FIELDS if field not in held]

@@ -215,7 +215,8 @@ def test_restore_from_a_directory_without_a_checkpoint_says_so(tmp_path):
     optaccum.restore_checkpoint(tmp_path, fresh_state(), every_k=EVERY_K)
   assert str(error.value) == (
     "`restore_checkpoint(directory=...)` must be a checkpoint written by "
-    f"`optaccum.save_checkpoint`, but {str(tmp_path)!r} holds no Orbax checkpoint."
+    f"`optaccum.save_checkpoint` (or a CheckpointManager step), but {str(tmp_path)!r} "
+    "holds no Orbax checkpoint."
   )
 
 
@@ -287,6 +288,84 @@ def test_nnx_state_with_dropout_keys_resumes_mid_window_bit_identically(tmp_path
     assert np.array_equal(got, expected)
   with pytest.raises(ValueError, match=r"windows of 2 micro-steps"):
     optaccum.restore_checkpoint(tmp_path / "nnx_state", nnx.state(fresh(1)), every_k=2)
+
+
+def _manager_save(root, step, state, *, metadata=True, items=None):
+  """Saves `state` as `step` of a CheckpointManager at `root`, as a training loop would."""
+  custom = optaccum.checkpoint_metadata(state, every_k=EVERY_K) if metadata else None
+  args = ocp.args.StandardSave(state)
+  if items is not None:  # several items: the state beside a JSON item
+    args = ocp.args.Composite(**{items[0]: args, items[1]: ocp.args.JsonSave({"epoch": 1})})
+  with ocp.CheckpointManager(root, item_names=items) as manager:
+    manager.save(step, args=args, custom_metadata=custom)
+    manager.wait_until_finished()
+
+
+def test_checkpoint_manager_step_resumes_mid_window_and_refuses_another_window(tmp_path):
+  uninterrupted = flat_params(train(fresh_state(), range(MICRO_STEPS)))
+  _manager_save(tmp_path, SAVE_AT, train(fresh_state(), range(SAVE_AT)))
+
+  step_directory = tmp_path / str(SAVE_AT)
+  state = optaccum.restore_checkpoint(step_directory, fresh_state(seed=1), every_k=EVERY_K)
+  assert int(optaccum.accumulation_state(state.opt_state).mini_step) == SAVE_AT % EVERY_K
+  resumed = flat_params(train(state, range(SAVE_AT, MICRO_STEPS)))
+  for name, value in uninterrupted.items():
+    assert np.array_equal(resumed[name], value), name
+  # The issue's case: saved with k = 3, restored into a k = 2 optimizer.
+  with pytest.raises(ValueError, match=r"windows of 2 micro-steps .* windows of 3 \(2 micro"):
+    optaccum.restore_checkpoint(step_directory, fresh_state(every_k=2), every_k=2)
+
+
+def test_checkpoint_manager_step_with_several_items_restores_the_named_one(tmp_path):
+  _manager_save(tmp_path, 1, train(fresh_state(), range(SAVE_AT)), items=("state", "extra"))
+  state = optaccum.restore_checkpoint(tmp_path / "1", fresh_state(1), every_k=EVERY_K, item="state")
+  assert int(optaccum.accumulation_state(state.opt_state).mini_step) == SAVE_AT % EVERY_K
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(tmp_path / "1", fresh_state(), every_k=EVERY_K)
+  assert str(error.value) == (
+    "`restore_checkpoint(item=...)` must name the item to restore of the CheckpointManager "
+    f"step at {str(tmp_path / '1')!r}, which holds extra, state."
+  )
+  with pytest.raises(ValueError, match=r"which holds extra, state, got item='model'\.$"):
+    optaccum.restore_checkpoint(tmp_path / "1", fresh_state(), every_k=EVERY_K, item="model")
+
+
+def test_checkpoint_manager_directory_names_its_steps(tmp_path):
+  for step in (2, 10):
+    _manager_save(tmp_path, step, fresh_state())
+  with pytest.raises(ValueError) as error:
+    optaccum.restore_checkpoint(tmp_path, fresh_state(), every_k=EVERY_K)
+  assert str(error.value) == (
+    "`restore_checkpoint(directory=...)` must be one checkpoint, but "
+    f"{str(tmp_path)!r} is a CheckpointManager's directory of steps 2, 10: pass one "
+    f"step's directory, e.g. {str(tmp_path / '10')!r}."
+  )
+
+
+def test_checkpoint_manager_step_without_the_metadata_says_how_to_save_it(tmp_path):
+  _manager_save(tmp_path, 0, fresh_state(), metadata=False)
+  with pytest.raises(ValueError, match=r"records no window length; .*checkpoint_metadata\(state"):
+    optaccum.restore_checkpoint(tmp_path / "0", fresh_state(), every_k=EVERY_K)
+
+
+def test_item_of_a_one_item_checkpoint_is_refused(checkpoint):
+  with pytest.raises(ValueError, match=r"is a checkpoint of one item; leave item=None, got"):
+    optaccum.restore_checkpoint(checkpoint, fresh_state(), every_k=EVERY_K, item="state")
+
+
+def test_pmap_replicas_partial_sums_are_never_lost_by_a_mid_window_save(run_python, tmp_path):
+  result = run_python(
+    ["-m", "tests.checks.pmap_checkpoint", str(tmp_path)], num_devices=4, timeout=180
+  )
+  replicated, kept = result["replicated"], result["per_device"]
+  # Declared replicated, each device holds its own sum mid-window: refused.
+  assert replicated["refusal"].startswith(
+    "`save_checkpoint(state=...)` is declared replicated over 4 devices, but 3 of them "
+    "hold other partial sums in a leaf of `acc_grads`"
+  )
+  assert replicated["resumed_equal"]  # a save at a window's end resumes bit for bit
+  # Kept per device (a leading device axis), every sum is saved and resumes mid-window.
+  assert kept["devices_differ"] and kept["resumed_equal"]
 
 
 if __name__ == "__main__":

@@ -322,7 +322,8 @@ def test_a_directory_of_other_files_still_holds_no_checkpoint(tmp_path):
     optaccum.restore_checkpoint(tmp_path, with_optimizer({}), every_k=EVERY_K)
   assert str(error.value) == (
     "`restore_checkpoint(directory=...)` must be a checkpoint written by "
-    f"`optaccum.save_checkpoint`, but {str(tmp_path)!r} holds no Orbax checkpoint."
+    f"`optaccum.save_checkpoint` (or a CheckpointManager step), but {str(tmp_path)!r} "
+    "holds no Orbax checkpoint."
   )
 
 
