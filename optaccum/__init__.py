@@ -8,6 +8,9 @@ from optaccum._checkpoint import checkpoint_metadata as checkpoint_metadata
 from optaccum._checkpoint import restore_checkpoint as restore_checkpoint
 from optaccum._checkpoint import save_checkpoint as save_checkpoint
 from optaccum._data_parallel import data_parallel as data_parallel
+from optaccum._evaluation import Evaluation as Evaluation
+from optaccum._evaluation import EvaluationRow as EvaluationRow
+from optaccum._evaluation import evaluate as evaluate
 from optaccum._flax import apply_train_state_gradients as apply_train_state_gradients
 from optaccum._flax import flax_gradient_step as flax_gradient_step
 from optaccum._inspect import accumulation_state as accumulation_state
@@ -20,6 +23,9 @@ from optaccum._microbatch import microbatch as microbatch
 from optaccum._multisteps import MultiSteps as MultiSteps
 from optaccum._multisteps import MultiStepsState as MultiStepsState
 from optaccum._per_replica import per_replica as per_replica
+from optaccum._planning import Plan as Plan
+from optaccum._planning import PlanRow as PlanRow
+from optaccum._planning import plan as plan
 from optaccum._scaling import scale_learning_rate as scale_learning_rate
 from optaccum._skip import SkipPolicy as SkipPolicy
 from optaccum._skip import skip_large_updates as skip_large_updates
@@ -32,8 +38,12 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AccumulateState",
+  "Evaluation",
+  "EvaluationRow",
   "MultiSteps",
   "MultiStepsState",
+  "Plan",
+  "PlanRow",
   "SkipPolicy",
   "WindowStatistics",
   "accumulate",
@@ -41,6 +51,7 @@ __all__ = [
   "apply_train_state_gradients",
   "checkpoint_metadata",
   "data_parallel",
+  "evaluate",
   "flax_gradient_step",
   "flush",
   "gradient_step",
@@ -50,6 +61,7 @@ __all__ = [
   "num_skipped",
   "num_skipped_windows",
   "per_replica",
+  "plan",
   "restore_checkpoint",
   "save_checkpoint",
   "scale_learning_rate",

@@ -45,8 +45,17 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     "-k",
     "--every-k",
     type=int,
-    default=DEFAULT_EVERY_K,
-    help="micro-batches accumulated per optimizer step (default: %(default)s)",
+    default=None,
+    help=f"micro-batches accumulated per optimizer step (default: {DEFAULT_EVERY_K})",
+  )
+  demo.add_argument(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help=(
+      "choose --every-k from a memory budget such as 300KiB: the smallest k whose compiled "
+      "micro-step fits (optaccum.plan), printing the table it chose from"
+    ),
   )
   demo.add_argument(
     "--batch-size",
@@ -75,17 +84,31 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 
 def _check_demo_options(args: argparse.Namespace) -> str | None:
-  """The first problem with the demo's options, or None."""
+  """The first problem with the demo's options, or None; reads --memory-budget into bytes."""
+  if args.every_k is not None and args.memory_budget is not None:
+    return "give `optaccum demo` either --every-k or --memory-budget, not both."
+  if args.memory_budget is not None:
+    from optaccum._planning import parse_bytes
+
+    try:
+      args.memory_budget = parse_bytes("optaccum demo", "memory_budget", args.memory_budget)
+    except (TypeError, ValueError):
+      return (
+        "`optaccum demo --memory-budget` must be a size such as 300KiB, 1.5MiB or 2MB "
+        f"(at least 1 byte), got {args.memory_budget!r}."
+      )
+  elif args.every_k is None:
+    args.every_k = DEFAULT_EVERY_K
   for flag, value in [
     ("--every-k", args.every_k),
     ("--batch-size", args.batch_size),
     ("--steps", args.steps),
   ]:
-    if value < 1:
+    if value is not None and value < 1:
       return f"`optaccum demo {flag}` must be a positive int, got {value}."
   if args.seed < 0:
     return f"`optaccum demo --seed` must be a non-negative int, got {args.seed}."
-  if args.batch_size % args.every_k:
+  if args.every_k is not None and args.batch_size % args.every_k:
     return (
       f"`optaccum demo --batch-size` must be a multiple of --every-k={args.every_k}, "
       f"got {args.batch_size}."
@@ -139,8 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       file=sys.stderr,
     )
     return 1
+  every_k = args.every_k
+  if args.memory_budget is not None:
+    try:
+      every_k = _demo.choose_every_k(batch_size=args.batch_size, budget=args.memory_budget)
+    except ValueError as error:
+      print(f"optaccum demo: error: --memory-budget is too small: {error}", file=sys.stderr)
+      return 2
   _demo.run_demo(
-    every_k=args.every_k,
+    every_k=every_k,
     batch_size=args.batch_size,
     steps=args.steps,
     seed=args.seed,

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import optaccum
+from optaccum._planning import size_text
 
 # The digits are split once, the same way whatever --seed: 1438 to train, 359 to test.
 _TEST_FRACTION = 0.2
@@ -224,6 +225,41 @@ def plot_losses(large: RunResult, accumulated: RunResult, path: str) -> None:
   bottom.set_xlabel("optimizer step (gradient step)")
   bottom.grid(alpha=0.3)
   figure.savefig(path, dpi=100)
+
+
+def choose_every_k(*, batch_size: int, budget: int, console: Console | None = None) -> int:
+  """Plans k for the demo's accumulated run from a memory budget, says why, and returns it.
+
+  Compiles the demo's micro-step for every k dividing `batch_size`
+  (`optaccum.plan`, the across-steps form) and prints the table; raises a
+  ValueError where no k fits.
+  """
+  console = console or Console()
+  images = jax.ShapeDtypeStruct((batch_size, 64), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  params = jax.eval_shape(DigitsMlp().init, jax.random.key(0), images)
+
+  def loss(params: Any, images: Any, labels: Any) -> jax.Array:
+    logits = DigitsMlp().apply(params, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  inner = optax.sgd(_LEARNING_RATE, momentum=_MOMENTUM)
+  chosen = optaccum.plan(
+    jax.value_and_grad(loss), params, inner, (images, labels), budget=budget, forms=["accumulate"]
+  )
+  console.print(chosen.table(), soft_wrap=True)
+  every_k = chosen.accumulate
+  assert every_k is not None
+  row = next(row for row in chosen.rows if row.k == every_k)
+  larger = [r for r in chosen.rows if r.k < every_k]
+  why = f"k={every_k} is the smallest k whose micro-step fits: {size_text(row.total)}"
+  if every_k == 1:
+    why = f"the unsplit step fits ({size_text(row.total)}): k=1, no accumulation needed"
+  if larger:
+    last = larger[-1]
+    why += f"; k={last.k} (micro-batches of {last.micro_batch_size}) needs {size_text(last.total)}"
+  console.print(f"Memory budget {size_text(budget)}: {why}.", soft_wrap=True)
+  return every_k
 
 
 def run_demo(

@@ -203,3 +203,43 @@ def test_console_script_shows_the_demo_options():
   assert result.returncode == 0, result.stderr
   for option in ["--every-k", "--batch-size", "--steps", "--seed", "--out"]:
     assert option in result.stdout
+
+
+def test_memory_budget_chooses_the_smallest_k_whose_micro_step_fits(monkeypatch, capsys):
+  calls = []
+  monkeypatch.setattr(_demo, "run_demo", lambda **options: calls.append(options))
+  assert main(["demo", "--memory-budget", "500KiB", "--out", "a.png"]) == 0
+  printed = capsys.readouterr().out
+  rows = [line.split("|")[1:-1] for line in printed.splitlines() if line.startswith("| ")]
+  table = {int(cells[1]): cells[-1].strip() for cells in rows[1:]}
+  assert sorted(table) == [2**i for i in range(9)]  # every divisor of the batch of 256
+  fitting = [k for k, fits in table.items() if fits == "yes"]
+  assert "no" in table.values() and fitting  # the budget decides
+  (options,) = calls
+  assert options["every_k"] == min(fitting) > 1 and options["batch_size"] == 256
+  assert f"Memory budget 500.0 KiB: k={min(fitting)} is the smallest k" in " ".join(printed.split())
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    (["-k", "2", "--memory-budget", "1MiB"], "either --every-k or --memory-budget, not both"),
+    (
+      ["--memory-budget", "lots"],
+      "must be a size such as 300KiB, 1.5MiB or 2MB (at least 1 byte), got 'lots'",
+    ),
+    (
+      ["--memory-budget", "1KiB"],
+      "--memory-budget is too small: `plan(budget=...)` of 1,024 bytes",
+    ),
+  ],
+)
+def test_bad_memory_budgets_are_refused_on_one_line(monkeypatch, capsys, options, message):
+  monkeypatch.setattr(_demo, "run_demo", lambda **options: pytest.fail("must not train"))
+  try:
+    code = main(["demo", "--batch-size", "8", *options])
+  except SystemExit as exit:
+    code = exit.code
+  assert code == 2
+  error = capsys.readouterr().err
+  assert message in error and len(error.strip().splitlines()) == 1

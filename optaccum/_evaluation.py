@@ -1,0 +1,391 @@
+"""Evaluating accumulation on the user's own step: speed, memory and divergence for each k.
+
+Every configuration trains the same windows from the same initial state on the
+same data: the unsplit batch (k = 1, the reference where it fits), and each
+k, in the across-steps form (`accumulate`, k micro-steps per window) or the
+in-step form (`microbatch`, one step per window). One pass in lockstep
+measures how far each run drifts from the reference, window by window; then
+timed rounds, in rotating order, give each configuration's time per example
+(medians). Memory is XLA's compiled memory analysis of the step each run
+executes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaccum import _planning, _validation
+from optaccum._accumulate import accumulate
+
+_WHERE = "evaluate"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRow:
+  """One configuration's measurements.
+
+  Attributes:
+    form: "unsplit", "accumulate" or "microbatch".
+    k: micro-batches per window (1 for unsplit).
+    micro_batch_size: examples per micro-batch.
+    seconds_per_example: median over the timed rounds of the run's wall time
+      divided by the examples it trained on.
+    memory: bytes the compiled step holds (as `optaccum.plan` counts them).
+    temporaries: of which temporaries.
+    max_param_difference: the largest absolute parameter difference from the
+      reference run, over every window's end.
+    max_loss_difference: the largest absolute difference of a window's
+      training loss from the reference's.
+    final_loss: the last window's training loss.
+  """
+
+  form: str
+  k: int
+  micro_batch_size: int
+  seconds_per_example: float
+  memory: int
+  temporaries: int
+  max_param_difference: float
+  max_loss_difference: float
+  final_loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """What `optaccum.evaluate` measured: one row per configuration, the reference's k first."""
+
+  rows: tuple[EvaluationRow, ...]
+  reference: int
+  windows: int
+  batch_size: int
+
+  def table(self) -> Any:
+    """The rows as a `rich.table.Table` (rich is one of the demo extras).
+
+    Columns: the form, k, the micro-batch size, the median time per example,
+    the compiled step's memory, and the largest parameter and window-loss
+    differences from the reference (the rows hold the temporaries and final
+    losses too).
+    """
+    from rich.table import Table
+
+    table = Table(
+      title=f"{self.windows} windows of {self.batch_size} examples; reference: k={self.reference}"
+    )
+    widths = {"form": 10, "k": 2, "batch": 5, "µs/example": 10, "memory": 9}
+    widths.update({"Δparam": 7, "Δloss": 7})
+    for column, width in widths.items():
+      table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    for row in self.rows:
+      table.add_row(
+        row.form,
+        str(row.k),
+        str(row.micro_batch_size),
+        f"{row.seconds_per_example * 1e6:,.2f}",
+        _planning.size_text(row.memory),
+        f"{row.max_param_difference:.1e}",
+        f"{row.max_loss_difference:.1e}",
+      )
+    return table
+
+  def plot(self, path: str) -> None:
+    """Saves a PNG: time per example, compiled memory and divergence, for each k."""
+    from matplotlib.figure import Figure
+
+    labels = ["unsplit" if row.form == "unsplit" else f"k={row.k}" for row in self.rows]
+    forms = sorted({row.form for row in self.rows} - {"unsplit"})
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    speed, memory, drift = figure.subplots(1, 3)
+    speed.bar(labels, [row.seconds_per_example * 1e6 for row in self.rows], color="tab:blue")
+    speed.set_ylabel("µs per example (median)")
+    memory.bar(labels, [row.memory / 2**10 for row in self.rows], color="tab:orange")
+    memory.bar(labels, [row.temporaries / 2**10 for row in self.rows], color="tab:red")
+    memory.set_ylabel("compiled step memory (KiB); red: temporaries")
+    # A log axis has no zero: the reference, and exact runs, sit at the floor.
+    floor = 1e-12
+    drift.bar(labels, [max(row.max_param_difference, floor) for row in self.rows])
+    drift.set_yscale("log")
+    drift.set_ylabel(f"max |param - reference|, k={self.reference}")
+    for axes in (speed, memory, drift):
+      axes.tick_params(axis="x", labelsize="small")
+      axes.grid(alpha=0.3, axis="y")
+    figure.suptitle(
+      f"{' and '.join(forms) or 'unsplit'} on your step: {self.windows} windows of "
+      f"{self.batch_size} examples"
+    )
+    figure.savefig(path, dpi=100)
+
+
+@dataclasses.dataclass
+class _Run:
+  """One configuration: its compiled step, how a window feeds it, and its state."""
+
+  form: str
+  k: int
+  step: Any  # compiled: (params, opt_state, *batch) -> (params, opt_state, loss)
+  memory: Any
+  init: Callable[[Any], Any]
+  has_aux: bool
+  state: tuple = ()
+
+  def reset(self, params: Any) -> None:
+    """A fresh copy of the initial state: the step donates its buffers."""
+    params = jax.tree.map(jnp.copy, params)
+    self.state = (params, self.init(params))
+
+  def window(self, batches: list) -> jax.Array:
+    """Trains one window (its micro-batches, prepared); returns its mean training loss."""
+    losses = []
+    for batch in batches:
+      params, opt_state, loss = self.step(*self.state, *batch)
+      self.state = (params, opt_state)
+      losses.append(loss[0] if self.has_aux else loss)
+    return sum(losses[1:], losses[0]) / len(losses)
+
+
+def _make_run(
+  form: str,
+  k: int,
+  grad_fn: Callable[..., Any],
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  batch: tuple,
+  has_aux: bool,
+) -> _Run:
+  """Compiles one configuration's step for these shapes."""
+  abstract_params = _planning.abstract(params)
+  if form == "unsplit":
+    tx, step = optimizer, _planning.unsplit_step(grad_fn, optimizer)
+    shapes = _planning.abstract(batch)
+  elif form == "microbatch":
+    tx, step = optimizer, _planning.microbatch_step(grad_fn, optimizer, k, has_aux)
+    shapes = _planning.abstract(batch)
+  else:
+    tx = accumulate(optimizer, k)
+    step, shapes = _planning.accumulate_step(grad_fn, tx), _planning.micro_batch(batch, k)
+  opt_state = jax.eval_shape(tx.init, abstract_params)
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(abstract_params, opt_state, *shapes)
+  compiled = lowered.compile()
+  return _Run(form, k, compiled, compiled.memory_analysis(), tx.init, has_aux)
+
+
+def _feed(run: _Run, batch: tuple) -> list:
+  """The window's batches as `run` takes them: k contiguous micro-batches for `accumulate`."""
+  if run.form != "accumulate":
+    return [batch]
+  size = _planning.batch_size_of(_WHERE, batch) // run.k
+  return [jax.tree.map(lambda x: x[i * size : (i + 1) * size], batch) for i in range(run.k)]
+
+
+@jax.jit
+def _max_difference(a: Any, b: Any) -> jax.Array:
+  differences = [
+    jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    if jnp.size(x)
+  ]
+  return jnp.max(jnp.stack(differences))
+
+
+def _check_batches(batches: Any) -> int:
+  """B, after checking that `batches` is a non-empty sequence of like-shaped batch tuples."""
+  if isinstance(batches, tuple | str) or not isinstance(batches, Sequence) or not batches:
+    raise TypeError(
+      f"`{_WHERE}(batches=...)` must be a non-empty list of batches, one per window, each a "
+      f"tuple of the arguments after the parameters, got a {type(batches).__name__}."
+    )
+  batch_size = _planning.batch_size_of(_WHERE, batches[0])
+  first = jax.tree.structure(batches[0]), [jnp.shape(x) for x in jax.tree.leaves(batches[0])]
+  for index, batch in enumerate(batches[1:], start=1):
+    if (
+      not isinstance(batch, tuple)
+      or (
+        jax.tree.structure(batch),
+        [jnp.shape(x) for x in jax.tree.leaves(batch)],
+      )
+      != first
+    ):
+      raise ValueError(
+        f"`{_WHERE}(batches=...)` must hold batches of one structure and shape: batch "
+        f"{index} differs from batch 0."
+      )
+  return batch_size
+
+
+def _check_every_k(every_k: Any, batch_size: int) -> list[int]:
+  if isinstance(every_k, int | str) or not isinstance(every_k, Sequence) or not every_k:
+    raise TypeError(
+      f"`{_WHERE}(every_k=...)` must be a non-empty sequence of positive ints, "
+      f"got every_k={every_k!r}."
+    )
+  for k in every_k:
+    _validation.check_positive_int(_WHERE, "every_k", k)
+    if batch_size % k:
+      raise ValueError(f"`{_WHERE}(every_k=...)` must divide the batch of {batch_size}, got {k}.")
+  return sorted(set(int(k) for k in every_k))
+
+
+def _progress(enabled: bool, total: int) -> Any:
+  """A rich progress bar over `total` windows, or a stand-in that shows nothing."""
+  if not enabled:
+    return _NoProgress()
+  from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+  bar = Progress("evaluate", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+  bar.add_task("windows", total=total)
+  return bar
+
+
+class _NoProgress:
+  def __enter__(self) -> _NoProgress:
+    return self
+
+  def __exit__(self, *_: Any) -> None:
+    return None
+
+  def advance(self, task: int, advance: float = 1) -> None:
+    return None
+
+
+def _divergence(runs: list[_Run], feeds: list[list], params: Any, bar: Any) -> list[tuple]:
+  """Trains every run in lockstep; (max |Δ param|, max |Δ loss|, final loss) against runs[0]."""
+  for run in runs:
+    run.reset(params)
+  worst = [(0.0, 0.0, 0.0)] * len(runs)
+  for window in range(len(feeds[0])):
+    losses = [float(run.window(feed[window])) for run, feed in zip(runs, feeds)]
+    reference = runs[0].state[0]
+    for index, run in enumerate(runs):
+      param = float(_max_difference(run.state[0], reference))
+      loss = abs(losses[index] - losses[0])
+      worst[index] = (max(worst[index][0], param), max(worst[index][1], loss), losses[index])
+    bar.advance(0, len(runs))
+  return worst
+
+
+def _timings(runs: list[_Run], feeds: list[list], params: Any, rounds: int, bar: Any) -> list:
+  """Each run's seconds per window-set, over `rounds` rounds in rotating order."""
+  seconds: list[list[float]] = [[] for _ in runs]
+  for round_index in range(rounds):
+    order = list(range(len(runs)))
+    shift = round_index % len(runs)
+    for index in order[shift:] + order[:shift]:
+      run = runs[index]
+      run.reset(params)
+      jax.block_until_ready(run.state)
+      start = time.perf_counter()
+      for batches in feeds[index]:
+        run.window(batches)
+      jax.block_until_ready(run.state)
+      seconds[index].append(time.perf_counter() - start)
+      bar.advance(0, len(feeds[index]))
+  return [statistics.median(s) for s in seconds]
+
+
+def evaluate(
+  grad_fn: Callable[..., Any],
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  batches: Sequence[tuple],
+  every_k: Sequence[int] = (2, 4, 8),
+  *,
+  form: str = "accumulate",
+  budget: int | str | None = None,
+  rounds: int = 3,
+  has_aux: bool = False,
+  progress: bool = True,
+) -> Evaluation:
+  """Trains the same windows with each k and measures speed, memory and divergence.
+
+  From the same initial parameters, on the same data (`batches`, one global
+  batch per window), it trains the unsplit batch (one optimizer step per
+  batch: the reference) and, for each k, either `optaccum.accumulate(
+  optimizer, k)` fed k contiguous micro-batches per window through the fast
+  path (`form="accumulate"`) or `optaccum.microbatch(grad_fn, k)` in one step
+  (`form="microbatch"`). A first pass runs them in lockstep and records, after
+  every window, how far each run's parameters and window loss are from the
+  reference's; then `rounds` timed rounds, in rotating order, give the median
+  time per example. Memory is XLA's compiled memory analysis of the step each
+  run executes (parameters and optimizer state donated).
+
+  Args:
+    grad_fn: `(params, *batch) -> (loss, grads)`, like `jax.value_and_grad(loss)`;
+      `((loss, aux), grads)` with `has_aux=True`.
+    params: the initial parameters (arrays; each run starts from a copy).
+    optimizer: the optax optimizer (the inner optimizer of the accumulation).
+    batches: one global batch per window, each a tuple of the arguments after
+      the parameters, all of one shape with a leading batch axis B.
+    every_k: the k to evaluate, each dividing B.
+    form: "accumulate" (default) or "microbatch".
+    budget: bytes a step may hold (an int or a size such as "2GiB"). A
+      configuration whose compiled step needs more is not run (the unsplit
+      batch included: then the smallest k run is the reference). None (default)
+      runs every configuration.
+    rounds: timed rounds.
+    has_aux: whether `grad_fn` returns aux outputs.
+    progress: show a rich progress bar.
+
+  Returns:
+    An `Evaluation`: a row per configuration run, `table()` (rich) and
+    `plot(path)` (a PNG).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> def loss(w, x, y):
+    ...   return jnp.mean((x @ w - y) ** 2)
+    >>> x = jax.random.normal(jax.random.key(0), (3, 32, 4))  # 3 windows of 32
+    >>> batches = [(x[i], x[i].sum(axis=1)) for i in range(3)]
+    >>> result = optaccum.evaluate(jax.value_and_grad(loss), jnp.zeros(4), optax.sgd(0.1),
+    ...                            batches, every_k=[2, 4], rounds=1, progress=False)
+    >>> [(row.form, row.k, row.micro_batch_size) for row in result.rows]
+    [('unsplit', 1, 32), ('accumulate', 2, 16), ('accumulate', 4, 8)]
+    >>> all(row.max_param_difference < 1e-6 for row in result.rows)
+    True
+  """
+  batch_size = _check_batches(batches)
+  ks = _check_every_k(every_k, batch_size)
+  _validation.check_choice(_WHERE, "form", form, _planning.FORMS)
+  _validation.check_positive_int(_WHERE, "rounds", rounds)
+  for name, flag in (("has_aux", has_aux), ("progress", progress)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"`{_WHERE}({name}=...)` must be a bool, got {name}={flag!r}.")
+  limit = None if budget is None else _planning.parse_bytes(_WHERE, "budget", budget)
+  configurations = [("unsplit", 1)] + [(form, k) for k in ks if k > 1]
+  runs = [
+    _make_run(f, k, grad_fn, params, optimizer, batches[0], has_aux) for f, k in configurations
+  ]
+  runs = [run for run in runs if limit is None or _planning.memory_total(run.memory) <= limit]
+  if not runs:
+    raise ValueError(
+      f"`{_WHERE}(budget=...)` of {limit:,} bytes fits none of the configurations "
+      f"(k = 1, {', '.join(map(str, ks))}); `optaccum.plan` shows what each needs."
+    )
+  batches = jax.device_put(list(batches))
+  feeds = [[_feed(run, batch) for batch in batches] for run in runs]
+  with _progress(progress, (1 + rounds) * len(runs) * len(batches)) as bar:
+    worst = _divergence(runs, feeds, params, bar)
+    seconds = _timings(runs, feeds, params, rounds, bar)
+  rows = tuple(
+    EvaluationRow(
+      run.form,
+      run.k,
+      batch_size // run.k,
+      run_seconds / (len(batches) * batch_size),
+      _planning.memory_total(run.memory),
+      int(run.memory.temp_size_in_bytes),
+      *run_worst,
+    )
+    for run, run_seconds, run_worst in zip(runs, seconds, worst)
+  )
+  return Evaluation(rows, runs[0].k, len(batches), batch_size)

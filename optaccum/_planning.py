@@ -1,0 +1,386 @@
+"""Choosing k from the memory there is: compile each candidate step, read XLA's memory analysis.
+
+Nothing runs: each candidate's training step is traced and compiled on
+abstract shapes (`jax.ShapeDtypeStruct` leaves are enough), and XLA's compiled
+memory analysis says what one step holds: its temporaries (activations,
+gradients), its arguments (parameters, optimizer state, the batch), its
+outputs, less what the donated arguments lend the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaccum import _validation
+from optaccum._accumulate import accumulate
+from optaccum._apply import apply_gradients
+from optaccum._microbatch import microbatch
+
+FORMS = ("microbatch", "accumulate")
+_WHERE = "plan"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+  """One compiled candidate: its form, k, micro-batch size and XLA's memory analysis, in bytes.
+
+  `total` is what the step holds at once: arguments + outputs - the donated
+  arguments' buffers the outputs reuse + temporaries.
+  """
+
+  form: str  # "unsplit" (k = 1: the plain optimizer step), "microbatch" or "accumulate"
+  k: int
+  micro_batch_size: int
+  temporaries: int
+  arguments: int
+  outputs: int
+  aliased: int
+  total: int
+  fits: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What `optaccum.plan` chose, and the table it chose from.
+
+  Attributes:
+    microbatch: the smallest k that fits for the in-step form,
+      `optaccum.microbatch(grad_fn, k)` (1: the unsplit step fits).
+    accumulate: the smallest k that fits for the across-steps form,
+      `optaccum.accumulate(optimizer, k)` fed micro-batches of B / k.
+    budget: the budget in bytes.
+    batch_size: B, the global batch.
+    rows: every compiled candidate, by k.
+  """
+
+  microbatch: int | None
+  accumulate: int | None
+  budget: int
+  batch_size: int
+  rows: tuple[PlanRow, ...]
+
+  def table(self) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+      f"Budget {size_text(self.budget)} for a batch of {self.batch_size}.",
+      "",
+      "| form | k | micro-batch | temporaries | arguments | outputs | donated | total | fits |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in self.rows:
+      sizes = (row.temporaries, row.arguments, row.outputs, row.aliased, row.total)
+      cells = " | ".join(map(size_text, sizes))
+      fits = "yes" if row.fits else "no"
+      lines.append(f"| {row.form} | {row.k} | {row.micro_batch_size} | {cells} | {fits} |")
+    return "\n".join(lines)
+
+
+def size_text(size: int) -> str:
+  """A byte count for people: "512 B", "208.4 KiB", "1.5 GiB"."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(size) >= scale:
+      return f"{size / scale:,.1f} {unit}"
+  return f"{size} B"
+
+
+def parse_bytes(where: str, name: str, value: Any) -> int:
+  """A size in bytes from an int or a string such as "300KiB", "1.5 GiB" or "2GB"."""
+  if isinstance(value, bool) or not isinstance(value, int | float | str):
+    raise TypeError(
+      f"`{where}({name}=...)` must be a number of bytes or a size such as '300KiB', "
+      f"got {name}={value!r}."
+    )
+  size: float
+  if isinstance(value, str):
+    match = _SIZE.match(value)
+    if match is None or match.group(2).upper() not in _UNITS:
+      raise ValueError(
+        f"`{where}({name}=...)` must be a size such as '300KiB', '1.5GiB' or '2GB' "
+        f"(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {name}={value!r}."
+      )
+    size = float(match.group(1)) * _UNITS[match.group(2).upper()]
+  else:
+    size = value
+  if not size >= 1 or size == float("inf"):
+    raise ValueError(f"`{where}({name}=...)` must be at least 1 byte and finite, got {value!r}.")
+  return int(size)
+
+
+def device_budget(where: str) -> int:
+  """The first local device's memory limit, where JAX reports one; else a ValueError."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if "bytes_limit" not in stats:
+    raise ValueError(
+      f"`{where}(budget=...)` is required here: the {device.platform} device {device} "
+      "reports no memory limit (memory_stats()['bytes_limit']); give the budget in bytes "
+      "or as a size such as '300KiB'."
+    )
+  return int(stats["bytes_limit"])
+
+
+def batch_size_of(where: str, batch: Any) -> int:
+  """B, the leading axis that every leaf of `batch` shares; a ValueError otherwise."""
+  if not isinstance(batch, tuple) or not jax.tree.leaves(batch):
+    raise TypeError(
+      f"`{where}(batch=...)` must be a tuple of the arguments after the parameters, holding "
+      f"arrays (or jax.ShapeDtypeStruct) with a leading batch axis, got batch={batch!r}."
+    )
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or None in sizes:
+    shown = sorted(map(str, sizes))
+    raise ValueError(
+      f"`{where}(batch=...)` leaves must share one leading batch axis, got leading sizes "
+      f"{', '.join(shown)}."
+    )
+  (size,) = sizes
+  assert size is not None
+  return int(size)
+
+
+def abstract(tree: Any) -> Any:
+  """`tree` with each array leaf as a `jax.ShapeDtypeStruct` (its sharding kept)."""
+
+  def leaf(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=_sharding(x))
+
+  return jax.tree.map(leaf, tree)
+
+
+def _sharding(x: Any) -> Any:
+  sharding = getattr(x, "sharding", None)
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def micro_batch(batch: Any, k: int) -> Any:
+  """The abstract shape of one micro-batch of `batch`: the leading axis divided by k."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((x.shape[0] // k, *x.shape[1:]), x.dtype), abstract(batch)
+  )
+
+
+def unsplit_step(grad_fn: Callable[..., Any], optimizer: optax.GradientTransformation) -> Any:
+  """The plain training step: `(params, opt_state, *batch) -> (params, opt_state, loss)`."""
+
+  def step(params: Any, opt_state: Any, *batch: Any) -> Any:
+    loss, grads = grad_fn(params, *batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def microbatch_step(
+  grad_fn: Callable[..., Any], optimizer: optax.GradientTransformation, k: int, has_aux: bool
+) -> Any:
+  """The in-step form: the batch as k micro-batches in one step, then one optimizer step."""
+  return unsplit_step(microbatch(grad_fn, k, has_aux=has_aux), optimizer)
+
+
+def accumulate_step(grad_fn: Callable[..., Any], tx: optax.GradientTransformation) -> Any:
+  """The across-steps form: one micro-batch into `tx = accumulate(...)`, by the fast path."""
+
+  def step(params: Any, opt_state: Any, *batch: Any) -> Any:
+    loss, grads = grad_fn(params, *batch)
+    params, opt_state = apply_gradients(tx, grads, opt_state, params)
+    return params, opt_state, loss
+
+  return step
+
+
+def compiled_memory(step: Callable[..., Any], params: Any, opt_state: Any, batch: Any) -> Any:
+  """XLA's memory analysis of `step`, compiled with the parameters and state donated."""
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch)
+  return lowered.compile().memory_analysis()
+
+
+def _row(form: str, k: int, batch_size: int, memory: Any, budget: int) -> PlanRow:
+  sizes = dict(
+    temporaries=int(memory.temp_size_in_bytes),
+    arguments=int(memory.argument_size_in_bytes),
+    outputs=int(memory.output_size_in_bytes),
+    aliased=int(memory.alias_size_in_bytes),
+  )
+  total = memory_total(memory)
+  return PlanRow(form, k, batch_size // k, **sizes, total=total, fits=total <= budget)
+
+
+def memory_total(memory: Any) -> int:
+  """What a compiled step holds at once: arguments + outputs - donated and reused + temporaries."""
+  return int(
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
+
+
+def _candidates(batch_size: int, candidates: Any) -> list[int]:
+  """The candidate k's, ascending: every divisor of the batch by default."""
+  if candidates is None:
+    return [k for k in range(1, batch_size + 1) if batch_size % k == 0]
+  if isinstance(candidates, int | str) or not isinstance(candidates, Sequence) or not candidates:
+    raise TypeError(
+      f"`{_WHERE}(candidates=...)` must be a non-empty sequence of positive ints, "
+      f"got candidates={candidates!r}."
+    )
+  for k in candidates:
+    _validation.check_positive_int(_WHERE, "candidates", k)
+    if batch_size % k:
+      raise ValueError(
+        f"`{_WHERE}(candidates=...)` must divide the batch of {batch_size}, got k={k}."
+      )
+  return sorted(set(int(k) for k in candidates))
+
+
+def _chosen(rows: list[PlanRow], form: str, budget: int) -> int:
+  """The smallest k of `form` (or unsplit) that fits; a ValueError when none does."""
+  own = [row for row in rows if row.form in (form, "unsplit")]
+  fitting = [row.k for row in own if row.fits]
+  if fitting:
+    return min(fitting)
+  smallest = min(own, key=lambda row: row.total)
+  raise ValueError(
+    f"`{_WHERE}(budget=...)` of {budget:,} bytes is less than any {form} step needs: the "
+    f"smallest total seen is {smallest.total:,} bytes, at k={smallest.k} (micro-batches of "
+    f"{smallest.micro_batch_size}). Give more memory, a smaller model or optimizer state, "
+    "or a smaller batch."
+  )
+
+
+def plan(
+  grad_fn: Callable[..., Any],
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  batch: tuple,
+  *,
+  budget: int | str | None = None,
+  has_aux: bool = False,
+  candidates: Sequence[int] | None = None,
+  forms: Sequence[str] = FORMS,
+) -> Plan:
+  """Chooses the number of micro-batches k from a memory budget, by compiling, never running.
+
+  For each candidate k (by default every divisor of the batch B), it compiles
+  one training step for these shapes and reads XLA's compiled memory
+  analysis: the unsplit step (k = 1, the optimizer every step), the in-step
+  form (`optaccum.microbatch(grad_fn, k)` then the optimizer) and the
+  across-steps form (a micro-batch of B / k through `optaccum.accumulate(
+  optimizer, k)`'s fast path, `optaccum.apply_gradients`). Parameters and
+  optimizer state are donated, as `jax.jit(step, donate_argnums=(0, 1))`
+  would donate them, so a step's total is its arguments and outputs, less
+  the buffers the outputs reuse, plus its temporaries. For each form it
+  returns the smallest k whose total fits: the largest micro-batch.
+
+  Args:
+    grad_fn: a function like `jax.value_and_grad(loss)`: `(params, *batch) ->
+      (loss, grads)`, or `((loss, aux), grads)` with `has_aux=True`.
+    params: the parameters, as arrays or `jax.ShapeDtypeStruct` leaves.
+    optimizer: the optax optimizer (the inner optimizer of the accumulation).
+    batch: a tuple of the arguments after the parameters, a global batch:
+      arrays or `jax.ShapeDtypeStruct` with a shared leading axis B.
+    budget: bytes the step may hold, an int or a size such as "300KiB" or
+      "16GiB". None (default): the device's limit, where JAX reports one
+      (`memory_stats()["bytes_limit"]` on GPU and TPU); on the CPU it must be
+      given.
+    has_aux: whether `grad_fn` returns aux outputs.
+    candidates: the k to compile, each dividing B; None (default) compiles
+      every divisor.
+    forms: which forms to plan, any of "microbatch" and "accumulate".
+
+  Returns:
+    A `Plan`: the k chosen for each form planned (None for one not planned),
+    and every compiled row (`Plan.table()` prints them).
+
+  Raises:
+    ValueError: for a bad budget, candidate or batch, or when no candidate
+      of a planned form fits the budget (the message gives the smallest total
+      seen).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> def loss(w, x):
+    ...   return jnp.mean(jnp.tanh(x @ w) ** 2)
+    >>> w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    >>> x = jax.ShapeDtypeStruct((256, 64), jnp.float32)
+    >>> chosen = optaccum.plan(jax.value_and_grad(loss), w, optax.sgd(0.1, momentum=0.9), (x,),
+    ...                        budget="180KiB", candidates=[1, 2, 4, 8])
+    >>> chosen.microbatch, chosen.accumulate  # the accumulate form's batch argument is smaller
+    (4, 2)
+  """
+  plan_forms = _check_plan_arguments(grad_fn, optimizer, has_aux, forms)
+  batch_size = batch_size_of(_WHERE, batch)
+  budget = device_budget(_WHERE) if budget is None else parse_bytes(_WHERE, "budget", budget)
+  params = abstract(params)
+  rows = []
+  for k in _candidates(batch_size, candidates):
+    rows += [
+      _row(form, k, batch_size, memory, budget)
+      for form, memory in _compile_candidate(
+        grad_fn, params, optimizer, batch, k, has_aux, plan_forms
+      )
+    ]
+  chosen = {form: _chosen(rows, form, budget) for form in plan_forms}
+  return Plan(chosen.get("microbatch"), chosen.get("accumulate"), budget, batch_size, tuple(rows))
+
+
+def _check_plan_arguments(grad_fn: Any, optimizer: Any, has_aux: Any, forms: Any) -> tuple:
+  if not callable(grad_fn):
+    raise TypeError(f"`{_WHERE}(grad_fn=...)` must be callable, got grad_fn={grad_fn!r}.")
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(
+      f"`{_WHERE}(optimizer=...)` must be an optax.GradientTransformation, "
+      f"got optimizer={optimizer!r}."
+    )
+  if not isinstance(has_aux, bool):
+    raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
+  if isinstance(forms, str) or not forms or any(form not in FORMS for form in forms):
+    raise ValueError(
+      f"`{_WHERE}(forms=...)` must be a non-empty sequence of {', '.join(map(repr, FORMS))}, "
+      f"got forms={forms!r}."
+    )
+  return tuple(dict.fromkeys(forms))
+
+
+def _compile_candidate(
+  grad_fn: Callable[..., Any],
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  batch: tuple,
+  k: int,
+  has_aux: bool,
+  forms: tuple,
+) -> list[tuple[str, Any]]:
+  """(form, memory analysis) for each form at k; at k = 1 the one unsplit step."""
+  batch = abstract(batch)
+  if k == 1:
+    opt_state = jax.eval_shape(optimizer.init, params)
+    return [
+      ("unsplit", compiled_memory(unsplit_step(grad_fn, optimizer), params, opt_state, batch))
+    ]
+  out = []
+  if "microbatch" in forms:
+    opt_state = jax.eval_shape(optimizer.init, params)
+    step = microbatch_step(grad_fn, optimizer, k, has_aux)
+    out.append(("microbatch", compiled_memory(step, params, opt_state, batch)))
+  if "accumulate" in forms:
+    tx = accumulate(optimizer, k)
+    step = accumulate_step(grad_fn, tx)
+    opt_state = jax.eval_shape(tx.init, params)
+    out.append(("accumulate", compiled_memory(step, params, opt_state, micro_batch(batch, k))))
+  return out
