@@ -4,9 +4,12 @@ from optaccum._accumulate import accumulate as accumulate
 from optaccum._accumulate import flush as flush
 from optaccum._accumulator import stochastic_bfloat16 as stochastic_bfloat16
 from optaccum._apply import apply_gradients as apply_gradients
+from optaccum._batch_norm import BatchStatsWindow as BatchStatsWindow
+from optaccum._batch_norm import merge_batch_stats as merge_batch_stats
 from optaccum._checkpoint import checkpoint_metadata as checkpoint_metadata
 from optaccum._checkpoint import restore_checkpoint as restore_checkpoint
 from optaccum._checkpoint import save_checkpoint as save_checkpoint
+from optaccum._closure import batch_as_argument as batch_as_argument
 from optaccum._data_parallel import data_parallel as data_parallel
 from optaccum._evaluation import Evaluation as Evaluation
 from optaccum._evaluation import EvaluationRow as EvaluationRow
@@ -22,6 +25,7 @@ from optaccum._inspect import num_skipped_windows as num_skipped_windows
 from optaccum._microbatch import microbatch as microbatch
 from optaccum._multisteps import MultiSteps as MultiSteps
 from optaccum._multisteps import MultiStepsState as MultiStepsState
+from optaccum._nnx import apply_nnx_gradients as apply_nnx_gradients
 from optaccum._per_replica import per_replica as per_replica
 from optaccum._planning import Plan as Plan
 from optaccum._planning import PlanRow as PlanRow
@@ -38,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AccumulateState",
+  "BatchStatsWindow",
   "Evaluation",
   "EvaluationRow",
   "MultiSteps",
@@ -48,7 +53,9 @@ __all__ = [
   "WindowStatistics",
   "accumulate",
   "accumulation_state",
+  "apply_nnx_gradients",
   "apply_train_state_gradients",
+  "batch_as_argument",
   "checkpoint_metadata",
   "data_parallel",
   "evaluate",
@@ -56,6 +63,7 @@ __all__ = [
   "flush",
   "gradient_step",
   "has_updated",
+  "merge_batch_stats",
   "microbatch",
   "num_empty_windows",
   "num_skipped",

@@ -53,14 +53,18 @@ def _keep_dtypes(new: T, old: T) -> T:
   gradients). A loop or conditional must keep its carry's types, and a state
   whose dtypes drift from window to window would retrace every step, so the
   inner state keeps the dtypes `init` gave it, as `optax.MultiSteps` does.
+  For the same reason a leaf that Optax's update turns into None (a moment of
+  an integer parameter, which gets no gradient) keeps its value from `init`.
   """
 
   def cast(n: Any, o: Any) -> Any:
+    if n is None:
+      return o
     if hasattr(n, "dtype") and hasattr(o, "dtype") and n.dtype != o.dtype:
       return n.astype(o.dtype)
     return n
 
-  return jax.tree.map(cast, new, old)
+  return jax.tree.map(cast, new, old, is_leaf=_IS_NONE)
 
 
 def _holds_exactly(acc_grads: Any, updates: Any) -> bool:
@@ -111,7 +115,7 @@ def _gradient_zeros(params: Any, acc_grads: Any) -> Any:
 
   Under `reduce_axes` that is one zero gradient per replica.
   """
-  return jax.tree.map(lambda p, acc: jnp.zeros_like(acc, jnp.result_type(p)), params, acc_grads)
+  return _map(lambda acc, p: jnp.zeros_like(acc, jnp.result_type(p)), acc_grads, params)
 
 
 def _increment_where(condition: jax.Array, counter: jax.Array) -> jax.Array:
@@ -164,9 +168,7 @@ class Accumulation:
   def init(self, params: Any) -> AccumulateState:
     """The state before the first micro-step: an empty window."""
     gradient_step = jnp.zeros((), jnp.int32)
-    acc_grads = jax.tree.map(
-      lambda p: self.accumulator.zeros_like("accumulate", p, self.reduce_axes), params
-    )
+    acc_grads = jax.tree.map(self._zeros_for, params)
     skip_state = ()
     if self.skip is not None:
       zeros = _gradient_zeros(params, acc_grads)  # as `update` gets them
@@ -185,6 +187,16 @@ class Accumulation:
       num_skipped_windows=jnp.zeros((), jnp.int32),
       num_empty_windows=jnp.zeros((), jnp.int32),
     )
+
+  def _zeros_for(self, param: Any) -> jax.Array | None:
+    """A parameter's empty accumulator; None for an integer or bool one.
+
+    Such a leaf has no gradient (`eqx.filter_grad` and optax give None there,
+    and `update` refuses non-floating updates), so it gets no accumulator.
+    """
+    if not jnp.issubdtype(jnp.result_type(param), jnp.inexact):
+      return None
+    return self.accumulator.zeros_like("accumulate", param, self.reduce_axes)
 
   def update(
     self,
@@ -379,7 +391,7 @@ class Accumulation:
     weight = verdict.weight if weighted else None
 
     def add_leaf(g: Any, acc: jax.Array, seed: Any) -> jax.Array | None:
-      if g is None:  # None where the parameters hold None: pass it through.
+      if g is None:  # None where the parameters hold None or no floats: pass it through.
         return None
       # Selects, not multiplies: a stale NaN (no skip policy) must not survive,
       # and 0 * NaN would still be NaN.
@@ -496,7 +508,9 @@ class Accumulation:
       updates, new_inner_state = self.inner.update(gradient, inner_state, current, **extra_args)
       new_inner_state = _keep_dtypes(new_inner_state, inner_state)
       if into == "params":
-        return optax.apply_updates(carry, updates), new_inner_state
+        # As `eqx.apply_updates`: a None update (an integer parameter) leaves its parameter.
+        apply = lambda p, u: p if u is None else optax.apply_updates(p, u)  # noqa: E731
+        return jax.tree.map(apply, carry, updates, is_leaf=_IS_NONE), new_inner_state
       fits = _same_shapes(updates, like if into == "accumulator" else carry)
       if into == "accumulator":
         fits = fits and _holds_exactly(acc_grads, updates)

@@ -8,13 +8,32 @@ the errors are the same for both, each naming the function it came from.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from optaccum import _validation
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def named_like(fn: Callable[..., Any]) -> Callable[[F], F]:
+  """A decorator: the wrapper takes `fn`'s name and docstring, as `functools.wraps` gives.
+
+  Without `__wrapped__`: the wrapper is a new function (it splits its batches),
+  not `fn`, and Equinox's `filter_jit` warns about a `__wrapped__` that leads to
+  a JAX-transformed callable (an `eqx.filter_value_and_grad`).
+  """
+
+  def decorate(wrapper: F) -> F:
+    functools.update_wrapper(wrapper, fn)
+    del wrapper.__wrapped__  # type: ignore[attr-defined]
+    return wrapper
+
+  return decorate
 
 
 @dataclasses.dataclass(frozen=True)

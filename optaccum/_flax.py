@@ -99,8 +99,9 @@ def apply_train_state_gradients(
   Use it for token-weighted windows: pass the gradient of the micro-batch's
   mean loss and its number of valid tokens.
 
-  (`nnx.Optimizer.update(model, grads, weight=...)` already forwards keyword
-  arguments; NNX needs no helper.)
+  (For NNX, `optaccum.apply_nnx_gradients(optimizer, model, grads, weight=...)`
+  is the same step on the fast path; `nnx.Optimizer.update(model, grads,
+  weight=...)` forwards keyword arguments too.)
 
   Args:
     state: a linen `TrainState` (or subclass) whose `tx` holds
@@ -145,7 +146,8 @@ def apply_train_state_gradients(
     raise TypeError(
       "`apply_train_state_gradients(state=...)` must be a flax.training.train_state."
       f"TrainState, got {type(state).__name__}; for nnx.Optimizer pass weight= to "
-      "`optimizer.update(model, grads, weight=...)`."
+      "`optaccum.apply_nnx_gradients(optimizer, model, grads, weight=...)` (the fast path) "
+      "or `optimizer.update(model, grads, weight=...)`."
     )
   _check_fields(state, fields)
   if update_args is not None and not isinstance(update_args, dict):

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _arguments, _replicas, _validation
+from optaccum import _accumulator, _arguments, _nnx, _replicas, _validation
 from optaccum._sharding import vary
 
 _AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
@@ -197,16 +197,17 @@ def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
   return loss, aux, grads
 
 
-_Call = Callable[[Any, Any], tuple[tuple[Any, Any, Any], Any]]
+_Call = Callable[[Any, Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 
 
 def _microbatch_call(
-  settings: _Settings, args: tuple, kwargs: dict, replica: Any
+  settings: _Settings, args: tuple, kwargs: dict, replica: Any, graph: _nnx.Graph | None
 ) -> tuple[_Call, Any]:
-  """`call(index, key)`, which runs `fn` on micro-batch `index`, and the micro-batch keys.
+  """`call(index, key, state)`, which runs `fn` on micro-batch `index`, and the keys.
 
-  `call` returns `(loss, aux, grads)` and the micro-batch's weight (None
-  without `weight_fn`).
+  `call` returns `(loss, aux, grads)`, the micro-batch's weight (None without
+  `weight_fn`) and the state of the NNX objects in the arguments (`graph`)
+  after the call, which the next micro-batch starts from (None without).
   """
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   batches = _split_batches(plan, args, kwargs, settings.num_microbatches)
@@ -214,15 +215,19 @@ def _microbatch_call(
   if settings.axis_name is not None:
     args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.axis_name)
 
-  def call(index: Any, key: Any) -> tuple[tuple[Any, Any, Any], Any]:
+  def call(index: Any, key: Any, state: Any) -> tuple[tuple[Any, Any, Any], Any, Any]:
     micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
+    if graph is not None:
+      micro_args, micro_kwargs, merged = graph.merged(micro_args, micro_kwargs, state)
     loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
     weight = None
     if settings.weight_fn is not None:
       weight = _validation.as_scalar(
         _WHERE, "weight_fn", settings.weight_fn(*micro_args, **micro_kwargs), jnp.float32
       )
-    return (loss, aux, grads), weight
+    if graph is not None:
+      state = graph.state_of(merged)
+    return (loss, aux, grads), weight, state
 
   return call, keys
 
@@ -329,20 +334,21 @@ def _scan_body(
   """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
 
   def body(carry: Any, xs: Any) -> tuple[Any, list]:
-    acc_loss, acc_grads, acc_aux, acc_weight = carry
-    (loss, aux_out, grads), weight = call(*xs)
+    (acc_loss, acc_grads, acc_aux, acc_weight), state = carry
+    index, key = xs
+    (loss, aux_out, grads), weight, state = call(index, key, state)
     leaves = aux.flatten(aux_out)
     acc_aux = [
       accumulator.add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
       for acc, i in zip(acc_aux, aux.summed)
     ]
-    carry = (
+    sums = (
       accumulator.add(acc_loss, loss, weight),
       jax.tree.map(lambda acc, g: accumulator.add(acc, g, weight), acc_grads, grads),
       acc_aux,
       acc_weight + (jnp.ones((), jnp.float32) if weight is None else weight),
     )
-    return carry, [leaves[i] for i in aux.stacked]
+    return (sums, state), [leaves[i] for i in aux.stacked]
 
   return body
 
@@ -391,29 +397,51 @@ def _finish(settings: _Settings, carry: Any, combined: list, shapes: _Shapes) ->
 
 
 def _local_sums(
-  settings: _Settings, args: tuple, kwargs: dict, replica: Any = None
+  settings: _Settings,
+  args: tuple,
+  kwargs: dict,
+  replica: Any = None,
+  graph: _nnx.Graph | None = None,
 ) -> tuple[Any, list, _Shapes]:
   """The scan over this call's micro-batches (one replica's, under `reduce_axes`).
 
-  Returns the final carry (the sums), the stacked aux leaves combined, and the shapes.
+  Returns the final carry (the sums), the stacked aux leaves combined, and the
+  shapes. With NNX objects among the arguments (`graph`), it writes back into
+  them the state the last micro-batch left.
   """
-  call, keys = _microbatch_call(settings, args, kwargs, replica)
+  call, keys = _microbatch_call(settings, args, kwargs, replica, graph)
   first_key = None if keys is None else keys[0]
-  (loss_shape, aux_shape, grads_shape), weight_shape = jax.eval_shape(call, jnp.int32(0), first_key)
+  state = None if graph is None else graph.state
+  if graph is not None and settings.axis_name is not None:
+    # Computed from each replica's rows, the carried state varies over the axis.
+    state = vary(state, settings.axis_name)
+  (loss_shape, aux_shape, grads_shape), weight_shape, _ = jax.eval_shape(
+    call, jnp.int32(0), first_key, state
+  )
   aux = _aux_layout(aux_shape, settings.aux_reduction)
   carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)
   body = _scan_body(settings.accumulator, call, aux)
   xs = (jnp.arange(settings.num_microbatches, dtype=jnp.int32), keys)
-  carry, stacks = jax.lax.scan(body, carry, xs)
+  (carry, state), stacks = jax.lax.scan(body, (carry, state), xs)
+  if graph is not None:
+    graph.write_back(state)
   combined = [_combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
   return carry, combined, _Shapes(loss_shape, grads_shape, aux)
 
 
 def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
   """One call of the split function: slice, scan over the micro-batches, finish."""
+  args, kwargs, graph = _nnx.split_graph(_WHERE, args, kwargs)
   if settings.reduce_axes is not None:
+    if graph is not None:
+      # nnx.Rngs would draw the same dropout masks on every replica.
+      raise ValueError(
+        f"`{_WHERE}(reduce_axes=...)` does not take NNX modules as arguments, got "
+        f"reduce_axes={settings.reduce_axes!r} with one at argument {graph.names[0]!r}; "
+        "pass `nnx.split(model)`'s state and merge it in `fn`, or use axis_name= in shard_map."
+      )
     return _split_call_per_replica(settings, settings.reduce_axes, args, kwargs)
-  carry, combined, shapes = _local_sums(settings, args, kwargs)
+  carry, combined, shapes = _local_sums(settings, args, kwargs, graph=graph)
   if settings.axis_name is not None:
     # The one cross-replica reduction of the step.
     carry = jax.lax.psum(carry, settings.axis_name)
@@ -489,6 +517,18 @@ def microbatch(
   Micro-batch i holds rows i, i + k, i + 2k, ... of each batch (not a
   contiguous block), so a batch sharded along its first axis splits without
   moving data between devices.
+
+  Flax NNX modules may be passed as they are, e.g.
+  `microbatch(nnx.value_and_grad(loss), k)(model, x, y)`: an argument that
+  holds a module (or another NNX graph node) is split outside the scan; its
+  `nnx.Param`s are passed whole to every micro-batch and every other Variable
+  is carried from one micro-batch to the next. The module then ends as k calls
+  of `fn`, one per micro-batch in turn, would leave it: its `nnx.Rngs` counts
+  advanced once per micro-batch (each draws its own dropout masks), its
+  BatchNorm running statistics updated once per micro-batch, from that
+  micro-batch's statistics (a large batch would update them once). The
+  gradients are the `nnx.State` that `nnx.value_and_grad` returns. `fn` may
+  not assign to a Param; `reduce_axes` does not take modules.
 
   Reductions, with `w_i` the weight of micro-batch i (1 without `weight_fn`):
 
@@ -587,7 +627,7 @@ def microbatch(
     reduce_axes=reduce_axes,
   )
 
-  @functools.wraps(fn)
+  @_arguments.named_like(fn)
   def split_fn(*args: Any, **kwargs: Any) -> Any:
     return _split_call(settings, args, kwargs)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,7 +85,7 @@ def per_replica(
     )
   arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
 
-  @functools.wraps(fn)
+  @_arguments.named_like(fn)
   def per_replica_fn(*args: Any, **kwargs: Any) -> Any:
     replicas = _replicas.count(_WHERE, axes)
     plan = _arguments.plan(_WHERE, arguments, args, kwargs)

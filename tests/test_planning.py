@@ -1,4 +1,4 @@
-"""`optaccum.plan`: k chosen from a memory budget, by compiling each candidate, never running one."""
+"""`optaccum.plan`: k from a memory budget, by compiling each candidate, never running one."""
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,375 @@
+"""BatchNorm running statistics that advance once per window, as the large batch's do.
+
+`flax.linen.BatchNorm` keeps, per layer, `{"mean": ra_mean, "var": ra_var}` in
+the `batch_stats` collection and in training mode updates them from the batch's
+mean `mu` and biased variance `v` (the mean of `x**2` minus `mu**2`):
+`ra = m * ra + (1 - m) * stat`. Run on k micro-batches one after another, the
+running statistics advance k times per optimizer step, each from a micro-batch.
+Started from the same window-start statistics instead, the k results combine
+into the large batch's, exactly in exact arithmetic. With weights `p_i`
+(summing to 1, the micro-batches' shares of the batch) and `M_i`, `V_i` micro-
+batch i's new running mean and variance:
+
+  new mean = sum_i p_i M_i
+  new var  = sum_i p_i V_i + sum_i p_i (M_i - new mean)**2 / (1 - m)
+
+The last term is the spread of the micro-batch means, `(1 - m) Var_i(mu_i)`,
+which the large batch's variance holds and the micro-batch variances do not;
+since `M_i - new mean = (1 - m) (mu_i - mu)`, it needs neither the old
+statistics nor `mu_i` recovered by dividing a small difference.
+
+What cannot be equal: in training mode each micro-batch is normalized by its own
+statistics ("ghost batch norm"), so the activations, the loss and the gradients
+differ from the large batch's, and so do the parameters after training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optaccum import _validation
+
+_MERGE = "merge_batch_stats"
+_CREATE = "BatchStatsWindow.create"
+_ADD = "BatchStatsWindow.add"
+_CLOSE = "BatchStatsWindow.close"
+
+
+def _is_layer(x: Any) -> bool:
+  """Whether `x` is one BatchNorm layer's statistics, `{"mean": ..., "var": ...}`."""
+  return isinstance(x, Mapping) and sorted(x) == ["mean", "var"]
+
+
+def _check_momentum(where: str, momentum: Any) -> None:
+  ok = isinstance(momentum, (int, float, np.integer, np.floating)) and not isinstance(
+    momentum, (bool, np.bool_)
+  )
+  if not ok or not 0.0 <= float(momentum) < 1.0:
+    raise ValueError(
+      f"`{where}(momentum=...)` must be a number with 0 <= momentum < 1, the "
+      f"BatchNorm layers' `momentum`, got momentum={momentum!r}."
+    )
+
+
+def _check_layers(where: str, name: str, batch_stats: Any, *, stacked: bool) -> None:
+  """Checks that every leaf sits in a `{"mean", "var"}` pair of floating arrays of one shape."""
+  layers = jax.tree_util.tree_flatten_with_path(batch_stats, is_leaf=_is_layer)[0]
+  if not layers:
+    raise ValueError(f"`{where}({name}=...)` holds no BatchNorm statistics, got {batch_stats!r}.")
+  for path, layer in layers:
+    place = jax.tree_util.keystr(path) or "the root"
+    if not _is_layer(layer):
+      raise ValueError(
+        f"`{where}({name}=...)` must hold only BatchNorm statistics, dicts "
+        f"{{'mean': ..., 'var': ...}} as flax.linen.BatchNorm stores them in "
+        f"`batch_stats`, but the leaf at {place} is outside one: pass the "
+        "`batch_stats` collection only."
+      )
+    mean, var = layer["mean"], layer["var"]
+    for stat in (mean, var):
+      if not jnp.issubdtype(jnp.result_type(stat), jnp.floating):
+        raise TypeError(
+          f"`{where}({name}=...)` must hold floating-point statistics, but the layer at "
+          f"{place} has dtype {jnp.result_type(stat).name}."
+        )
+    if jnp.shape(mean) != jnp.shape(var) or (stacked and not jnp.shape(mean)):
+      raise ValueError(
+        f"`{where}({name}=...)` has a layer at {place} whose mean has shape "
+        f"{jnp.shape(mean)} and var has shape {jnp.shape(var)}; they must be equal"
+        + (" and carry a leading micro-batch axis." if stacked else ".")
+      )
+
+
+def _with_stats(layer: Any, mean: jax.Array, var: jax.Array) -> Any:
+  """`layer` (a dict, FrozenDict, ...) with its mean and var replaced, its type kept."""
+  values = {"mean": mean, "var": var}
+  return jax.tree_util.tree_map_with_path(lambda path, _: values[path[-1].key], layer)
+
+
+def _wide(x: Any) -> jax.Array:
+  """`x` in at least float32, where the sums are taken (bfloat16 statistics included)."""
+  dtype = jnp.result_type(x)
+  # Chosen, not promoted: strict promotion has no bfloat16-float32 path.
+  return jnp.asarray(x).astype(dtype if jnp.finfo(dtype).bits > 32 else jnp.float32)
+
+
+def _variance(mean_of_vars: jax.Array, spread: jax.Array, momentum: float) -> jax.Array:
+  """The large batch's new running variance; `spread` is the weighted mean of (M_i - M)**2."""
+  return mean_of_vars + spread / (1.0 - float(momentum))
+
+
+# --- In-step: the k micro-batches' statistics at once ------------------------------------
+
+
+def _micro_batch_count(stacked: Any) -> int:
+  """The length of the leading micro-batch axis, the same on every leaf."""
+  leaves = jax.tree_util.tree_flatten_with_path(stacked)[0]
+  (first_path, first), *rest = leaves
+  for path, leaf in rest:
+    if jnp.shape(leaf)[0] != jnp.shape(first)[0]:
+      raise ValueError(
+        f"`{_MERGE}(stacked=...)` must stack every leaf along a leading micro-batch axis "
+        f"of one length, but the leaf at {jax.tree_util.keystr(first_path)} has "
+        f"{jnp.shape(first)[0]} and the leaf at {jax.tree_util.keystr(path)} has "
+        f"{jnp.shape(leaf)[0]}."
+      )
+  return int(jnp.shape(first)[0])
+
+
+def _shares(weights: Any, count: int) -> jax.Array | None:
+  """The micro-batches' shares `w_i / sum(w)` in float32, or None for equal shares."""
+  if weights is None:
+    return None
+  if jnp.shape(weights) != (count,):
+    raise ValueError(
+      f"`{_MERGE}(weights=...)` must hold one weight per micro-batch, shape ({count},), "
+      f"got shape {jnp.shape(weights)}."
+    )
+  weights = jnp.asarray(weights).astype(jnp.float32)
+  return weights / jnp.sum(weights)
+
+
+def _average(x: jax.Array, shares: jax.Array | None) -> jax.Array:
+  """The (weighted) mean of `x` over its leading axis, as elementwise products and one sum."""
+  if shares is None:
+    return jnp.mean(x, axis=0)
+  shares = jnp.reshape(shares, (-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+  return jnp.sum(shares * x, axis=0)
+
+
+def merge_batch_stats(stacked: Any, *, momentum: float, weights: Any = None) -> Any:
+  """The large batch's new BatchNorm running statistics, from its micro-batches' results.
+
+  Each of k micro-batches, run in training mode from the same running
+  statistics, returns the `batch_stats` it would write: `m * old + (1 - m) *
+  its own statistic`. Stacked along a new leading axis (what
+  `optaccum.microbatch(..., aux_reduction="stack")` gives for an aux output),
+  they merge into what one `apply` on the whole batch writes: the running mean
+  is the micro-batch results' mean, the running variance their mean plus the
+  spread of the micro-batch means (see `optaccum/_batch_norm.py`). The running
+  statistics then advance once per optimizer step, as the large batch's do,
+  not k times. Equal in exact arithmetic; in float32 within a few units of
+  rounding.
+
+  The micro-batches' training-mode outputs, and so the gradients, stay those
+  of batches of their own size ("ghost batch norm"): only the running
+  statistics, used in evaluation, can equal the large batch's.
+
+  Under `optaccum.microbatch(reduce_axes=...)`, the stack has a leading replica
+  axis first, `[R, k, ...]`; reshape each leaf to `[R * k, ...]` before merging.
+
+  Args:
+    stacked: the `batch_stats` collection (any nesting of flax.linen.BatchNorm
+      layers' `{"mean": ..., "var": ...}`) with each leaf stacked along a
+      leading axis of k micro-batches.
+    momentum: the layers' `BatchNorm(momentum=...)` (flax's default is 0.99),
+      0 <= momentum < 1. Layers of different momenta: merge their subtrees
+      separately.
+    weights: None (default) for micro-batches of equal size, else the k
+      micro-batches' sizes (the number of values each layer reduced over per
+      feature, or any multiple of it), shape `(k,)`.
+
+  Returns:
+    The merged `batch_stats`, with the structure and dtypes of one micro-batch's.
+
+  Raises:
+    ValueError: if `momentum` is out of range, a leaf lies outside a
+      `{"mean", "var"}` layer, the leading axes differ, or `weights` has
+      another shape than `(k,)`.
+    TypeError: if a statistic is not floating point.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from flax import linen
+    >>> import optaccum
+    >>> layer = linen.BatchNorm(use_running_average=False, momentum=0.9)
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> def new_stats(x):  # one training-mode apply, from the same start
+    ...   _, updates = layer.apply(variables, x, mutable=["batch_stats"])
+    ...   return updates["batch_stats"]
+    >>> stacked = jax.vmap(new_stats)(x.reshape(4, 2, 3))  # 4 micro-batches of 2
+    >>> merged = optaccum.merge_batch_stats(stacked, momentum=0.9)
+    >>> large = new_stats(x)
+    >>> bool(jnp.allclose(merged["var"], large["var"], rtol=1e-6))
+    True
+    >>> bool(jnp.allclose(merged["mean"], large["mean"], rtol=1e-6))
+    True
+  """
+  _check_momentum(_MERGE, momentum)
+  _check_layers(_MERGE, "stacked", stacked, stacked=True)
+  shares = _shares(weights, _micro_batch_count(stacked))
+
+  def merge(layer: Any) -> Any:
+    means, variances = _wide(layer["mean"]), _wide(layer["var"])
+    mean = _average(means, shares)
+    spread = _average(jnp.square(means - mean), shares)
+    var = _variance(_average(variances, shares), spread, momentum)
+    return _with_stats(layer, mean.astype(layer["mean"].dtype), var.astype(layer["var"].dtype))
+
+  return jax.tree.map(merge, stacked, is_leaf=_is_layer)
+
+
+# --- Across steps: a window's statistics, one micro-step at a time -----------------------
+
+
+class BatchStatsWindow(NamedTuple):
+  """The running sums of one window's BatchNorm statistics, carried between micro-steps.
+
+  With `optaccum.accumulate`, a window's micro-batches arrive in separate
+  steps. Each micro-step runs the model in training mode from the window-start
+  `batch_stats` (left unchanged until the window closes) and adds the
+  `batch_stats` it would write with `add`; when the optimizer step is taken,
+  `close` replaces the window-start statistics once, with the large batch's,
+  and starts the next window. Keep it in the train state next to
+  `batch_stats` (a field of a `TrainState` subclass), so it is jitted, and
+  checkpointed, with the rest.
+
+  The sums are updated as in Welford's algorithm, in float32 (or wider):
+  no sum of squares is subtracted from another.
+
+  Attributes:
+    weight: the window's total weight so far (micro-batches added, when
+      unweighted).
+    mean: the weighted mean of the added `batch_stats`, leaf by leaf.
+    spread: per layer, the weighted sum of squared deviations of the added
+      running means from their mean.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from flax import linen
+    >>> import optaccum
+    >>> layer = linen.BatchNorm(use_running_average=False, momentum=0.9)
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> def new_stats(x):  # the micro-step's training-mode apply
+    ...   _, updates = layer.apply(variables, x, mutable=["batch_stats"])
+    ...   return updates["batch_stats"]
+    >>> window = optaccum.BatchStatsWindow.create(variables["batch_stats"])
+    >>> for micro_batch in x.reshape(4, 2, 3):
+    ...   window = window.add(new_stats(micro_batch))
+    >>> batch_stats, window = window.close(variables["batch_stats"], momentum=0.9)
+    >>> bool(jnp.allclose(batch_stats["var"], new_stats(x)["var"], rtol=1e-6))
+    True
+    >>> float(window.weight)  # the next window starts empty
+    0.0
+  """
+
+  weight: jax.Array  # shape=(), dtype=float32
+  mean: Any
+  spread: Any
+
+  @classmethod
+  def create(cls, batch_stats: Any) -> BatchStatsWindow:
+    """An empty window for `batch_stats` (a `batch_stats` collection of BatchNorm layers).
+
+    Args:
+      batch_stats: the model's `batch_stats` collection; only its structure,
+        shapes and dtypes are read.
+
+    Returns:
+      A window with weight 0 and zero sums.
+
+    Raises:
+      ValueError: if a leaf lies outside a `{"mean", "var"}` layer.
+      TypeError: if a statistic is not floating point.
+    """
+    _check_layers(_CREATE, "batch_stats", batch_stats, stacked=False)
+    return cls(
+      weight=jnp.zeros((), jnp.float32),
+      mean=jax.tree.map(lambda x: jnp.zeros_like(_wide(x)), batch_stats),
+      spread=jax.tree.map(
+        lambda layer: jnp.zeros_like(_wide(layer["mean"])), batch_stats, is_leaf=_is_layer
+      ),
+    )
+
+  def add(self, batch_stats: Any, weight: Any = None) -> BatchStatsWindow:
+    """The window with one micro-step's new `batch_stats` added.
+
+    Args:
+      batch_stats: the `batch_stats` the micro-step's training-mode `apply`
+        returned (`mutable=["batch_stats"]`), run from the window-start
+        statistics.
+      weight: the micro-batch's size (the number of values each layer reduced
+        over per feature, or any multiple of it); None (default) counts 1, for
+        micro-batches of equal size. A weight of 0 adds nothing.
+
+    Returns:
+      The new window.
+
+    Raises:
+      ValueError: if `batch_stats` does not match the window's structure and shapes.
+    """
+    _validation.check_tree_matches(_ADD, "batch_stats", batch_stats, self.mean, "the window")
+    weight = jnp.ones((), jnp.float32) if weight is None else weight
+    weight = _validation.as_scalar(_ADD, "weight", weight, jnp.float32)
+    total = self.weight + weight
+    share = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
+
+    def add_layer(layer: Any, mean: Any, spread: jax.Array) -> tuple[Any, jax.Array]:
+      deltas = {name: _wide(layer[name]) - mean[name] for name in ("mean", "var")}
+      new = {name: mean[name] + share.astype(deltas[name].dtype) * deltas[name] for name in deltas}
+      # Welford: the deviation from the old mean times that from the new one.
+      after = _wide(layer["mean"]) - new["mean"]
+      spread = spread + weight.astype(after.dtype) * deltas["mean"] * after
+      return _with_stats(mean, new["mean"], new["var"]), spread
+
+    added = jax.tree.map(add_layer, batch_stats, self.mean, self.spread, is_leaf=_is_layer)
+    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and _is_layer(x[0])  # noqa: E731
+    return BatchStatsWindow(
+      weight=total,
+      mean=jax.tree.map(lambda pair: pair[0], added, is_leaf=is_pair),
+      spread=jax.tree.map(lambda pair: pair[1], added, is_leaf=is_pair),
+    )
+
+  def close(
+    self, batch_stats: Any, *, momentum: float, when: Any = True
+  ) -> tuple[Any, BatchStatsWindow]:
+    """The `batch_stats` after the window, and the next (empty) window; or both unchanged.
+
+    Call it after the micro-step's optimizer update, with `when` true where the
+    update closed the window: `optaccum.has_updated(state.opt_state)`, or,
+    before the update, whether it is the window's last micro-step
+    (`optaccum.accumulation_state(state.opt_state).mini_step == every_k - 1`).
+
+    Args:
+      batch_stats: the window-start `batch_stats`, which the window's
+        micro-steps ran from.
+      momentum: the layers' `BatchNorm(momentum=...)`, 0 <= momentum < 1.
+      when: a scalar bool (Python or JAX): whether the window closes now.
+        Where it is false, `batch_stats` and the window come back unchanged.
+
+    Returns:
+      `(batch_stats, window)`: where `when` holds, the large batch's new
+      statistics (those given, if nothing was added) in the dtypes of
+      `batch_stats`, and an empty window.
+
+    Raises:
+      ValueError: if `momentum` is out of range, or `batch_stats` does not
+        match the window's structure and shapes.
+      TypeError: if `when` is not a scalar bool.
+    """
+    _check_momentum(_CLOSE, momentum)
+    _validation.check_tree_matches(_CLOSE, "batch_stats", batch_stats, self.mean, "the window")
+    when = _validation.as_flag(_CLOSE, "when", when)
+    replace = jnp.logical_and(when, self.weight > 0)
+    total = jnp.where(self.weight > 0, self.weight, 1.0)
+
+    def close_layer(layer: Any, mean: Any, spread: jax.Array) -> Any:
+      var = _variance(mean["var"], spread / total.astype(spread.dtype), momentum)
+      return _with_stats(
+        layer,
+        jnp.where(replace, mean["mean"].astype(layer["mean"].dtype), layer["mean"]),
+        jnp.where(replace, var.astype(layer["var"].dtype), layer["var"]),
+      )
+
+    batch_stats = jax.tree.map(close_layer, batch_stats, self.mean, self.spread, is_leaf=_is_layer)
+    window = jax.tree.map(lambda x: jnp.where(when, jnp.zeros_like(x), x), self)
+    return batch_stats, window
