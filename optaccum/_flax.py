@@ -97,7 +97,9 @@ def apply_train_state_gradients(
   micro-steps; the optimizer steps are `optaccum.flax_gradient_step(state)`.
 
   Use it for token-weighted windows: pass the gradient of the micro-batch's
-  mean loss and its number of valid tokens.
+  mean loss and its number of valid tokens. Where `tx` holds no accumulation
+  (switched off by configuration) it is Flax's plain step, so a training loop
+  needs no branch; `weight` and `flush` are then refused.
 
   (For NNX, `optaccum.apply_nnx_gradients(optimizer, model, grads, weight=...)`
   is the same step on the fast path; `nnx.Optimizer.update(model, grads,
@@ -156,7 +158,12 @@ def apply_train_state_gradients(
       f"arguments or None, got {update_args!r}."
     )
   extra_args = dict(update_args or {})
-  if accumulation_of(state.tx) is not None:
+  if not holds_state(state.opt_state):
+    # No accumulation (switched off by configuration): a plain optimizer step.
+    check_plain_step("apply_train_state_gradients", weight, flush)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
+    params = optax.apply_updates(state.params, updates)
+  elif accumulation_of(state.tx) is not None:
     # `tx` is the accumulation itself: the fast path, which writes the
     # parameters only when a window closes.
     params, opt_state = apply_gradients(
@@ -167,6 +174,16 @@ def apply_train_state_gradients(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
+
+
+def check_plain_step(where: str, weight: Any, flush: Any) -> None:
+  """Raises a TypeError where `weight` or `flush` is given to a step that accumulates nothing."""
+  for name, value, default in (("weight", weight, None), ("flush", flush, False)):
+    if value is not default:
+      raise TypeError(
+        f"`{where}({name}=...)` needs an accumulation, but the optimizer holds no "
+        f"`optaccum.accumulate`, got {name}={value!r}; a plain optimizer step takes neither."
+      )
 
 
 def _check_fields(state: Any, fields: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import jax
 from optaccum import _arguments
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
+from optaccum._flax import check_plain_step
 from optaccum._state import holds_state
 
 # --- Modules in `microbatch` ------------------------------------------------------------
@@ -148,7 +149,8 @@ def apply_nnx_gradients(
   `optaccum.flax_gradient_step(optimizer)`.
 
   Args:
-    optimizer: an `nnx.Optimizer` whose `tx` is or holds `optaccum.accumulate`.
+    optimizer: an `nnx.Optimizer`, usually one whose `tx` is or holds
+      `optaccum.accumulate`.
     model: the model `optimizer` was made for.
     grads: the micro-batch's gradients, as `nnx.grad` returns them.
     weight: the micro-batch's weight, e.g. its count of valid tokens; None
@@ -157,9 +159,12 @@ def apply_nnx_gradients(
     update_args: further keyword arguments for the inner optimizer's update
       (e.g. `value=` for `optax.contrib.reduce_on_plateau`).
 
+  Where `tx` holds no accumulation (switched off by configuration), it is
+  `optimizer.update(model, grads)`: a training loop needs no branch.
+
   Raises:
-    TypeError: if `optimizer` is not an `nnx.Optimizer`, its `tx` holds no
-      `optaccum.accumulate`, or `update_args` is not a dict.
+    TypeError: if `optimizer` is not an `nnx.Optimizer`, `update_args` is not
+      a dict, or `weight` or `flush` is given where `tx` holds no accumulation.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -183,6 +188,11 @@ def apply_nnx_gradients(
 
   _check_optimizer(nnx, optimizer, update_args)
   extra_args = dict(update_args or {})
+  if not holds_state(nnx.as_pure(optimizer.opt_state)):
+    # No accumulation (switched off by configuration): a plain optimizer step.
+    check_plain_step("apply_nnx_gradients", weight, flush)
+    optimizer.update(model, grads, **extra_args)
+    return
   if accumulation_of(optimizer.tx) is None:  # a chain that holds the accumulation
     optimizer.update(model, grads, weight=weight, flush=flush, **extra_args)
     return
@@ -205,12 +215,6 @@ def _check_optimizer(nnx: Any, optimizer: Any, update_args: Any) -> None:
       "`apply_nnx_gradients(optimizer=...)` must be an nnx.Optimizer, got "
       f"{type(optimizer).__name__}; for a linen TrainState use "
       "`optaccum.apply_train_state_gradients`."
-    )
-  if accumulation_of(optimizer.tx) is None and not holds_state(nnx.as_pure(optimizer.opt_state)):
-    raise TypeError(
-      "`apply_nnx_gradients(optimizer=...)` must have a tx made by `optaccum.accumulate` (or a "
-      f"chain holding one), got tx={optimizer.tx!r}; call `optimizer.update(model, grads)` for "
-      "an optimizer that does not accumulate."
     )
   if update_args is not None and not isinstance(update_args, dict):
     raise TypeError(

@@ -290,6 +290,25 @@ def test_nnx_state_with_dropout_keys_resumes_mid_window_bit_identically(tmp_path
     optaccum.restore_checkpoint(tmp_path / "nnx_state", nnx.state(fresh(1)), every_k=2)
 
 
+def test_nnx_objects_with_dropout_keys_resume_mid_window_bit_identically(tmp_path):
+  # The `(model, optimizer)` objects themselves: their Rngs keys and counts are saved too.
+  fresh = lambda seed: _with_optimizer(_DropoutMlp(seed))  # noqa: E731
+  uninterrupted = fresh(0)
+  train_nnx(*uninterrupted, range(MICRO_STEPS))
+  saved = fresh(0)
+  train_nnx(*saved, range(SAVE_AT))
+  optaccum.save_checkpoint(tmp_path / "nnx_objects", saved, every_k=EVERY_K)
+  model, optimizer = optaccum.restore_checkpoint(
+    tmp_path / "nnx_objects", fresh(1), every_k=EVERY_K
+  )
+  train_nnx(model, optimizer, range(SAVE_AT, MICRO_STEPS))
+  for got, expected in zip(
+    jax.tree.leaves(nnx.state(model, nnx.Param)),
+    jax.tree.leaves(nnx.state(uninterrupted[0], nnx.Param)),
+  ):
+    assert np.array_equal(got, expected)
+
+
 def _manager_save(root, step, state, *, metadata=True, items=None):
   """Saves `state` as `step` of a CheckpointManager at `root`, as a training loop would."""
   custom = optaccum.checkpoint_metadata(state, every_k=EVERY_K) if metadata else None

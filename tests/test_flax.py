@@ -260,3 +260,16 @@ def test_apply_train_state_gradients_passes_update_args_to_the_inner_optimizer()
     state, grads={"w": jnp.ones(1)}, update_args={"value": jnp.float32(2.5)}
   )
   assert len(seen) == 1 and float(seen[0]) == 2.5
+
+
+def test_apply_train_state_gradients_without_accumulation_is_flax_apply_gradients():
+  # Accumulation switched off by configuration: the same call, no branch.
+  params = {"w": jnp.arange(3.0)}
+  state = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1, momentum=0.9))
+  grads = {"w": jnp.array([1.0, -2.0, 3.0])}
+  got = optaccum.apply_train_state_gradients(state, grads=grads)
+  expected = state.apply_gradients(grads=grads)
+  assert jnp.array_equal(got.params["w"], expected.params["w"]) and int(got.step) == 1
+  for name, value in (("weight", 2.0), ("flush", True)):
+    with pytest.raises(TypeError, match=rf"`apply_train_state_gradients\({name}=...\)` needs an"):
+      optaccum.apply_train_state_gradients(state, grads=grads, **{name: value})

@@ -263,10 +263,17 @@ def test_apply_nnx_gradients_refuses_what_is_not_an_nnx_optimizer():
     optaccum.apply_nnx_gradients(optax.sgd(0.1), model, grads)
 
 
-def test_apply_nnx_gradients_refuses_an_optimizer_that_does_not_accumulate():
+def test_apply_nnx_gradients_without_accumulation_is_the_plain_update():
+  # Accumulation switched off by configuration: the same call, no branch.
   model, grads = small_model_and_grads()
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-  with pytest.raises(TypeError, match=r"optimizer=...\)` must have a tx made by .* got tx="):
+  reference_model, _ = small_model_and_grads()
+  reference = nnx.Optimizer(reference_model, optax.sgd(0.1), wrt=nnx.Param)
+  optaccum.apply_nnx_gradients(optimizer, model, grads)
+  reference.update(reference_model, grads)
+  assert jnp.array_equal(model.kernel[...], reference_model.kernel[...])
+  assert int(optimizer.step[...]) == 1 and int(optaccum.flax_gradient_step(optimizer)) == 1
+  with pytest.raises(TypeError, match=r"`apply_nnx_gradients\(weight=...\)` needs an accumulation"):
     optaccum.apply_nnx_gradients(optimizer, model, grads, weight=2)
 
 
