@@ -1,4 +1,4 @@
-"""The `optaccum` command line: `python -m optaccum demo --help`."""
+"""The `optaccum` command line: `python -m optaccum demo --help`, `optaccum evaluate --help`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Defaults finish in well under a minute on two CPU cores.
 DEFAULT_EVERY_K = 4
@@ -22,8 +23,8 @@ class _OneLineErrors(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-  """The `optaccum` parser and its `demo` subcommand's."""
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+  """The `optaccum` parser and its subcommands' (`demo`, `evaluate`), by name."""
   parser = _OneLineErrors(
     prog="optaccum",
     description="optaccum: gradient accumulation for JAX, built on Optax.",
@@ -80,7 +81,68 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     default=DEFAULT_OUT,
     help="where to save the PNG of the loss curves (default: %(default)s)",
   )
-  return parser, demo
+  return parser, {"demo": demo, "evaluate": _evaluate_parser(commands)}
+
+
+def _evaluate_parser(commands: Any) -> argparse.ArgumentParser:
+  evaluate = commands.add_parser(
+    "evaluate",
+    help="evaluate accumulation on the demo model: speed, memory and divergence for each k",
+    description=(
+      "Trains the demo's Flax MLP on the digits for --windows optimizer steps of "
+      "--batch-size, from the same parameters on the same batches, with the unsplit "
+      "batch and with each --every-k (optaccum.evaluate): prints the time per example "
+      "(medians of --rounds interleaved rounds), the compiled memory of each step and "
+      "the largest parameter and loss differences from the unsplit run, and saves a PNG."
+    ),
+  )
+  evaluate.add_argument(
+    "-k", "--every-k", type=int, nargs="+", default=[2, 4, 8], metavar="K",
+    help="the k to evaluate, each dividing --batch-size (default: 2 4 8)",
+  )  # fmt: skip
+  for flag, default, text in (
+    ("--batch-size", DEFAULT_BATCH_SIZE, "examples per optimizer step"),
+    ("--windows", 20, "optimizer steps of each run"),
+    ("--rounds", 3, "timed rounds"),
+    ("--seed", DEFAULT_SEED, "seed of the initial parameters and the batch order"),
+  ):
+    evaluate.add_argument(flag, type=int, default=default, help=f"{text} (default: %(default)s)")
+  evaluate.add_argument(
+    "--form", choices=("accumulate", "microbatch"), default="accumulate",
+    help="across steps (accumulate) or in one step (microbatch) (default: %(default)s)",
+  )  # fmt: skip
+  evaluate.add_argument(
+    "--out", default="optaccum_evaluate.png", help="where to save the PNG (default: %(default)s)"
+  )
+  return evaluate
+
+
+def _check_evaluate_options(args: argparse.Namespace) -> str | None:
+  """The first problem with `optaccum evaluate`'s options, or None."""
+  for flag, value in [("--batch-size", args.batch_size), ("--windows", args.windows)]:
+    if value < 1:
+      return f"`optaccum evaluate {flag}` must be a positive int, got {value}."
+  if args.rounds < 1:
+    return f"`optaccum evaluate --rounds` must be a positive int, got {args.rounds}."
+  if args.seed < 0:
+    return f"`optaccum evaluate --seed` must be a non-negative int, got {args.seed}."
+  for k in args.every_k:
+    if k < 1 or args.batch_size % k:
+      return (
+        f"`optaccum evaluate --every-k` must be positive ints dividing --batch-size="
+        f"{args.batch_size}, got {k}."
+      )
+  return _check_out("optaccum evaluate", args.out)
+
+
+def _check_out(command: str, out: str) -> str | None:
+  """Why `--out` cannot take the PNG, or None."""
+  if not out.lower().endswith(".png"):
+    return f"`{command} --out` must be a .png path, got {out!r}."
+  unwritable = _why_unwritable(out)
+  if unwritable is not None:
+    return f"`{command} --out` must be a path the plot can be saved to, got {out!r}: {unwritable}."
+  return None
 
 
 def _check_demo_options(args: argparse.Namespace) -> str | None:
@@ -113,15 +175,7 @@ def _check_demo_options(args: argparse.Namespace) -> str | None:
       f"`optaccum demo --batch-size` must be a multiple of --every-k={args.every_k}, "
       f"got {args.batch_size}."
     )
-  if not args.out.lower().endswith(".png"):
-    return f"`optaccum demo --out` must be a .png path, got {args.out!r}."
-  unwritable = _why_unwritable(args.out)
-  if unwritable is not None:
-    return (
-      f"`optaccum demo --out` must be a path the plot can be saved to, got {args.out!r}: "
-      f"{unwritable}."
-    )
-  return None
+  return _check_out("optaccum demo", args.out)
 
 
 def _why_unwritable(path: str) -> str | None:
@@ -149,19 +203,25 @@ def _why_unwritable(path: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line on `argv` (default: `sys.argv[1:]`); returns the exit code."""
-  parser, demo = _parsers()
+  parser, commands = _parsers()
   args = parser.parse_args(argv)
-  problem = _check_demo_options(args)
+  check = _check_demo_options if args.command == "demo" else _check_evaluate_options
+  problem = check(args)
   if problem is not None:
-    demo.error(problem)
+    commands[args.command].error(problem)
   try:
     from optaccum import _demo
   except ImportError as error:
     print(
-      f'optaccum demo: error: {error}; install the demo extras: pip install "optaccum[demo]"',
+      f"optaccum {args.command}: error: {error}; install the demo extras: "
+      'pip install "optaccum[demo]"',
       file=sys.stderr,
     )
     return 1
+  if args.command == "evaluate":
+    options = ("every_k", "batch_size", "windows", "rounds", "form", "seed", "out")
+    _demo.run_evaluation(**{name: getattr(args, name) for name in options})
+    return 0
   every_k = args.every_k
   if args.memory_budget is not None:
     try:

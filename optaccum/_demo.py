@@ -227,6 +227,48 @@ def plot_losses(large: RunResult, accumulated: RunResult, path: str) -> None:
   figure.savefig(path, dpi=100)
 
 
+def _grad_fn() -> Any:
+  """The demo's gradient function: `(params, images, labels) -> (mean loss, grads)`."""
+
+  def loss(params: Any, images: Any, labels: Any) -> jax.Array:
+    logits = DigitsMlp().apply(params, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return jax.value_and_grad(loss)
+
+
+def run_evaluation(
+  *,
+  every_k: list[int],
+  batch_size: int,
+  windows: int,
+  rounds: int,
+  form: str,
+  seed: int,
+  out: str,
+  console: Console | None = None,
+) -> optaccum.Evaluation:
+  """`optaccum.evaluate` on the demo model and the digits; prints the table, saves the PNG."""
+  console = console or Console()
+  train_images, train_labels, _, _ = load_digits_split()
+  indices = batch_indices(len(train_images), batch_size, windows, seed)
+  batches = [(train_images[i], train_labels[i]) for i in indices]
+  params = DigitsMlp().init(jax.random.key(seed), train_images[:1])
+  inner = optax.sgd(_LEARNING_RATE, momentum=_MOMENTUM)
+  console.print(
+    f"Digits MLP, {windows} optimizer steps of {batch_size} images: the unsplit batch and "
+    f"k = {', '.join(map(str, every_k))} ({form}), {rounds} timed rounds."
+  )
+  result = optaccum.evaluate(
+    _grad_fn(), params, inner, batches, every_k=every_k, form=form, rounds=rounds
+  )
+  console.print(result.table())
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  result.plot(out)
+  console.print(f"Plot saved to {os.path.abspath(out)}", soft_wrap=True)
+  return result
+
+
 def choose_every_k(*, batch_size: int, budget: int, console: Console | None = None) -> int:
   """Plans k for the demo's accumulated run from a memory budget, says why, and returns it.
 
@@ -238,14 +280,9 @@ def choose_every_k(*, batch_size: int, budget: int, console: Console | None = No
   images = jax.ShapeDtypeStruct((batch_size, 64), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   params = jax.eval_shape(DigitsMlp().init, jax.random.key(0), images)
-
-  def loss(params: Any, images: Any, labels: Any) -> jax.Array:
-    logits = DigitsMlp().apply(params, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
   inner = optax.sgd(_LEARNING_RATE, momentum=_MOMENTUM)
   chosen = optaccum.plan(
-    jax.value_and_grad(loss), params, inner, (images, labels), budget=budget, forms=["accumulate"]
+    _grad_fn(), params, inner, (images, labels), budget=budget, forms=["accumulate"]
   )
   console.print(chosen.table(), soft_wrap=True)
   every_k = chosen.accumulate

@@ -243,3 +243,38 @@ def test_bad_memory_budgets_are_refused_on_one_line(monkeypatch, capsys, options
   assert code == 2
   error = capsys.readouterr().err
   assert message in error and len(error.strip().splitlines()) == 1
+
+
+def test_evaluate_command_trains_each_k_on_the_digits_and_saves_the_plot(tmp_path, capsys):
+  out = tmp_path / "plots" / "evaluate.png"
+  arguments = ["evaluate", "-k", "2", "4", "--batch-size", "64", "--windows", "3"]
+  assert main([*arguments, "--rounds", "1", "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+  assert "3 windows of 64 examples; reference: k=1" in printed
+  rows = [line for line in printed.splitlines() if line.startswith("│")]
+  assert [line.split("│")[1:3] for line in rows] == [
+    [f" {form:>10} ", f" {k:>2} "]
+    for form, k in (("unsplit", 1), ("accumulate", 2), ("accumulate", 4))
+  ]
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    (
+      ["-k", "3"],
+      "`optaccum evaluate --every-k` must be positive ints dividing --batch-size=256, got 3.",
+    ),
+    (["--windows", "0"], "`optaccum evaluate --windows` must be a positive int, got 0."),
+    (["--rounds", "0"], "`optaccum evaluate --rounds` must be a positive int, got 0."),
+    (["--out", "e.jpg"], "`optaccum evaluate --out` must be a .png path, got 'e.jpg'."),
+    (["--form", "scan"], "argument --form: invalid choice: 'scan'"),
+  ],
+)
+def test_bad_evaluate_options_are_refused_on_one_line(capsys, options, message):
+  with pytest.raises(SystemExit) as exit:
+    main(["evaluate", *options])
+  assert exit.value.code == 2
+  error = capsys.readouterr().err
+  assert message in error and len(error.strip().splitlines()) == 1
