@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optaccum import _validation
+from optaccum._accumulator import at_least_float32
 
 _MERGE = "merge_batch_stats"
 _CREATE = "BatchStatsWindow.create"
@@ -93,9 +94,7 @@ def _with_stats(layer: Any, mean: jax.Array, var: jax.Array) -> Any:
 
 def _wide(x: Any) -> jax.Array:
   """`x` in at least float32, where the sums are taken (bfloat16 statistics included)."""
-  dtype = jnp.result_type(x)
-  # Chosen, not promoted: strict promotion has no bfloat16-float32 path.
-  return jnp.asarray(x).astype(dtype if jnp.finfo(dtype).bits > 32 else jnp.float32)
+  return jnp.asarray(x).astype(at_least_float32(jnp.result_type(x)))
 
 
 def _variance(mean_of_vars: jax.Array, spread: jax.Array, momentum: float) -> jax.Array:

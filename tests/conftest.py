@@ -25,9 +25,14 @@ def run_processes(commands: list[list[str]], *, num_devices: int, timeout: float
   The device count is fixed when JAX starts, so multi-device checks run in
   processes of their own. Whatever happens, no child outlives the call.
   """
+  # XLA:CPU runs each device's part of a collective on its own thread and aborts
+  # the process when one thread is 40 s late; on two loaded cores (the other
+  # pytest worker, several examples) an 8-device child can be that late
+  # without anything being wrong, so the children wait longer.
+  patience = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {patience}",
     JAX_PLATFORMS="cpu",
   )
   procs = [
