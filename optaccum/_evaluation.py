@@ -220,19 +220,6 @@ def _check_batches(batches: Any) -> int:
   return batch_size
 
 
-def _check_every_k(every_k: Any, batch_size: int) -> list[int]:
-  if isinstance(every_k, int | str) or not isinstance(every_k, Sequence) or not every_k:
-    raise TypeError(
-      f"`{_WHERE}(every_k=...)` must be a non-empty sequence of positive ints, "
-      f"got every_k={every_k!r}."
-    )
-  for k in every_k:
-    _validation.check_positive_int(_WHERE, "every_k", k)
-    if batch_size % k:
-      raise ValueError(f"`{_WHERE}(every_k=...)` must divide the batch of {batch_size}, got {k}.")
-  return sorted(set(int(k) for k in every_k))
-
-
 def _progress(enabled: bool, total: int) -> Any:
   """A rich progress bar over `total` windows, or a stand-in that shows nothing."""
   if not enabled:
@@ -354,7 +341,7 @@ def evaluate(
     True
   """
   batch_size = _check_batches(batches)
-  ks = _check_every_k(every_k, batch_size)
+  ks = _planning.dividing_ks(_WHERE, "every_k", every_k, batch_size)
   _validation.check_choice(_WHERE, "form", form, _planning.FORMS)
   _validation.check_positive_int(_WHERE, "rounds", rounds)
   for name, flag in (("has_aux", has_aux), ("progress", progress)):

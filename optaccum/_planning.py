@@ -231,18 +231,20 @@ def _candidates(batch_size: int, candidates: Any) -> list[int]:
   """The candidate k's, ascending: every divisor of the batch by default."""
   if candidates is None:
     return [k for k in range(1, batch_size + 1) if batch_size % k == 0]
-  if isinstance(candidates, int | str) or not isinstance(candidates, Sequence) or not candidates:
+  return dividing_ks(_WHERE, "candidates", candidates, batch_size)
+
+
+def dividing_ks(where: str, name: str, values: Any, batch_size: int) -> list[int]:
+  """`values`, a non-empty sequence of positive ints that divide the batch, sorted and unique."""
+  if isinstance(values, int | str) or not isinstance(values, Sequence) or not values:
     raise TypeError(
-      f"`{_WHERE}(candidates=...)` must be a non-empty sequence of positive ints, "
-      f"got candidates={candidates!r}."
+      f"`{where}({name}=...)` must be a non-empty sequence of positive ints, got {name}={values!r}."
     )
-  for k in candidates:
-    _validation.check_positive_int(_WHERE, "candidates", k)
+  for k in values:
+    _validation.check_positive_int(where, name, k)
     if batch_size % k:
-      raise ValueError(
-        f"`{_WHERE}(candidates=...)` must divide the batch of {batch_size}, got k={k}."
-      )
-  return sorted(set(int(k) for k in candidates))
+      raise ValueError(f"`{where}({name}=...)` must divide the batch of {batch_size}, got {k}.")
+  return sorted(set(int(k) for k in values))
 
 
 def _chosen(rows: list[PlanRow], form: str, budget: int) -> int:

@@ -61,3 +61,19 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
   for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array]]:
+  """An MLP's layers, `[{"w": [m, n], "b": [n]}, ...]`, for `sizes` (m, n, ...)."""
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [
+    {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+  ]
+
+
+def mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+  """The MLP of `init_mlp`: tanh between layers, linear output."""
+  for layer in params[:-1]:
+    x = jnp.tanh(x @ layer["w"] + layer["b"])
+  return x @ params[-1]["w"] + params[-1]["b"]

@@ -6,20 +6,7 @@ import numpy as np
 import pytest
 
 import optaccum
-
-
-def init_mlp(key, sizes=(6, 32, 4)):
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [
-    {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
-    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
-  ]
-
-
-def mlp(params, x):
-  for layer in params[:-1]:
-    x = jnp.tanh(x @ layer["w"] + layer["b"])
-  return x @ params[-1]["w"] + params[-1]["b"]
+from tests.helpers import init_mlp, mlp
 
 
 def make_loss(batch):
@@ -36,7 +23,7 @@ def make_loss(batch):
 
 @pytest.fixture
 def params():
-  return init_mlp(jax.random.key(0))
+  return init_mlp(jax.random.key(0), (6, 32, 4))
 
 
 @pytest.fixture

@@ -6,22 +6,9 @@ import numpy as np
 import pytest
 
 import optaccum
+from tests.helpers import init_mlp, mlp
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def init_mlp(key, sizes=(6, 16, 3)):
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [
-    {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": jnp.full((n,), 0.1)}
-    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
-  ]
-
-
-def mlp(params, x):
-  for layer in params[:-1]:
-    x = jnp.tanh(x @ layer["w"] + layer["b"])
-  return x @ params[-1]["w"] + params[-1]["b"]
 
 
 def make_batch(key, size=16):
@@ -43,7 +30,7 @@ def assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
 
 @pytest.fixture
 def params():
-  return init_mlp(jax.random.key(0))
+  return init_mlp(jax.random.key(0), (6, 16, 3))
 
 
 @pytest.fixture

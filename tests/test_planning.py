@@ -224,7 +224,7 @@ def test_budget_sizes_are_read_in_their_units(budget, expected):
     (
       {"candidates": [1, 3]},
       ValueError,
-      r"`plan\(candidates=...\)` must divide the batch of 64, got k=3",
+      r"`plan\(candidates=...\)` must divide the batch of 64, got 3",
     ),
     ({"candidates": 4}, TypeError, r"`plan\(candidates=...\)` must be a non-empty sequence"),
     ({"candidates": [0]}, ValueError, r"`plan\(candidates=...\)` must be a positive int"),
