@@ -14,6 +14,7 @@ from optaccum._data_parallel import data_parallel as data_parallel
 from optaccum._evaluation import Evaluation as Evaluation
 from optaccum._evaluation import EvaluationRow as EvaluationRow
 from optaccum._evaluation import evaluate as evaluate
+from optaccum._flax import apply_nnx_gradients as apply_nnx_gradients
 from optaccum._flax import apply_train_state_gradients as apply_train_state_gradients
 from optaccum._flax import flax_gradient_step as flax_gradient_step
 from optaccum._inspect import accumulation_state as accumulation_state
@@ -25,7 +26,6 @@ from optaccum._inspect import num_skipped_windows as num_skipped_windows
 from optaccum._microbatch import microbatch as microbatch
 from optaccum._multisteps import MultiSteps as MultiSteps
 from optaccum._multisteps import MultiStepsState as MultiStepsState
-from optaccum._nnx import apply_nnx_gradients as apply_nnx_gradients
 from optaccum._per_replica import per_replica as per_replica
 from optaccum._planning import Plan as Plan
 from optaccum._planning import PlanRow as PlanRow

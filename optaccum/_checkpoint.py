@@ -264,12 +264,12 @@ def _item_directory(directory: str, item: str | None) -> str:
     return directory
   folders = sorted(n for n in names if os.path.isdir(os.path.join(directory, n)))
   if "_CHECKPOINT_METADATA" not in names:
-    steps = [n for n in folders if n.isdigit()]
-    if steps and os.path.isfile(os.path.join(directory, steps[-1], "_CHECKPOINT_METADATA")):
-      latest = max(steps, key=int)
+    steps = sorted((n for n in folders if n.isdigit()), key=int)
+    latest = steps[-1] if steps else ""
+    if steps and os.path.isfile(os.path.join(directory, latest, "_CHECKPOINT_METADATA")):
       raise ValueError(
         f"`restore_checkpoint(directory=...)` must be one checkpoint, but {directory!r} is a "
-        f"CheckpointManager's directory of steps {', '.join(sorted(steps, key=int))}: pass "
+        f"CheckpointManager's directory of steps {', '.join(steps)}: pass "
         f"one step's directory, e.g. {os.path.join(directory, latest)!r}."
       )
     return directory  # `_check_files` says it holds no checkpoint
@@ -337,6 +337,8 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
   for name in ("acc_grads", "acc_weight", "statistics"):
     for leaf in fields.get(name, []):
       if not isinstance(leaf, jax.Array) or not leaf.is_fully_replicated:
+        continue
+      if len(leaf.addressable_shards) < 2:  # one copy: nothing to compare
         continue
       shards = [np.asarray(shard.data).tobytes() for shard in leaf.addressable_shards]
       differ = sum(shard != shards[0] for shard in shards[1:])

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import optax
 
 from optaccum import _planning, _validation
-from optaccum._accumulate import accumulate
 
 _WHERE = "evaluate"
 
@@ -161,19 +160,7 @@ def _make_run(
   has_aux: bool,
 ) -> _Run:
   """Compiles one configuration's step for these shapes."""
-  abstract_params = _planning.abstract(params)
-  if form == "unsplit":
-    tx, step = optimizer, _planning.unsplit_step(grad_fn, optimizer)
-    shapes = _planning.abstract(batch)
-  elif form == "microbatch":
-    tx, step = optimizer, _planning.microbatch_step(grad_fn, optimizer, k, has_aux)
-    shapes = _planning.abstract(batch)
-  else:
-    tx = accumulate(optimizer, k)
-    step, shapes = _planning.accumulate_step(grad_fn, tx), _planning.micro_batch(batch, k)
-  opt_state = jax.eval_shape(tx.init, abstract_params)
-  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(abstract_params, opt_state, *shapes)
-  compiled = lowered.compile()
+  compiled, tx = _planning.compile_step(form, k, grad_fn, params, optimizer, batch, has_aux)
   return _Run(form, k, compiled, compiled.memory_analysis(), tx.init, has_aux)
 
 
@@ -186,13 +173,14 @@ def _feed(run: _Run, batch: tuple) -> list:
 
 
 @jax.jit
-def _max_difference(a: Any, b: Any) -> jax.Array:
-  differences = [
-    jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    if jnp.size(x)
-  ]
-  return jnp.max(jnp.stack(differences))
+def _differences(a: Any, b: Any) -> list[jax.Array]:
+  """Each leaf's largest absolute difference, in the leaf's own precision (complex: modulus)."""
+  return [jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if x.size]
+
+
+def _max_difference(a: Any, b: Any) -> float:
+  """The largest absolute difference between two parameter trees, on the host."""
+  return max((float(d) for d in jax.device_get(_differences(a, b))), default=0.0)
 
 
 def _check_batches(batches: Any) -> int:
@@ -251,7 +239,7 @@ def _divergence(runs: list[_Run], feeds: list[list], params: Any, bar: Any) -> l
     losses = [float(run.window(feed[window])) for run, feed in zip(runs, feeds)]
     reference = runs[0].state[0]
     for index, run in enumerate(runs):
-      param = float(_max_difference(run.state[0], reference))
+      param = _max_difference(run.state[0], reference)
       loss = abs(losses[index] - losses[0])
       worst[index] = (max(worst[index][0], param), max(worst[index][1], loss), losses[index])
     bar.advance(0, len(runs))

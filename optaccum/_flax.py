@@ -1,4 +1,4 @@
-"""Flax helpers: the gradient step of a train state, and weighted micro-steps for linen.
+"""Flax helpers: the gradient step of a train state, and the fast path for linen and NNX.
 
 Flax is an optional dependency (`pip install "optaccum[flax]"`), so it is imported
 only inside the functions that take Flax objects.
@@ -159,8 +159,11 @@ def apply_train_state_gradients(
     )
   extra_args = dict(update_args or {})
   if not holds_state(state.opt_state):
-    # No accumulation (switched off by configuration): a plain optimizer step.
+    # No accumulation (switched off by configuration): Flax's own step, fp8
+    # (OVERWRITE_WITH_GRADIENT) handling included, where no update_args are given.
     check_plain_step("apply_train_state_gradients", weight, flush)
+    if not extra_args:
+      return state.apply_gradients(grads=grads, **fields)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
   elif accumulation_of(state.tx) is not None:
@@ -202,3 +205,101 @@ def _check_fields(state: Any, fields: dict[str, Any]) -> None:
         f"{type(state).__name__} (fields: {', '.join(replaceable)}; weight, flush and "
         "update_args go to the accumulation)."
       )
+
+
+def apply_nnx_gradients(
+  optimizer: Any,
+  model: Any,
+  grads: Any,
+  *,
+  weight: Any = None,
+  flush: Any = False,
+  update_args: dict[str, Any] | None = None,
+) -> None:
+  """`optimizer.update(model, grads, weight=...)` on optaccum's fast path.
+
+  Updates `optimizer`'s state and `model`'s parameters (those `optimizer.wrt`
+  selects) in place, and advances `optimizer.step` by one micro-step, as
+  `nnx.Optimizer.update` does. Where `optimizer.tx` is
+  `optaccum.accumulate(...)` itself it runs `optaccum.apply_gradients`: a
+  micro-step that does not close the window only adds `grads` into the
+  accumulator and leaves the parameters untouched, where `update` would
+  build a tree of zero updates and rewrite every parameter. Where `tx` is a
+  chain that holds the accumulation it calls `optimizer.update`, with
+  `weight` and `flush` passed to the accumulation. It works under `nnx.jit`.
+  `optimizer.step` counts micro-steps; the optimizer steps are
+  `optaccum.flax_gradient_step(optimizer)`.
+
+  Args:
+    optimizer: an `nnx.Optimizer`, usually one whose `tx` is or holds
+      `optaccum.accumulate`.
+    model: the model `optimizer` was made for.
+    grads: the micro-batch's gradients, as `nnx.grad` returns them.
+    weight: the micro-batch's weight, e.g. its count of valid tokens; None
+      counts as 1.
+    flush: close the window now, as in `accumulate`.
+    update_args: further keyword arguments for the inner optimizer's update
+      (e.g. `value=` for `optax.contrib.reduce_on_plateau`).
+
+  Where `tx` holds no accumulation (switched off by configuration), it is
+  `optimizer.update(model, grads)`: a training loop needs no branch.
+
+  Raises:
+    TypeError: if `optimizer` is not an `nnx.Optimizer`, `update_args` is not
+      a dict, or `weight` or `flush` is given where `tx` holds no accumulation.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from flax import nnx
+    >>> import optaccum
+    >>> model = nnx.Linear(1, 1, use_bias=False, rngs=nnx.Rngs(0))
+    >>> model.kernel[...] = jnp.zeros((1, 1))
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> grad_fn = nnx.grad(lambda model, y: jnp.mean((model(jnp.ones((1, 1))) - y) ** 2))
+    >>> # Mean-loss gradients of a 3-token and a 1-token micro-batch: -2 and -10.
+    >>> optaccum.apply_nnx_gradients(optimizer, model, grad_fn(model, 1.0), weight=3)
+    >>> optaccum.apply_nnx_gradients(optimizer, model, grad_fn(model, 5.0), weight=1)
+    >>> model.kernel[...]  # -lr * (3 * -2 + 1 * -10) / 4 tokens
+    Array([[4.]], dtype=float32)
+    >>> int(optimizer.step[...]), int(optaccum.flax_gradient_step(optimizer))
+    (2, 1)
+  """
+  from flax import nnx
+
+  _check_optimizer(nnx, optimizer, update_args)
+  extra_args = dict(update_args or {})
+  if not holds_state(nnx.as_pure(optimizer.opt_state)):
+    # No accumulation (switched off by configuration): a plain optimizer step.
+    check_plain_step("apply_nnx_gradients", weight, flush)
+    optimizer.update(model, grads, **extra_args)
+    return
+  if accumulation_of(optimizer.tx) is None:  # a chain that holds the accumulation
+    optimizer.update(model, grads, weight=weight, flush=flush, **extra_args)
+    return
+  graph = optimizer.graph
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
+  grads = nnx.as_pure(nnx.state(grads, optimizer.wrt, graph=graph))
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  params, opt_state = apply_gradients(
+    optimizer.tx, grads, opt_state, params, weight=weight, flush=flush, **nnx.as_pure(extra_args)
+  )
+  nnx.update(model, params)
+  nnx.update(optimizer.opt_state, nnx.state(opt_state, graph=graph))
+  optimizer.step[...] += 1
+
+
+def _check_optimizer(nnx: Any, optimizer: Any, update_args: Any) -> None:
+  """Raises a TypeError, naming the argument, unless `apply_nnx_gradients` can take them."""
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+      "`apply_nnx_gradients(optimizer=...)` must be an nnx.Optimizer, got "
+      f"{type(optimizer).__name__}; for a linen TrainState use "
+      "`optaccum.apply_train_state_gradients`."
+    )
+  if update_args is not None and not isinstance(update_args, dict):
+    raise TypeError(
+      "`apply_nnx_gradients(update_args=...)` must be a dict of keyword arguments or None, "
+      f"got update_args={update_args!r}."
+    )

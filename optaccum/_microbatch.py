@@ -218,7 +218,7 @@ def _microbatch_call(
   def call(index: Any, key: Any, state: Any) -> tuple[tuple[Any, Any, Any], Any, Any]:
     micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
     if graph is not None:
-      micro_args, micro_kwargs, merged = graph.merged(micro_args, micro_kwargs, state)
+      micro_args, micro_kwargs, objects = graph.merged(micro_args, micro_kwargs, state)
     loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
     weight = None
     if settings.weight_fn is not None:
@@ -226,7 +226,7 @@ def _microbatch_call(
         _WHERE, "weight_fn", settings.weight_fn(*micro_args, **micro_kwargs), jnp.float32
       )
     if graph is not None:
-      state = graph.state_of(merged)
+      state = graph.state_of(objects, state)
     return (loss, aux, grads), weight, state
 
   return call, keys
@@ -527,8 +527,10 @@ def microbatch(
   advanced once per micro-batch (each draws its own dropout masks), its
   BatchNorm running statistics updated once per micro-batch, from that
   micro-batch's statistics (a large batch would update them once). The
-  gradients are the `nnx.State` that `nnx.value_and_grad` returns. `fn` may
-  not assign to a Param; `reduce_axes` does not take modules.
+  gradients are the `nnx.State` that `nnx.value_and_grad` returns. What `fn`
+  writes to a Param is not kept (the Params are the same for every
+  micro-batch); `fn` may be wrapped in `nnx.jit`; `reduce_axes` does not take
+  modules.
 
   Reductions, with `w_i` the weight of micro-batch i (1 without `weight_fn`):
 

@@ -165,10 +165,17 @@ def _sharding(x: Any) -> Any:
 
 
 def micro_batch(batch: Any, k: int) -> Any:
-  """The abstract shape of one micro-batch of `batch`: the leading axis divided by k."""
-  return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct((x.shape[0] // k, *x.shape[1:]), x.dtype), abstract(batch)
-  )
+  """The abstract shape of one micro-batch of `batch`: the leading axis divided by k.
+
+  It keeps the batch's sharding: a micro-batch of a batch sharded over the
+  data axis lies sharded the same way.
+  """
+
+  def leaf(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    shape = (x.shape[0] // k, *x.shape[1:])
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
+
+  return jax.tree.map(leaf, abstract(batch))
 
 
 def unsplit_step(grad_fn: Callable[..., Any], optimizer: optax.GradientTransformation) -> Any:
@@ -200,10 +207,33 @@ def accumulate_step(grad_fn: Callable[..., Any], tx: optax.GradientTransformatio
   return step
 
 
-def compiled_memory(step: Callable[..., Any], params: Any, opt_state: Any, batch: Any) -> Any:
-  """XLA's memory analysis of `step`, compiled with the parameters and state donated."""
-  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch)
-  return lowered.compile().memory_analysis()
+def compile_step(
+  form: str,
+  k: int,
+  grad_fn: Callable[..., Any],
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  batch: tuple,
+  has_aux: bool,
+) -> tuple[Any, optax.GradientTransformation]:
+  """One configuration's step compiled for these shapes, and the transformation it steps.
+
+  `form` is "unsplit" (k = 1), "microbatch" or "accumulate" (whose step takes
+  one micro-batch). The parameters and the optimizer state are donated, as
+  `jax.jit(step, donate_argnums=(0, 1))` donates them.
+  """
+  params, batch = abstract(params), abstract(batch)
+  tx: optax.GradientTransformation = optimizer
+  if form == "unsplit":
+    step = unsplit_step(grad_fn, optimizer)
+  elif form == "microbatch":
+    step = microbatch_step(grad_fn, optimizer, k, has_aux)
+  else:
+    tx = accumulate(optimizer, k)
+    step, batch = accumulate_step(grad_fn, tx), micro_batch(batch, k)
+  opt_state = jax.eval_shape(tx.init, params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
+  return compiled, tx
 
 
 def _row(form: str, k: int, batch_size: int, memory: Any, budget: int) -> PlanRow:
@@ -369,20 +399,8 @@ def _compile_candidate(
   forms: tuple,
 ) -> list[tuple[str, Any]]:
   """(form, memory analysis) for each form at k; at k = 1 the one unsplit step."""
-  batch = abstract(batch)
-  if k == 1:
-    opt_state = jax.eval_shape(optimizer.init, params)
-    return [
-      ("unsplit", compiled_memory(unsplit_step(grad_fn, optimizer), params, opt_state, batch))
-    ]
-  out = []
-  if "microbatch" in forms:
-    opt_state = jax.eval_shape(optimizer.init, params)
-    step = microbatch_step(grad_fn, optimizer, k, has_aux)
-    out.append(("microbatch", compiled_memory(step, params, opt_state, batch)))
-  if "accumulate" in forms:
-    tx = accumulate(optimizer, k)
-    step = accumulate_step(grad_fn, tx)
-    opt_state = jax.eval_shape(tx.init, params)
-    out.append(("accumulate", compiled_memory(step, params, opt_state, micro_batch(batch, k))))
-  return out
+  for_k = ("unsplit",) if k == 1 else forms
+  return [
+    (form, compile_step(form, k, grad_fn, params, optimizer, batch, has_aux)[0].memory_analysis())
+    for form in for_k
+  ]

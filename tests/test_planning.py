@@ -27,7 +27,7 @@ def small_params():
 
 def loss(params, x, y):
   hidden = jnp.tanh(x @ params["hidden"])  # activations: [batch, 4096]
-  return jnp.mean((hidden @ params["out"])[:, 0] - y) ** 2
+  return jnp.mean(((hidden @ params["out"])[:, 0] - y) ** 2)
 
 
 GRAD_FN = jax.value_and_grad(loss)
@@ -249,3 +249,29 @@ def test_a_batch_must_be_a_tuple_of_arguments_sharing_one_batch_axis():
   y = jax.ShapeDtypeStruct((BATCH // 2,), jnp.float32)
   with pytest.raises(ValueError, match=r"share one leading batch axis, got leading sizes 32, 64"):
     optaccum.plan(GRAD_FN, small_params(), OPTIMIZER, (x, y), budget="1GiB")
+
+
+SHARDED_CHECK = """
+import json
+import jax, jax.numpy as jnp, optax, optaccum
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+x = jax.device_put(jnp.ones((32, 64)), sharding)
+loss = lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2)
+plan = optaccum.plan(jax.value_and_grad(loss), jnp.zeros((64, 8)), optax.sgd(0.1), (x,),
+                     budget="1GiB", candidates=[1, 2], forms=["accumulate"])
+print(json.dumps({row.form: row.arguments for row in plan.rows}))
+"""
+
+
+def test_the_accumulate_form_compiles_micro_batches_sharded_like_the_batch(run_python):
+  # On 2 devices the batch (32 x 64 float32, 8 KiB) lies half on each: the unsplit
+  # step's argument holds 4 KiB of it per device, a micro-batch of 16 rows 2 KiB.
+  arguments = run_python(["-c", SHARDED_CHECK], num_devices=2, timeout=120)
+  params = 64 * 8 * 4
+  assert arguments["unsplit"] == params + 2 * 2**10 * 2  # parameters + half the batch
+  # The accumulate step holds an accumulator like the parameters, half a micro-batch
+  # per device (not the whole micro-batch, 4 KiB, if its sharding were lost) and
+  # a few scalar counters.
+  counters = arguments["accumulate"] - (arguments["unsplit"] + params - 2 * 2**10)
+  assert 0 <= counters < 64
