@@ -259,7 +259,7 @@ def all_methods(
   if complete:
     # The per-micro-batch guard on top of the default, and no guard at all (as
     # the hand-written loop and optax run): what the default's safety costs.
-    per_micro_batch = optaccum.accumulate(inner, every_k, skip=optaccum.skip_not_finite)
+    per_micro_batch = optaccum.accumulate(inner, every_k, skip=optaccum.skip.not_finite)
     unguarded = optaccum.accumulate(inner, every_k, window_guard=False)
     for label, tx in (
       ("skip=skip_not_finite", per_micro_batch),

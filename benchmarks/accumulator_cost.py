@@ -95,7 +95,7 @@ def statistics_overhead(total_params: int, rounds: int, steps: int = 8) -> dict[
   grads = jax.tree.map(lambda p: p * 1e-3, params0)
   runners = {}
   for name, kwargs in {BASELINE: {}, STATISTICS: {"statistics": True}}.items():
-    tx = optaccum.accumulate(optax.adamw(1e-3), every_k=2**30, **kwargs)
+    tx = optaccum.accumulate(optax.adamw(1e-3), k=2**30, **kwargs)
     step = microstep._update_step(tx)
     params = jax.tree.map(jnp.copy, params0)
     holder = list(step(params, tx.init(params), grads))  # compile

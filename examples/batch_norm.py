@@ -5,7 +5,7 @@ Run: python examples/batch_norm.py
 In training mode, `linen.BatchNorm` normalizes each micro-batch by its own
 statistics and advances its running statistics (used in evaluation) on every
 call: accumulating 4 micro-batches naively advances them 4 times per
-optimizer step, each from a quarter of the batch. `optaccum.BatchStatsWindow`,
+optimizer step, each from a quarter of the batch. `optaccum.flax.BatchStatsWindow`,
 kept in the train state, collects the window's statistics and replaces the
 running statistics once, when the optimizer steps, with those of the whole
 batch. The example measures, on scikit-learn's bundled digits (no download):
@@ -61,7 +61,7 @@ class ResNet(linen.Module):
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
-  batch_stats_window: optaccum.BatchStatsWindow
+  batch_stats_window: optaccum.flax.BatchStatsWindow
 
 
 MODEL = ResNet()
@@ -108,7 +108,7 @@ def micro_step(state, x, y):
   state = state.apply_gradients(grads=grads)
   # The optimizer stepped: the running statistics advance once, from the whole window.
   batch_stats, window = window.close(
-    state.batch_stats, momentum=MOMENTUM, when=optaccum.has_updated(state.opt_state)
+    state.batch_stats, momentum=MOMENTUM, when=optaccum.status(state.opt_state).has_updated
   )
   return state.replace(batch_stats=batch_stats, batch_stats_window=window)
 
@@ -142,7 +142,7 @@ def main():
     params=params,
     tx=inner,
     batch_stats=start_stats,
-    batch_stats_window=optaccum.BatchStatsWindow.create(start_stats),
+    batch_stats_window=optaccum.flax.BatchStatsWindow.create(start_stats),
   )
   accumulated = large.replace(tx=optaccum.accumulate(inner, EVERY_K))
   accumulated = accumulated.replace(opt_state=accumulated.tx.init(params))
@@ -180,7 +180,7 @@ def main():
   print(
     f"largest parameter difference from large-batch training (ghost batch norm): {difference:.1e}"
   )
-  print(f"optimizer steps: {int(optaccum.flax_gradient_step(accumulated))}")
+  print(f"optimizer steps: {int(optaccum.flax.gradient_step(accumulated))}")
   print("test accuracy:")
   print(f"  large batch: {float(accuracy(large.params, large.batch_stats, test_x, test_y)):.4f}")
   for label, stats in (("BatchStatsWindow", accumulated.batch_stats), ("naive", chained)):

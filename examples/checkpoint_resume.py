@@ -5,8 +5,8 @@ Run: python examples/checkpoint_resume.py
 The accumulator and its counters are part of the optimizer state, so a
 checkpoint taken between two micro-steps of a window holds the window's partial
 sum; resuming from it continues the window where it stopped and gives
-bit-identical parameters. `optaccum.save_checkpoint` records the window length
-too, so restoring with another `every_k` (or another model) fails with a
+bit-identical parameters. `optaccum.checkpoint.save` records the window length
+too, so restoring with another `k` (or another model) fails with a
 message rather than a shape error, or a silently different run.
 """
 
@@ -27,10 +27,10 @@ MICRO_STEPS = 12
 SAVE_AFTER = 6  # one window closed, two micro-batches into the second
 
 
-def new_state(seed, every_k=EVERY_K):
+def new_state(seed, k=EVERY_K):
   model = linen.Dense(3)
   params = model.init(jax.random.key(seed), jnp.zeros((1, 5)))
-  tx = optaccum.accumulate(optax.adamw(1e-2), every_k)
+  tx = optaccum.accumulate(optax.adamw(1e-2), k)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
@@ -58,12 +58,12 @@ def main():
   with tempfile.TemporaryDirectory() as directory:
     path = Path(directory) / f"micro_step_{SAVE_AFTER}"
     state = train(new_state(seed=0), range(SAVE_AFTER))
-    optaccum.save_checkpoint(path, state, every_k=EVERY_K)
+    optaccum.checkpoint.save(path, state, k=EVERY_K)
     print(f"saved at micro-step {int(state.step)}, mid-window")
 
     # As in a new process: a fresh state (other initial values) gives the form to restore.
-    restored = optaccum.restore_checkpoint(path, new_state(seed=1), every_k=EVERY_K)
-    accumulation = optaccum.accumulation_state(restored.opt_state)
+    restored = optaccum.checkpoint.restore(path, new_state(seed=1), k=EVERY_K)
+    accumulation = optaccum.status(restored.opt_state).state
     print(
       f"restored: gradient step {int(accumulation.gradient_step)}, "
       f"{int(accumulation.mini_step)} of {EVERY_K} micro-batches into the window"
@@ -77,11 +77,11 @@ def main():
     assert identical
 
     try:
-      optaccum.restore_checkpoint(path, new_state(seed=1, every_k=2), every_k=2)
+      optaccum.checkpoint.restore(path, new_state(seed=1, k=2), k=2)
     except ValueError as error:
-      print(f"restoring with every_k=2 fails:\n  {error}")
+      print(f"restoring with k=2 fails:\n  {error}")
     else:
-      raise AssertionError("a checkpoint saved with every_k=4 restored with every_k=2")
+      raise AssertionError("a checkpoint saved with k=4 restored with k=2")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main():
         TX, accumulated, accumulated_state, x_micro, y_micro
       )
       fast, fast_state = fast_step(fast, fast_state, x_micro, y_micro)
-  print(f"optimizer steps taken: {int(optaccum.gradient_step(fast_state))}")
+  print(f"optimizer steps taken: {int(optaccum.status(fast_state).gradient_step)}")
 
   split, split_state = initial, OPTIMIZER.init(params)
   for x, y in zip(xs, ys):

@@ -3,7 +3,7 @@
 Run: python examples/linen_mlp.py
 
 `TrainState.step` counts micro-steps (calls to `apply_gradients`);
-`optaccum.flax_gradient_step(state)` counts optimizer steps, the ones a
+`optaccum.flax.gradient_step(state)` counts optimizer steps, the ones a
 large-batch run would take. The loop logs once per optimizer step, and at the
 end checks the parameters against large-batch training on the same data.
 """
@@ -61,8 +61,8 @@ def main():
       state, loss = train_step(state, x_micro, y_micro)
       window_losses.append(loss)
       # Log once per optimizer step, by the optimizer's own count.
-      if optaccum.has_updated(state.opt_state):
-        gradient_step = int(optaccum.flax_gradient_step(state))
+      if optaccum.status(state.opt_state).has_updated:
+        gradient_step = int(optaccum.flax.gradient_step(state))
         if gradient_step % 10 == 0:
           print(
             f"gradient step {gradient_step:3d} (micro-step {int(state.step):3d}): "

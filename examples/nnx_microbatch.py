@@ -4,7 +4,7 @@ Run: python examples/nnx_microbatch.py
 
 Each training step takes a batch, splits it with `optaccum.microbatch` into
 SPLIT micro-batches run one at a time (the memory of one), and hands the batch's
-gradient to `optaccum.apply_nnx_gradients`, which accumulates EVERY_K steps
+gradient to `optaccum.flax.apply_nnx_gradients`, which accumulates EVERY_K steps
 into one optimizer step and writes the parameters only when a window closes.
 The module is passed to `microbatch` as it is: its BatchNorm statistics and
 dropout rng state are carried from micro-batch to micro-batch and written back.
@@ -55,7 +55,7 @@ def make_batches(rng):
 @nnx.jit
 def train_step(model, optimizer, x, labels):
   loss, grads = optaccum.microbatch(nnx.value_and_grad(loss_fn), SPLIT)(model, x, labels)
-  optaccum.apply_nnx_gradients(optimizer, model, grads)
+  optaccum.flax.apply_nnx_gradients(optimizer, model, grads)
   return loss
 
 
@@ -89,7 +89,7 @@ def main():
   optimizer = train(xs, labels, model)
   print(
     f"optimizer.step {int(optimizer.step[...])}, "
-    f"gradient step {int(optaccum.flax_gradient_step(optimizer))}"
+    f"gradient step {int(optaccum.flax.gradient_step(optimizer))}"
   )
   reference = new_model(train=False)
   reference_optimizer = nnx.Optimizer(reference, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)

@@ -3,7 +3,7 @@
 Run: python examples/nnx_model.py
 
 `optimizer.step` counts `update` calls, that is micro-steps;
-`optaccum.flax_gradient_step(optimizer)` counts optimizer steps (it works inside
+`optaccum.flax.gradient_step(optimizer)` counts optimizer steps (it works inside
 `nnx.jit` too). A learning-rate schedule given to the inner optimizer advances
 once per optimizer step, as in large-batch training; the loop logs the rate the
 next step will use by reading the schedule at the gradient step.
@@ -50,9 +50,9 @@ def train_step(model, optimizer, x, labels):
   return loss
 
 
-def new_optimizer(model, schedule, every_k=None):
+def new_optimizer(model, schedule, k=None):
   inner = optax.sgd(schedule, momentum=0.9)
-  tx = inner if every_k is None else optaccum.accumulate(inner, every_k)
+  tx = inner if k is None else optaccum.accumulate(inner, k)
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -60,7 +60,7 @@ def main():
   xs, labels = make_batches(np.random.default_rng(0))
   schedule = optax.linear_schedule(0.1, 0.01, transition_steps=STEPS)
   model = Classifier(nnx.Rngs(0))
-  optimizer = new_optimizer(model, schedule, every_k=EVERY_K)
+  optimizer = new_optimizer(model, schedule, k=EVERY_K)
 
   for x, y in zip(xs, labels):
     losses = [
@@ -68,7 +68,7 @@ def main():
       for x_micro, y_micro in zip(np.split(x, EVERY_K), np.split(y, EVERY_K))
     ]
     # A window has just closed: optimizer.step is EVERY_K times the gradient step.
-    gradient_step = optaccum.flax_gradient_step(optimizer)
+    gradient_step = optaccum.flax.gradient_step(optimizer)
     if int(gradient_step) % 10 == 0:
       print(
         f"gradient step {int(gradient_step):3d} (optimizer.step {int(optimizer.step[...]):3d}): "

@@ -67,7 +67,7 @@ def main():
     for x_micro, y_micro in zip(np.split(x, EVERY_K), np.split(y, EVERY_K)):
       state, loss = train_step(state, x_micro, y_micro)
       losses.append(loss)
-    gradient_step = optaccum.flax_gradient_step(state)
+    gradient_step = optaccum.flax.gradient_step(state)
     if int(gradient_step) in (1, 5, 10, 20, 40):
       # The rate the window just used: the schedule at the step before it.
       used = float(schedule(gradient_step - 1))

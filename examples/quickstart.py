@@ -49,7 +49,7 @@ def main() -> None:
   difference = max(
     float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(large), jax.tree.leaves(small))
   )
-  print(f"optimizer steps taken: {int(optaccum.gradient_step(small_state))}")
+  print(f"optimizer steps taken: {int(optaccum.status(small_state).gradient_step)}")
   print(f"loss, large batch of 64:       {float(loss(large, x, y)):.6f}")
   print(f"loss, 4 x 16 accumulated:      {float(loss(small, x, y)):.6f}")
   print(f"largest difference from large-batch training: {difference:.2e}")

@@ -11,7 +11,7 @@ token of a short micro-batch more than one of a long micro-batch; the example
 shows how far that drifts.
 
 A linen `TrainState.apply_gradients` cannot forward `weight`, so the step uses
-`optaccum.apply_train_state_gradients` (with NNX, `optimizer.update(model,
+`optaccum.flax.apply_train_state_gradients` (with NNX, `optimizer.update(model,
 grads, weight=...)` forwards it).
 """
 
@@ -76,7 +76,7 @@ window_loss = jax.jit(loss_and_tokens, static_argnums=1)
 @jax.jit
 def weighted_micro_step(state, tokens):
   grads, num_tokens = jax.grad(loss_and_tokens, has_aux=True)(state.params, state.apply_fn, tokens)
-  return optaccum.apply_train_state_gradients(state, grads=grads, weight=num_tokens)
+  return optaccum.flax.apply_train_state_gradients(state, grads=grads, weight=num_tokens)
 
 
 def main():

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # Defaults finish in well under a minute on two CPU cores.
-DEFAULT_EVERY_K = 4
+DEFAULT_K = 4
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_STEPS = 300
 DEFAULT_SEED = 0
@@ -35,8 +35,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     help="train a Flax model with a large batch and with accumulation; compare them",
     description=(
       "Trains the same Flax MLP on scikit-learn's bundled handwritten digits twice: "
-      "once with batches of --batch-size, once with --every-k micro-batches of "
-      "batch-size / every-k accumulated into each optimizer step. Prints a table "
+      "once with batches of --batch-size, once with -k micro-batches of "
+      "batch-size / k accumulated into each optimizer step. Prints a table "
       "(final loss and accuracy of each run, their largest parameter difference, "
       "the compiled memory of one step of each, wall time) and saves a PNG of the "
       "two loss curves."
@@ -44,25 +44,24 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
   )
   demo.add_argument(
     "-k",
-    "--every-k",
     type=int,
     default=None,
-    help=f"micro-batches accumulated per optimizer step (default: {DEFAULT_EVERY_K})",
+    help=f"micro-batches accumulated per optimizer step (default: {DEFAULT_K})",
   )
   demo.add_argument(
     "--memory-budget",
     default=None,
     metavar="SIZE",
     help=(
-      "choose --every-k from a memory budget such as 300KiB: the smallest k whose compiled "
-      "micro-step fits (optaccum.plan), printing the table it chose from"
+      "choose -k from a memory budget such as 300KiB: the smallest k whose compiled "
+      "micro-step fits (optaccum.planning.plan), printing the table it chose from"
     ),
   )
   demo.add_argument(
     "--batch-size",
     type=int,
     default=DEFAULT_BATCH_SIZE,
-    help="examples per optimizer step, a multiple of --every-k (default: %(default)s)",
+    help="examples per optimizer step, a multiple of -k (default: %(default)s)",
   )
   demo.add_argument(
     "--steps",
@@ -91,13 +90,13 @@ def _evaluate_parser(commands: Any) -> argparse.ArgumentParser:
     description=(
       "Trains the demo's Flax MLP on the digits for --windows optimizer steps of "
       "--batch-size, from the same parameters on the same batches, with the unsplit "
-      "batch and with each --every-k (optaccum.evaluate): prints the time per example "
+      "batch and with each -k (optaccum.planning.evaluate): prints the time per example "
       "(medians of --rounds interleaved rounds), the compiled memory of each step and "
       "the largest parameter and loss differences from the unsplit run, and saves a PNG."
     ),
   )
   evaluate.add_argument(
-    "-k", "--every-k", type=int, nargs="+", default=[2, 4, 8], metavar="K",
+    "-k", type=int, nargs="+", default=[2, 4, 8], metavar="K",
     help="the k to evaluate, each dividing --batch-size (default: 2 4 8)",
   )  # fmt: skip
   for flag, default, text in (
@@ -126,10 +125,10 @@ def _check_evaluate_options(args: argparse.Namespace) -> str | None:
     return f"`optaccum evaluate --rounds` must be a positive int, got {args.rounds}."
   if args.seed < 0:
     return f"`optaccum evaluate --seed` must be a non-negative int, got {args.seed}."
-  for k in args.every_k:
+  for k in args.k:
     if k < 1 or args.batch_size % k:
       return (
-        f"`optaccum evaluate --every-k` must be positive ints dividing --batch-size="
+        f"`optaccum evaluate -k` must be positive ints dividing --batch-size="
         f"{args.batch_size}, got {k}."
       )
   return _check_out("optaccum evaluate", args.out)
@@ -147,8 +146,8 @@ def _check_out(command: str, out: str) -> str | None:
 
 def _check_demo_options(args: argparse.Namespace) -> str | None:
   """The first problem with the demo's options, or None; reads --memory-budget into bytes."""
-  if args.every_k is not None and args.memory_budget is not None:
-    return "give `optaccum demo` either --every-k or --memory-budget, not both."
+  if args.k is not None and args.memory_budget is not None:
+    return "give `optaccum demo` either -k or --memory-budget, not both."
   if args.memory_budget is not None:
     from optaccum._planning import parse_bytes
 
@@ -159,10 +158,10 @@ def _check_demo_options(args: argparse.Namespace) -> str | None:
         "`optaccum demo --memory-budget` must be a size such as 300KiB, 1.5MiB or 2MB "
         f"(at least 1 byte), got {args.memory_budget!r}."
       )
-  elif args.every_k is None:
-    args.every_k = DEFAULT_EVERY_K
+  elif args.k is None:
+    args.k = DEFAULT_K
   for flag, value in [
-    ("--every-k", args.every_k),
+    ("-k", args.k),
     ("--batch-size", args.batch_size),
     ("--steps", args.steps),
   ]:
@@ -170,11 +169,8 @@ def _check_demo_options(args: argparse.Namespace) -> str | None:
       return f"`optaccum demo {flag}` must be a positive int, got {value}."
   if args.seed < 0:
     return f"`optaccum demo --seed` must be a non-negative int, got {args.seed}."
-  if args.every_k is not None and args.batch_size % args.every_k:
-    return (
-      f"`optaccum demo --batch-size` must be a multiple of --every-k={args.every_k}, "
-      f"got {args.batch_size}."
-    )
+  if args.k is not None and args.batch_size % args.k:
+    return f"`optaccum demo --batch-size` must be a multiple of -k={args.k}, got {args.batch_size}."
   return _check_out("optaccum demo", args.out)
 
 
@@ -219,18 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     return 1
   if args.command == "evaluate":
-    options = ("every_k", "batch_size", "windows", "rounds", "form", "seed", "out")
+    options = ("k", "batch_size", "windows", "rounds", "form", "seed", "out")
     _demo.run_evaluation(**{name: getattr(args, name) for name in options})
     return 0
-  every_k = args.every_k
+  k = args.k
   if args.memory_budget is not None:
     try:
-      every_k = _demo.choose_every_k(batch_size=args.batch_size, budget=args.memory_budget)
+      k = _demo.choose_k(batch_size=args.batch_size, budget=args.memory_budget)
     except ValueError as error:
       print(f"optaccum demo: error: --memory-budget is too small: {error}", file=sys.stderr)
       return 2
   _demo.run_demo(
-    every_k=every_k,
+    k=k,
     batch_size=args.batch_size,
     steps=args.steps,
     seed=args.seed,

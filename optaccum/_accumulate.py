@@ -580,9 +580,9 @@ def _window_is_finite(
 def build(
   where: str,
   inner: Any,
-  every_k: Any,
+  k: Any,
   *,
-  names: tuple[str, str, str] = ("inner", "every_k", "skip"),
+  names: tuple[str, str, str] = ("inner", "k", "skip"),
   reduction: Any = "mean",
   accumulator: Any = None,
   skip: Any = None,
@@ -594,7 +594,7 @@ def build(
 ) -> Accumulation:
   """Validates an accumulation's arguments, with errors naming `where` and `names`.
 
-  `names` are the names the caller gives `inner`, `every_k` and `skip`
+  `names` are the names the caller gives `inner`, `k` and `skip`
   (`MultiSteps` calls them `opt`, `every_k_schedule`, `should_skip_update_fn`).
   """
   inner_name, every_k_name, skip_name = names
@@ -603,9 +603,9 @@ def build(
       f"`{where}({inner_name}=...)` must be an optax.GradientTransformation, "
       f"got {inner_name}={inner!r}."
     )
-  _validation.check_every_k(where, every_k, every_k_name)
-  if callable(every_k):
-    _validation.check_schedule_value(where, every_k_name, every_k)
+  _validation.check_k(where, k, every_k_name)
+  if callable(k):
+    _validation.check_schedule_value(where, every_k_name, k)
   for name, flag in (("window_guard", window_guard), ("statistics", statistics)):
     if not isinstance(flag, bool):
       raise TypeError(f"`{where}({name}=...)` must be a bool, got {name}={flag!r}.")
@@ -617,7 +617,7 @@ def build(
   reduce_axes = _replicas.check_axes(where, reduce_axes, axis_name)
   return Accumulation(
     inner=optax.with_extra_args_support(inner),
-    schedule=_validation.as_schedule(every_k),
+    schedule=_validation.as_schedule(k),
     reduction=reduction,
     accumulator=as_accumulator(where, accumulator),
     skip=skip,
@@ -637,7 +637,7 @@ def accumulation_of(tx: Any) -> Accumulation | None:
 
 def accumulate(
   inner: optax.GradientTransformation,
-  every_k: int | Callable[[jax.Array], Any],
+  k: int | Callable[[jax.Array], Any],
   *,
   reduction: str = "mean",
   accumulator: Any = None,
@@ -686,15 +686,15 @@ def accumulate(
   receive it, once per window. A window that is not finite runs no inner
   step, leaves the parameters and the inner state as they were, does not
   advance `gradient_step`, is cleared and is counted (see
-  `optaccum.num_skipped_windows`), as PyTorch's GradScaler skips the
+  `optaccum.status(...).num_skipped_windows`), as PyTorch's GradScaler skips the
   optimizer step. To keep the rest of a window when one micro-batch is bad,
-  add a per-micro-batch policy with `skip=optaccum.skip_not_finite`
+  add a per-micro-batch policy with `skip=optaccum.skip.not_finite`
   (docs/performance.md measures its cost).
 
   Args:
     inner: the optimizer to run once per window (any optax transformation,
       chains included).
-    every_k: micro-steps per window: a positive int, or a schedule
+    k: micro-steps per window: a positive int, or a schedule
       `gradient_step -> k` to grow the effective batch during training. A
       schedule value below 1 is clamped to 1 (every micro-step emits); float
       values are floored.
@@ -710,7 +710,7 @@ def accumulate(
       sums in bfloat16 (half the memory of float32) with unbiased stochastic
       rounding; see docs/precision_and_statistics.md.
     skip: a per-micro-batch skip policy `(grads, gradient_step, params) ->
-      (skip, info)`, e.g. `optaccum.skip_not_finite`; micro-batches it rejects
+      (skip, info)`, e.g. `optaccum.skip.not_finite`; micro-batches it rejects
       never enter the window and are counted in `num_skipped`. None (default)
       accumulates every micro-batch, and leaves non-finite values to the
       window guard.
@@ -728,7 +728,7 @@ def accumulate(
       jax.set_mesh(mesh):`, for `init` too): the mesh axes over which replicas
       hold different micro-batches, e.g. `("data",)`. `update` then takes
       per-replica gradients, every leaf with a leading axis of R replicas (R
-      the product of the axes' sizes), as `optaccum.per_replica(grad_fn,
+      the product of the axes' sizes), as `optaccum.parallel.per_replica(grad_fn,
       reduce_axes)` returns them; the accumulator holds one sum per replica,
       sharded over `reduce_axes` and otherwise like the parameters, and the
       window-closing step sums the replicas once: one all-reduce of the
@@ -755,7 +755,7 @@ def accumulate(
       norm of the window's mean gradient, the mean squared norm of its
       micro-batch gradients, and from their spread unbiased estimates of
       |G|^2, tr(Sigma) and the gradient noise scale B_simple (McCandlish et
-      al., 2018). Read them with `optaccum.window_statistics`. It adds a few
+      al., 2018). Read them with `optaccum.status(...).statistics`. It adds a few
       scalars to the state and one squared norm to each micro-step.
 
   Returns:
@@ -766,7 +766,7 @@ def accumulate(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), k=2)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.array([1.0, 2.0])}, state, params)
@@ -779,7 +779,7 @@ def accumulate(
   return build(
     "accumulate",
     inner,
-    every_k,
+    k,
     reduction=reduction,
     accumulator=accumulator,
     skip=skip,
@@ -827,7 +827,7 @@ def flush(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=4)
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), k=4)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = tx.init(params)
     >>> _, state = tx.update({"w": jnp.array([1.0, 2.0])}, state, params)

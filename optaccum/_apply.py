@@ -30,7 +30,7 @@ def apply_gradients(
 
   Args:
     tx: a transformation made by `optaccum.accumulate` or
-      `optaccum.MultiSteps(...).gradient_transformation()`. To clip or scale,
+      `optaccum.compat.MultiSteps(...).gradient_transformation()`. To clip or scale,
       put those transforms inside `accumulate`'s `inner`.
     grads: the micro-batch's gradients.
     opt_state: the `AccumulateState` of `tx`.
@@ -49,7 +49,7 @@ def apply_gradients(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), k=2)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = tx.init(params)
     >>> params, state = optaccum.apply_gradients(tx, {"w": jnp.ones(2)}, state, params)

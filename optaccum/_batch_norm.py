@@ -194,7 +194,7 @@ def merge_batch_stats(stacked: Any, *, momentum: float, weights: Any = None) -> 
     ...   _, updates = layer.apply(variables, x, mutable=["batch_stats"])
     ...   return updates["batch_stats"]
     >>> stacked = jax.vmap(new_stats)(x.reshape(4, 2, 3))  # 4 micro-batches of 2
-    >>> merged = optaccum.merge_batch_stats(stacked, momentum=0.9)
+    >>> merged = optaccum.flax.merge_batch_stats(stacked, momentum=0.9)
     >>> large = new_stats(x)
     >>> bool(jnp.allclose(merged["var"], large["var"], rtol=1e-6))
     True
@@ -251,7 +251,7 @@ class BatchStatsWindow(NamedTuple):
     >>> def new_stats(x):  # the micro-step's training-mode apply
     ...   _, updates = layer.apply(variables, x, mutable=["batch_stats"])
     ...   return updates["batch_stats"]
-    >>> window = optaccum.BatchStatsWindow.create(variables["batch_stats"])
+    >>> window = optaccum.flax.BatchStatsWindow.create(variables["batch_stats"])
     >>> for micro_batch in x.reshape(4, 2, 3):
     ...   window = window.add(new_stats(micro_batch))
     >>> batch_stats, window = window.close(variables["batch_stats"], momentum=0.9)
@@ -334,9 +334,9 @@ class BatchStatsWindow(NamedTuple):
     """The `batch_stats` after the window, and the next (empty) window; or both unchanged.
 
     Call it after the micro-step's optimizer update, with `when` true where the
-    update closed the window: `optaccum.has_updated(state.opt_state)`, or,
+    update closed the window: `optaccum.status(state.opt_state).has_updated`, or,
     before the update, whether it is the window's last micro-step
-    (`optaccum.accumulation_state(state.opt_state).mini_step == every_k - 1`).
+    (`optaccum.status(state.opt_state).mini_step == k - 1`).
 
     Args:
       batch_stats: the window-start `batch_stats`, which the window's

@@ -28,13 +28,13 @@ import numpy as np
 from jax import lax
 
 from optaccum import _validation
-from optaccum._inspect import accumulation_state
+from optaccum._inspect import status
 from optaccum._state import holds_state
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
 # each leaf's checksum.
 _METADATA_KEY = "optaccum"
-_RECORD_FIELDS = ("every_k", "mini_step", "gradient_step", "checksums")
+_RECORD_FIELDS = ("k", "mini_step", "gradient_step", "checksums")
 # How many mismatching leaves a message lists before it summarises the rest.
 _MAX_LISTED = 8
 # Kinds of dtype a Python scalar in the target may take the checkpoint's dtype within.
@@ -59,14 +59,14 @@ def save_checkpoint(
   directory: str | os.PathLike,
   state: Any,
   *,
-  every_k: int | Callable[[jax.Array], Any],
+  k: int | Callable[[jax.Array], Any],
 ) -> None:
   """Saves a training state with Orbax, with the window length it is using.
 
   Save at any micro-step, in the middle of a window too: the window's partial
   sums are part of the state. The state is written by
   `orbax.checkpoint.StandardCheckpointer`; the window length in force (k, or
-  `every_k(gradient_step)` for a schedule), the counters and a checksum of each
+  `k(gradient_step)` for a schedule), the counters and a checksum of each
   array (computed on its device, in one dispatch) go into the checkpoint's
   custom metadata, where `restore_checkpoint` checks them. Saves from several
   threads at once are safe: they take turns.
@@ -77,7 +77,7 @@ def save_checkpoint(
     state: the whole training state: a linen `TrainState`, a tuple
       `(model, optimizer)` of NNX objects, or any pytree holding one
       `optaccum.AccumulateState`.
-    every_k: the `every_k` given to `optaccum.accumulate`.
+    k: the `k` given to `optaccum.accumulate`.
 
   Raises:
     ValueError: if `state` holds no (or several) AccumulateState; or if, in
@@ -91,25 +91,25 @@ def save_checkpoint(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=4)
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), k=4)
     >>> params = {"w": jnp.zeros(3)}
     >>> opt_state = tx.init(params)
     >>> _, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
     >>> with tempfile.TemporaryDirectory() as directory:
-    ...   optaccum.save_checkpoint(f"{directory}/step_1", (params, opt_state), every_k=4)
+    ...   optaccum.checkpoint.save(f"{directory}/step_1", (params, opt_state), k=4)
     ...   fresh = (params, tx.init(params))
-    ...   params, opt_state = optaccum.restore_checkpoint(f"{directory}/step_1", fresh, every_k=4)
-    >>> int(optaccum.accumulation_state(opt_state).mini_step)  # one micro-step into the window
+    ...   params, opt_state = optaccum.checkpoint.restore(f"{directory}/step_1", fresh, k=4)
+    >>> int(optaccum.status(opt_state).mini_step)  # one micro-step into the window
     1
   """
   import orbax.checkpoint as ocp
 
-  metadata = _metadata("save_checkpoint", state, every_k)
+  metadata = _metadata("save_checkpoint", state, k)
   with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.fspath(directory), state, custom_metadata=metadata)
 
 
-def checkpoint_metadata(state: Any, *, every_k: int | Callable[[jax.Array], Any]) -> dict:
+def checkpoint_metadata(state: Any, *, k: int | Callable[[jax.Array], Any]) -> dict:
   """What `restore_checkpoint` checks, for a save through Orbax's `CheckpointManager`.
 
   `save_checkpoint` writes one checkpoint directory; a training loop that keeps
@@ -120,7 +120,7 @@ def checkpoint_metadata(state: Any, *, every_k: int | Callable[[jax.Array], Any]
 
   Args:
     state: the whole training state the manager saves (one item).
-    every_k: the `every_k` given to `optaccum.accumulate`.
+    k: the `k` given to `optaccum.accumulate`.
 
   Returns:
     A dict for `CheckpointManager.save(..., custom_metadata=...)`.
@@ -135,32 +135,32 @@ def checkpoint_metadata(state: Any, *, every_k: int | Callable[[jax.Array], Any]
     >>> import optax
     >>> import orbax.checkpoint as ocp
     >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=4)
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), k=4)
     >>> params = {"w": jnp.zeros(3)}
     >>> state = (params, tx.init(params))
     >>> with tempfile.TemporaryDirectory() as directory:
     ...   with ocp.CheckpointManager(directory) as manager:
     ...     manager.save(7, args=ocp.args.StandardSave(state),
-    ...                  custom_metadata=optaccum.checkpoint_metadata(state, every_k=4))
+    ...                  custom_metadata=optaccum.checkpoint.metadata(state, k=4))
     ...     manager.wait_until_finished()
-    ...   optaccum.restore_checkpoint(f"{directory}/7", state, every_k=2)
+    ...   optaccum.checkpoint.restore(f"{directory}/7", state, k=2)
     Traceback (most recent call last):
-    ValueError: `restore_checkpoint(every_k=...)` gives windows of 2 micro-steps ... of 4 ...
+    ValueError: `checkpoint.restore(k=...)` gives windows of 2 micro-steps ... of 4 ...
   """
-  return _metadata("checkpoint_metadata", state, every_k)
+  return _metadata("checkpoint_metadata", state, k)
 
 
-def _metadata(where: str, state: Any, every_k: Any) -> dict:
+def _metadata(where: str, state: Any, k: Any) -> dict:
   """The custom metadata of a checkpoint of `state`: the window in force and the checksums."""
   import orbax.checkpoint as ocp
 
-  _validation.check_every_k(where, every_k)
+  _validation.check_k(where, k)
   fields = _accumulation_fields(state)
   mini_step, gradient_step = _counters(fields)
   if mini_step > 0:
     _check_replicas_agree(where, fields)
   record = {
-    "every_k": _window_length(every_k, gradient_step),
+    "k": _window_length(k, gradient_step),
     "mini_step": mini_step,
     "gradient_step": gradient_step,
     "checksums": _checksums(ocp.tree.to_flat_dict(state)),
@@ -172,13 +172,13 @@ def restore_checkpoint(
   directory: str | os.PathLike,
   target: Any,
   *,
-  every_k: int | Callable[[jax.Array], Any],
+  k: int | Callable[[jax.Array], Any],
   item: str | None = None,
 ) -> Any:
   """Restores a state saved by `save_checkpoint`, after checking that it fits.
 
   Before reading any array it compares the checkpoint with `target` (the state
-  a fresh run builds: same model, same optimizer) and with `every_k`, and
+  a fresh run builds: same model, same optimizer) and with `k`, and
   raises a `ValueError` that shows both sides where they differ: leaves present
   on one side only or with other shapes or dtypes (another model, another
   optimizer, another precision), or another window length. After reading, it
@@ -186,7 +186,7 @@ def restore_checkpoint(
   a `ValueError` too, as do damaged or missing Orbax files.
 
   It also restores one step of an `orbax.checkpoint.CheckpointManager` saved
-  with `custom_metadata=optaccum.checkpoint_metadata(state, every_k=...)`:
+  with `custom_metadata=optaccum.checkpoint.metadata(state, k=...)`:
   point `directory` at the step's directory (`f"{manager.directory}/{step}"`).
 
   Args:
@@ -195,7 +195,7 @@ def restore_checkpoint(
       `(model, optimizer)` NNX objects, or any pytree, with arrays or
       `jax.ShapeDtypeStruct` leaves. Only its structure, shapes and dtypes are
       used.
-    every_k: the `every_k` of the optimizer that will continue the training.
+    k: the `k` of the optimizer that will continue the training.
     item: in a CheckpointManager step that holds several items (saved with
       `ocp.args.Composite`), the one holding the state; None (default) takes
       the only one.
@@ -214,17 +214,17 @@ def restore_checkpoint(
     >>> import optax
     >>> import optaccum
     >>> params = {"w": jnp.zeros(3)}
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=4)
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), k=4)
     >>> with tempfile.TemporaryDirectory() as directory:
-    ...   optaccum.save_checkpoint(f"{directory}/ckpt", tx.init(params), every_k=4)
-    ...   optaccum.restore_checkpoint(f"{directory}/ckpt", tx.init(params), every_k=2)
+    ...   optaccum.checkpoint.save(f"{directory}/ckpt", tx.init(params), k=4)
+    ...   optaccum.checkpoint.restore(f"{directory}/ckpt", tx.init(params), k=2)
     Traceback (most recent call last):
-    ValueError: `restore_checkpoint(every_k=...)` gives windows of 2 micro-steps ... of 4 ...
+    ValueError: `checkpoint.restore(k=...)` gives windows of 2 micro-steps ... of 4 ...
   """
   import orbax.checkpoint as ocp
 
   where = "restore_checkpoint"
-  _validation.check_every_k(where, every_k)
+  _validation.check_k(where, k)
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(
@@ -241,7 +241,7 @@ def restore_checkpoint(
     _check_tree_fits(directory, ocp.tree.to_flat_dict(saved_tree), ocp.tree.to_flat_dict(abstract))
     record = custom_metadata.get(_METADATA_KEY)
     _check_record(directory, record)
-    _check_window_fits(directory, cast(dict, record), every_k)
+    _check_window_fits(directory, cast(dict, record), k)
     with _reading(directory, "Orbax cannot read its arrays"):
       restored = checkpointer.restore(item_directory, abstract)
   _check_checksums(directory, cast(dict, record)["checksums"], ocp.tree.to_flat_dict(restored))
@@ -258,7 +258,7 @@ def _item_directory(directory: str, item: str | None) -> str:
   if names & {"_METADATA", "manifest.ocdbt"}:
     if item is not None:
       raise ValueError(
-        f"`restore_checkpoint(item=...)` names an item of a CheckpointManager step, but "
+        f"`checkpoint.restore(item=...)` names an item of a CheckpointManager step, but "
         f"{directory!r} is a checkpoint of one item; leave item=None, got item={item!r}."
       )
     return directory
@@ -268,7 +268,7 @@ def _item_directory(directory: str, item: str | None) -> str:
     latest = steps[-1] if steps else ""
     if steps and os.path.isfile(os.path.join(directory, latest, "_CHECKPOINT_METADATA")):
       raise ValueError(
-        f"`restore_checkpoint(directory=...)` must be one checkpoint, but {directory!r} is a "
+        f"`checkpoint.restore(directory=...)` must be one checkpoint, but {directory!r} is a "
         f"CheckpointManager's directory of steps {', '.join(steps)}: pass "
         f"one step's directory, e.g. {os.path.join(directory, latest)!r}."
       )
@@ -278,7 +278,7 @@ def _item_directory(directory: str, item: str | None) -> str:
   if item is None or item not in folders:
     got = "" if item is None else f", got item={item!r}"
     raise ValueError(
-      f"`restore_checkpoint(item=...)` must name the item to restore of the CheckpointManager "
+      f"`checkpoint.restore(item=...)` must name the item to restore of the CheckpointManager "
       f"step at {directory!r}, which holds {', '.join(folders) or 'none'}{got}."
     )
   return os.path.join(directory, item)
@@ -292,7 +292,7 @@ def _accumulation_fields(state: Any) -> dict[str, list]:
   fields.
   """
   if holds_state(state):
-    accumulation = accumulation_state(state)
+    accumulation = status(state).state
     return {name: jax.tree.leaves(value) for name, value in accumulation._asdict().items()}
   paths = [
     tuple(_key_name(key) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(state)
@@ -305,7 +305,7 @@ def _accumulation_fields(state: Any) -> dict[str, list]:
     if any(path[: len(prefix) + 1] == (*prefix, "acc_grads") for path in paths)
   }
   if len(prefixes) != 1:
-    accumulation_state(state)  # raises, saying how many it found
+    status(state)  # raises, saying how many it found
   (prefix,) = prefixes
   fields: dict[str, list] = {}
   for path, leaf in zip(paths, leaves):
@@ -349,7 +349,7 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
           f"{list(leaf.shape)}, in the middle of a window: under pmap with axis_name each device "
           "accumulates its own micro-batches until the window closes, and a save (or "
           "jax.device_get) would keep device 0's alone. Save when a window has just "
-          "closed (optaccum.has_updated), or keep the state per device (pmap out_axes=0)."
+          "closed (optaccum.status(...).has_updated), or keep the state per device (pmap out_axes=0)."
         )
 
 
@@ -361,9 +361,9 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def _window_length(every_k: Any, gradient_step: int) -> int:
+def _window_length(k: Any, gradient_step: int) -> int:
   """The window length in force at `gradient_step`, as `accumulate` computes it."""
-  return int(_validation.as_schedule(every_k)(jnp.asarray(gradient_step, jnp.int32)))
+  return int(_validation.as_schedule(k)(jnp.asarray(gradient_step, jnp.int32)))
 
 
 def _leaf_name(key: tuple) -> str:
@@ -457,7 +457,7 @@ def _mix(x: jax.Array) -> jax.Array:
 
 def _damaged(directory: str, what: str) -> ValueError:
   return ValueError(
-    f"`restore_checkpoint(directory=...)`: the checkpoint at {directory} is damaged: {what}"
+    f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} is damaged: {what}"
   )
 
 
@@ -508,8 +508,8 @@ def _check_files(directory: str, item_directory: str) -> None:
   names = set(os.listdir(directory)) | set(os.listdir(item_directory))
   if not names & {*_REQUIRED_FILES, "manifest.ocdbt"}:
     raise ValueError(
-      "`restore_checkpoint(directory=...)` must be a checkpoint written by "
-      f"`optaccum.save_checkpoint` (or a CheckpointManager step), but {directory!r} holds "
+      "`checkpoint.restore(directory=...)` must be a checkpoint written by "
+      f"`optaccum.checkpoint.save` (or a CheckpointManager step), but {directory!r} holds "
       "no Orbax checkpoint."
     )
   step_file, item_file = _REQUIRED_FILES
@@ -572,7 +572,7 @@ def _check_tree_fits(directory: str, saved: dict, target: dict) -> None:
       )
   if lines:
     raise ValueError(
-      f"`restore_checkpoint(target=...)` does not fit the checkpoint at {directory}: "
+      f"`checkpoint.restore(target=...)` does not fit the checkpoint at {directory}: "
       f"{len(lines)} leaves differ (another model, optimizer or dtype?)." + _listing(lines)
     )
 
@@ -581,10 +581,10 @@ def _check_record(directory: str, record: Any) -> None:
   """Raises a ValueError where the record `save_checkpoint` writes is absent or incomplete."""
   if record is None:
     raise ValueError(
-      f"`restore_checkpoint(directory=...)`: the checkpoint at {directory} records no "
-      "window length; save it with `optaccum.save_checkpoint`, or through a "
-      "CheckpointManager with `custom_metadata=optaccum.checkpoint_metadata(state, "
-      "every_k=...)`."
+      f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} records no "
+      "window length; save it with `optaccum.checkpoint.save`, or through a "
+      "CheckpointManager with `custom_metadata=optaccum.checkpoint.metadata(state, "
+      "k=...)`."
     )
   held = list(record) if isinstance(record, dict) else []
   missing = [field for field in _RECORD_FIELDS if field not in held]
@@ -596,15 +596,15 @@ def _check_record(directory: str, record: Any) -> None:
     )
 
 
-def _check_window_fits(directory: str, record: dict, every_k: Any) -> None:
-  """Raises a ValueError where the saved window length differs from `every_k`'s."""
-  k = _window_length(every_k, record["gradient_step"])
-  if k != record["every_k"]:
+def _check_window_fits(directory: str, record: dict, k: Any) -> None:
+  """Raises a ValueError where the saved window length differs from `k`'s."""
+  length = _window_length(k, record["gradient_step"])
+  if length != record["k"]:
     raise ValueError(
-      f"`restore_checkpoint(every_k=...)` gives windows of {k} micro-steps at gradient "
+      f"`checkpoint.restore(k=...)` gives windows of {length} micro-steps at gradient "
       f"step {record['gradient_step']}, but the checkpoint at {directory} was saved with "
-      f"windows of {record['every_k']} ({record['mini_step']} micro-steps into the "
-      f"current one); restore with the every_k it was saved with."
+      f"windows of {record['k']} ({record['mini_step']} micro-steps into the "
+      f"current one); restore with the k it was saved with."
     )
 
 

@@ -97,7 +97,7 @@ def _check_replicated(args: tuple, masks: list[Any], axis_name: Hashable) -> Non
           "axis; it replicates every argument but the batches and the accumulators over "
           "that axis, so these shards would be gathered onto every replica. For parameters "
           "sharded over the batch axis, use plain `jax.jit` with "
-          "`optaccum.per_replica(grad_fn, reduce_axes=...)` and "
+          "`optaccum.parallel.per_replica(grad_fn, reduce_axes=...)` and "
           "`optaccum.accumulate(..., reduce_axes=...)` (docs/distributed.md)."
         )
 
@@ -190,7 +190,7 @@ def data_parallel(
   Explicit mesh) is refused, since `shard_map` would gather it onto every
   replica; sharding over other mesh axes (HSDP's 'fsdp') is kept. For
   parameters sharded over the batch axis use plain `jax.jit` with
-  `optaccum.per_replica` and `reduce_axes=` instead.
+  `optaccum.parallel.per_replica` and `reduce_axes=` instead.
 
   For in-step micro-batching, use `optaccum.microbatch(..., axis_name=...)`
   inside `fn` with any optax optimizer: its state holds no accumulator and
@@ -214,13 +214,14 @@ def data_parallel(
     >>> import optaccum
     >>> from jax.sharding import AxisType
     >>> mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    >>> tx = optaccum.accumulate(optax.sgd(0.5), every_k=2, axis_name="data")
-    >>> init = jax.jit(optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=()))
+    >>> tx = optaccum.accumulate(optax.sgd(0.5), k=2, axis_name="data")
+    >>> data_parallel = optaccum.parallel.data_parallel
+    >>> init = jax.jit(data_parallel(tx.init, mesh, axis_name="data", batch_argnums=()))
     >>> def step(params, opt_state, x):
     ...   grads = jax.grad(lambda p: jnp.mean(x @ p))(params)  # local: no all-reduce
     ...   updates, opt_state = tx.update(grads, opt_state, params)
     ...   return optax.apply_updates(params, updates), opt_state
-    >>> step = jax.jit(optaccum.data_parallel(step, mesh, axis_name="data", batch_argnums=2))
+    >>> step = jax.jit(data_parallel(step, mesh, axis_name="data", batch_argnums=2))
     >>> params = jnp.ones(3)
     >>> opt_state = init(params)
     >>> opt_state.acc_grads.shape == (jax.device_count(), 3)  # one accumulator per replica

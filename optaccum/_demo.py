@@ -124,22 +124,22 @@ def _train(
 ) -> RunResult:
   """Runs every micro-batch of `micro_batches` (int[steps, k, B/k]) through one step."""
   train_images, train_labels, test_images, test_labels = data
-  steps, every_k, _ = micro_batches.shape
+  steps, k, _ = micro_batches.shape
   first = micro_batches[0, 0]
   step, compile_seconds = _compile(state, train_images[first], train_labels[first])
-  task = progress.add_task(name, total=steps * every_k, loss=float("nan"))
+  task = progress.add_task(name, total=steps * k, loss=float("nan"))
   losses = []
   start = time.perf_counter()
-  for micro_step, indices in enumerate(micro_batches.reshape(steps * every_k, -1), start=1):
+  for micro_step, indices in enumerate(micro_batches.reshape(steps * k, -1), start=1):
     state, loss = step(state, train_images[indices], train_labels[indices])
     losses.append(loss)
     fields = {}
-    if micro_step % (every_k * _LOSS_REFRESH) == 0 or micro_step == steps * every_k:
-      fields["loss"] = _window_losses(losses[-every_k:], every_k)[0]
+    if micro_step % (k * _LOSS_REFRESH) == 0 or micro_step == steps * k:
+      fields["loss"] = _window_losses(losses[-k:], k)[0]
     progress.update(task, advance=1, **fields)
   jax.block_until_ready(state)
   train_seconds = time.perf_counter() - start
-  window_losses = _window_losses(losses, every_k)
+  window_losses = _window_losses(losses, k)
   logits = state.apply_fn(state.params, test_images)
   return RunResult(
     name=name,
@@ -153,13 +153,13 @@ def _train(
   )
 
 
-def _window_losses(losses: list[jax.Array], every_k: int) -> np.ndarray:
-  """The loss of each window of `every_k` consecutive micro-batch losses, float64[windows].
+def _window_losses(losses: list[jax.Array], k: int) -> np.ndarray:
+  """The loss of each window of `k` consecutive micro-batch losses, float64[windows].
 
   Micro-batches are of equal size, so a window's loss is the mean of its k losses:
   the loss of the large batch they were cut from.
   """
-  return np.asarray(jax.device_get(losses), np.float64).reshape(-1, every_k).mean(axis=1)
+  return np.asarray(jax.device_get(losses), np.float64).reshape(-1, k).mean(axis=1)
 
 
 def max_param_difference(a: Any, b: Any) -> float:
@@ -239,7 +239,7 @@ def _grad_fn() -> Any:
 
 def run_evaluation(
   *,
-  every_k: list[int],
+  k: list[int],
   batch_size: int,
   windows: int,
   rounds: int,
@@ -247,8 +247,8 @@ def run_evaluation(
   seed: int,
   out: str,
   console: Console | None = None,
-) -> optaccum.Evaluation:
-  """`optaccum.evaluate` on the demo model and the digits; prints the table, saves the PNG."""
+) -> optaccum.planning.Evaluation:
+  """`optaccum.planning.evaluate` on the demo model and digits; prints the table, saves a PNG."""
   console = console or Console()
   train_images, train_labels, _, _ = load_digits_split()
   indices = batch_indices(len(train_images), batch_size, windows, seed)
@@ -257,10 +257,10 @@ def run_evaluation(
   inner = optax.sgd(_LEARNING_RATE, momentum=_MOMENTUM)
   console.print(
     f"Digits MLP, {windows} optimizer steps of {batch_size} images: the unsplit batch and "
-    f"k = {', '.join(map(str, every_k))} ({form}), {rounds} timed rounds."
+    f"k = {', '.join(map(str, k))} ({form}), {rounds} timed rounds."
   )
-  result = optaccum.evaluate(
-    _grad_fn(), params, inner, batches, every_k=every_k, form=form, rounds=rounds
+  result = optaccum.planning.evaluate(
+    _grad_fn(), params, inner, batches, k=k, form=form, rounds=rounds
   )
   console.print(result.table())
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -269,11 +269,11 @@ def run_evaluation(
   return result
 
 
-def choose_every_k(*, batch_size: int, budget: int, console: Console | None = None) -> int:
+def choose_k(*, batch_size: int, budget: int, console: Console | None = None) -> int:
   """Plans k for the demo's accumulated run from a memory budget, says why, and returns it.
 
   Compiles the demo's micro-step for every k dividing `batch_size`
-  (`optaccum.plan`, the across-steps form) and prints the table; raises a
+  (`optaccum.planning.plan`, the across-steps form) and prints the table; raises a
   ValueError where no k fits.
   """
   console = console or Console()
@@ -281,27 +281,27 @@ def choose_every_k(*, batch_size: int, budget: int, console: Console | None = No
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   params = jax.eval_shape(DigitsMlp().init, jax.random.key(0), images)
   inner = optax.sgd(_LEARNING_RATE, momentum=_MOMENTUM)
-  chosen = optaccum.plan(
+  chosen = optaccum.planning.plan(
     _grad_fn(), params, inner, (images, labels), budget=budget, forms=["accumulate"]
   )
   console.print(chosen.table(), soft_wrap=True)
-  every_k = chosen.accumulate
-  assert every_k is not None
-  row = next(row for row in chosen.rows if row.k == every_k)
-  larger = [r for r in chosen.rows if r.k < every_k]
-  why = f"k={every_k} is the smallest k whose micro-step fits: {size_text(row.total)}"
-  if every_k == 1:
+  k = chosen.accumulate
+  assert k is not None
+  row = next(row for row in chosen.rows if row.k == k)
+  larger = [r for r in chosen.rows if r.k < k]
+  why = f"k={k} is the smallest k whose micro-step fits: {size_text(row.total)}"
+  if k == 1:
     why = f"the unsplit step fits ({size_text(row.total)}): k=1, no accumulation needed"
   if larger:
     last = larger[-1]
     why += f"; k={last.k} (micro-batches of {last.micro_batch_size}) needs {size_text(last.total)}"
   console.print(f"Memory budget {size_text(budget)}: {why}.", soft_wrap=True)
-  return every_k
+  return k
 
 
 def run_demo(
   *,
-  every_k: int,
+  k: int,
   batch_size: int,
   steps: int,
   seed: int,
@@ -311,7 +311,7 @@ def run_demo(
   """Trains the digits MLP twice, prints the table, saves the loss plot to `out`.
 
   The options are checked by the command line (`optaccum demo --help`); here
-  `batch_size` must be a multiple of `every_k`.
+  `batch_size` must be a multiple of `k`.
 
   Returns:
     The large-batch run and the accumulated run.
@@ -319,11 +319,11 @@ def run_demo(
   console = console or Console()
   data = load_digits_split()
   train_images = data[0]
-  micro_batch = batch_size // every_k
+  micro_batch = batch_size // k
   console.print(
     f"Digits: {len(train_images)} training images, {len(data[2])} held out. "
     f"Training for {steps} optimizer steps of {batch_size} images, twice: "
-    f"one batch of {batch_size} per step, then {every_k} micro-batches of {micro_batch} "
+    f"one batch of {batch_size} per step, then {k} micro-batches of {micro_batch} "
     "accumulated per step."
   )
   indices = batch_indices(len(train_images), batch_size, steps, seed)
@@ -351,9 +351,9 @@ def run_demo(
       progress,
     )
     accumulated = _train(
-      f"{every_k} × {micro_batch} accumulated",
-      fresh_state(optaccum.accumulate(inner, every_k)),
-      indices.reshape(steps, every_k, micro_batch),
+      f"{k} × {micro_batch} accumulated",
+      fresh_state(optaccum.accumulate(inner, k)),
+      indices.reshape(steps, k, micro_batch),
       data,
       progress,
     )

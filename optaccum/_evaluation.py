@@ -37,7 +37,7 @@ class EvaluationRow:
     micro_batch_size: examples per micro-batch.
     seconds_per_example: median over the timed rounds of the run's wall time
       divided by the examples it trained on.
-    memory: bytes the compiled step holds (as `optaccum.plan` counts them).
+    memory: bytes the compiled step holds (as `optaccum.planning.plan` counts them).
     temporaries: of which temporaries.
     max_param_difference: the largest absolute parameter difference from the
       reference run, over every window's end.
@@ -59,7 +59,7 @@ class EvaluationRow:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-  """What `optaccum.evaluate` measured: one row per configuration, the reference's k first."""
+  """What `optaccum.planning.evaluate` measured: a row per configuration, the reference's first."""
 
   rows: tuple[EvaluationRow, ...]
   reference: int
@@ -270,7 +270,7 @@ def evaluate(
   params: Any,
   optimizer: optax.GradientTransformation,
   batches: Sequence[tuple],
-  every_k: Sequence[int] = (2, 4, 8),
+  k: Sequence[int] = (2, 4, 8),
   *,
   form: str = "accumulate",
   budget: int | str | None = None,
@@ -298,7 +298,7 @@ def evaluate(
     optimizer: the optax optimizer (the inner optimizer of the accumulation).
     batches: one global batch per window, each a tuple of the arguments after
       the parameters, all of one shape with a leading batch axis B.
-    every_k: the k to evaluate, each dividing B.
+    k: the values of k to evaluate, each dividing B.
     form: "accumulate" (default) or "microbatch".
     budget: bytes a step may hold (an int or a size such as "2GiB"). A
       configuration whose compiled step needs more is not run (the unsplit
@@ -321,15 +321,15 @@ def evaluate(
     ...   return jnp.mean((x @ w - y) ** 2)
     >>> x = jax.random.normal(jax.random.key(0), (3, 32, 4))  # 3 windows of 32
     >>> batches = [(x[i], x[i].sum(axis=1)) for i in range(3)]
-    >>> result = optaccum.evaluate(jax.value_and_grad(loss), jnp.zeros(4), optax.sgd(0.1),
-    ...                            batches, every_k=[2, 4], rounds=1, progress=False)
+    >>> result = optaccum.planning.evaluate(jax.value_and_grad(loss), jnp.zeros(4), optax.sgd(0.1),
+    ...                            batches, k=[2, 4], rounds=1, progress=False)
     >>> [(row.form, row.k, row.micro_batch_size) for row in result.rows]
     [('unsplit', 1, 32), ('accumulate', 2, 16), ('accumulate', 4, 8)]
     >>> all(row.max_param_difference < 1e-6 for row in result.rows)
     True
   """
   batch_size = _check_batches(batches)
-  ks = _planning.dividing_ks(_WHERE, "every_k", every_k, batch_size)
+  ks = _planning.dividing_ks(_WHERE, "k", k, batch_size)
   _validation.check_choice(_WHERE, "form", form, _planning.FORMS)
   _validation.check_positive_int(_WHERE, "rounds", rounds)
   for name, flag in (("has_aux", has_aux), ("progress", progress)):
@@ -344,7 +344,7 @@ def evaluate(
   if not runs:
     raise ValueError(
       f"`{_WHERE}(budget=...)` of {limit:,} bytes fits none of the configurations "
-      f"(k = 1, {', '.join(map(str, ks))}); `optaccum.plan` shows what each needs."
+      f"(k = 1, {', '.join(map(str, ks))}); `optaccum.planning.plan` shows what each needs."
     )
   batches = jax.device_put(list(batches))
   feeds = [[_feed(run, batch) for batch in batches] for run in runs]

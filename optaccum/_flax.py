@@ -15,7 +15,7 @@ import optax
 
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
-from optaccum._inspect import gradient_step
+from optaccum._inspect import status
 from optaccum._state import holds_state
 
 # TrainState fields that apply_train_state_gradients computes rather than replaces.
@@ -50,16 +50,16 @@ def flax_gradient_step(state: Any) -> jax.Array:
     >>> from flax.training.train_state import TrainState
     >>> import optaccum
     >>> params = {"w": jnp.zeros(3)}
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2)
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), k=2)
     >>> state = TrainState.create(apply_fn=None, params=params, tx=tx)
     >>> for _ in range(5):
     ...   state = state.apply_gradients(grads={"w": jnp.ones(3)})
-    >>> int(state.step), int(optaccum.flax_gradient_step(state))
+    >>> int(state.step), int(optaccum.flax.gradient_step(state))
     (5, 2)
   """
   if not hasattr(state, "opt_state"):
     raise TypeError(
-      "`flax_gradient_step(state=...)` must be a flax TrainState or an nnx.Optimizer, "
+      "`flax.gradient_step(state=...)` must be a flax TrainState or an nnx.Optimizer, "
       f"got an object of type {type(state).__name__} with no `opt_state`."
     )
   from flax import nnx
@@ -70,7 +70,7 @@ def flax_gradient_step(state: Any) -> jax.Array:
   if not holds_state(opt_state):
     # No accumulation (switched off by configuration): every step is an optimizer step.
     return jnp.asarray(nnx.as_pure(state.step), jnp.int32)
-  return jnp.asarray(gradient_step(opt_state), jnp.int32)
+  return jnp.asarray(status(opt_state).gradient_step, jnp.int32)
 
 
 def apply_train_state_gradients(
@@ -94,14 +94,14 @@ def apply_train_state_gradients(
   instead of being ignored. Where `tx` is `optaccum.accumulate(...)` itself it
   runs the fast path, `optaccum.apply_gradients`: a micro-step that does not
   close the window only adds the gradients into the accumulator. `step` counts
-  micro-steps; the optimizer steps are `optaccum.flax_gradient_step(state)`.
+  micro-steps; the optimizer steps are `optaccum.flax.gradient_step(state)`.
 
   Use it for token-weighted windows: pass the gradient of the micro-batch's
   mean loss and its number of valid tokens. Where `tx` holds no accumulation
   (switched off by configuration) it is Flax's plain step, so a training loop
   needs no branch; `weight` and `flush` are then refused.
 
-  (For NNX, `optaccum.apply_nnx_gradients(optimizer, model, grads, weight=...)`
+  (For NNX, `optaccum.flax.apply_nnx_gradients(optimizer, model, grads, weight=...)`
   is the same step on the fast path; `nnx.Optimizer.update(model, grads,
   weight=...)` forwards keyword arguments too.)
 
@@ -129,16 +129,16 @@ def apply_train_state_gradients(
     >>> import optax
     >>> from flax.training.train_state import TrainState
     >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), k=2)
     >>> state = TrainState.create(apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx)
     >>> # Mean-loss gradients of a 3-token and a 1-token micro-batch.
-    >>> state = optaccum.apply_train_state_gradients(
+    >>> state = optaccum.flax.apply_train_state_gradients(
     ...     state, grads={"w": jnp.array([1.0])}, weight=3)
-    >>> state = optaccum.apply_train_state_gradients(
+    >>> state = optaccum.flax.apply_train_state_gradients(
     ...     state, grads={"w": jnp.array([5.0])}, weight=1)
     >>> state.params["w"]  # -lr * (3 * 1 + 1 * 5) / 4 tokens
     Array([-2.], dtype=float32)
-    >>> optaccum.apply_train_state_gradients(state, grads=state.params, wieght=1)
+    >>> optaccum.flax.apply_train_state_gradients(state, grads=state.params, wieght=1)
     Traceback (most recent call last):
     TypeError: `apply_train_state_gradients(wieght=...)` names no field of TrainState ...
   """
@@ -148,7 +148,7 @@ def apply_train_state_gradients(
     raise TypeError(
       "`apply_train_state_gradients(state=...)` must be a flax.training.train_state."
       f"TrainState, got {type(state).__name__}; for nnx.Optimizer pass weight= to "
-      "`optaccum.apply_nnx_gradients(optimizer, model, grads, weight=...)` (the fast path) "
+      "`optaccum.flax.apply_nnx_gradients(optimizer, model, grads, weight=...)` (the fast path) "
       "or `optimizer.update(model, grads, weight=...)`."
     )
   _check_fields(state, fields)
@@ -228,7 +228,7 @@ def apply_nnx_gradients(
   chain that holds the accumulation it calls `optimizer.update`, with
   `weight` and `flush` passed to the accumulation. It works under `nnx.jit`.
   `optimizer.step` counts micro-steps; the optimizer steps are
-  `optaccum.flax_gradient_step(optimizer)`.
+  `optaccum.flax.gradient_step(optimizer)`.
 
   Args:
     optimizer: an `nnx.Optimizer`, usually one whose `tx` is or holds
@@ -255,15 +255,15 @@ def apply_nnx_gradients(
     >>> import optaccum
     >>> model = nnx.Linear(1, 1, use_bias=False, rngs=nnx.Rngs(0))
     >>> model.kernel[...] = jnp.zeros((1, 1))
-    >>> tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+    >>> tx = optaccum.accumulate(optax.sgd(1.0), k=2)
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     >>> grad_fn = nnx.grad(lambda model, y: jnp.mean((model(jnp.ones((1, 1))) - y) ** 2))
     >>> # Mean-loss gradients of a 3-token and a 1-token micro-batch: -2 and -10.
-    >>> optaccum.apply_nnx_gradients(optimizer, model, grad_fn(model, 1.0), weight=3)
-    >>> optaccum.apply_nnx_gradients(optimizer, model, grad_fn(model, 5.0), weight=1)
+    >>> optaccum.flax.apply_nnx_gradients(optimizer, model, grad_fn(model, 1.0), weight=3)
+    >>> optaccum.flax.apply_nnx_gradients(optimizer, model, grad_fn(model, 5.0), weight=1)
     >>> model.kernel[...]  # -lr * (3 * -2 + 1 * -10) / 4 tokens
     Array([[4.]], dtype=float32)
-    >>> int(optimizer.step[...]), int(optaccum.flax_gradient_step(optimizer))
+    >>> int(optimizer.step[...]), int(optaccum.flax.gradient_step(optimizer))
     (2, 1)
   """
   from flax import nnx
@@ -296,7 +296,7 @@ def _check_optimizer(nnx: Any, optimizer: Any, update_args: Any) -> None:
     raise TypeError(
       "`apply_nnx_gradients(optimizer=...)` must be an nnx.Optimizer, got "
       f"{type(optimizer).__name__}; for a linen TrainState use "
-      "`optaccum.apply_train_state_gradients`."
+      "`optaccum.flax.apply_train_state_gradients`."
     )
   if update_args is not None and not isinstance(update_args, dict):
     raise TypeError(

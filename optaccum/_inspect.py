@@ -1,169 +1,103 @@
-"""Reading the accumulation state out of an optimizer state, chains included."""
+"""Reading an accumulation out of an optimizer state, chains included: one object."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import jax
 
+from optaccum import _statistics, _validation
 from optaccum._state import AccumulateState, locate_state
+from optaccum._statistics import WindowStatistics
+from optaccum._types import OptState
 
 
-def accumulation_state(opt_state: Any) -> AccumulateState:
-  """Returns the one `AccumulateState` inside `opt_state`.
+class Status(NamedTuple):
+  """What an accumulation has done so far, read from its state by `optaccum.status`.
 
-  The state may sit at any depth: inside `optax.chain`, `optax.inject_hyperparams`,
-  a Flax `TrainState` or any other pytree.
+  Every count is a scalar int32 array that saturates at 2**31 - 1.
+
+  Attributes:
+    mini_step: micro-batches in the open window; 0 right after a window closes.
+    gradient_step: inner-optimizer steps taken: windows emitted. A Flax
+      `TrainState.step` counts micro-steps; this counts what the inner
+      optimizer saw, so it is what to log against and schedule by.
+    has_updated: scalar bool, whether the last update call ran the inner
+      optimizer (closed a window). Unlike optax's `MultiSteps.has_updated`,
+      it stays exact after a skipped micro-batch and after a window of zero
+      total weight.
+    num_skipped: micro-batches dropped: by the skip policy, or for a NaN,
+      infinite or negative weight.
+    num_skipped_windows: windows dropped whole by the window guard (their
+      gradient held a NaN or inf): no optimizer step, parameters, inner state
+      and `gradient_step` kept.
+    num_empty_windows: windows that closed with zero total weight and emitted
+      zeros (a `flush` of a window that held nothing is not counted).
+    statistics: the `WindowStatistics` of the last closed window when the
+      accumulation keeps them (`statistics=True`), else None.
+    state: the `AccumulateState` itself.
+  """
+
+  mini_step: jax.Array
+  gradient_step: jax.Array
+  has_updated: jax.Array
+  num_skipped: jax.Array
+  num_skipped_windows: jax.Array
+  num_empty_windows: jax.Array
+  statistics: WindowStatistics | None
+  state: AccumulateState
+
+
+def status(opt_state: OptState, *, micro_batch_size: int | None = None) -> Status:
+  """Reads the one accumulation inside `opt_state`: counters, flags and statistics.
+
+  The accumulation may sit at any depth: inside `optax.chain`,
+  `optax.inject_hyperparams`, a Flax `TrainState` or any other pytree. It works
+  under `jax.jit` as outside.
+
+  Window statistics (with `accumulate(..., statistics=True)`) are those of the
+  last closed window; see docs/precision_and_statistics.md for what they
+  estimate. With `weight=` passed to `update`, the estimators take the weights
+  as the micro-batches' sizes.
 
   Args:
     opt_state: an optimizer state that holds exactly one `AccumulateState`.
+    micro_batch_size: examples per unit of weight (the micro-batch size when
+      no weights are passed). It scales the statistics' `batch_size`,
+      `trace_covariance` and `noise_scale` into examples. None (default)
+      counts one unit of weight as one example.
 
   Returns:
-    The `AccumulateState`.
+    A `Status`.
 
   Raises:
-    ValueError: if `opt_state` holds none, or more than one.
+    ValueError: if `opt_state` holds no `AccumulateState`, or more than one.
+    TypeError: if `micro_batch_size` is not a positive int.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaccum
-    >>> tx = optax.chain(optax.clip(1.0), optaccum.accumulate(optax.sgd(0.1), 4))
-    >>> state = tx.init({"w": jnp.zeros(3)})
-    >>> int(optaccum.accumulation_state(state).mini_step)
-    0
-  """
-  leaves, _, position = locate_state("opt_state", opt_state)
-  return leaves[position]
-
-
-def has_updated(opt_state: Any) -> jax.Array:
-  """Whether the last update call ran the inner optimizer (closed a window).
-
-  Unlike optax's `MultiSteps.has_updated`, it stays exact after a skipped
-  micro-batch and after a window of zero total weight.
-
-  Args:
-    opt_state: an optimizer state holding one `AccumulateState`.
-
-  Returns:
-    A scalar bool array.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2)
+    >>> tx = optax.chain(optax.clip(1.0), optaccum.accumulate(optax.sgd(0.1), 2))
     >>> params = {"w": jnp.zeros(3)}
     >>> state = tx.init(params)
-    >>> _, state = tx.update({"w": jnp.ones(3)}, state, params)
-    >>> bool(optaccum.has_updated(state))
-    False
-    >>> _, state = tx.update({"w": jnp.ones(3)}, state, params)
-    >>> bool(optaccum.has_updated(state))
-    True
-  """
-  return accumulation_state(opt_state).emitted
-
-
-def gradient_step(opt_state: Any) -> jax.Array:
-  """The number of optimizer (gradient) steps taken: windows emitted so far.
-
-  A Flax `TrainState.step` counts micro-steps; this counts what the inner
-  optimizer saw, so it is what to log against and schedule by.
-
-  Args:
-    opt_state: an optimizer state holding one `AccumulateState`.
-
-  Returns:
-    A scalar int32 array.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2)
-    >>> params = {"w": jnp.zeros(3)}
-    >>> state = tx.init(params)
-    >>> for _ in range(5):
+    >>> for _ in range(3):
     ...   _, state = tx.update({"w": jnp.ones(3)}, state, params)
-    >>> int(optaccum.gradient_step(state))
-    2
+    >>> info = optaccum.status(state)
+    >>> int(info.gradient_step), int(info.mini_step), bool(info.has_updated)
+    (1, 1, False)
   """
-  return accumulation_state(opt_state).gradient_step
-
-
-def num_skipped(opt_state: Any) -> jax.Array:
-  """Micro-batches dropped so far: by the skip policy, or for a bad weight.
-
-  A weight that is NaN, infinite or negative drops its micro-batch; so does a
-  `skip=` policy such as `optaccum.skip_not_finite`.
-
-  Args:
-    opt_state: an optimizer state holding one `AccumulateState`.
-
-  Returns:
-    A scalar int32 array (it saturates at 2**31 - 1).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2)
-    >>> params = {"w": jnp.zeros(3)}
-    >>> _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params, weight=-1.0)
-    >>> int(optaccum.num_skipped(state))
-    1
-  """
-  return accumulation_state(opt_state).num_skipped
-
-
-def num_skipped_windows(opt_state: Any) -> jax.Array:
-  """Windows dropped whole by the window guard: their gradient held a NaN or inf.
-
-  Such a window ran no optimizer step: the parameters, the inner state and
-  `gradient_step` stayed as they were.
-
-  Args:
-    opt_state: an optimizer state holding one `AccumulateState`.
-
-  Returns:
-    A scalar int32 array (it saturates at 2**31 - 1).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2)
-    >>> params = {"w": jnp.zeros(3)}
-    >>> state = tx.init(params)
-    >>> _, state = tx.update({"w": jnp.array([1.0, jnp.nan, 1.0])}, state, params)
-    >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params)
-    >>> updates["w"], int(optaccum.num_skipped_windows(state))
-    (Array([0., 0., 0.], dtype=float32), 1)
-  """
-  return accumulation_state(opt_state).num_skipped_windows
-
-
-def num_empty_windows(opt_state: Any) -> jax.Array:
-  """Windows that closed with zero total weight and so emitted zeros.
-
-  A `flush` of a window that held no micro-batch is not counted.
-
-  Args:
-    opt_state: an optimizer state holding one `AccumulateState`.
-
-  Returns:
-    A scalar int32 array (it saturates at 2**31 - 1).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=1)
-    >>> params = {"w": jnp.zeros(3)}
-    >>> _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params, weight=0.0)
-    >>> int(optaccum.num_empty_windows(state))
-    1
-  """
-  return accumulation_state(opt_state).num_empty_windows
+  if micro_batch_size is not None:
+    _validation.check_positive_int("status", "micro_batch_size", micro_batch_size)
+  leaves, _, position = locate_state("status(opt_state=...)", opt_state)
+  state: AccumulateState = leaves[position]
+  return Status(
+    mini_step=state.mini_step,
+    gradient_step=state.gradient_step,
+    has_updated=state.emitted,
+    num_skipped=state.num_skipped,
+    num_skipped_windows=state.num_skipped_windows,
+    num_empty_windows=state.num_empty_windows,
+    statistics=_statistics.last_window(state.statistics, micro_batch_size),
+    state=state,
+  )

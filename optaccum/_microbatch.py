@@ -28,7 +28,7 @@ class _Settings:
   """`microbatch`'s arguments, checked: what every call of the split function reads."""
 
   fn: Callable[..., Any]
-  num_microbatches: int
+  k: int
   has_aux: bool
   arguments: _arguments.Arguments
   reduction: str
@@ -50,7 +50,7 @@ def _check_aux_reduction(value: Any) -> None:
 
 def _check_arguments(
   fn: Any,
-  num_microbatches: Any,
+  k: Any,
   *,
   has_aux: Any,
   batch_argnums: Any,
@@ -66,7 +66,7 @@ def _check_arguments(
   """`microbatch`'s arguments as `_Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
     raise TypeError(f"`{_WHERE}(fn=...)` must be callable, got fn={fn!r}.")
-  _validation.check_positive_int(_WHERE, "num_microbatches", num_microbatches)
+  _validation.check_positive_int(_WHERE, "k", k)
   if not isinstance(has_aux, bool):
     raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
   arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
@@ -79,7 +79,7 @@ def _check_arguments(
   reduce_axes = _replicas.check_axes(_WHERE, reduce_axes, axis_name)
   return _Settings(
     fn=fn,
-    num_microbatches=int(num_microbatches),
+    k=int(k),
     has_aux=has_aux,
     arguments=arguments,
     reduction=reduction,
@@ -94,7 +94,7 @@ def _check_arguments(
 # --- Slicing one call into micro-batch calls --------------------------------------------
 
 
-def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
+def _split(tree: Any, k: int, argument: str) -> Any:
   """Reshapes each leaf `[B, ...]` to `[B / k, k, ...]`: micro-batch i is column i.
 
   Micro-batch i holds rows i, i + k, i + 2k, ... rather than a contiguous block,
@@ -103,15 +103,15 @@ def _split(tree: Any, num_microbatches: int, argument: str) -> Any:
   """
 
   def split_leaf(path: Any, x: Any) -> jax.Array:
-    size = _validation.unsplittable(x, num_microbatches)
+    size = _validation.unsplittable(x, k)
     if size is not None:
       raise ValueError(
-        f"`{_WHERE}(num_microbatches=...)` must divide the batch: {argument} at "
+        f"`{_WHERE}(k=...)` must divide the batch: {argument} at "
         f"{jax.tree_util.keystr(path) or 'the root'} has {size}, which does not split "
-        f"into num_microbatches={num_microbatches} equal micro-batches."
+        f"into k={k} equal micro-batches."
       )
     shape = jnp.shape(x)
-    return jnp.reshape(x, (shape[0] // num_microbatches, num_microbatches, *shape[1:]))
+    return jnp.reshape(x, (shape[0] // k, k, *shape[1:]))
 
   return jax.tree_util.tree_map_with_path(split_leaf, tree)
 
@@ -121,11 +121,11 @@ def _label(name: int | str) -> str:
 
 
 def _split_batches(
-  plan: _arguments.Plan, args: tuple, kwargs: dict, num_microbatches: int
+  plan: _arguments.Plan, args: tuple, kwargs: dict, k: int
 ) -> dict[int | str, Any]:
   """Each batch argument, by position or keyword, split by `_split`."""
   return {
-    name: _split(batch, num_microbatches, _label(name))
+    name: _split(batch, k, _label(name))
     for name, batch in _arguments.batches(plan, args, kwargs).items()
   }
 
@@ -145,7 +145,7 @@ def _microbatch_keys(
     key = jax.random.fold_in(key, jax.lax.axis_index(settings.axis_name))
   if replica is not None:
     key = jax.random.fold_in(key, replica)
-  return jax.random.split(key, settings.num_microbatches)
+  return jax.random.split(key, settings.k)
 
 
 def _vary_whole_arguments(
@@ -210,7 +210,7 @@ def _microbatch_call(
   after the call, which the next micro-batch starts from (None without).
   """
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
-  batches = _split_batches(plan, args, kwargs, settings.num_microbatches)
+  batches = _split_batches(plan, args, kwargs, settings.k)
   keys = _microbatch_keys(settings, plan, args, kwargs, replica)
   if settings.axis_name is not None:
     args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.axis_name)
@@ -421,7 +421,7 @@ def _local_sums(
   aux = _aux_layout(aux_shape, settings.aux_reduction)
   carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)
   body = _scan_body(settings.accumulator, call, aux)
-  xs = (jnp.arange(settings.num_microbatches, dtype=jnp.int32), keys)
+  xs = (jnp.arange(settings.k, dtype=jnp.int32), keys)
   (carry, state), stacks = jax.lax.scan(body, (carry, state), xs)
   if graph is not None:
     graph.write_back(state)
@@ -486,7 +486,7 @@ def _split_call_per_replica(
 
 def microbatch(
   fn: Callable[..., Any],
-  num_microbatches: int,
+  k: int,
   *,
   has_aux: bool = False,
   batch_argnums: int | Sequence[int] | None = None,
@@ -554,7 +554,7 @@ def microbatch(
   Args:
     fn: the function to split, returning `(loss, grads)` or
       `((loss, aux), grads)`.
-    num_microbatches: k, the number of micro-batches; must divide the batch.
+    k: the number of micro-batches; must divide the batch.
     has_aux: whether `fn` returns aux outputs, as for `jax.value_and_grad`.
     batch_argnums: positional arguments to split; None (default) means every
       one after the first, except the key.
@@ -575,7 +575,7 @@ def microbatch(
       has no window over which its rounding would be unbiased.
     aux_reduction: how aux leaves are combined, see above.
     axis_name: for data-parallel training inside `jax.shard_map` (or
-      `optaccum.data_parallel`): the mapped axis over which replicas hold
+      `optaccum.parallel.data_parallel`): the mapped axis over which replicas hold
       different batches. Each replica scans its own micro-batches without
       communication, then the sums of loss, grads, weights and mean/sum aux
       leaves are reduced across the axis once, in one `psum`: one all-reduce per
@@ -616,7 +616,7 @@ def microbatch(
   """
   settings = _check_arguments(
     fn,
-    num_microbatches,
+    k,
     has_aux=has_aux,
     batch_argnums=batch_argnums,
     batch_argnames=batch_argnames,

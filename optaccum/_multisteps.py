@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optaccum._accumulate import build
-from optaccum._inspect import has_updated
+from optaccum._inspect import status
 from optaccum._skip import SkipPolicy
 from optaccum._state import AccumulateState
 
@@ -32,7 +32,7 @@ class MultiSteps:
   the window guard of `optaccum.accumulate` is on, so a window whose gradient
   holds a NaN or inf is dropped whole rather than reaching the parameters
   (`window_guard=False` turns it off). Pass
-  `should_skip_update_fn=optaccum.skip_not_finite` to drop only the bad
+  `should_skip_update_fn=optaccum.skip.not_finite` to drop only the bad
   micro-batch.
 
   The state differs from optax's in one field: `acc_grads` holds the window's
@@ -44,7 +44,7 @@ class MultiSteps:
     opt: the wrapped optimizer.
     every_k_schedule: a positive int, or a schedule `gradient_step -> k`.
     use_grad_mean: average the window's gradients (True) or sum them.
-    should_skip_update_fn: a skip policy, see `optaccum.SkipPolicy`.
+    should_skip_update_fn: a skip policy, see `optaccum.skip.Policy`.
     accumulator: what the window is summed into, as in `optaccum.accumulate`;
       None (default) widens each parameter's dtype to at least 32 bits.
     window_guard: drop a window whose gradient is not finite (default True).
@@ -53,7 +53,7 @@ class MultiSteps:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaccum
-    >>> opt = optaccum.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+    >>> opt = optaccum.compat.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = opt.init(params)
     >>> _, state = opt.update({"w": jnp.ones(2)}, state, params)
@@ -108,7 +108,7 @@ class MultiSteps:
 
   def has_updated(self, state: Any) -> jax.Array:
     """Whether the last `update` closed a window."""
-    return has_updated(state)
+    return status(state).has_updated
 
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
     """The transformation itself, to pass to `optax.chain` or a train state."""
@@ -140,7 +140,7 @@ class MultiSteps:
       >>> import optaccum
       >>> params = {"w": jnp.zeros(2)}
       >>> theirs = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
-      >>> ours = optaccum.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+      >>> ours = optaccum.compat.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
       >>> state = theirs.init(params)
       >>> with jax.numpy_dtype_promotion("standard"):  # optax's update needs it
       ...   _, state = theirs.update({"w": jnp.array([1.0, 3.0])}, state, params)

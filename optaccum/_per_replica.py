@@ -65,7 +65,7 @@ def per_replica(
     >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     >>> def loss(w, x):
     ...   return jnp.mean((x @ w) ** 2)
-    >>> grad_fn = optaccum.per_replica(jax.grad(loss), reduce_axes=("data",))
+    >>> grad_fn = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=("data",))
     >>> tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("data",))
     >>> with jax.set_mesh(mesh):
     ...   w, x = jnp.ones(3), jnp.ones((4, 3))

@@ -51,7 +51,7 @@ class PlanRow:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What `optaccum.plan` chose, and the table it chose from.
+  """What `optaccum.planning.plan` chose, and the table it chose from.
 
   Attributes:
     microbatch: the smallest k that fits for the in-step form,
@@ -350,8 +350,10 @@ def plan(
     ...   return jnp.mean(jnp.tanh(x @ w) ** 2)
     >>> w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
     >>> x = jax.ShapeDtypeStruct((256, 64), jnp.float32)
-    >>> chosen = optaccum.plan(jax.value_and_grad(loss), w, optax.sgd(0.1, momentum=0.9), (x,),
-    ...                        budget="180KiB", candidates=[1, 2, 4, 8])
+    >>> chosen = optaccum.planning.plan(
+    ...   jax.value_and_grad(loss), w, optax.sgd(0.1, momentum=0.9), (x,),
+    ...   budget="180KiB", candidates=[1, 2, 4, 8],
+    ... )
     >>> chosen.microbatch, chosen.accumulate  # the accumulate form's batch argument is smaller
     (4, 2)
   """

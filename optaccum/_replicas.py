@@ -270,7 +270,7 @@ def check_leading(where: str, name: str, tree: Any, axes: tuple[str, ...], repli
       raise ValueError(
         f"`{where}({name}=...)` must hold per-replica gradients under "
         f"reduce_axes={axes!r}: every leaf with a leading axis of {replicas} replicas, as "
-        f"`optaccum.per_replica(grad_fn, reduce_axes={axes!r})` returns them; the leaf at "
+        f"`optaccum.parallel.per_replica(grad_fn, reduce_axes={axes!r})` returns them; the leaf at "
         f"{jax.tree_util.keystr(path) or 'the root'} has shape {shape}."
       )
 

@@ -15,22 +15,22 @@ _RULES = ("linear", "sqrt")
 
 def scale_learning_rate(
   learning_rate: float | Callable[[Any], Any],
-  every_k: int | Callable[[Any], Any],
+  k: int | Callable[[Any], Any],
   *,
   rule: str = "linear",
 ) -> float | Callable[[Any], Any]:
-  """Scales a learning rate (or schedule) for a batch `every_k` times larger.
+  """Scales a learning rate (or schedule) for a batch `k` times larger.
 
   Accumulating k micro-batches multiplies the batch size by k. The linear rule
   multiplies the learning rate by k (Goyal et al., 2017; usual for SGD); the
   square-root rule by sqrt(k) (usual for Adam-type optimizers, Malladi et al.,
-  2022). Both the learning rate and `every_k` may be schedules of the
+  2022). Both the learning rate and `k` may be schedules of the
   optimizer's step count (the gradient step, since the inner optimizer counts
   windows); the result is then a schedule too.
 
   Args:
     learning_rate: a float, or an optax schedule `step -> learning rate`.
-    every_k: the window length: a positive int, or a schedule `step -> k`.
+    k: the window length: a positive int, or a schedule `step -> k`.
     rule: `"linear"` or `"sqrt"`.
 
   Returns:
@@ -38,9 +38,9 @@ def scale_learning_rate(
 
   Examples:
     >>> import optaccum
-    >>> optaccum.scale_learning_rate(0.1, 4)
+    >>> optaccum.planning.scale_learning_rate(0.1, 4)
     0.4
-    >>> optaccum.scale_learning_rate(0.1, 4, rule="sqrt")
+    >>> optaccum.planning.scale_learning_rate(0.1, 4, rule="sqrt")
     0.2
 
   References:
@@ -51,13 +51,13 @@ def scale_learning_rate(
   where = "scale_learning_rate"
   if not callable(learning_rate):
     _validation.check_number(where, "learning_rate", learning_rate, positive=True)
-  _validation.check_every_k(where, every_k)
+  _validation.check_k(where, k)
   _validation.check_choice(where, "rule", rule, _RULES)
-  if not callable(learning_rate) and not callable(every_k):
-    factor = every_k if rule == "linear" else math.sqrt(every_k)
+  if not callable(learning_rate) and not callable(k):
+    factor = k if rule == "linear" else math.sqrt(k)
     return learning_rate * factor
 
-  schedule_k = _validation.as_schedule(every_k)
+  schedule_k = _validation.as_schedule(k)
 
   def scaled(step: Any) -> Any:
     base = learning_rate(step) if callable(learning_rate) else learning_rate

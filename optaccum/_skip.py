@@ -88,7 +88,7 @@ def skip_not_finite(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optaccum
-    >>> skip, info = optaccum.skip_not_finite({"w": jnp.array([1.0, jnp.nan])}, 0)
+    >>> skip, info = optaccum.skip.not_finite({"w": jnp.array([1.0, jnp.nan])}, 0)
     >>> bool(skip), int(info["num_not_finite"])
     (True, 1)
   """
@@ -140,16 +140,16 @@ def skip_large_updates(
     >>> import functools
     >>> import jax.numpy as jnp
     >>> import optaccum
-    >>> policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=1.0)
+    >>> policy = functools.partial(optaccum.skip.large_updates, max_squared_norm=1.0)
     >>> bool(policy({"w": jnp.array([3.0, 4.0])}, 0)[0])
     True
-    >>> bool(optaccum.skip_large_updates({"w": jnp.array([0.5])}, 0, None, 1.0)[0])
+    >>> bool(optaccum.skip.large_updates({"w": jnp.array([0.5])}, 0, None, 1.0)[0])
     False
   """
   del gradient_step, params
   if max_squared_norm is None:
     raise TypeError(
-      "`skip_large_updates(max_squared_norm=...)` is required: the largest accepted "
+      "`skip.large_updates(max_squared_norm=...)` is required: the largest accepted "
       "squared global norm, e.g. functools.partial(skip_large_updates, max_squared_norm=1e4)."
     )
   norm_squared = jnp.zeros((), jnp.float32)

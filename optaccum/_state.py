@@ -32,11 +32,11 @@ class AccumulateState(NamedTuple):
     rounding_key: with a stochastically rounded accumulator, the raw uint32
       data of the key that the next micro-step splits; else ().
     statistics: with `statistics=True`, a `StatisticsState` of scalars (read it
-      with `optaccum.window_statistics`); else ().
+      with `optaccum.status(...).statistics`); else ().
     num_skipped_windows: windows whose gradient held a NaN or inf, dropped
-      whole by the window guard (read with `optaccum.num_skipped_windows`).
+      whole by the window guard (read with `optaccum.status(...).num_skipped_windows`).
     num_empty_windows: windows that closed with zero total weight and emitted
-      zeros (read with `optaccum.num_empty_windows`).
+      zeros (read with `optaccum.status(...).num_empty_windows`).
   """
 
   mini_step: jax.Array  # shape=(), dtype=int32
@@ -75,7 +75,7 @@ def locate_state(where: str, opt_state: Any, hint: str = "") -> tuple[list, Any,
   if len(found) != 1:
     raise ValueError(
       f"`{where}` must hold exactly one optaccum AccumulateState (from "
-      f"`optaccum.accumulate` or `optaccum.MultiSteps`), found {len(found)} in a "
+      f"`optaccum.accumulate` or `optaccum.compat.MultiSteps`), found {len(found)} in a "
       f"state of type {type(opt_state).__name__}.{hint}"
     )
   return leaves, treedef, found[0]

@@ -30,9 +30,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _validation
-from optaccum._state import locate_state
-
 
 class WindowStatistics(NamedTuple):
   """What the last closed window tells about the gradient.
@@ -41,7 +38,7 @@ class WindowStatistics(NamedTuple):
   NaN and the counts zero. A window of a single micro-batch has no spread to
   measure: its `gradient_squared_norm`, `trace_covariance` and `noise_scale`
   are NaN. Units of "example" are those of `micro_batch_size` (see
-  `optaccum.window_statistics`).
+  `optaccum.status`).
 
   Attributes:
     window_norm: global norm of the window's mean gradient |Gbar|, read from
@@ -176,69 +173,12 @@ def close(
   )
 
 
-def window_statistics(opt_state: Any, *, micro_batch_size: int | None = None) -> WindowStatistics:
-  """The gradient statistics of the last closed window.
-
-  Readable after each step that closes a window (when `optaccum.has_updated`
-  is true) and kept until the next one closes. Built with
-  `optaccum.accumulate(..., statistics=True)`. Each window holds k
-  micro-batch gradients g_i with mean Gbar; from the spread of the g_i come
-  unbiased estimates of the true gradient's squared norm |G|^2 and of the
-  summed variance tr(Sigma) of one example's gradient, and the gradient noise
-  scale B_simple = tr(Sigma) / |G|^2: training with batches much smaller than
-  B_simple wastes steps on noise, much larger ones waste examples.
-
-  With `weight=` passed to `update`, the estimators take the weights as the
-  micro-batches' sizes (e.g. token counts, which are then the examples); pass
-  `micro_batch_size` to count examples per unit of weight (the micro-batch
-  size when no weights are passed). Examples are assumed
-  independent; tokens of one sequence are not, so token-weighted estimates
-  measure noise per token as if they were.
-
-  Args:
-    opt_state: an optimizer state holding one `AccumulateState` built with
-      `statistics=True`.
-    micro_batch_size: examples per unit of weight: the micro-batch size when
-      no weights are passed. It scales `batch_size`, `trace_covariance` and
-      `noise_scale` into examples. None (default) counts one unit of weight
-      as one example: a micro-batch, or a token when the weights are token
-      counts.
-
-  Returns:
-    A `WindowStatistics` of scalars.
-
-  Raises:
-    ValueError: if the accumulation keeps no statistics.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optaccum
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), every_k=2, statistics=True)
-    >>> params = {"w": jnp.zeros(2)}
-    >>> state = tx.init(params)
-    >>> _, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, params)
-    >>> _, state = tx.update({"w": jnp.array([3.0, 1.0])}, state, params)
-    >>> stats = optaccum.window_statistics(state)
-    >>> round(float(stats.window_norm), 4), float(stats.micro_batch_squared_norm)  # |(2, 2)|
-    (2.8284, 10.0)
-    >>> float(stats.gradient_squared_norm), float(stats.trace_covariance)
-    (6.0, 4.0)
-    >>> round(float(stats.noise_scale), 4)  # in micro-batches: no micro_batch_size given
-    0.6667
-
-  References:
-    McCandlish et al., 2018, "An Empirical Model of Large-Batch Training".
-  """
-  if micro_batch_size is not None:
-    _validation.check_positive_int("window_statistics", "micro_batch_size", micro_batch_size)
-  leaves, _, position = locate_state("window_statistics(opt_state)", opt_state)
-  statistics = leaves[position].statistics
+def last_window(
+  statistics: StatisticsState | tuple, micro_batch_size: int | None
+) -> WindowStatistics | None:
+  """The last closed window's statistics, in examples of `micro_batch_size`; None if not kept."""
   if not isinstance(statistics, StatisticsState):
-    raise ValueError(
-      "`window_statistics(opt_state)` needs an accumulation that keeps statistics: "
-      "build it with `optaccum.accumulate(..., statistics=True)`."
-    )
+    return None
   window = statistics.last_window
   if micro_batch_size is None:
     return window

@@ -18,15 +18,15 @@ import numpy as np
 MAX_INT32 = 2**31 - 1
 
 
-def check_every_k(where: str, every_k: Any, name: str = "every_k") -> None:
-  """Checks that `every_k` is a positive int or a callable schedule."""
-  if callable(every_k):
+def check_k(where: str, k: Any, name: str = "k") -> None:
+  """Checks that `k` is a positive int or a callable schedule."""
+  if callable(k):
     return
-  is_int = isinstance(every_k, (int, np.integer)) and not isinstance(every_k, (bool, np.bool_))
-  if not is_int or not 1 <= int(every_k) <= MAX_INT32:
+  is_int = isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
+  if not is_int or not 1 <= int(k) <= MAX_INT32:
     raise ValueError(
       f"`{where}({name}=...)` must be a positive int (at most 2**31 - 1, the "
-      f"largest int32 counter) or a callable `gradient_step -> k`, got {name}={every_k!r}."
+      f"largest int32 counter) or a callable `gradient_step -> k`, got {name}={k!r}."
     )
 
 
@@ -177,24 +177,24 @@ def as_flag(where: str, name: str, value: Any) -> jax.Array:
   return flag
 
 
-def as_schedule(every_k: Any) -> Callable[[jax.Array], jax.Array]:
-  """Returns `every_k` as a schedule `gradient_step -> k` (int32, clamped >= 1)."""
-  if callable(every_k):
-    schedule = every_k
+def as_schedule(k: Any) -> Callable[[jax.Array], jax.Array]:
+  """Returns `k` as a schedule `gradient_step -> k` (int32, clamped >= 1)."""
+  if callable(k):
+    schedule = k
   else:
-    constant = int(every_k)
+    constant = int(k)
     schedule = lambda step: constant  # noqa: E731
 
   def clamped(step: jax.Array) -> jax.Array:
-    k = jnp.asarray(schedule(step))
-    if jnp.shape(k) != ():
-      raise ValueError(f"The `every_k` schedule must return a scalar, got shape {jnp.shape(k)}.")
-    if jnp.issubdtype(k.dtype, jnp.floating):
+    value = jnp.asarray(schedule(step))
+    if jnp.shape(value) != ():
+      raise ValueError(f"The `k` schedule must return a scalar, got shape {jnp.shape(value)}.")
+    if jnp.issubdtype(value.dtype, jnp.floating):
       # Floored, and kept within int32 before the cast (which would wrap):
       # the largest float32 below 2**31 is 2**31 - 128.
-      k = jnp.clip(jnp.floor(k.astype(jnp.float32)), 1.0, 2.0**31 - 128.0)
+      value = jnp.clip(jnp.floor(value.astype(jnp.float32)), 1.0, 2.0**31 - 128.0)
     # A schedule that yields k < 1 emits on every micro-step (documented clamp).
-    return jnp.maximum(k.astype(jnp.int32), jnp.int32(1))
+    return jnp.maximum(value.astype(jnp.int32), jnp.int32(1))
 
   return clamped
 

@@ -46,7 +46,7 @@ def test_weighted_window_equals_token_mean_of_whole_window():
     mask = jnp.asarray(np.arange(max_len) < length, jnp.float32)
     micro_batches.append((tokens, mask))
 
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=len(lengths))
+  tx = optaccum.accumulate(optax.sgd(1.0), k=len(lengths))
   grads = [jax.grad(_token_loss)(params, t, m) for t, m in micro_batches]
   weights = [jnp.sum(m) for _, m in micro_batches]
   outputs, _ = _run(tx, grads, params, weight=weights)
@@ -62,7 +62,7 @@ def test_weighted_window_equals_token_mean_of_whole_window():
 
 def test_zero_weight_window_emits_zeros_and_keeps_inner_state():
   params = {"w": jnp.ones(2)}
-  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.9), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.9), k=2)
   grads = [{"w": jnp.array([1.0, 2.0])}] * 4
   weights = [jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.0), jnp.float32(0.0)]
   outputs, state = _run(tx, grads, params, weight=weights)
@@ -75,7 +75,7 @@ def test_zero_weight_window_emits_zeros_and_keeps_inner_state():
 
 def test_weighted_sum_reduction_emits_weighted_sum():
   params = {"w": jnp.zeros(2)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, reduction="sum")
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, reduction="sum")
   grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
   outputs, _ = _run(tx, grads, params, weight=[jnp.float32(2.0), jnp.float32(1.0)])
   np.testing.assert_allclose(outputs[1]["w"], [-5.0, -8.0])
@@ -83,7 +83,7 @@ def test_weighted_sum_reduction_emits_weighted_sum():
 
 def test_sum_reduction_emits_sum_of_window():
   params = {"w": jnp.zeros(2)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, reduction="sum")
+  tx = optaccum.accumulate(optax.sgd(1.0), k=3, reduction="sum")
   grads = [{"w": jnp.array([1.0, 2.0]) * i} for i in (1, 2, 3)]
   outputs, _ = _run(tx, grads, params)
   np.testing.assert_allclose(outputs[2]["w"], [-6.0, -12.0])
@@ -94,7 +94,7 @@ def test_sum_reduction_emits_sum_of_window():
 
 def test_every_k_schedule_grows_the_window():
   params = {"w": jnp.zeros(1)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: 1 + step)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=lambda step: 1 + step)
   grads = [{"w": jnp.array([float(i)])} for i in range(6)]
   outputs, state = _run(tx, grads, params)
   emitted = [float(u["w"][0]) for u in outputs]
@@ -105,7 +105,7 @@ def test_every_k_schedule_grows_the_window():
 
 def test_schedule_below_one_is_clamped_to_every_micro_step():
   params = {"w": jnp.zeros(1)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: 0)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=lambda step: 0)
   outputs, state = _run(tx, [{"w": jnp.array([2.0])}] * 3, params)
   assert [float(u["w"][0]) for u in outputs] == [-2.0, -2.0, -2.0]
   assert int(state.gradient_step) == 3
@@ -116,7 +116,7 @@ def test_schedule_below_one_is_clamped_to_every_micro_step():
 
 def test_skip_not_finite_drops_nan_micro_batch_without_touching_window():
   params = {"w": jnp.zeros(2)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, skip=optaccum.skip_not_finite)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, skip=optaccum.skip.not_finite)
   grads = [
     {"w": jnp.array([1.0, 1.0])},
     {"w": jnp.array([jnp.nan, 1.0])},
@@ -131,7 +131,7 @@ def test_skip_not_finite_drops_nan_micro_batch_without_touching_window():
 
 def test_without_policy_nan_never_leaves_a_non_emitting_step():
   params = {"w": jnp.zeros(2)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, skip=None)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=3, skip=None)
   outputs, _ = _run(tx, [{"w": jnp.array([jnp.nan, jnp.inf])}] * 2, params)
   for updates in outputs:
     np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
@@ -141,7 +141,7 @@ def test_without_policy_window_after_a_nan_window_starts_clean():
   # The closed window's accumulator is cleared by the next micro-step's add: a
   # NaN it held must not leak into the next window.
   params = {"w": jnp.zeros(2)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, window_guard=False)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, window_guard=False)
   grads = [{"w": jnp.array([jnp.nan, 1.0])}, {"w": jnp.ones(2)}]
   grads += [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
   outputs, state = _run(tx, grads, params)
@@ -152,8 +152,8 @@ def test_without_policy_window_after_a_nan_window_starts_clean():
 
 def test_skip_large_updates_drops_micro_batch_with_large_norm():
   params = {"w": jnp.zeros(2)}
-  policy = functools.partial(optaccum.skip_large_updates, max_squared_norm=10.0)
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, skip=policy)
+  policy = functools.partial(optaccum.skip.large_updates, max_squared_norm=10.0)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, skip=policy)
   grads = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([0.0, 1.0])}]
   outputs, state = _run(tx, grads, params)
   np.testing.assert_allclose(outputs[2]["w"], [-0.5, -0.5])
@@ -166,19 +166,19 @@ def test_skip_large_updates_drops_micro_batch_with_large_norm():
 
 def test_flush_applies_mean_of_partial_window_inside_chain():
   params = {"w": jnp.zeros(2)}
-  tx = optax.chain(optax.clip(100.0), optaccum.accumulate(optax.sgd(1.0), every_k=5))
+  tx = optax.chain(optax.clip(100.0), optaccum.accumulate(optax.sgd(1.0), k=5))
   grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 4.0])}]
   _, state = _run(tx, grads, params)
   updates, state = optaccum.flush(tx, state, params)
   np.testing.assert_allclose(updates["w"], [-2.0, -3.0])
-  assert int(optaccum.gradient_step(state)) == 1
-  assert bool(optaccum.has_updated(state))
-  assert int(optaccum.accumulation_state(state).mini_step) == 0
+  assert int(optaccum.status(state).gradient_step) == 1
+  assert bool(optaccum.status(state).has_updated)
+  assert int(optaccum.status(state).mini_step) == 0
 
 
 def test_flush_of_weighted_window_is_weighted_mean():
   params = {"w": jnp.zeros(1)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=8)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=8)
   grads = [{"w": jnp.array([1.0])}, {"w": jnp.array([4.0])}]
   _, state = _run(tx, grads, params, weight=[jnp.float32(3.0), jnp.float32(1.0)])
   updates, _ = optaccum.flush(tx, state, params)
@@ -187,12 +187,12 @@ def test_flush_of_weighted_window_is_weighted_mean():
 
 def test_flush_of_empty_window_emits_zeros_and_keeps_step():
   params = {"w": jnp.zeros(1)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   state = tx.init(params)
   updates, state = optaccum.flush(tx, state, params)
   np.testing.assert_array_equal(updates["w"], [0.0])
   assert int(state.gradient_step) == 0
-  assert not bool(optaccum.has_updated(state))
+  assert not bool(optaccum.status(state).has_updated)
 
 
 # --- Chains, None leaves, counters --------------------------------------------------
@@ -200,14 +200,14 @@ def test_flush_of_empty_window_emits_zeros_and_keeps_step():
 
 def test_transform_after_accumulation_in_chain_sees_window_update():
   params = {"w": jnp.zeros(1)}
-  tx = optax.chain(optaccum.accumulate(optax.sgd(1.0), every_k=2), optax.scale(3.0))
+  tx = optax.chain(optaccum.accumulate(optax.sgd(1.0), k=2), optax.scale(3.0))
   outputs, _ = _run(tx, [{"w": jnp.array([1.0])}, {"w": jnp.array([3.0])}], params)
   assert [float(u["w"][0]) for u in outputs] == [0.0, -6.0]
 
 
 def test_none_gradient_leaves_pass_through():
   params = {"w": jnp.zeros(2), "frozen": None}
-  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.5), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.5), k=2)
   grads = [{"w": jnp.ones(2), "frozen": None}] * 2
   outputs, state = _run(tx, grads, params)
   assert outputs[1]["frozen"] is None and state.acc_grads["frozen"] is None
@@ -219,7 +219,7 @@ def test_inner_updates_of_another_dtype_are_zero_until_the_window_closes():
   # gradients' buffers; they are carried in a tree of zeros instead.
   upcast = optax.stateless(lambda g, p: jax.tree.map(lambda x: x.astype(jnp.float32), g))
   params = {"w": jnp.zeros(2, jnp.bfloat16)}
-  tx = optaccum.accumulate(upcast, every_k=2)
+  tx = optaccum.accumulate(upcast, k=2)
   grads = [{"w": jnp.array([1.0, 2.0], jnp.bfloat16)}, {"w": jnp.array([3.0, 4.0], jnp.bfloat16)}]
   outputs, _ = _run(tx, grads, params)
   assert outputs[0]["w"].dtype == outputs[1]["w"].dtype == jnp.float32
@@ -229,7 +229,7 @@ def test_inner_updates_of_another_dtype_are_zero_until_the_window_closes():
 
 def test_counters_saturate_instead_of_overflowing():
   params = {"w": jnp.zeros(1)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=1)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=1)
   int_max = jnp.iinfo(jnp.int32).max
   state = tx.init(params)._replace(gradient_step=jnp.int32(int_max))
   _, state = tx.update({"w": jnp.ones(1)}, state, params)
@@ -247,7 +247,7 @@ def test_counters_saturate_instead_of_overflowing():
 def test_low_precision_grads_under_strict_promotion(dtype, accumulator, make_inner):
   params = helpers.init_params(dtype=dtype)
   inner = make_inner()
-  tx = optaccum.accumulate(inner, every_k=2, accumulator=accumulator)
+  tx = optaccum.accumulate(inner, k=2, accumulator=accumulator)
   state = tx.init(params)
   for leaf in jax.tree.leaves(state.acc_grads):
     assert leaf.dtype == (accumulator or jnp.float32)  # None widens to 32 bits
@@ -266,7 +266,7 @@ def test_low_precision_grads_under_strict_promotion(dtype, accumulator, make_inn
 
 
 def test_weighted_bfloat16_accumulator_passes_strict_promotion():
-  tx = optaccum.accumulate(optax.identity(), every_k=2, accumulator=jnp.bfloat16)
+  tx = optaccum.accumulate(optax.identity(), k=2, accumulator=jnp.bfloat16)
   params = {"w": jnp.zeros(2)}
   grads = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([4.0, 8.0])}]
   outputs, _ = _run(tx, grads, params, weight=[jnp.float32(3), jnp.float32(1)])
@@ -275,7 +275,7 @@ def test_weighted_bfloat16_accumulator_passes_strict_promotion():
 
 def test_inside_lax_scan_without_dtype_drift():
   params = helpers.init_params(dtype=jnp.bfloat16)
-  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k=3)
+  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), k=3)
   x, y = helpers.make_data(4 * 6)
   xs, ys = x.reshape(6, 4, -1), y.reshape(6, 4, -1)
 
@@ -296,7 +296,7 @@ def test_inside_lax_scan_without_dtype_drift():
 def test_jitted_update_traces_once_across_windows():
   traces = []
   params = helpers.init_params()
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=lambda step: 2 + step % 2)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=lambda step: 2 + step % 2)
   x, y = helpers.make_data(4)
 
   @jax.jit
@@ -317,7 +317,7 @@ def test_jitted_update_traces_once_across_windows():
 
 @pytest.mark.parametrize("every_k", [0, -1, 2.5, True, "4", None])
 def test_bad_every_k_fails_at_construction(every_k):
-  with pytest.raises(ValueError, match=r"`accumulate\(every_k=...\)` must be a positive int"):
+  with pytest.raises(ValueError, match=r"`accumulate\(k=...\)` must be a positive int"):
     optaccum.accumulate(optax.sgd(0.1), every_k)
 
 
@@ -411,8 +411,8 @@ def test_skip_policy_returning_non_bool_is_rejected():
 def test_schedule_returning_non_scalar_is_rejected():
   params = {"a": jnp.zeros(3)}
   del params
-  with pytest.raises(ValueError, match=r"accumulate\(every_k=...\)` must return a real scalar"):
-    optaccum.accumulate(optax.sgd(0.1), every_k=lambda step: jnp.ones(2, jnp.int32))
+  with pytest.raises(ValueError, match=r"accumulate\(k=...\)` must return a real scalar"):
+    optaccum.accumulate(optax.sgd(0.1), k=lambda step: jnp.ones(2, jnp.int32))
 
 
 def test_import_does_not_start_the_backend():
@@ -436,7 +436,7 @@ def test_flush_refuses_a_transformation_with_no_accumulation():
 
 
 def test_flush_leaves_transforms_before_the_accumulation_as_they_were():
-  tx = optax.chain(optax.scale_by_rms(), optaccum.accumulate(optax.sgd(1.0), every_k=4))
+  tx = optax.chain(optax.scale_by_rms(), optaccum.accumulate(optax.sgd(1.0), k=4))
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
   g = {"w": jnp.array([1.0, 2.0, 4.0])}
@@ -446,11 +446,11 @@ def test_flush_leaves_transforms_before_the_accumulation_as_they_were():
   updates, state = optaccum.flush(tx, state, params)
   jax.tree.map(np.testing.assert_array_equal, state[0], rms_before)
   np.testing.assert_allclose(updates["w"], -scaled["w"], rtol=1e-6)
-  assert int(optaccum.gradient_step(state)) == 1
+  assert int(optaccum.status(state).gradient_step) == 1
 
 
 def test_state_of_another_optimizer_is_refused_by_name():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   params = {"w": jnp.zeros(3)}
   other = optax.adam(1.0).init(params)
   with pytest.raises(TypeError, match=r"update\(opt_state=...\)` must be the AccumulateState"):
@@ -460,53 +460,53 @@ def test_state_of_another_optimizer_is_refused_by_name():
 
 
 def test_python_float_gradient_leaves_are_refused_by_path():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   params = {"w": jnp.zeros(())}
   with pytest.raises(TypeError, match=r"must hold arrays, but the leaf at \['w'\] is a float"):
     tx.update({"w": 1.0}, tx.init(params), params)
 
 
 def test_every_k_beyond_int32_is_refused_and_the_largest_accepted():
-  with pytest.raises(ValueError, match=r"every_k=2147483648"):
-    optaccum.accumulate(optax.sgd(1.0), every_k=2**31)
-  optaccum.accumulate(optax.sgd(1.0), every_k=2**31 - 1)
+  with pytest.raises(ValueError, match=r"k=2147483648"):
+    optaccum.accumulate(optax.sgd(1.0), k=2**31)
+  optaccum.accumulate(optax.sgd(1.0), k=2**31 - 1)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_schedule_returning_nan_or_inf_is_refused_at_construction(value):
   with pytest.raises(ValueError, match=r"must return a finite number of micro-steps"):
-    optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: jnp.float32(value))
+    optaccum.accumulate(optax.sgd(1.0), k=lambda step: jnp.float32(value))
 
 
 def test_float_schedule_is_floored_not_rounded_up():
   params = {"w": jnp.zeros(1)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=lambda step: jnp.float32(2.9))
+  tx = optaccum.accumulate(optax.sgd(1.0), k=lambda step: jnp.float32(2.9))
   outputs, _ = _run(tx, [{"w": jnp.array([2.0])}] * 4, params)
   assert [float(u["w"][0]) for u in outputs] == [0.0, -2.0, 0.0, -2.0]
 
 
 def test_multisteps_names_its_own_argument():
   with pytest.raises(TypeError, match=r"MultiSteps\(opt=...\)` must be an optax"):
-    optaccum.MultiSteps(object(), every_k_schedule=2)
+    optaccum.compat.MultiSteps(object(), every_k_schedule=2)
 
 
 def test_skip_large_updates_takes_its_threshold_by_position_as_optax_does():
   grads = {"w": jnp.array([3.0, 4.0])}
-  assert bool(optaccum.skip_large_updates(grads, 0, None, 24.0)[0])
-  assert not bool(optaccum.skip_large_updates(grads, 0, None, 26.0)[0])
+  assert bool(optaccum.skip.large_updates(grads, 0, None, 24.0)[0])
+  assert not bool(optaccum.skip.large_updates(grads, 0, None, 26.0)[0])
   with pytest.raises(TypeError, match=r"skip_large_updates\(max_squared_norm=...\)` is required"):
-    optaccum.skip_large_updates(grads, 0)
+    optaccum.skip.large_updates(grads, 0)
 
 
 def test_weighted_product_and_mean_are_formed_in_float32_for_bfloat16_gradients():
   # 1 + 2**-9 is not a bfloat16: a product or mean formed in bfloat16 would drop it.
-  tx = optaccum.accumulate(optax.identity(), every_k=2, reduction="sum")
+  tx = optaccum.accumulate(optax.identity(), k=2, reduction="sum")
   params = {"w": jnp.zeros(1, jnp.float32)}
   state = tx.init(params)
   g = {"w": jnp.ones(1, jnp.bfloat16)}
   _, state = tx.update(g, state, params, weight=jnp.float32(1 + 2**-9))
   assert float(state.acc_grads["w"][0]) == 1 + 2**-9
-  mean_tx = optaccum.accumulate(optax.identity(), every_k=3)
+  mean_tx = optaccum.accumulate(optax.identity(), k=3)
   state = mean_tx.init(params)
   sums = []
   for w in (1.0, 1.0, 1.0):
@@ -536,7 +536,7 @@ def test_inner_optimizer_is_traced_once_per_step(strategy, form):
   # Tracing an optimizer over a large model takes seconds: one trace per step,
   # not one per conditional (the first version traced it five times).
   inner, calls = _counting(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, 0.9)))
-  tx = optaccum.accumulate(inner, every_k=4, strategy=strategy)
+  tx = optaccum.accumulate(inner, k=4, strategy=strategy)
   params = helpers.init_params()
 
   def step(params, state, grads):
@@ -553,7 +553,7 @@ def test_updates_of_other_dtypes_than_the_gradients_cost_one_more_trace():
   # bfloat16 gradients of float32 parameters: sgd's momentum makes float32
   # updates, which the gradients' buffers cannot hold.
   inner, calls = _counting(optax.sgd(0.1, momentum=0.9))
-  tx = optaccum.accumulate(inner, every_k=2)
+  tx = optaccum.accumulate(inner, k=2)
   params = helpers.init_params()
   grads = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   with jax.numpy_dtype_promotion("standard"):

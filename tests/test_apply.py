@@ -40,7 +40,7 @@ def test_apply_gradients_equals_update_then_apply_updates(every_k):
 
 
 def test_apply_gradients_with_weights_and_flush():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=4)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=4)
   params = {"w": jnp.zeros(1)}
   state = tx.init(params)
   params, state = optaccum.apply_gradients(tx, {"w": jnp.ones(1)}, state, params, weight=3.0)
@@ -60,7 +60,7 @@ def test_apply_gradients_rejects_a_chain():
 def test_apply_train_state_gradients_fast_path_equals_train_state_apply_gradients():
   train_state = pytest.importorskip("flax.training.train_state")
   with jax.numpy_dtype_promotion("standard"):  # for optax's adamw, see test_equivalence
-    tx = optaccum.accumulate(optax.adamw(0.01), every_k=3)
+    tx = optaccum.accumulate(optax.adamw(0.01), k=3)
     state = train_state.TrainState.create(apply_fn=None, params=helpers.init_params(), tx=tx)
     x, y = helpers.make_data(4 * 3 * 2 + 4)  # two windows and one micro-step more
 
@@ -70,7 +70,9 @@ def test_apply_train_state_gradients_fast_path_equals_train_state_apply_gradient
 
     @jax.jit
     def fast_step(state, xb, yb):
-      return optaccum.apply_train_state_gradients(state, grads=helpers.grad(state.params, xb, yb))
+      return optaccum.flax.apply_train_state_gradients(
+        state, grads=helpers.grad(state.params, xb, yb)
+      )
 
     reference, fast = state, state
     for start in range(0, x.shape[0], 4):
@@ -82,7 +84,7 @@ def test_apply_train_state_gradients_fast_path_equals_train_state_apply_gradient
     fast.opt_state.inner_opt_state, reference.opt_state.inner_opt_state, rtol=1e-6, atol=1e-8
   )
   assert int(fast.step) == int(reference.step) == 7  # micro-steps
-  assert int(optaccum.gradient_step(fast.opt_state)) == 2
+  assert int(optaccum.status(fast.opt_state).gradient_step) == 2
   assert int(fast.opt_state.mini_step) == int(reference.opt_state.mini_step) == 1
 
 
@@ -91,20 +93,22 @@ def test_apply_train_state_gradients_fast_path_passes_weight_and_flush():
   state = train_state.TrainState.create(
     apply_fn=None, params={"w": jnp.zeros(1)}, tx=optaccum.accumulate(optax.sgd(1.0), 4)
   )
-  state = optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, weight=3.0)
-  state = optaccum.apply_train_state_gradients(
+  state = optaccum.flax.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, weight=3.0)
+  state = optaccum.flax.apply_train_state_gradients(
     state, grads={"w": jnp.full(1, 5.0)}, weight=1.0, flush=True
   )
   # (3 * 1 + 1 * 5) / 4 = 2, applied with lr 1.
   assert float(state.params["w"][0]) == pytest.approx(-2.0)
-  assert state.step == 2 and int(optaccum.gradient_step(state.opt_state)) == 1
+  assert state.step == 2 and int(optaccum.status(state.opt_state).gradient_step) == 1
 
 
 def test_apply_train_state_gradients_with_a_chain_takes_the_update_path():
   train_state = pytest.importorskip("flax.training.train_state")
   tx = optax.chain(optax.scale(2.0), optaccum.accumulate(optax.sgd(1.0), 2))
   state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx)
-  state = optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, weight=1.0)
-  state = optaccum.apply_train_state_gradients(state, grads={"w": jnp.full(1, 3.0)}, weight=3.0)
+  state = optaccum.flax.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, weight=1.0)
+  state = optaccum.flax.apply_train_state_gradients(
+    state, grads={"w": jnp.full(1, 3.0)}, weight=3.0
+  )
   # Scaled by 2 first, then the weighted mean: 2 * (1 * 1 + 3 * 3) / 4 = 5.
   assert float(state.params["w"][0]) == pytest.approx(-5.0)

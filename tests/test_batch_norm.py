@@ -174,7 +174,7 @@ def in_step_windows():
     expected = numpy_statistics(params, merged, microbatches(xs[window]))
     (_, stacked), _ = microbatch_step(params, xs[window], ys[window], batch_stats=merged)
     assert jax.tree.leaves(stacked)[0].shape[0] == EVERY_K
-    merged = optaccum.merge_batch_stats(stacked, momentum=MOMENTUM)
+    merged = optaccum.flax.merge_batch_stats(stacked, momentum=MOMENTUM)
     (_, large), _ = large_batch_step(params, xs[window], ys[window], large)
     for x, y in zip(microbatches(xs[window]), microbatches(ys[window])):
       (_, chained), _ = large_batch_step(params, x, y, chained)
@@ -217,7 +217,7 @@ def test_micro_batch_normalization_gives_other_gradients_than_the_large_batch():
 
 class BatchNormState(train_state.TrainState):
   batch_stats: dict
-  batch_stats_window: optaccum.BatchStatsWindow
+  batch_stats_window: optaccum.flax.BatchStatsWindow
 
 
 def create_state():
@@ -227,7 +227,7 @@ def create_state():
     params=params,
     tx=optaccum.accumulate(optax.sgd(0.05), EVERY_K),
     batch_stats=batch_stats,
-    batch_stats_window=optaccum.BatchStatsWindow.create(batch_stats),
+    batch_stats_window=optaccum.flax.BatchStatsWindow.create(batch_stats),
   )
 
 
@@ -237,7 +237,7 @@ def micro_step_closed_by_has_updated(state, x, y):
   window = state.batch_stats_window.add(new_stats)
   state = state.apply_gradients(grads=grads)
   batch_stats, window = window.close(
-    state.batch_stats, momentum=MOMENTUM, when=optaccum.has_updated(state.opt_state)
+    state.batch_stats, momentum=MOMENTUM, when=optaccum.status(state.opt_state).has_updated
   )
   return state.replace(batch_stats=batch_stats, batch_stats_window=window)
 
@@ -245,11 +245,11 @@ def micro_step_closed_by_has_updated(state, x, y):
 @jax.jit
 def micro_step_closed_by_count(state, x, y):
   (_, new_stats), grads = grad_fn(state.params, x, y, state.batch_stats)
-  closes = optaccum.accumulation_state(state.opt_state).mini_step == EVERY_K - 1
+  closes = optaccum.status(state.opt_state).mini_step == EVERY_K - 1
   batch_stats, window = state.batch_stats_window.add(new_stats).close(
     state.batch_stats, momentum=MOMENTUM, when=closes
   )
-  return optaccum.apply_train_state_gradients(
+  return optaccum.flax.apply_train_state_gradients(
     state, grads=grads, batch_stats=batch_stats, batch_stats_window=window
   )
 
@@ -269,7 +269,7 @@ def test_window_in_a_train_state_equals_the_window_statistics(micro_step):
         assert jax.tree.all(jax.tree.map(jnp.array_equal, state.batch_stats, start))
     assert float(state.batch_stats_window.weight) == 0.0
     assert_statistics_close(state.batch_stats, expected)
-  assert int(optaccum.flax_gradient_step(state)) == WINDOWS
+  assert int(optaccum.flax.gradient_step(state)) == WINDOWS
 
 
 @functools.cache
@@ -301,15 +301,17 @@ def test_weights_merge_micro_batches_of_unequal_size():
   new_stats = [updates["batch_stats"] for updates in new_stats]
   expected = numpy_layer_statistics(x, old, MOMENTUM)
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_stats)
-  weighted = optaccum.merge_batch_stats(stacked, momentum=MOMENTUM, weights=jnp.array([16, 48]))
+  weighted = optaccum.flax.merge_batch_stats(
+    stacked, momentum=MOMENTUM, weights=jnp.array([16, 48])
+  )
   assert_statistics_close(weighted, expected)
-  window = optaccum.BatchStatsWindow.create(old)
+  window = optaccum.flax.BatchStatsWindow.create(old)
   for stats, part in zip(new_stats, parts):
     window = window.add(stats, weight=part.shape[0])
   closed, _ = window.close(old, momentum=MOMENTUM)
   assert_statistics_close(closed, expected)
   # Unweighted, the 16 examples would count as much as the 48.
-  unweighted = optaccum.merge_batch_stats(stacked, momentum=MOMENTUM)
+  unweighted = optaccum.flax.merge_batch_stats(stacked, momentum=MOMENTUM)
   assert relative_error(unweighted, expected, "var") > 1e-2  # measured 2.9e-2
 
 
@@ -324,12 +326,12 @@ def test_merge_and_window_equal_numpy_statistics_of_a_wide_layer_for_any_momentu
     return updates["batch_stats"]
 
   stacked = jax.jit(jax.vmap(new_stats))(jnp.reshape(x, (EVERY_K, -1, WIDE)))
-  window = optaccum.BatchStatsWindow.create(old)
+  window = optaccum.flax.BatchStatsWindow.create(old)
   for i in range(EVERY_K):
     window = window.add(jax.tree.map(lambda leaf, i=i: leaf[i], stacked))
   closed, _ = window.close(old, momentum=momentum)
   expected = numpy_layer_statistics(x, old, momentum)
-  assert_statistics_close(optaccum.merge_batch_stats(stacked, momentum=momentum), expected)
+  assert_statistics_close(optaccum.flax.merge_batch_stats(stacked, momentum=momentum), expected)
   assert_statistics_close(closed, expected)
 
 
@@ -345,8 +347,8 @@ def test_bfloat16_statistics_are_combined_in_float32_and_kept_in_bfloat16():
     "mean": means.mean(0),
     "var": variances.mean(0) + means.var(0) / (1 - MOMENTUM),
   }
-  merged = optaccum.merge_batch_stats(stacked, momentum=MOMENTUM)
-  window = optaccum.BatchStatsWindow.create(jax.tree.map(lambda leaf: leaf[0], stacked))
+  merged = optaccum.flax.merge_batch_stats(stacked, momentum=MOMENTUM)
+  window = optaccum.flax.BatchStatsWindow.create(jax.tree.map(lambda leaf: leaf[0], stacked))
   for i in range(EVERY_K):
     window = window.add(jax.tree.map(lambda leaf, i=i: leaf[i], stacked))
   closed, _ = window.close(jax.tree.map(lambda leaf: leaf[0], stacked), momentum=MOMENTUM)
@@ -357,7 +359,7 @@ def test_bfloat16_statistics_are_combined_in_float32_and_kept_in_bfloat16():
 
 def test_an_empty_window_or_a_false_when_leaves_the_statistics_unchanged():
   _, start = initial_variables()
-  window = optaccum.BatchStatsWindow.create(start)
+  window = optaccum.flax.BatchStatsWindow.create(start)
   closed, _ = window.close(start, momentum=MOMENTUM)  # nothing added
   assert jax.tree.all(jax.tree.map(jnp.array_equal, closed, start))
   added = window.add(jax.tree.map(lambda leaf: leaf + 1.0, start))
@@ -378,9 +380,9 @@ def test_momentum_outside_zero_to_one_is_refused(call, momentum):
   message = rf"`{call}\(momentum=...\)` must be a number with 0 <= momentum < 1"
   with pytest.raises(ValueError, match=message + ".*" + rf"got momentum={momentum!r}"):
     if call == "merge_batch_stats":
-      optaccum.merge_batch_stats(STACKED, momentum=momentum)
+      optaccum.flax.merge_batch_stats(STACKED, momentum=momentum)
     else:
-      optaccum.BatchStatsWindow.create(LAYER).close(LAYER, momentum=momentum)
+      optaccum.flax.BatchStatsWindow.create(LAYER).close(LAYER, momentum=momentum)
 
 
 @pytest.mark.parametrize("call", ["merge_batch_stats", "BatchStatsWindow.create"])
@@ -389,44 +391,44 @@ def test_a_leaf_outside_a_batch_norm_layer_is_refused(call):
   message = rf"`{call}\(.*=...\)` must hold only BatchNorm statistics.*\['params'\]\['kernel'\]"
   with pytest.raises(ValueError, match=message):
     if call == "merge_batch_stats":
-      optaccum.merge_batch_stats(tree, momentum=MOMENTUM)
+      optaccum.flax.merge_batch_stats(tree, momentum=MOMENTUM)
     else:
-      optaccum.BatchStatsWindow.create(tree)
+      optaccum.flax.BatchStatsWindow.create(tree)
 
 
 def test_a_tree_without_statistics_is_refused():
   with pytest.raises(ValueError, match=r"`merge_batch_stats\(stacked=...\)` holds no BatchNorm"):
-    optaccum.merge_batch_stats({}, momentum=MOMENTUM)
+    optaccum.flax.merge_batch_stats({}, momentum=MOMENTUM)
 
 
 def test_integer_statistics_are_refused():
   stacked = {"mean": jnp.zeros((EVERY_K, 3), jnp.int32), "var": STACKED["var"]}
   with pytest.raises(TypeError, match=r"floating-point statistics, but the layer at the root"):
-    optaccum.merge_batch_stats(stacked, momentum=MOMENTUM)
+    optaccum.flax.merge_batch_stats(stacked, momentum=MOMENTUM)
 
 
 def test_a_layer_without_a_micro_batch_axis_is_refused():
   layer = {"mean": jnp.zeros(()), "var": jnp.ones(())}
   with pytest.raises(ValueError, match=r"whose mean has shape \(\) .* leading micro-batch axis"):
-    optaccum.merge_batch_stats(layer, momentum=MOMENTUM)
+    optaccum.flax.merge_batch_stats(layer, momentum=MOMENTUM)
 
 
 def test_stacks_of_different_lengths_are_refused():
   stacked = {"a": STACKED, "b": {"mean": jnp.zeros((2, 3)), "var": jnp.ones((2, 3))}}
   message = r"of one length, but the leaf at \['a'\]\['mean'\] has 4 and .*\['b'\]\['mean'\] has 2"
   with pytest.raises(ValueError, match=message):
-    optaccum.merge_batch_stats(stacked, momentum=MOMENTUM)
+    optaccum.flax.merge_batch_stats(stacked, momentum=MOMENTUM)
 
 
 def test_weights_of_another_length_are_refused():
   with pytest.raises(
     ValueError, match=r"`merge_batch_stats\(weights=...\)` .* shape \(4,\), got shape \(3,\)"
   ):
-    optaccum.merge_batch_stats(STACKED, momentum=MOMENTUM, weights=jnp.ones(3))
+    optaccum.flax.merge_batch_stats(STACKED, momentum=MOMENTUM, weights=jnp.ones(3))
 
 
 def test_window_refuses_statistics_of_another_structure():
-  window = optaccum.BatchStatsWindow.create({"norm": LAYER})
+  window = optaccum.flax.BatchStatsWindow.create({"norm": LAYER})
   with pytest.raises(
     ValueError, match=r"`BatchStatsWindow.add\(batch_stats=...\)` has a tree structure"
   ):
@@ -434,7 +436,7 @@ def test_window_refuses_statistics_of_another_structure():
 
 
 def test_window_refuses_statistics_of_another_shape():
-  window = optaccum.BatchStatsWindow.create(LAYER)
+  window = optaccum.flax.BatchStatsWindow.create(LAYER)
   wider = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
   message = r"`BatchStatsWindow.close\(batch_stats=...\)` does not match the window at \['mean'\]"
   with pytest.raises(ValueError, match=message):
@@ -442,7 +444,7 @@ def test_window_refuses_statistics_of_another_shape():
 
 
 def test_window_refuses_a_when_that_is_not_a_scalar_bool():
-  window = optaccum.BatchStatsWindow.create(LAYER)
+  window = optaccum.flax.BatchStatsWindow.create(LAYER)
   with pytest.raises(
     TypeError, match=r"`BatchStatsWindow.close\(when=...\)` must be a scalar bool"
   ):
@@ -450,6 +452,6 @@ def test_window_refuses_a_when_that_is_not_a_scalar_bool():
 
 
 def test_window_refuses_a_weight_that_is_not_a_scalar():
-  window = optaccum.BatchStatsWindow.create(LAYER)
+  window = optaccum.flax.BatchStatsWindow.create(LAYER)
   with pytest.raises(ValueError, match=r"`BatchStatsWindow.add\(weight=...\)` must be a scalar"):
     window.add(LAYER, weight=jnp.ones(2))

@@ -17,7 +17,7 @@ def test_strategies_give_large_batch_result_and_skip_nan(strategy):
   every_k = 3
   params = helpers.init_params()
   x, y = helpers.make_data(4 * every_k * 2)
-  skip = optaccum.skip_not_finite
+  skip = optaccum.skip.not_finite
   tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k, strategy=strategy, skip=skip)
   fast_tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k, strategy=strategy, skip=skip)
 
@@ -54,7 +54,7 @@ def test_strategies_give_large_batch_result_and_skip_nan(strategy):
 
 def test_cond_strategy_is_reverse_differentiable():
   params = {"w": jnp.ones(2)}
-  tx = optaccum.accumulate(optax.sgd(0.5), every_k=2, strategy="cond", skip=None)
+  tx = optaccum.accumulate(optax.sgd(0.5), k=2, strategy="cond", skip=None)
 
   def after_window(scale):
     state = tx.init(params)

@@ -42,10 +42,10 @@ def inner_optimizer():
   return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
 
 
-def fresh_state(seed=0, hidden=8, every_k=EVERY_K, inner=None):
+def fresh_state(seed=0, hidden=8, k=EVERY_K, inner=None):
   model = Mlp(hidden)
   params = model.init(jax.random.key(seed), jnp.zeros((1, FEATURES)))
-  tx = optaccum.accumulate(inner or inner_optimizer(), every_k)
+  tx = optaccum.accumulate(inner or inner_optimizer(), k)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
@@ -79,7 +79,7 @@ def flat_params(state):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("checkpoint") / "mid_window"
-  optaccum.save_checkpoint(path, train(fresh_state(), range(SAVE_AT)), every_k=EVERY_K)
+  optaccum.checkpoint.save(path, train(fresh_state(), range(SAVE_AT)), k=EVERY_K)
   return path
 
 
@@ -107,9 +107,9 @@ def test_resume_mid_window_in_a_fresh_process_is_bit_identical(checkpoint, tmp_p
 
 def test_restore_with_other_params_names_the_leaves_and_both_shapes(checkpoint):
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(checkpoint, fresh_state(hidden=16), every_k=EVERY_K)
+    optaccum.checkpoint.restore(checkpoint, fresh_state(hidden=16), k=EVERY_K)
   lines = str(error.value).splitlines()
-  assert lines[0].startswith("`restore_checkpoint(target=...)` does not fit the checkpoint at ")
+  assert lines[0].startswith("`checkpoint.restore(target=...)` does not fit the checkpoint at ")
   assert lines[0].endswith(": 9 leaves differ (another model, optimizer or dtype?).")
   # The parameters come first, then the optimizer state that mirrors them.
   assert lines[1:4] == [
@@ -123,19 +123,19 @@ def test_restore_with_other_params_names_the_leaves_and_both_shapes(checkpoint):
 def test_restore_into_other_dtypes_names_both_sides_instead_of_casting(tmp_path):
   tx = optaccum.accumulate(optax.sgd(0.1), EVERY_K)
   params = {"w": jnp.full(4, 1.0002441, jnp.float32)}
-  optaccum.save_checkpoint(tmp_path / "float32", (params, tx.init(params)), every_k=EVERY_K)
+  optaccum.checkpoint.save(tmp_path / "float32", (params, tx.init(params)), k=EVERY_K)
   # In bfloat16 the saved 1.0002441 is 1.0: a cast would drop the difference unseen.
   half = {"w": params["w"].astype(jnp.bfloat16)}
   assert np.array_equal(np.asarray(half["w"], np.float32), np.ones(4, np.float32))
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(tmp_path / "float32", (half, tx.init(params)), every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path / "float32", (half, tx.init(params)), k=EVERY_K)
   assert str(error.value).splitlines() == [
-    f"`restore_checkpoint(target=...)` does not fit the checkpoint at {tmp_path / 'float32'}: "
+    f"`checkpoint.restore(target=...)` does not fit the checkpoint at {tmp_path / 'float32'}: "
     "1 leaves differ (another model, optimizer or dtype?).",
     "  0.w: checkpoint has float32[4], target has bfloat16[4]",
   ]
-  restored, _ = optaccum.restore_checkpoint(
-    tmp_path / "float32", (params, tx.init(params)), every_k=EVERY_K
+  restored, _ = optaccum.checkpoint.restore(
+    tmp_path / "float32", (params, tx.init(params)), k=EVERY_K
   )
   assert np.array_equal(restored["w"], np.full(4, 1.0002441, np.float32))
 
@@ -145,8 +145,8 @@ def test_fresh_train_state_with_a_python_int_step_restores(tmp_path):
   # target's own Python int has no dtype to differ.
   state = fresh_state()
   assert isinstance(state.step, int)
-  optaccum.save_checkpoint(tmp_path / "fresh", state, every_k=EVERY_K)
-  restored = optaccum.restore_checkpoint(tmp_path / "fresh", fresh_state(seed=1), every_k=EVERY_K)
+  optaccum.checkpoint.save(tmp_path / "fresh", state, k=EVERY_K)
+  restored = optaccum.checkpoint.restore(tmp_path / "fresh", fresh_state(seed=1), k=EVERY_K)
   assert int(restored.step) == 0
   assert flat_params(restored).keys() == flat_params(state).keys()
   for name, value in flat_params(state).items():
@@ -156,7 +156,7 @@ def test_fresh_train_state_with_a_python_int_step_restores(tmp_path):
 def test_restore_with_other_optimizer_lists_leaves_found_on_one_side_only(checkpoint):
   target = fresh_state(inner=optax.sgd(0.1))
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(checkpoint, target, every_k=EVERY_K)
+    optaccum.checkpoint.restore(checkpoint, target, k=EVERY_K)
   # The saved momentum trace has no place in a plain-sgd target.
   assert str(error.value).splitlines()[1:] == [
     f"  opt_state.inner_opt_state.1.0.trace.params.{name}: checkpoint has {shape}, target has "
@@ -172,22 +172,22 @@ def test_restore_with_other_optimizer_lists_leaves_found_on_one_side_only(checkp
 
 def test_restore_with_other_every_k_names_both_window_lengths(checkpoint):
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(checkpoint, fresh_state(every_k=4), every_k=4)
+    optaccum.checkpoint.restore(checkpoint, fresh_state(k=4), k=4)
   assert str(error.value) == (
-    "`restore_checkpoint(every_k=...)` gives windows of 4 micro-steps at gradient step 1, "
+    "`checkpoint.restore(k=...)` gives windows of 4 micro-steps at gradient step 1, "
     f"but the checkpoint at {checkpoint} was saved with windows of 3 (2 micro-steps into "
-    "the current one); restore with the every_k it was saved with."
+    "the current one); restore with the k it was saved with."
   )
 
 
 def test_restore_with_a_schedule_checks_the_window_length_at_the_saved_gradient_step(checkpoint):
   # Saved at gradient step 1 with k=3: a schedule giving 3 there fits, whatever it gives elsewhere.
   fits = lambda step: jnp.where(step < 1, 2, EVERY_K)  # noqa: E731
-  restored = optaccum.restore_checkpoint(checkpoint, fresh_state(every_k=fits), every_k=fits)
-  assert int(optaccum.accumulation_state(restored).mini_step) == SAVE_AT % EVERY_K
+  restored = optaccum.checkpoint.restore(checkpoint, fresh_state(k=fits), k=fits)
+  assert int(optaccum.status(restored).mini_step) == SAVE_AT % EVERY_K
   does_not_fit = lambda step: jnp.where(step < 1, EVERY_K, 5)  # noqa: E731
   with pytest.raises(ValueError, match="gives windows of 5 micro-steps at gradient step 1"):
-    optaccum.restore_checkpoint(checkpoint, fresh_state(), every_k=does_not_fit)
+    optaccum.checkpoint.restore(checkpoint, fresh_state(), k=does_not_fit)
 
 
 def test_restore_of_a_checkpoint_without_a_recorded_window_fails(tmp_path):
@@ -195,27 +195,27 @@ def test_restore_of_a_checkpoint_without_a_recorded_window_fails(tmp_path):
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "plain", state)
   with pytest.raises(
-    ValueError, match="records no window length; save it with `optaccum.save_checkpoint`"
+    ValueError, match="records no window length; save it with `optaccum.checkpoint.save`"
   ):
-    optaccum.restore_checkpoint(tmp_path / "plain", state, every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path / "plain", state, k=EVERY_K)
 
 
 def test_restore_from_a_missing_directory_names_it(tmp_path):
   missing = tmp_path / "missing"
   with pytest.raises(FileNotFoundError) as error:
-    optaccum.restore_checkpoint(missing, fresh_state(), every_k=EVERY_K)
+    optaccum.checkpoint.restore(missing, fresh_state(), k=EVERY_K)
   assert str(error.value) == (
-    f"`restore_checkpoint(directory=...)` must be a checkpoint directory, got {str(missing)!r}, "
+    f"`checkpoint.restore(directory=...)` must be a checkpoint directory, got {str(missing)!r}, "
     "which is not a directory."
   )
 
 
 def test_restore_from_a_directory_without_a_checkpoint_says_so(tmp_path):
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(tmp_path, fresh_state(), every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path, fresh_state(), k=EVERY_K)
   assert str(error.value) == (
-    "`restore_checkpoint(directory=...)` must be a checkpoint written by "
-    f"`optaccum.save_checkpoint` (or a CheckpointManager step), but {str(tmp_path)!r} "
+    "`checkpoint.restore(directory=...)` must be a checkpoint written by "
+    f"`optaccum.checkpoint.save` (or a CheckpointManager step), but {str(tmp_path)!r} "
     "holds no Orbax checkpoint."
   )
 
@@ -260,11 +260,11 @@ def test_nnx_model_and_optimizer_resume_mid_window_bit_identically(tmp_path, mak
 
   saved = fresh(0)
   train_nnx(*saved, range(SAVE_AT))
-  optaccum.save_checkpoint(tmp_path / "nnx", saved, every_k=EVERY_K)
-  model, optimizer = optaccum.restore_checkpoint(tmp_path / "nnx", fresh(1), every_k=EVERY_K)
+  optaccum.checkpoint.save(tmp_path / "nnx", saved, k=EVERY_K)
+  model, optimizer = optaccum.checkpoint.restore(tmp_path / "nnx", fresh(1), k=EVERY_K)
   train_nnx(model, optimizer, range(SAVE_AT, MICRO_STEPS))
 
-  assert int(optaccum.flax_gradient_step(optimizer)) == MICRO_STEPS // EVERY_K
+  assert int(optaccum.flax.gradient_step(optimizer)) == MICRO_STEPS // EVERY_K
   for resumed, expected in zip(
     jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(uninterrupted[0]))
   ):
@@ -281,11 +281,11 @@ def test_nnx_state_with_dropout_keys_resumes_mid_window_bit_identically(tmp_path
   train_nnx(*uninterrupted, range(MICRO_STEPS))
   saved = fresh(0)
   train_nnx(*saved, range(SAVE_AT))
-  optaccum.save_checkpoint(tmp_path / "nnx_state", nnx.state(saved), every_k=EVERY_K)
+  optaccum.checkpoint.save(tmp_path / "nnx_state", nnx.state(saved), k=EVERY_K)
 
   resumed = fresh(1)
   path = tmp_path / "nnx_state"
-  restored = optaccum.restore_checkpoint(path, nnx.state(resumed), every_k=EVERY_K)
+  restored = optaccum.checkpoint.restore(path, nnx.state(resumed), k=EVERY_K)
   nnx.update(resumed, restored)
   keys = jax.tree.leaves(nnx.state(resumed[0], nnx.RngKey))
   assert keys and all(jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) for key in keys)
@@ -296,12 +296,12 @@ def test_nnx_state_with_dropout_keys_resumes_mid_window_bit_identically(tmp_path
   ):
     assert np.array_equal(got, expected)
   with pytest.raises(ValueError, match=r"windows of 2 micro-steps"):
-    optaccum.restore_checkpoint(tmp_path / "nnx_state", nnx.state(fresh(1)), every_k=2)
+    optaccum.checkpoint.restore(tmp_path / "nnx_state", nnx.state(fresh(1)), k=2)
 
 
 def _manager_save(root, step, state, *, metadata=True, items=None):
   """Saves `state` as `step` of a CheckpointManager at `root`, as a training loop would."""
-  custom = optaccum.checkpoint_metadata(state, every_k=EVERY_K) if metadata else None
+  custom = optaccum.checkpoint.metadata(state, k=EVERY_K) if metadata else None
   args = ocp.args.StandardSave(state)
   if items is not None:  # several items: the state beside a JSON item
     args = ocp.args.Composite(**{items[0]: args, items[1]: ocp.args.JsonSave({"epoch": 1})})
@@ -315,37 +315,37 @@ def test_checkpoint_manager_step_resumes_mid_window_and_refuses_another_window(t
   _manager_save(tmp_path, SAVE_AT, train(fresh_state(), range(SAVE_AT)))
 
   step_directory = tmp_path / str(SAVE_AT)
-  state = optaccum.restore_checkpoint(step_directory, fresh_state(seed=1), every_k=EVERY_K)
-  assert int(optaccum.accumulation_state(state.opt_state).mini_step) == SAVE_AT % EVERY_K
+  state = optaccum.checkpoint.restore(step_directory, fresh_state(seed=1), k=EVERY_K)
+  assert int(optaccum.status(state.opt_state).mini_step) == SAVE_AT % EVERY_K
   resumed = flat_params(train(state, range(SAVE_AT, MICRO_STEPS)))
   for name, value in uninterrupted.items():
     assert np.array_equal(resumed[name], value), name
   # The issue's case: saved with k = 3, restored into a k = 2 optimizer.
   with pytest.raises(ValueError, match=r"windows of 2 micro-steps .* windows of 3 \(2 micro"):
-    optaccum.restore_checkpoint(step_directory, fresh_state(every_k=2), every_k=2)
+    optaccum.checkpoint.restore(step_directory, fresh_state(k=2), k=2)
 
 
 def test_checkpoint_manager_step_with_several_items_restores_the_named_one(tmp_path):
   _manager_save(tmp_path, 1, train(fresh_state(), range(SAVE_AT)), items=("state", "extra"))
-  state = optaccum.restore_checkpoint(tmp_path / "1", fresh_state(1), every_k=EVERY_K, item="state")
-  assert int(optaccum.accumulation_state(state.opt_state).mini_step) == SAVE_AT % EVERY_K
+  state = optaccum.checkpoint.restore(tmp_path / "1", fresh_state(1), k=EVERY_K, item="state")
+  assert int(optaccum.status(state.opt_state).mini_step) == SAVE_AT % EVERY_K
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(tmp_path / "1", fresh_state(), every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path / "1", fresh_state(), k=EVERY_K)
   assert str(error.value) == (
-    "`restore_checkpoint(item=...)` must name the item to restore of the CheckpointManager "
+    "`checkpoint.restore(item=...)` must name the item to restore of the CheckpointManager "
     f"step at {str(tmp_path / '1')!r}, which holds extra, state."
   )
   with pytest.raises(ValueError, match=r"which holds extra, state, got item='model'\.$"):
-    optaccum.restore_checkpoint(tmp_path / "1", fresh_state(), every_k=EVERY_K, item="model")
+    optaccum.checkpoint.restore(tmp_path / "1", fresh_state(), k=EVERY_K, item="model")
 
 
 def test_checkpoint_manager_directory_names_its_steps(tmp_path):
   for step in (2, 10):
     _manager_save(tmp_path, step, fresh_state())
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(tmp_path, fresh_state(), every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path, fresh_state(), k=EVERY_K)
   assert str(error.value) == (
-    "`restore_checkpoint(directory=...)` must be one checkpoint, but "
+    "`checkpoint.restore(directory=...)` must be one checkpoint, but "
     f"{str(tmp_path)!r} is a CheckpointManager's directory of steps 2, 10: pass one "
     f"step's directory, e.g. {str(tmp_path / '10')!r}."
   )
@@ -353,13 +353,13 @@ def test_checkpoint_manager_directory_names_its_steps(tmp_path):
 
 def test_checkpoint_manager_step_without_the_metadata_says_how_to_save_it(tmp_path):
   _manager_save(tmp_path, 0, fresh_state(), metadata=False)
-  with pytest.raises(ValueError, match=r"records no window length; .*checkpoint_metadata\(state"):
-    optaccum.restore_checkpoint(tmp_path / "0", fresh_state(), every_k=EVERY_K)
+  with pytest.raises(ValueError, match=r"records no window length; .*checkpoint.metadata\(state"):
+    optaccum.checkpoint.restore(tmp_path / "0", fresh_state(), k=EVERY_K)
 
 
 def test_item_of_a_one_item_checkpoint_is_refused(checkpoint):
   with pytest.raises(ValueError, match=r"is a checkpoint of one item; leave item=None, got"):
-    optaccum.restore_checkpoint(checkpoint, fresh_state(), every_k=EVERY_K, item="state")
+    optaccum.checkpoint.restore(checkpoint, fresh_state(), k=EVERY_K, item="state")
 
 
 def test_pmap_replicas_partial_sums_are_never_lost_by_a_mid_window_save(run_python, tmp_path):
@@ -369,7 +369,7 @@ def test_pmap_replicas_partial_sums_are_never_lost_by_a_mid_window_save(run_pyth
   replicated, kept = result["replicated"], result["per_device"]
   # Declared replicated, each device holds its own sum mid-window: refused.
   assert replicated["refusal"].startswith(
-    "`save_checkpoint(state=...)` is declared replicated over 4 devices, but 3 of them "
+    "`checkpoint.save(state=...)` is declared replicated over 4 devices, but 3 of them "
     "hold other partial sums in a leaf of `acc_grads`"
   )
   assert replicated["resumed_equal"]  # a save at a window's end resumes bit for bit
@@ -382,8 +382,8 @@ if __name__ == "__main__":
   jax.config.update("jax_numpy_dtype_promotion", "strict")
   checkpoint_path, out_path = sys.argv[1:]
   # Another seed, so only a real restore can reproduce the uninterrupted run.
-  state = optaccum.restore_checkpoint(checkpoint_path, fresh_state(seed=1), every_k=EVERY_K)
-  accumulation = optaccum.accumulation_state(state)
+  state = optaccum.checkpoint.restore(checkpoint_path, fresh_state(seed=1), k=EVERY_K)
+  accumulation = optaccum.status(state).state
   print(
     json.dumps(
       {"mini_step": int(accumulation.mini_step), "gradient_step": int(accumulation.gradient_step)}

@@ -32,7 +32,7 @@ def with_optimizer(leaves):
 
 
 def damaged(directory):
-  return f"`restore_checkpoint(directory=...)`: the checkpoint at {directory} is damaged: "
+  return f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} is damaged: "
 
 
 def flip_one_bit(leaf):
@@ -76,18 +76,18 @@ def test_one_flipped_bit_in_any_kind_of_leaf_is_named_at_restore(tmp_path, x64):
   with jax.enable_x64(x64):
     leaves = every_kind_of_leaf(x64)
     saved = with_optimizer(leaves)
-    optaccum.save_checkpoint(tmp_path / "saved", saved, every_k=EVERY_K)
-    restored = optaccum.restore_checkpoint(tmp_path / "saved", saved, every_k=EVERY_K)
+    optaccum.checkpoint.save(tmp_path / "saved", saved, k=EVERY_K)
+    restored = optaccum.checkpoint.restore(tmp_path / "saved", saved, k=EVERY_K)
     for name, leaf in leaves.items():
       assert restored[0][name].dtype == leaf.dtype, name
       assert bits(restored[0][name]) == bits(leaf), name
 
     # The same tree with one bit flipped in every leaf, under the record of `saved`.
     flipped = with_optimizer({name: flip_one_bit(leaf) for name, leaf in leaves.items()})
-    optaccum.save_checkpoint(tmp_path / "flipped", flipped, every_k=EVERY_K)
+    optaccum.checkpoint.save(tmp_path / "flipped", flipped, k=EVERY_K)
     shutil.copy(tmp_path / "saved" / "_CHECKPOINT_METADATA", tmp_path / "flipped")
     with pytest.raises(ValueError) as error:
-      optaccum.restore_checkpoint(tmp_path / "flipped", saved, every_k=EVERY_K)
+      optaccum.checkpoint.restore(tmp_path / "flipped", saved, k=EVERY_K)
   total = len(ocp.tree.to_flat_dict(saved))
   assert str(error.value).splitlines() == [
     damaged(tmp_path / "flipped")
@@ -107,7 +107,7 @@ def test_a_bit_flipped_on_disk_in_a_large_leaf_is_named_at_restore(tmp_path):
   # Random values compress little, so the largest file Orbax writes holds them.
   large = jnp.asarray(rng.normal(size=LARGE).astype(np.float32))
   state = with_optimizer({"large": large, "small": jnp.ones(3, jnp.float32)})
-  optaccum.save_checkpoint(tmp_path / "checkpoint", state, every_k=EVERY_K)
+  optaccum.checkpoint.save(tmp_path / "checkpoint", state, k=EVERY_K)
   data_file = largest_file(tmp_path / "checkpoint")
   data = bytearray(data_file.read_bytes())
   assert len(data) > LARGE
@@ -121,7 +121,7 @@ def test_a_bit_flipped_on_disk_in_a_large_leaf_is_named_at_restore(tmp_path):
   assert not np.array_equal(bare[0]["large"], large)
 
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(tmp_path / "checkpoint", state, every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path / "checkpoint", state, k=EVERY_K)
   assert str(error.value) == (
     damaged(tmp_path / "checkpoint")
     + f"the data of 1 of its {len(ocp.tree.to_flat_dict(state))} leaves reads back other than "
@@ -193,7 +193,7 @@ DAMAGE = {
   ),
   "record without checksums": (
     lambda d: edit_json(d / "_CHECKPOINT_METADATA", drop_checksums),
-    "its custom metadata 'optaccum' lacks checksums (it holds every_k, mini_step, gradient_step).",
+    "its custom metadata 'optaccum' lacks checksums (it holds k, mini_step, gradient_step).",
   ),
 }
 
@@ -230,14 +230,14 @@ def saved_state():
 def saved(tmp_path_factory):
   """A checkpoint of `saved_state()`."""
   path = tmp_path_factory.mktemp("damage") / "checkpoint"
-  optaccum.save_checkpoint(path, saved_state(), every_k=EVERY_K)
+  optaccum.checkpoint.save(path, saved_state(), k=EVERY_K)
   return path
 
 
 def restore_error(directory):
   """The type and message of what `restore_checkpoint` raises for `directory`."""
   try:
-    optaccum.restore_checkpoint(directory, saved_state(), every_k=EVERY_K)
+    optaccum.checkpoint.restore(directory, saved_state(), k=EVERY_K)
   except Exception as error:  # the test asserts on its type
     return type(error).__name__, str(error)
   return None, None
@@ -257,7 +257,7 @@ def test_damaged_or_missing_orbax_files_are_named_with_the_directory(saved, tmp_
   shutil.copytree(saved, directory)
   damage(directory)
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(directory, saved_state(), every_k=EVERY_K)
+    optaccum.checkpoint.restore(directory, saved_state(), k=EVERY_K)
   check_damage_is_named(directory, type(error.value).__name__, str(error.value), what)
 
 
@@ -279,7 +279,7 @@ def test_damage_tensorstore_meets_is_named_with_the_directory(saved, tmp_path, r
 def test_the_undamaged_copy_restores(saved, tmp_path):
   shutil.copytree(saved, tmp_path / "checkpoint")
   state = saved_state()
-  restored = optaccum.restore_checkpoint(tmp_path / "checkpoint", state, every_k=EVERY_K)
+  restored = optaccum.checkpoint.restore(tmp_path / "checkpoint", state, k=EVERY_K)
   assert np.array_equal(restored[0]["large"], state[0]["large"])
 
 
@@ -298,7 +298,7 @@ def test_saves_from_two_threads_at_once_all_succeed_and_restore(tmp_path):
       try:
         barrier.wait()  # Both threads inside Orbax at once, every time.
         path = tmp_path / f"thread_{thread}" / f"step_{step}"
-        optaccum.save_checkpoint(path, states[thread, step], every_k=EVERY_K)
+        optaccum.checkpoint.save(path, states[thread, step], k=EVERY_K)
       except Exception as error:  # collected, asserted on below
         errors.append(f"thread {thread}, step {step}: {error!r}")
 
@@ -311,7 +311,7 @@ def test_saves_from_two_threads_at_once_all_succeed_and_restore(tmp_path):
   assert errors == []
   for (thread, step), state in states.items():
     path = tmp_path / f"thread_{thread}" / f"step_{step}"
-    restored = optaccum.restore_checkpoint(path, state, every_k=EVERY_K)
+    restored = optaccum.checkpoint.restore(path, state, k=EVERY_K)
     assert np.array_equal(restored[0]["w"], np.full(1000, 100 * thread + step, np.float32))
 
 
@@ -319,10 +319,10 @@ def test_a_directory_of_other_files_still_holds_no_checkpoint(tmp_path):
   (tmp_path / "notes.txt").write_text("not a checkpoint")
   os.mkdir(tmp_path / "d")
   with pytest.raises(ValueError) as error:
-    optaccum.restore_checkpoint(tmp_path, with_optimizer({}), every_k=EVERY_K)
+    optaccum.checkpoint.restore(tmp_path, with_optimizer({}), k=EVERY_K)
   assert str(error.value) == (
-    "`restore_checkpoint(directory=...)` must be a checkpoint written by "
-    f"`optaccum.save_checkpoint` (or a CheckpointManager step), but {str(tmp_path)!r} "
+    "`checkpoint.restore(directory=...)` must be a checkpoint written by "
+    f"`optaccum.checkpoint.save` (or a CheckpointManager step), but {str(tmp_path)!r} "
     "holds no Orbax checkpoint."
   )
 

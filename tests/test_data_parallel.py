@@ -117,11 +117,11 @@ def test_data_parallel_bad_arguments_raise_naming_them(kwargs, error, message):
   arguments.update(kwargs)
   fn, mesh = arguments.pop("fn"), arguments.pop("mesh")
   with pytest.raises(error, match=message):
-    optaccum.data_parallel(fn, mesh, **arguments)
+    optaccum.parallel.data_parallel(fn, mesh, **arguments)
 
 
 def test_data_parallel_rejects_a_batch_argument_the_call_lacks():
   mesh = jax.make_mesh((1,), ("data",))
-  fn = optaccum.data_parallel(lambda x: x, mesh, axis_name="data", batch_argnums=1)
+  fn = optaccum.parallel.data_parallel(lambda x: x, mesh, axis_name="data", batch_argnums=1)
   with pytest.raises(ValueError, match=r"names argument 1, but the call has 1 positional"):
     fn(jax.numpy.ones(2))

@@ -24,7 +24,7 @@ def demo(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo") / "plots" / "loss.png"
   printed = io.StringIO()
   large, accumulated = _demo.run_demo(
-    every_k=8, batch_size=1024, steps=8, seed=1, out=str(out), console=Console(file=printed)
+    k=8, batch_size=1024, steps=8, seed=1, out=str(out), console=Console(file=printed)
   )
   return large, accumulated, printed.getvalue(), out
 
@@ -104,7 +104,7 @@ def test_demo_command_passes_its_options_to_the_demo(monkeypatch):
     ["demo", "-k", "2", "--batch-size", "16", "--steps", "3", "--seed", "5", "--out", "a.png"]
   )
   assert code == 0
-  assert calls == [dict(every_k=2, batch_size=16, steps=3, seed=5, out="a.png")]
+  assert calls == [dict(k=2, batch_size=16, steps=3, seed=5, out="a.png")]
 
 
 def test_batch_indices_cover_each_epoch_once_before_repeating():
@@ -118,16 +118,16 @@ def test_batch_indices_cover_each_epoch_once_before_repeating():
 @pytest.mark.parametrize(
   "options, message",
   [
-    (["-k", "0"], "`optaccum demo --every-k` must be a positive int, got 0."),
+    (["-k", "0"], "`optaccum demo -k` must be a positive int, got 0."),
     (["--batch-size", "0"], "`optaccum demo --batch-size` must be a positive int, got 0."),
     (["--steps", "-3"], "`optaccum demo --steps` must be a positive int, got -3."),
     (["--seed", "-1"], "`optaccum demo --seed` must be a non-negative int, got -1."),
     (
       ["-k", "4", "--batch-size", "30"],
-      "`optaccum demo --batch-size` must be a multiple of --every-k=4, got 30.",
+      "`optaccum demo --batch-size` must be a multiple of -k=4, got 30.",
     ),
     (["--out", "loss.jpg"], "`optaccum demo --out` must be a .png path, got 'loss.jpg'."),
-    (["--every-k", "two"], "argument -k/--every-k: invalid int value: 'two'"),
+    (["-k", "two"], "argument -k: invalid int value: 'two'"),
   ],
 )
 def test_demo_rejects_a_bad_option_on_one_line_with_exit_code_2(options, message, capsys):
@@ -190,18 +190,18 @@ def test_demo_accepts_an_out_in_directories_it_will_create(tmp_path, monkeypatch
 
 def test_module_entry_exits_2_on_a_bad_option():
   result = subprocess.run(
-    [sys.executable, "-m", "optaccum", "demo", "--every-k", "0"], capture_output=True, text=True
+    [sys.executable, "-m", "optaccum", "demo", "-k", "0"], capture_output=True, text=True
   )
   assert result.returncode == 2
   assert result.stderr.count("\n") == 1
-  assert "`optaccum demo --every-k` must be a positive int, got 0." in result.stderr
+  assert "`optaccum demo -k` must be a positive int, got 0." in result.stderr
 
 
 def test_console_script_shows_the_demo_options():
   script = Path(sys.executable).with_name("optaccum")
   result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
-  for option in ["--every-k", "--batch-size", "--steps", "--seed", "--out"]:
+  for option in ["-k", "--batch-size", "--steps", "--seed", "--out"]:
     assert option in result.stdout
 
 
@@ -216,14 +216,14 @@ def test_memory_budget_chooses_the_smallest_k_whose_micro_step_fits(monkeypatch,
   fitting = [k for k, fits in table.items() if fits == "yes"]
   assert "no" in table.values() and fitting  # the budget decides
   (options,) = calls
-  assert options["every_k"] == min(fitting) > 1 and options["batch_size"] == 256
+  assert options["k"] == min(fitting) > 1 and options["batch_size"] == 256
   assert f"Memory budget 500.0 KiB: k={min(fitting)} is the smallest k" in " ".join(printed.split())
 
 
 @pytest.mark.parametrize(
   "options, message",
   [
-    (["-k", "2", "--memory-budget", "1MiB"], "either --every-k or --memory-budget, not both"),
+    (["-k", "2", "--memory-budget", "1MiB"], "either -k or --memory-budget, not both"),
     (
       ["--memory-budget", "lots"],
       "must be a size such as 300KiB, 1.5MiB or 2MB (at least 1 byte), got 'lots'",
@@ -264,7 +264,7 @@ def test_evaluate_command_trains_each_k_on_the_digits_and_saves_the_plot(tmp_pat
   [
     (
       ["-k", "3"],
-      "`optaccum evaluate --every-k` must be positive ints dividing --batch-size=256, got 3.",
+      "`optaccum evaluate -k` must be positive ints dividing --batch-size=256, got 3.",
     ),
     (["--windows", "0"], "`optaccum evaluate --windows` must be a positive int, got 0."),
     (["--rounds", "0"], "`optaccum evaluate --rounds` must be a positive int, got 0."),

@@ -104,7 +104,7 @@ def test_scanned_micro_steps_equal_large_batch_optax(path):
   (params, state), _ = jax.jit(lambda c: jax.lax.scan(micro_step, c, micro_batches))(
     (params, state)
   )
-  assert int(optaccum.gradient_step(state)) == WINDOWS
+  assert int(optaccum.status(state).gradient_step) == WINDOWS
   assert_models_close(eqx.combine(params, static), large_batch_optax(model, xs, ys))
 
 
@@ -128,7 +128,7 @@ def test_flush_with_a_skip_policy_equals_large_batch_optax_on_the_partial_window
   model = make_net()
   xs, ys = make_batches()
   params, static = eqx.partition(model, eqx.is_array)
-  tx = optaccum.accumulate(OPTIMIZER, EVERY_K, skip=optaccum.skip_not_finite)
+  tx = optaccum.accumulate(OPTIMIZER, EVERY_K, skip=optaccum.skip.not_finite)
   state = tx.init(params)
   # Two micro-batches of a window of four, then a flush: one step on those two.
   for i in range(2):
@@ -138,7 +138,7 @@ def test_flush_with_a_skip_policy_equals_large_batch_optax_on_the_partial_window
     params = eqx.apply_updates(params, updates)
   updates, state = jax.jit(lambda s, p: optaccum.flush(tx, s, p))(state, params)
   params = eqx.apply_updates(params, updates)
-  assert int(optaccum.gradient_step(state)) == 1
+  assert int(optaccum.status(state).gradient_step) == 1
   reference = large_batch_optax(model, xs[:1, : 2 * MICRO_BATCH], ys[:1, : 2 * MICRO_BATCH])
   assert_models_close(eqx.combine(params, static), reference)
 

@@ -83,7 +83,7 @@ def test_multisteps_equals_large_batch_and_optax_multisteps():
     x, y = helpers.make_data(MICRO_BATCH * every_k * NUM_WINDOWS)
     expected, _ = _train(optax.adam(0.01), params, x, y, MICRO_BATCH * every_k)
     ours, state = _train(
-      optaccum.MultiSteps(optax.adam(0.01), every_k).gradient_transformation(),
+      optaccum.compat.MultiSteps(optax.adam(0.01), every_k).gradient_transformation(),
       params,
       x,
       y,

@@ -1,4 +1,4 @@
-"""`optaccum.evaluate`: each k trained on the same windows, measured against the unsplit batch."""
+"""`optaccum.planning.evaluate`: each k trained on the same windows, against the unsplit batch."""
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,8 @@ OPTIMIZER = optax.sgd(0.05, momentum=0.9)
 @pytest.fixture(scope="module")
 def evaluation():
   grad_fn = jax.value_and_grad(mlp_loss)
-  return optaccum.evaluate(
-    grad_fn, mlp_params(), OPTIMIZER, mlp_batches(), every_k=[2, 8], rounds=1, progress=False
+  return optaccum.planning.evaluate(
+    grad_fn, mlp_params(), OPTIMIZER, mlp_batches(), k=[2, 8], rounds=1, progress=False
   )
 
 
@@ -109,7 +109,7 @@ def test_differences_are_measured_in_the_parameters_own_precision():
 
   x = jax.random.normal(jax.random.key(0), (2, 8, 3)).astype(jnp.complex64)
   w = jnp.ones(3, jnp.complex64) * (1 + 1j)
-  result = optaccum.evaluate(
+  result = optaccum.planning.evaluate(
     jax.value_and_grad(loss), w, optax.sgd(0.1), [(x[0],), (x[1],)], [2], rounds=1, progress=False
   )
   assert result.rows[1].max_param_difference < 1e-5
@@ -137,8 +137,8 @@ def exact_problem():
 @pytest.mark.parametrize("form", ["accumulate", "microbatch"])
 def test_where_accumulation_is_exact_the_divergence_is_zero(form):
   grad_fn, params, optimizer, batches = exact_problem()
-  result = optaccum.evaluate(
-    grad_fn, params, optimizer, batches, every_k=[2, 4], form=form, rounds=1, progress=False
+  result = optaccum.planning.evaluate(
+    grad_fn, params, optimizer, batches, k=[2, 4], form=form, rounds=1, progress=False
   )
   assert [row.form for row in result.rows] == ["unsplit", form, form]
   for row in result.rows:
@@ -148,18 +148,20 @@ def test_where_accumulation_is_exact_the_divergence_is_zero(form):
 
 def test_a_budget_leaves_out_what_does_not_fit_and_the_smallest_k_is_the_reference():
   grad_fn = jax.value_and_grad(mlp_loss)
-  full = optaccum.plan(
+  full = optaccum.planning.plan(
     grad_fn, mlp_params(), OPTIMIZER, mlp_batches()[0], budget="1GiB", candidates=[1, 2, 8]
   )
   budget = max(row.total for row in full.rows if row.form == "accumulate")
   assert full.rows[0].total > budget  # the unsplit step does not fit
-  result = optaccum.evaluate(
+  result = optaccum.planning.evaluate(
     grad_fn, mlp_params(), OPTIMIZER, mlp_batches(), [2, 8], budget=budget, rounds=1, progress=False
   )
   assert [row.k for row in result.rows] == [2, 8] and result.reference == 2
   assert result.rows[0].max_param_difference == 0
   with pytest.raises(ValueError, match=r"`evaluate\(budget=...\)` of 10 bytes fits none"):
-    optaccum.evaluate(grad_fn, mlp_params(), OPTIMIZER, mlp_batches(), [2], budget=10, rounds=1)
+    optaccum.planning.evaluate(
+      grad_fn, mlp_params(), OPTIMIZER, mlp_batches(), [2], budget=10, rounds=1
+    )
 
 
 def test_table_and_plot_show_every_row(evaluation, tmp_path):
@@ -176,7 +178,7 @@ def test_table_and_plot_show_every_row(evaluation, tmp_path):
 
 def test_progress_bar_counts_every_window(capsys):
   grad_fn, params, optimizer, batches = exact_problem()
-  optaccum.evaluate(grad_fn, params, optimizer, batches, [2], rounds=2, progress=True)
+  optaccum.planning.evaluate(grad_fn, params, optimizer, batches, [2], rounds=2, progress=True)
   # Two configurations, two windows each, in one lockstep pass and two timed rounds.
   assert "12/12" in capsys.readouterr().out
 
@@ -185,8 +187,8 @@ def test_progress_bar_counts_every_window(capsys):
   "arguments, error, message",
   [
     ({"batches": ()}, TypeError, r"`evaluate\(batches=...\)` must be a non-empty list of batches"),
-    ({"every_k": [3]}, ValueError, r"`evaluate\(every_k=...\)` must divide the batch of 32, got 3"),
-    ({"every_k": 2}, TypeError, r"`evaluate\(every_k=...\)` must be a non-empty sequence"),
+    ({"k": [3]}, ValueError, r"`evaluate\(k=...\)` must divide the batch of 32, got 3"),
+    ({"k": 2}, TypeError, r"`evaluate\(k=...\)` must be a non-empty sequence"),
     ({"form": "scan"}, ValueError, r"`evaluate\(form=...\)` must be one of"),
     ({"rounds": 0}, ValueError, r"`evaluate\(rounds=...\)` must be a positive int"),
     ({"progress": "yes"}, TypeError, r"`evaluate\(progress=...\)` must be a bool"),
@@ -194,13 +196,13 @@ def test_progress_bar_counts_every_window(capsys):
 )
 def test_bad_arguments_are_named(arguments, error, message):
   grad_fn, params, optimizer, batches = exact_problem()
-  kwargs = {"batches": batches, "every_k": [2], **arguments}
+  kwargs = {"batches": batches, "k": [2], **arguments}
   with pytest.raises(error, match=message):
-    optaccum.evaluate(grad_fn, params, optimizer, **kwargs)
+    optaccum.planning.evaluate(grad_fn, params, optimizer, **kwargs)
 
 
 def test_batches_of_other_shapes_are_refused():
   grad_fn, params, optimizer, batches = exact_problem()
   x, y = batches[1]
   with pytest.raises(ValueError, match=r"batch 1 differs from batch 0"):
-    optaccum.evaluate(grad_fn, params, optimizer, [batches[0], (x[:16], y[:16])], [2])
+    optaccum.planning.evaluate(grad_fn, params, optimizer, [batches[0], (x[:16], y[:16])], [2])

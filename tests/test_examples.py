@@ -88,7 +88,7 @@ def test_checkpoint_resume_is_bit_identical_and_refuses_another_every_k(outputs)
   stdout = output_of(outputs, "checkpoint_resume")
   assert "restored: gradient step 1, 2 of 4 micro-batches into the window" in stdout
   assert "resumed parameters bit-identical to the uninterrupted run: True" in stdout
-  assert "restoring with every_k=2 fails:" in stdout
+  assert "restoring with k=2 fails:" in stdout
 
 
 def test_quickstart_takes_one_optimizer_step_per_window_and_matches_large_batch(outputs):

@@ -105,7 +105,7 @@ def test_linen_train_state_with_adamw_matches_large_batch_under_jit():
     large.params,
   )
   assert int(accumulated.step) == WINDOWS * EVERY_K
-  assert int(optaccum.flax_gradient_step(accumulated)) == int(large.step) == WINDOWS
+  assert int(optaccum.flax.gradient_step(accumulated)) == int(large.step) == WINDOWS
 
 
 def test_apply_train_state_gradients_weighted_window_equals_token_mean_of_large_batch():
@@ -122,7 +122,7 @@ def test_apply_train_state_gradients_weighted_window_equals_token_mean_of_large_
 
   @jax.jit
   def micro_step(state, x, target, mask):
-    return optaccum.apply_train_state_gradients(
+    return optaccum.flax.apply_train_state_gradients(
       state, grads=grads_of(state, x, target, mask), weight=jnp.sum(mask)
     )
 
@@ -167,7 +167,7 @@ def test_nnx_optimizer_update_forwards_weight_and_matches_large_batch_under_nnx_
     nnx.state(large_model, nnx.Param),
   )
   assert int(accumulated.step[...]) == WINDOWS * EVERY_K
-  assert int(optaccum.flax_gradient_step(accumulated)) == int(large.step[...]) == WINDOWS
+  assert int(optaccum.flax.gradient_step(accumulated)) == int(large.step[...]) == WINDOWS
 
 
 def test_flax_gradient_step_reads_a_chained_accumulation_inside_nnx_jit():
@@ -179,22 +179,22 @@ def test_flax_gradient_step_reads_a_chained_accumulation_inside_nnx_jit():
   def train_step(model, optimizer):
     grads = nnx.grad(lambda model: jnp.sum(model(jnp.ones((1, 2)))))(model)
     optimizer.update(model, grads)
-    return optaccum.flax_gradient_step(optimizer)
+    return optaccum.flax.gradient_step(optimizer)
 
   seen = [int(train_step(model, optimizer)) for _ in range(7)]
   assert seen == [0, 0, 1, 1, 1, 2, 2]
 
 
 def test_flax_gradient_step_rejects_an_object_without_opt_state():
-  with pytest.raises(TypeError, match=r"`flax_gradient_step\(state=...\)` must be a flax"):
-    optaccum.flax_gradient_step({"params": jnp.zeros(2)})
+  with pytest.raises(TypeError, match=r"`flax.gradient_step\(state=...\)` must be a flax"):
+    optaccum.flax.gradient_step({"params": jnp.zeros(2)})
 
 
 def test_apply_train_state_gradients_rejects_an_nnx_optimizer():
   model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optaccum.accumulate(optax.sgd(0.1), 2), wrt=nnx.Param)
   with pytest.raises(TypeError, match=r"for nnx.Optimizer pass weight= to"):
-    optaccum.apply_train_state_gradients(optimizer, grads=nnx.state(model), weight=1.0)
+    optaccum.flax.apply_train_state_gradients(optimizer, grads=nnx.state(model), weight=1.0)
 
 
 def test_flax_gradient_step_falls_back_to_the_step_without_accumulation():
@@ -204,13 +204,13 @@ def test_flax_gradient_step_falls_back_to_the_step_without_accumulation():
   state = TrainState.create(apply_fn=None, params={"w": jnp.zeros(2)}, tx=optax.sgd(0.1))
   for _ in range(3):
     state = state.apply_gradients(grads={"w": jnp.ones(2)})
-  assert int(optaccum.flax_gradient_step(state)) == 3
+  assert int(optaccum.flax.gradient_step(state)) == 3
   model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   grads = nnx.state(model, nnx.Param)
   optimizer.update(model, grads)
   optimizer.update(model, grads)
-  step = nnx.jit(optaccum.flax_gradient_step)(optimizer)
+  step = nnx.jit(optaccum.flax.gradient_step)(optimizer)
   assert int(step) == 2 and step.dtype == jnp.int32
 
 
@@ -219,11 +219,11 @@ class _StatsState(TrainState):
 
 
 def test_apply_train_state_gradients_replaces_fields_and_refuses_unknown_keywords():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   state = _StatsState.create(
     apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx, batch_stats={"mean": jnp.zeros(1)}
   )
-  state = optaccum.apply_train_state_gradients(
+  state = optaccum.flax.apply_train_state_gradients(
     state, grads={"w": jnp.ones(1)}, weight=3.0, batch_stats={"mean": jnp.full(1, 7.0)}
   )
   assert float(state.batch_stats["mean"][0]) == 7.0 and int(state.step) == 1
@@ -234,16 +234,16 @@ def test_apply_train_state_gradients_replaces_fields_and_refuses_unknown_keyword
     tx=optax.chain(optax.scale(1.0), tx),
     batch_stats={"mean": jnp.zeros(1)},
   )
-  chained = optaccum.apply_train_state_gradients(
+  chained = optaccum.flax.apply_train_state_gradients(
     chained, grads={"w": jnp.ones(1)}, weight=1.0, batch_stats={"mean": jnp.ones(1)}
   )
   assert float(chained.batch_stats["mean"][0]) == 1.0
   with pytest.raises(TypeError, match=r"apply_train_state_gradients\(wieght=...\)` names no field"):
-    optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, wieght=1.0)
+    optaccum.flax.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, wieght=1.0)
   with pytest.raises(TypeError, match=r"apply_train_state_gradients\(params=...\)`: `params` is"):
-    optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, params={})
+    optaccum.flax.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, params={})
   with pytest.raises(TypeError, match=r"update_args=...\)` must be a dict"):
-    optaccum.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, update_args=[1])
+    optaccum.flax.apply_train_state_gradients(state, grads={"w": jnp.ones(1)}, update_args=[1])
 
 
 def test_apply_train_state_gradients_passes_update_args_to_the_inner_optimizer():
@@ -254,9 +254,9 @@ def test_apply_train_state_gradients_passes_update_args_to_the_inner_optimizer()
     return updates, state
 
   inner = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), record)
-  tx = optaccum.accumulate(inner, every_k=1)
+  tx = optaccum.accumulate(inner, k=1)
   state = TrainState.create(apply_fn=None, params={"w": jnp.zeros(1)}, tx=tx)
-  optaccum.apply_train_state_gradients(
+  optaccum.flax.apply_train_state_gradients(
     state, grads={"w": jnp.ones(1)}, update_args={"value": jnp.float32(2.5)}
   )
   assert len(seen) == 1 and float(seen[0]) == 2.5
@@ -267,9 +267,9 @@ def test_apply_train_state_gradients_without_accumulation_is_flax_apply_gradient
   params = {"w": jnp.arange(3.0)}
   state = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1, momentum=0.9))
   grads = {"w": jnp.array([1.0, -2.0, 3.0])}
-  got = optaccum.apply_train_state_gradients(state, grads=grads)
+  got = optaccum.flax.apply_train_state_gradients(state, grads=grads)
   expected = state.apply_gradients(grads=grads)
   assert jnp.array_equal(got.params["w"], expected.params["w"]) and int(got.step) == 1
   for name, value in (("weight", 2.0), ("flush", True)):
     with pytest.raises(TypeError, match=rf"`apply_train_state_gradients\({name}=...\)` needs an"):
-      optaccum.apply_train_state_gradients(state, grads=grads, **{name: value})
+      optaccum.flax.apply_train_state_gradients(state, grads=grads, **{name: value})

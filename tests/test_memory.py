@@ -40,7 +40,7 @@ def _plain_temp():
 
 @pytest.mark.parametrize("inner", [optax.adam(1e-3), optax.sgd(0.1, momentum=0.9)])
 def test_transformation_writes_updates_into_the_accumulators_buffer(inner):
-  tx = optaccum.accumulate(inner, every_k=4)
+  tx = optaccum.accumulate(inner, k=4)
 
   def train(params, state, x):
     grads = jax.grad(_loss)(params, x)
@@ -53,9 +53,9 @@ def test_transformation_writes_updates_into_the_accumulators_buffer(inner):
   assert extra < PARAM_BYTES / 8, extra
 
 
-@pytest.mark.parametrize("skip", [None, optaccum.skip_not_finite])
+@pytest.mark.parametrize("skip", [None, optaccum.skip.not_finite])
 def test_fast_path_needs_no_parameter_sized_temporary(skip):
-  tx = optaccum.accumulate(optax.adam(1e-3), every_k=4, skip=skip)
+  tx = optaccum.accumulate(optax.adam(1e-3), k=4, skip=skip)
 
   def train(params, state, x):
     grads = jax.grad(_loss)(params, x)

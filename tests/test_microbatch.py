@@ -229,7 +229,7 @@ def _loss_with_int_aux(params, batch):
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 0),
       None,
       ValueError,
-      r"`microbatch\(num_microbatches=...\)` must be a positive int, got num_microbatches=0\.",
+      r"`microbatch\(k=...\)` must be a positive int, got k=0\.",
     ),
     (
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, reduction="median"),
@@ -271,8 +271,8 @@ def _loss_with_int_aux(params, batch):
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 3),
       lambda fn, p, b: fn(p, b),
       ValueError,
-      r"`microbatch\(num_microbatches=...\)` must divide the batch: argument 1 at "
-      r"\['x'\] has a batch of 16, which does not split into num_microbatches=3",
+      r"`microbatch\(k=...\)` must divide the batch: argument 1 at "
+      r"\['x'\] has a batch of 16, which does not split into k=3",
     ),
     (
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, batch_argnums=(1, 2)),

@@ -88,10 +88,10 @@ def _check_forms(make, param_dtype, grad_dtype, forms):
     init_state = _dtypes(make().init(params))
     for form in forms:
       if form == "multisteps":
-        tx = optaccum.MultiSteps(make(), every_k_schedule=2).gradient_transformation()
+        tx = optaccum.compat.MultiSteps(make(), every_k_schedule=2).gradient_transformation()
       else:
         strategy = "cond" if form == "apply_gradients" else form
-        tx = optaccum.accumulate(make(), every_k=2, strategy=strategy)
+        tx = optaccum.accumulate(make(), k=2, strategy=strategy)
       updates, state, new_params = _run_form(tx, form, params, grad_dtype, 2)
       if updates is not None:
         assert _dtypes(updates) == _dtypes(own_updates), form
@@ -125,7 +125,7 @@ def test_mixed_precision_window_equals_inner_step_on_the_mean(param_dtype):
   # Reference by hand: the inner optimizer on the window's mean gradient, its
   # state cast back to its initial dtypes, as a large batch would train.
   params = _params(DTYPES[param_dtype])
-  tx = optaccum.accumulate(optax.adam(1e-2), every_k=2)
+  tx = optaccum.accumulate(optax.adam(1e-2), k=2)
   with jax.numpy_dtype_promotion("standard"):
     _, state, ours = _run_form(tx, "apply_gradients", params, jnp.float32, 2)
     inner = optax.adam(1e-2)
@@ -150,7 +150,7 @@ def test_mixed_precision_window_equals_inner_step_on_the_mean(param_dtype):
 
 def test_lbfgs_with_bfloat16_gradients_of_float32_parameters():
   params = _params(jnp.float32)
-  tx = optaccum.accumulate(optax.lbfgs(), every_k=2)
+  tx = optaccum.accumulate(optax.lbfgs(), k=2)
   state = tx.init(params)
   init_dtypes = _dtypes(state.inner_opt_state)
   with jax.numpy_dtype_promotion("standard"):
@@ -179,7 +179,7 @@ def test_complex_gradients_keep_their_imaginary_part(accumulator):
     (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64) for _ in range(3)
   ]
   params = {"z": jnp.zeros(shape, jnp.complex64), "r": jnp.zeros(5, jnp.float32)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3, accumulator=accumulator)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=3, accumulator=accumulator)
   state = tx.init(params)
   assert state.acc_grads["z"].dtype == jnp.complex64
   assert state.acc_grads["r"].dtype == (
@@ -194,7 +194,7 @@ def test_complex_gradients_keep_their_imaginary_part(accumulator):
 
 def test_complex_gradient_into_a_real_parameter_is_refused():
   params = {"w": jnp.zeros(3, jnp.float32)}
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   with pytest.raises(TypeError, match=r"complex leaf at \['w'\].*imaginary part would be lost"):
     tx.update({"w": jnp.ones(3, jnp.complex64)}, tx.init(params), params)
 
@@ -220,7 +220,7 @@ grads = [rng.normal(size=100_000) * 10.0 ** rng.integers(-8, 8, 100_000) for _ i
 params = {"w": jnp.zeros(100_000, jnp.float64)}
 for form in ("transformation", "microbatch"):
   if form == "transformation":
-    tx = optaccum.accumulate(optax.sgd(1.0), every_k=8)
+    tx = optaccum.accumulate(optax.sgd(1.0), k=8)
     state = tx.init(params)
     assert state.acc_grads["w"].dtype == jnp.float64
     for g in grads:

@@ -1,4 +1,4 @@
-"""`optaccum.MultiSteps` runs code written for `optax.MultiSteps` unchanged."""
+"""`optaccum.compat.MultiSteps` runs code written for `optax.MultiSteps` unchanged."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _train(opt, params, x, y, micro_batch=4):
 def test_same_results_and_fields_as_optax_multisteps(use_grad_mean):
   params = helpers.init_params()
   x, y = helpers.make_data(4 * 9)
-  ours = optaccum.MultiSteps(optax.sgd(0.05, momentum=0.9), 3, use_grad_mean=use_grad_mean)
+  ours = optaccum.compat.MultiSteps(optax.sgd(0.05, momentum=0.9), 3, use_grad_mean=use_grad_mean)
   theirs = optax.MultiSteps(optax.sgd(0.05, momentum=0.9), 3, use_grad_mean=use_grad_mean)
   our_params, our_state, our_flags = _train(ours, params, x, y)
   # optax.MultiSteps itself multiplies a bool by an int32, which strict promotion
@@ -44,19 +44,21 @@ def test_same_results_and_fields_as_optax_multisteps(use_grad_mean):
 
 def test_gradient_transformation_and_inner_opt_work_in_a_chain():
   params = {"w": jnp.zeros(2)}
-  multi = optaccum.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+  multi = optaccum.compat.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
   assert isinstance(multi.inner_opt, optax.GradientTransformationExtraArgs)
   tx = optax.chain(optax.scale(2.0), multi.gradient_transformation())
   state = tx.init(params)
   _, state = tx.update({"w": jnp.ones(2)}, state, params)
   updates, state = tx.update({"w": jnp.ones(2)}, state, params)
   np.testing.assert_allclose(updates["w"], [-2.0, -2.0])
-  assert bool(optaccum.has_updated(state))
+  assert bool(optaccum.status(state).has_updated)
 
 
 def test_skip_function_is_used_and_its_state_kept():
   params = {"w": jnp.zeros(2)}
-  multi = optaccum.MultiSteps(optax.sgd(1.0), 2, should_skip_update_fn=optaccum.skip_not_finite)
+  multi = optaccum.compat.MultiSteps(
+    optax.sgd(1.0), 2, should_skip_update_fn=optaccum.skip.not_finite
+  )
   state = multi.init(params)
   _, state = multi.update({"w": jnp.array([jnp.nan, 0.0])}, state, params)
   assert int(state.skip_state["num_not_finite"]) == 1
@@ -65,7 +67,7 @@ def test_skip_function_is_used_and_its_state_kept():
 
 def test_bfloat16_grads_pass_strict_promotion():
   params = helpers.init_params(dtype=jnp.bfloat16)
-  multi = optaccum.MultiSteps(optax.sgd(0.1, momentum=0.9), 2)
+  multi = optaccum.compat.MultiSteps(optax.sgd(0.1, momentum=0.9), 2)
   x, y = helpers.make_data(8)
   new_params, state, _ = _train(multi, params, x, y)
   assert int(state.gradient_step) == 1
@@ -75,17 +77,17 @@ def test_bfloat16_grads_pass_strict_promotion():
 @pytest.mark.parametrize("every_k_schedule", [0, -2, 1.5, False])
 def test_non_positive_k_is_rejected(every_k_schedule):
   with pytest.raises(ValueError, match=r"`MultiSteps\(every_k_schedule=...\)` must be a positive"):
-    optaccum.MultiSteps(optax.sgd(0.1), every_k_schedule)
+    optaccum.compat.MultiSteps(optax.sgd(0.1), every_k_schedule)
 
 
 def test_non_bool_use_grad_mean_is_rejected():
   with pytest.raises(TypeError, match=r"`MultiSteps\(use_grad_mean=...\)` must be a bool"):
-    optaccum.MultiSteps(optax.sgd(0.1), 2, use_grad_mean="yes")
+    optaccum.compat.MultiSteps(optax.sgd(0.1), 2, use_grad_mean="yes")
 
 
 def test_bad_should_skip_update_fn_is_rejected():
   with pytest.raises(TypeError, match=r"`MultiSteps\(should_skip_update_fn=...\)` must be None"):
-    optaccum.MultiSteps(optax.sgd(0.1), 2, should_skip_update_fn=3)
+    optaccum.compat.MultiSteps(optax.sgd(0.1), 2, should_skip_update_fn=3)
 
 
 def test_optax_multisteps_state_converts_and_resumes_mid_window():
@@ -99,7 +101,7 @@ def test_optax_multisteps_state_converts_and_resumes_mid_window():
     for _ in range(6)
   ]
   theirs = optax.MultiSteps(optax.adam(0.1), every_k_schedule=3)
-  ours = optaccum.MultiSteps(optax.adam(0.1), every_k_schedule=3)
+  ours = optaccum.compat.MultiSteps(optax.adam(0.1), every_k_schedule=3)
   with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps fails strict promotion
     ref_params, ref_state = params, theirs.init(params)
     for g in grads:
@@ -120,6 +122,6 @@ def test_optax_multisteps_state_converts_and_resumes_mid_window():
 
 
 def test_from_optax_state_refuses_other_states():
-  ours = optaccum.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
+  ours = optaccum.compat.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
   with pytest.raises(TypeError, match=r"from_optax_state\(state=...\)` must be an optax"):
     ours.from_optax_state(optax.sgd(0.1).init({"w": jnp.zeros(2)}))

@@ -157,7 +157,7 @@ def apply_step(model, optimizer, grads, weight, how):
   # Gradients come from one compiled function, so both ways apply the same bits.
   with jax.numpy_dtype_promotion("standard"):  # for optax's adamw, see test_equivalence
     if how == "fast":
-      optaccum.apply_nnx_gradients(optimizer, model, grads, weight=weight)
+      optaccum.flax.apply_nnx_gradients(optimizer, model, grads, weight=weight)
     else:
       optimizer.update(model, grads, weight=weight)
 
@@ -204,7 +204,7 @@ def test_fast_path_equals_large_batch_adamw():
   ]
   assert min(moved) > 1e-2
   assert int(optimizer.step[...]) == WINDOWS * K
-  assert int(optaccum.flax_gradient_step(optimizer)) == WINDOWS
+  assert int(optaccum.flax.gradient_step(optimizer)) == WINDOWS
   assert int(reference_optimizer.step[...]) == WINDOWS
 
 
@@ -224,7 +224,7 @@ def test_fast_path_equals_optimizer_update_with_weights():
   )
   assert_close(inner, expected_inner, rtol=0, atol=0)
   assert int(optimizer.step[...]) == int(expected_optimizer.step[...]) == K
-  assert int(optaccum.flax_gradient_step(optimizer)) == 1
+  assert int(optaccum.flax.gradient_step(optimizer)) == 1
 
 
 def test_fast_path_leaves_the_parameters_until_the_window_closes():
@@ -235,7 +235,7 @@ def test_fast_path_leaves_the_parameters_until_the_window_closes():
   micro_step(model, optimizer, x[:8], labels[:8], None, "fast")
   assert_close(nnx.state(model, nnx.Param), before, rtol=0, atol=0)
   assert int(optimizer.step[...]) == 1
-  assert int(optaccum.flax_gradient_step(optimizer)) == 0
+  assert int(optaccum.flax.gradient_step(optimizer)) == 0
 
 
 def test_chain_holding_the_accumulation_goes_through_optimizer_update():
@@ -245,7 +245,7 @@ def test_chain_holding_the_accumulation_goes_through_optimizer_update():
   expected_model, _ = train_accumulated(tx, "update", weights)
   assert_close(nnx.state(model), nnx.state(expected_model), rtol=0, atol=0)
   assert int(optimizer.step[...]) == WINDOWS * K
-  assert int(optaccum.flax_gradient_step(optimizer)) == WINDOWS
+  assert int(optaccum.flax.gradient_step(optimizer)) == WINDOWS
 
 
 # --- Errors --------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def small_model_and_grads():
 def test_apply_nnx_gradients_refuses_what_is_not_an_nnx_optimizer():
   model, grads = small_model_and_grads()
   with pytest.raises(TypeError, match=r"apply_nnx_gradients\(optimizer=...\)` must be an nnx"):
-    optaccum.apply_nnx_gradients(optax.sgd(0.1), model, grads)
+    optaccum.flax.apply_nnx_gradients(optax.sgd(0.1), model, grads)
 
 
 def test_apply_nnx_gradients_without_accumulation_is_the_plain_update():
@@ -269,19 +269,19 @@ def test_apply_nnx_gradients_without_accumulation_is_the_plain_update():
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   reference_model, _ = small_model_and_grads()
   reference = nnx.Optimizer(reference_model, optax.sgd(0.1), wrt=nnx.Param)
-  optaccum.apply_nnx_gradients(optimizer, model, grads)
+  optaccum.flax.apply_nnx_gradients(optimizer, model, grads)
   reference.update(reference_model, grads)
   assert jnp.array_equal(model.kernel[...], reference_model.kernel[...])
-  assert int(optimizer.step[...]) == 1 and int(optaccum.flax_gradient_step(optimizer)) == 1
+  assert int(optimizer.step[...]) == 1 and int(optaccum.flax.gradient_step(optimizer)) == 1
   with pytest.raises(TypeError, match=r"`apply_nnx_gradients\(weight=...\)` needs an accumulation"):
-    optaccum.apply_nnx_gradients(optimizer, model, grads, weight=2)
+    optaccum.flax.apply_nnx_gradients(optimizer, model, grads, weight=2)
 
 
 def test_apply_nnx_gradients_refuses_update_args_that_are_not_a_dict():
   model, grads = small_model_and_grads()
   optimizer = nnx.Optimizer(model, optaccum.accumulate(optax.sgd(0.1), 2), wrt=nnx.Param)
   with pytest.raises(TypeError, match=r"update_args=...\)` must be a dict .* got update_args=3"):
-    optaccum.apply_nnx_gradients(optimizer, model, grads, update_args=3)
+    optaccum.flax.apply_nnx_gradients(optimizer, model, grads, update_args=3)
 
 
 def test_microbatch_of_an_nnx_jit_function_equals_the_unsplit_call():

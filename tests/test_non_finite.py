@@ -50,7 +50,7 @@ FORMS = ["transformation", "fast_path"]
 @pytest.mark.parametrize("bad", BAD_VALUES)
 @pytest.mark.parametrize("at", [0, SIZE // 2, SIZE - 1])
 def test_default_guard_drops_window_with_one_lone_bad_entry(form, bad, at):
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   step = _stepper(tx, form)
   params, state = _params(), tx.init(_params())
   one = jnp.ones((), jnp.float32)
@@ -59,21 +59,21 @@ def test_default_guard_drops_window_with_one_lone_bad_entry(form, bad, at):
   # The bad window ran no step and was counted; nothing else moved.
   for leaf in jax.tree.leaves(params):
     np.testing.assert_array_equal(np.asarray(leaf), 0.0)
-  assert int(optaccum.num_skipped_windows(state)) == 1
-  assert int(optaccum.gradient_step(state)) == 0
-  assert not bool(optaccum.has_updated(state))
+  assert int(optaccum.status(state).num_skipped_windows) == 1
+  assert int(optaccum.status(state).gradient_step) == 0
+  assert not bool(optaccum.status(state).has_updated)
   # The next window starts clean and equals sgd on its mean gradient.
   params, state = step(_grads(1.0), state, params, one)
   params, state = step(_grads(3.0), state, params, one)
   for leaf in jax.tree.leaves(params):
     np.testing.assert_array_equal(np.asarray(leaf), -2.0)
-  assert int(optaccum.gradient_step(state)) == 1
+  assert int(optaccum.status(state).gradient_step) == 1
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bad", BAD_VALUES)
 def test_skip_not_finite_drops_only_the_bad_micro_batch(form, bad):
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, skip=optaccum.skip_not_finite)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, skip=optaccum.skip.not_finite)
   step = _stepper(tx, form)
   params, state = _params(), tx.init(_params())
   one = jnp.ones((), jnp.float32)
@@ -81,15 +81,15 @@ def test_skip_not_finite_drops_only_the_bad_micro_batch(form, bad):
     params, state = step(grads, state, params, one)
   for leaf in jax.tree.leaves(params):
     np.testing.assert_array_equal(np.asarray(leaf), -2.0)
-  assert int(optaccum.num_skipped(state)) == 1
-  assert int(optaccum.num_skipped_windows(state)) == 0
+  assert int(optaccum.status(state).num_skipped) == 1
+  assert int(optaccum.status(state).num_skipped_windows) == 0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("size", [1, 4095, 4096, 100_000, 300_000])
 @pytest.mark.parametrize("bad", BAD_VALUES)
 def test_skip_not_finite_sees_a_lone_bad_entry_anywhere(dtype, size, bad):
-  check = jax.jit(optaccum.skip_not_finite)
+  check = jax.jit(optaccum.skip.not_finite)
   for at in sorted({0, size // 2, size - 1}):
     leaf = np.ones(size, np.float32)
     leaf[at] = bad
@@ -103,31 +103,31 @@ def test_skip_not_finite_sees_a_lone_bad_entry_anywhere(dtype, size, bad):
 @pytest.mark.parametrize("form", FORMS)
 def test_overflowing_float32_sum_is_caught_by_the_window_guard(form):
   # 64 finite gradients of 1e37 sum past float32's largest value.
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=64, skip=optaccum.skip_not_finite)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=64, skip=optaccum.skip.not_finite)
   step = _stepper(tx, form)
   params, state = _params(), tx.init(_params())
   for _ in range(64):
     params, state = step(_grads(1e37), state, params, jnp.ones((), jnp.float32))
   assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(params))
-  assert int(optaccum.num_skipped_windows(state)) == 1
-  assert int(optaccum.num_skipped(state)) == 0  # no micro-batch was bad
+  assert int(optaccum.status(state).num_skipped_windows) == 1
+  assert int(optaccum.status(state).num_skipped) == 0  # no micro-batch was bad
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_finite_huge_weight_times_finite_gradient_is_caught(form):
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   step = _stepper(tx, form)
   params, state = _params(), tx.init(_params())
   params, state = step(_grads(1e10), state, params, jnp.float32(1e30))
   params, state = step(_grads(1.0), state, params, jnp.float32(1.0))
   assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(params))
-  assert int(optaccum.num_skipped_windows(state)) == 1
+  assert int(optaccum.status(state).num_skipped_windows) == 1
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("weight", [np.inf, -np.inf, np.nan, -1.0])
 def test_bad_weight_skips_its_micro_batch_and_is_counted(form, weight):
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   step = _stepper(tx, form)
   params, state = _params(), tx.init(_params())
   weights = [1.0, weight, 1.0]
@@ -136,56 +136,56 @@ def test_bad_weight_skips_its_micro_batch_and_is_counted(form, weight):
   # The window is the two good micro-batches: mean 2, nothing silently dropped.
   for leaf in jax.tree.leaves(params):
     np.testing.assert_array_equal(np.asarray(leaf), -2.0)
-  assert int(optaccum.num_skipped(state)) == 1
-  assert int(optaccum.gradient_step(state)) == 1
+  assert int(optaccum.status(state).num_skipped) == 1
+  assert int(optaccum.status(state).gradient_step) == 1
 
 
 def test_window_of_only_negative_weights_is_counted_not_dropped_silently():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2)
   params = _params()
   state = tx.init(params)
   for _ in range(2):
     _, state = tx.update(_grads(), state, params, weight=jnp.float32(-1.0))
-  assert int(optaccum.num_skipped(state)) == 2
-  assert int(optaccum.gradient_step(state)) == 0
+  assert int(optaccum.status(state).num_skipped) == 2
+  assert int(optaccum.status(state).gradient_step) == 0
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_zero_weight_window_emits_zeros_and_is_counted_empty(form):
-  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.9), every_k=2)
+  tx = optaccum.accumulate(optax.sgd(1.0, momentum=0.9), k=2)
   step = _stepper(tx, form)
   params, state = _params(), tx.init(_params())
   before = state.inner_opt_state
   for _ in range(2):
     params, state = step(_grads(), state, params, jnp.float32(0.0))
   assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(params))
-  assert int(optaccum.num_empty_windows(state)) == 1
-  assert int(optaccum.num_skipped_windows(state)) == 0
-  assert int(optaccum.gradient_step(state)) == 0
+  assert int(optaccum.status(state).num_empty_windows) == 1
+  assert int(optaccum.status(state).num_skipped_windows) == 0
+  assert int(optaccum.status(state).gradient_step) == 0
   jax.tree.map(np.testing.assert_array_equal, state.inner_opt_state, before)
 
 
 def test_flush_of_an_empty_window_is_not_counted_as_an_empty_window():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=3)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=3)
   params = _params()
   updates, state = optaccum.flush(tx, tx.init(params), params)
-  assert int(optaccum.num_empty_windows(state)) == 0
+  assert int(optaccum.status(state).num_empty_windows) == 0
   assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(updates))
 
 
 def test_window_guard_false_lets_the_bad_gradient_through():
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2, window_guard=False)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, window_guard=False)
   params = _params()
   state = tx.init(params)
   _, state = tx.update(_grads(bad=np.nan), state, params)
   updates, state = tx.update(_grads(), state, params)
   assert np.isnan(np.asarray(updates["w"])).sum() == 1
-  assert int(optaccum.num_skipped_windows(state)) == 0
+  assert int(optaccum.status(state).num_skipped_windows) == 0
 
 
 @pytest.mark.parametrize("strategy", ["loop", "cond", "select"])
 def test_guard_holds_for_every_strategy_with_momentum(strategy):
-  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k=2, strategy=strategy)
+  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), k=2, strategy=strategy)
   params = _params()
   state = tx.init(params)
   _, state = tx.update(_grads(bad=np.inf), state, params)
@@ -193,7 +193,7 @@ def test_guard_holds_for_every_strategy_with_momentum(strategy):
   assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(updates))
   for trace in jax.tree.leaves(state.inner_opt_state):
     np.testing.assert_array_equal(np.asarray(trace), 0.0)  # momentum untouched
-  assert int(optaccum.num_skipped_windows(state)) == 1
+  assert int(optaccum.status(state).num_skipped_windows) == 1
 
 
 def test_window_guard_must_be_a_bool():
@@ -206,9 +206,9 @@ def test_skipped_micro_batch_draws_no_rounding_bits():
   def run(grads_sequence):
     tx = optaccum.accumulate(
       optax.sgd(1.0),
-      every_k=4,
+      k=4,
       accumulator=optaccum.stochastic_bfloat16(3),
-      skip=optaccum.skip_not_finite,
+      skip=optaccum.skip.not_finite,
     )
     params = {"w": jnp.zeros(100_000, jnp.float32)}
     state = tx.init(params)
@@ -229,9 +229,7 @@ def test_skipped_micro_batch_draws_no_rounding_bits():
 
 def test_replicas_close_windows_together_when_one_skips():
   # Under an axis every micro-step counts on every replica, skipped or not.
-  tx = optaccum.accumulate(
-    optax.sgd(1.0), every_k=2, axis_name="replica", skip=optaccum.skip_not_finite
-  )
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2, axis_name="replica", skip=optaccum.skip.not_finite)
   params = {"w": jnp.zeros(4)}
   state = jax.vmap(lambda _: tx.init(params))(jnp.arange(2))
   update = jax.vmap(lambda g, s: tx.update(g, s, params), axis_name="replica")
@@ -248,7 +246,7 @@ def test_replicas_close_windows_together_when_one_skips():
 
 def test_counters_saturate_instead_of_wrapping():
   top = jnp.int32(2**31 - 1)
-  tx = optaccum.accumulate(optax.sgd(1.0), every_k=2**31 - 1, skip=optaccum.skip_not_finite)
+  tx = optaccum.accumulate(optax.sgd(1.0), k=2**31 - 1, skip=optaccum.skip.not_finite)
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)._replace(num_skipped=top, mini_step=top - 1)
   _, state = tx.update({"w": jnp.full(3, jnp.nan)}, state, params)

@@ -121,7 +121,7 @@ def test_reduce_axes_on_one_replica_equals_plain_accumulation():
   # Not Adam: optax's bias correction fails the suite's strict dtype promotion.
   tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2, reduce_axes="data")
   plain = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2)
-  grad_fn = optaccum.per_replica(jax.grad(_loss))
+  grad_fn = optaccum.parallel.per_replica(jax.grad(_loss))
   w = jnp.ones(3)
   xs = [jnp.arange(12.0).reshape(4, 3) / (i + 1) for i in range(4)]
   with jax.set_mesh(_mesh()):
@@ -141,7 +141,7 @@ def test_reduce_axes_needs_the_mesh_in_context():
   with pytest.raises(ValueError, match=r"reduce_axes=\('data',\)\)` needs the mesh in context"):
     tx.init(jnp.ones(3))
   with pytest.raises(ValueError, match="jax.set_mesh"):
-    optaccum.per_replica(jax.grad(_loss))(jnp.ones(3), jnp.ones((4, 3)))
+    optaccum.parallel.per_replica(jax.grad(_loss))(jnp.ones(3), jnp.ones((4, 3)))
 
 
 def test_reduce_axes_names_axes_of_the_mesh():
@@ -155,7 +155,7 @@ def test_bad_reduce_axes_are_refused_naming_the_value(bad):
   for make in (
     lambda: optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=bad),
     lambda: optaccum.microbatch(jax.value_and_grad(_loss), 2, reduce_axes=bad),
-    lambda: optaccum.per_replica(jax.grad(_loss), reduce_axes=bad),
+    lambda: optaccum.parallel.per_replica(jax.grad(_loss), reduce_axes=bad),
   ):
     with pytest.raises(TypeError, match=r"reduce_axes=\.\.\.\)` must be a mesh axis name"):
       make()
@@ -181,7 +181,7 @@ def test_update_refuses_gradients_that_are_not_per_replica():
 
 
 def test_per_replica_gives_every_output_a_replica_axis():
-  value_and_grad = optaccum.per_replica(jax.value_and_grad(_loss))
+  value_and_grad = optaccum.parallel.per_replica(jax.value_and_grad(_loss))
   w, x = jnp.ones(3), jnp.arange(12.0).reshape(4, 3)
   with jax.set_mesh(_mesh()):
     value, grads = value_and_grad(w, x)
@@ -199,11 +199,11 @@ def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
     return optax.apply_updates(params, updates), opt_state
 
   with jax.set_mesh(mesh):
-    init = optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=())
+    init = optaccum.parallel.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=())
     params = jnp.ones(3)
     opt_state = jax.jit(init)(params)
     sharded = jax.sharding.reshard(params, jax.sharding.PartitionSpec("data"))
-    parallel = optaccum.data_parallel(step, mesh, axis_name="data", batch_argnums=2)
+    parallel = optaccum.parallel.data_parallel(step, mesh, axis_name="data", batch_argnums=2)
     with pytest.raises(ValueError, match=r"argument 0 at the root sharded as .*reduce_axes"):
       parallel(sharded, opt_state, jnp.ones((4, 3)))
     with pytest.raises(ValueError, match=r"argument 0 .*per_replica"):
@@ -216,7 +216,7 @@ def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
 
 def test_flush_closes_a_partial_window_of_per_replica_gradients():
   tx = optaccum.accumulate(optax.sgd(1.0), 4, reduce_axes="data")
-  grad_fn = optaccum.per_replica(jax.grad(_loss))
+  grad_fn = optaccum.parallel.per_replica(jax.grad(_loss))
   w, x = jnp.ones(3), jnp.arange(12.0).reshape(4, 3)
   with jax.set_mesh(_mesh()):
     state = tx.init(w)
@@ -224,4 +224,4 @@ def test_flush_closes_a_partial_window_of_per_replica_gradients():
     updates, state = optaccum.flush(tx, state, w)
   # One micro-batch seen: its gradient, as sgd(1.0) emits it.
   assert jnp.allclose(updates, -jax.grad(_loss)(w, x), rtol=1e-6)
-  assert bool(optaccum.has_updated(state))
+  assert bool(optaccum.status(state).has_updated)

@@ -1,4 +1,4 @@
-"""`optaccum.plan`: k from a memory budget, by compiling each candidate, never running one."""
+"""`optaccum.planning.plan`: k from a memory budget, compiling each candidate, running none."""
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,7 @@ def reference_memory(form, k):
 
 @pytest.fixture(scope="module")
 def full_plan():
-  return optaccum.plan(
+  return optaccum.planning.plan(
     GRAD_FN, init_params(), OPTIMIZER, batch(), budget="1GiB", candidates=[1, 2, 4, 8]
   )
 
@@ -107,7 +107,7 @@ def test_table_equals_the_compiled_memory_analysis_of_each_configuration(full_pl
 
 @pytest.fixture(scope="module")
 def small_plan():
-  return optaccum.plan(
+  return optaccum.planning.plan(
     GRAD_FN, small_params(), OPTIMIZER, batch(), budget="1GiB", candidates=[1, 2, 8]
   )
 
@@ -120,7 +120,7 @@ def test_chosen_k_is_the_smallest_whose_step_fits(small_plan, form):
     fitting = [row.k for row in own if row.total <= budget]
     if not fitting:
       continue
-    chosen = optaccum.plan(
+    chosen = optaccum.planning.plan(
       GRAD_FN, small_params(), OPTIMIZER, batch(), budget=budget, candidates=[1, 2, 8], forms=[form]
     )
     assert getattr(chosen, form) == min(fitting), budget
@@ -130,7 +130,9 @@ def test_chosen_k_is_the_smallest_whose_step_fits(small_plan, form):
 
 def test_candidates_are_every_divisor_of_the_batch_and_shapes_suffice():
   params = jax.eval_shape(small_params)  # ShapeDtypeStructs only
-  chosen = optaccum.plan(GRAD_FN, params, OPTIMIZER, batch(12), budget=10**9, forms=["accumulate"])
+  chosen = optaccum.planning.plan(
+    GRAD_FN, params, OPTIMIZER, batch(12), budget=10**9, forms=["accumulate"]
+  )
   assert [row.k for row in chosen.rows] == [1, 2, 3, 4, 6, 12]
   assert chosen.accumulate == 1  # everything fits a gigabyte
   assert "| accumulate | 3 | 4 |" in chosen.table()
@@ -143,7 +145,7 @@ def test_nothing_runs_while_planning():
     jax.debug.callback(lambda: calls.append(1))
     return loss(params, x, y)
 
-  optaccum.plan(
+  optaccum.planning.plan(
     jax.value_and_grad(counted),
     small_params(),
     OPTIMIZER,
@@ -158,7 +160,7 @@ def test_a_budget_no_candidate_meets_names_the_smallest_total(small_plan):
   own = [row for row in small_plan.rows if row.form in ("unsplit", "microbatch")]
   smallest = min(own, key=lambda row: row.total)
   with pytest.raises(ValueError) as error:
-    optaccum.plan(
+    optaccum.planning.plan(
       GRAD_FN,
       small_params(),
       OPTIMIZER,
@@ -177,7 +179,7 @@ def test_a_budget_no_candidate_meets_names_the_smallest_total(small_plan):
 
 def test_the_budget_defaults_to_the_device_limit_where_jax_reports_one(monkeypatch):
   with pytest.raises(ValueError, match=r"`plan\(budget=...\)` is required here: the cpu device"):
-    optaccum.plan(GRAD_FN, small_params(), OPTIMIZER, batch(), candidates=[1])
+    optaccum.planning.plan(GRAD_FN, small_params(), OPTIMIZER, batch(), candidates=[1])
 
   class Device:
     platform = "gpu"
@@ -186,7 +188,7 @@ def test_the_budget_defaults_to_the_device_limit_where_jax_reports_one(monkeypat
       return {"bytes_limit": 10**9, "bytes_in_use": 0}
 
   monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
-  chosen = optaccum.plan(GRAD_FN, small_params(), OPTIMIZER, batch(), candidates=[1])
+  chosen = optaccum.planning.plan(GRAD_FN, small_params(), OPTIMIZER, batch(), candidates=[1])
   assert chosen.budget == 10**9 and chosen.microbatch == 1
 
 
@@ -195,7 +197,7 @@ def test_the_budget_defaults_to_the_device_limit_where_jax_reports_one(monkeypat
   [("3000KiB", 3000 * 1024), ("1.5 GiB", int(1.5 * 2**30)), ("2GB", 2 * 10**9), (10**8, 10**8)],
 )
 def test_budget_sizes_are_read_in_their_units(budget, expected):
-  chosen = optaccum.plan(
+  chosen = optaccum.planning.plan(
     GRAD_FN,
     small_params(),
     OPTIMIZER,
@@ -239,16 +241,16 @@ def test_budget_sizes_are_read_in_their_units(budget, expected):
 def test_bad_arguments_are_named(kwargs, error, message):
   arguments = {"budget": "1GiB", **kwargs}
   with pytest.raises(error, match=message):
-    optaccum.plan(GRAD_FN, small_params(), OPTIMIZER, batch(), **arguments)
+    optaccum.planning.plan(GRAD_FN, small_params(), OPTIMIZER, batch(), **arguments)
 
 
 def test_a_batch_must_be_a_tuple_of_arguments_sharing_one_batch_axis():
   x, _ = batch()
   with pytest.raises(TypeError, match=r"`plan\(batch=...\)` must be a tuple of the arguments"):
-    optaccum.plan(GRAD_FN, small_params(), OPTIMIZER, x, budget="1GiB")
+    optaccum.planning.plan(GRAD_FN, small_params(), OPTIMIZER, x, budget="1GiB")
   y = jax.ShapeDtypeStruct((BATCH // 2,), jnp.float32)
   with pytest.raises(ValueError, match=r"share one leading batch axis, got leading sizes 32, 64"):
-    optaccum.plan(GRAD_FN, small_params(), OPTIMIZER, (x, y), budget="1GiB")
+    optaccum.planning.plan(GRAD_FN, small_params(), OPTIMIZER, (x, y), budget="1GiB")
 
 
 SHARDED_CHECK = """
@@ -258,7 +260,7 @@ mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
 x = jax.device_put(jnp.ones((32, 64)), sharding)
 loss = lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2)
-plan = optaccum.plan(jax.value_and_grad(loss), jnp.zeros((64, 8)), optax.sgd(0.1), (x,),
+plan = optaccum.planning.plan(jax.value_and_grad(loss), jnp.zeros((64, 8)), optax.sgd(0.1), (x,),
                      budget="1GiB", candidates=[1, 2], forms=["accumulate"])
 print(json.dumps({row.form: row.arguments for row in plan.rows}))
 """

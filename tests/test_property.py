@@ -73,9 +73,9 @@ def test_accumulate_matches_numpy_windows(scenario):
   lengths = jnp.asarray(window_lengths, jnp.int32)
   tx = optaccum.accumulate(
     optax.identity(),
-    every_k=lambda step: lengths[step % len(window_lengths)],
+    k=lambda step: lengths[step % len(window_lengths)],
     reduction=reduction,
-    skip=optaccum.skip_not_finite,
+    skip=optaccum.skip.not_finite,
   )
   params = [jnp.zeros(shape, jnp.float32) for shape in leaf_shapes]
   state = tx.init(params)

@@ -14,20 +14,20 @@ import optaccum
 
 @pytest.mark.parametrize(("rule", "factor"), [("linear", 8.0), ("sqrt", math.sqrt(8.0))])
 def test_constant_rate_is_scaled_by_rule(rule, factor):
-  assert optaccum.scale_learning_rate(0.01, 8, rule=rule) == pytest.approx(0.01 * factor)
+  assert optaccum.planning.scale_learning_rate(0.01, 8, rule=rule) == pytest.approx(0.01 * factor)
 
 
 def test_schedules_of_rate_and_k_scale_per_step():
   base = optax.linear_schedule(1.0, 0.0, transition_steps=10)
-  scaled = optaccum.scale_learning_rate(base, lambda step: 1 + step, rule="sqrt")
+  scaled = optaccum.planning.scale_learning_rate(base, lambda step: 1 + step, rule="sqrt")
   for step in (0, 3, 8):
     expected = float(base(step)) * math.sqrt(1 + step)
     np.testing.assert_allclose(float(scaled(jnp.int32(step))), expected, rtol=1e-6)
 
 
 def test_scaled_schedule_drives_an_optax_optimizer():
-  lr = optaccum.scale_learning_rate(optax.constant_schedule(0.5), 4)
-  tx = optaccum.accumulate(optax.sgd(lr), every_k=4)
+  lr = optaccum.planning.scale_learning_rate(optax.constant_schedule(0.5), 4)
+  tx = optaccum.accumulate(optax.sgd(lr), k=4)
   params = {"w": jnp.zeros(1)}
   state = tx.init(params)
   for _ in range(4):
@@ -38,14 +38,14 @@ def test_scaled_schedule_drives_an_optax_optimizer():
 @pytest.mark.parametrize("learning_rate", [0.0, -1.0, "0.1", None])
 def test_bad_learning_rate_is_rejected(learning_rate):
   with pytest.raises(ValueError, match=r"`scale_learning_rate\(learning_rate=...\)` must be a"):
-    optaccum.scale_learning_rate(learning_rate, 2)
+    optaccum.planning.scale_learning_rate(learning_rate, 2)
 
 
 def test_bad_rule_is_rejected():
   with pytest.raises(ValueError, match=r"`scale_learning_rate\(rule=...\)` must be one of"):
-    optaccum.scale_learning_rate(0.1, 2, rule="cubic")
+    optaccum.planning.scale_learning_rate(0.1, 2, rule="cubic")
 
 
 def test_bad_every_k_is_rejected():
-  with pytest.raises(ValueError, match=r"`scale_learning_rate\(every_k=...\)`"):
-    optaccum.scale_learning_rate(0.1, 0)
+  with pytest.raises(ValueError, match=r"`scale_learning_rate\(k=...\)`"):
+    optaccum.planning.scale_learning_rate(0.1, 0)

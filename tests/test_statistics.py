@@ -59,67 +59,65 @@ GRADS = np.array(
 
 @pytest.mark.parametrize("strategy", ["loop", "cond", "select"])
 def test_statistics_match_float64_definitions(strategy):
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True, strategy=strategy)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True, strategy=strategy)
   state = tx.init(PARAMS)
   for g in GRADS:
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
-  statistics = optaccum.window_statistics(state, micro_batch_size=16)
+  statistics = optaccum.status(state, micro_batch_size=16).statistics
   _assert_statistics(statistics, _reference(GRADS, [1, 1, 1], 16.0))
 
 
 def test_weighted_statistics_take_weights_as_micro_batch_sizes():
   weights = [5.0, 1.0, 12.0]
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True)
   state = tx.init(PARAMS)
   for g, w in zip(GRADS, weights):
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS, weight=jnp.float32(w))
-  _assert_statistics(optaccum.window_statistics(state), _reference(GRADS, weights))
+  _assert_statistics(optaccum.status(state).statistics, _reference(GRADS, weights))
 
 
 def test_statistics_are_summed_over_replicas():
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=2, statistics=True, axis_name="data")
+  tx = optaccum.accumulate(optax.sgd(0.1), k=2, statistics=True, axis_name="data")
   grads = np.concatenate([GRADS, GRADS[:1] * 2]).reshape(2, 2, -1)  # (step, replica, d)
   states = jax.tree.map(lambda x: jnp.stack([x, x]), tx.init(PARAMS))
   step = jax.vmap(tx.update, in_axes=(0, 0, None), axis_name="data")
   for g in grads:
     _, states = step(jax.vmap(_split)(jnp.asarray(g)), states, PARAMS)
   for replica in range(2):
-    window = jax.tree.map(lambda x, r=replica: x[r], optaccum.window_statistics(states))
+    window = jax.tree.map(lambda x, r=replica: x[r], optaccum.status(states).statistics)
     _assert_statistics(window, _reference(grads.reshape(4, -1), [1, 1, 1, 1]))
 
 
 def test_skipped_micro_batch_is_left_out_of_the_statistics():
-  tx = optaccum.accumulate(
-    optax.sgd(0.1), every_k=3, statistics=True, skip=optaccum.skip_not_finite
-  )
+  tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True, skip=optaccum.skip.not_finite)
   state = tx.init(PARAMS)
   nan = np.full_like(GRADS[0], np.nan)
   for g in [GRADS[0], nan, GRADS[1], GRADS[2]]:
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
-  _assert_statistics(optaccum.window_statistics(state), _reference(GRADS, [1, 1, 1]))
+  _assert_statistics(optaccum.status(state).statistics, _reference(GRADS, [1, 1, 1]))
 
 
 def test_single_micro_batch_window_has_nan_estimates_and_a_finite_norm():
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=1, statistics=True)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=1, statistics=True)
   state = tx.init(PARAMS)
-  before = optaccum.window_statistics(state)
+  before = optaccum.status(state).statistics
   assert np.isnan(float(before.window_norm)) and int(before.num_micro_batches) == 0
   _, state = tx.update(_split(jnp.asarray(GRADS[0])), state, PARAMS)
-  window = optaccum.window_statistics(state)
+  window = optaccum.status(state).statistics
   np.testing.assert_allclose(float(window.window_norm), np.linalg.norm(GRADS[0]), rtol=1e-6)
   for name in ("gradient_squared_norm", "trace_covariance", "noise_scale"):
     assert np.isnan(float(getattr(window, name))), name
 
 
 def test_empty_flushed_window_keeps_the_last_statistics():
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True)
   state = tx.init(PARAMS)
   for g in GRADS:
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
-  closed = optaccum.window_statistics(state)
+  closed = optaccum.status(state).statistics
   _, state = optaccum.flush(tx, state, PARAMS)
-  assert not bool(optaccum.has_updated(state))
-  for kept, before in zip(optaccum.window_statistics(state), closed):
+  assert not bool(optaccum.status(state).has_updated)
+  for kept, before in zip(optaccum.status(state).statistics, closed):
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(before))
 
 
@@ -137,12 +135,12 @@ def test_statistics_add_only_scalars_to_the_state():
 
 
 def test_state_with_statistics_can_be_donated():
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=2, statistics=True)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=2, statistics=True)
   step = jax.jit(lambda g, s: tx.update(_split(g), s, PARAMS)[1], donate_argnums=1)
   state = tx.init(PARAMS)
   for g in GRADS[:2]:
     state = step(jnp.asarray(g), state)  # fails if two fields share one buffer
-  assert int(optaccum.window_statistics(state).num_micro_batches) == 2
+  assert int(optaccum.status(state).statistics.num_micro_batches) == 2
 
 
 # --- Unbiasedness on Gaussian gradients with known mean and covariance -------------------
@@ -162,8 +160,8 @@ def _per_window_statistics(tx, grads, weights, micro_batch_size=None):
   def body(state, step):
     g, w = step
     _, state = tx.update(g, state, params, weight=w)
-    statistics = optaccum.window_statistics(state, micro_batch_size=micro_batch_size)
-    return state, (statistics, optaccum.has_updated(state))
+    statistics = optaccum.status(state, micro_batch_size=micro_batch_size).statistics
+    return state, (statistics, optaccum.status(state).has_updated)
 
   run = jax.jit(lambda xs: jax.lax.scan(body, tx.init(params), xs)[1])
   windows, emitted = run((jnp.asarray(grads, jnp.float32), jnp.asarray(weights, jnp.float32)))
@@ -226,12 +224,12 @@ def test_non_bool_statistics_is_rejected():
 
 
 def test_micro_batch_size_scales_sizes_into_examples():
-  tx = optaccum.accumulate(optax.sgd(0.1), every_k=3, statistics=True)
+  tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True)
   state = tx.init(PARAMS)
   for g in GRADS:
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
-  per_unit = optaccum.window_statistics(state)
-  examples = optaccum.window_statistics(state, micro_batch_size=16)
+  per_unit = optaccum.status(state).statistics
+  examples = optaccum.status(state, micro_batch_size=16).statistics
   for field in ("batch_size", "trace_covariance", "noise_scale"):
     np.testing.assert_allclose(getattr(examples, field), 16 * getattr(per_unit, field), rtol=1e-6)
   for field in ("window_norm", "micro_batch_squared_norm", "gradient_squared_norm"):
@@ -242,14 +240,11 @@ def test_micro_batch_size_scales_sizes_into_examples():
 def test_bad_micro_batch_size_is_rejected(size):
   tx = optaccum.accumulate(optax.sgd(0.1), 2, statistics=True)
   with pytest.raises(
-    ValueError, match=r"`window_statistics\(micro_batch_size=...\)` must be a positive int"
+    ValueError, match=r"`status\(micro_batch_size=...\)` must be a positive int"
   ):
-    optaccum.window_statistics(tx.init(PARAMS), micro_batch_size=size)
+    optaccum.status(tx.init(PARAMS), micro_batch_size=size).statistics
 
 
-def test_window_statistics_without_statistics_is_rejected():
+def test_status_without_statistics_holds_none():
   state = optaccum.accumulate(optax.sgd(0.1), 2).init(PARAMS)
-  with pytest.raises(
-    ValueError, match=r"build it with `optaccum.accumulate\(..., statistics=True\)`"
-  ):
-    optaccum.window_statistics(state)
+  assert optaccum.status(state).statistics is None

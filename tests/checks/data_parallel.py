@@ -129,7 +129,9 @@ def in_step(mesh, windows, weighted):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    step = jax.jit(optaccum.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2))
+    step = jax.jit(
+      optaccum.parallel.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2)
+    )
     params = init_params()
     opt_state = tx.init(params)
     # A step's global batch is a whole window; each replica splits its share in k.
@@ -168,8 +170,12 @@ def cross_step(mesh, windows, weighted):
     runs["naive"] = (naive_tx, naive_step)
   results = {}
   for name, (tx, local_step) in runs.items():
-    init = jax.jit(optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=()))
-    step = jax.jit(optaccum.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2))
+    init = jax.jit(
+      optaccum.parallel.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=())
+    )
+    step = jax.jit(
+      optaccum.parallel.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2)
+    )
     params = init_params()
     opt_state = init(params)
     step = step.lower(params, opt_state, jax.tree.map(lambda x: x[0, 0], windows)).compile()
@@ -177,7 +183,7 @@ def cross_step(mesh, windows, weighted):
     for w in range(WINDOWS):
       for m in range(K):
         params, opt_state = step(params, opt_state, jax.tree.map(lambda x: x[w, m], windows))
-        emitted.append(bool(optaccum.has_updated(opt_state)))
+        emitted.append(bool(optaccum.status(opt_state).has_updated))
     results[name] = {
       "params": params,
       "all_reduce_per_step": hlo.summary(step.as_text()),
@@ -186,7 +192,7 @@ def cross_step(mesh, windows, weighted):
       "replicas_equal": replicas_equal(params),
     }
     if name == "optaccum" and not weighted:
-      ours = optaccum.window_statistics(opt_state)
+      ours = optaccum.status(opt_state).statistics
       expected = statistics_reference(windows, loss)
       results[name]["statistics_diff"] = max(
         abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
@@ -212,7 +218,7 @@ def statistics_reference(windows, loss):
         window_mean, state = tx.update(jax.grad(loss)(params, rows), state, params)
     updates, inner_state = inner.update(window_mean, inner_state, params)
     params = optax.apply_updates(params, updates)
-  return optaccum.window_statistics(state)
+  return optaccum.status(state).statistics
 
 
 def gspmd_in_step(mesh, windows):

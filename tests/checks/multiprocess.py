@@ -93,8 +93,12 @@ def train(process_id, port):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    init = jax.jit(optaccum.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=()))
-    step = jax.jit(optaccum.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2))
+    init = jax.jit(
+      optaccum.parallel.data_parallel(tx.init, mesh, axis_name="data", batch_argnums=())
+    )
+    step = jax.jit(
+      optaccum.parallel.data_parallel(local_step, mesh, axis_name="data", batch_argnums=2)
+    )
     params = jax.tree.map(lambda x: global_array(x, P()), init_params())
     data = make_data()
     local, emitted = run_windows(step, params, init(params), data, global_array)
@@ -116,7 +120,7 @@ def train(process_id, port):
 def train_plain_jit(mesh, global_array, data):
   """The same training under plain `jax.jit`: per_replica gradients, reduce_axes."""
   tx = optaccum.accumulate(optimizer(), K, reduce_axes=("data",))
-  grad_fn = optaccum.per_replica(
+  grad_fn = optaccum.parallel.per_replica(
     optaccum.microbatch(jax.value_and_grad(loss), MICROBATCHES), reduce_axes=("data",)
   )
 
@@ -136,7 +140,7 @@ def run_windows(step, params, opt_state, data, global_array):
     for m in range(K):
       batch = {name: global_array(x[w, m], P("data")) for name, x in data.items()}
       params, opt_state = step(params, opt_state, batch)
-      emitted.append(bool(optaccum.has_updated(opt_state).addressable_shards[0].data))
+      emitted.append(bool(optaccum.status(opt_state).has_updated.addressable_shards[0].data))
   local = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).tolist(), params)
   return local, emitted
 

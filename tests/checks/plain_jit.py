@@ -123,7 +123,7 @@ def methods(loss):
   tx = optaccum.accumulate(optimizer(), K, reduce_axes=AXES)
   plain_tx = optaccum.accumulate(optimizer(), K)
   multisteps = optax.MultiSteps(optimizer(), K)
-  grad_fn = optaccum.per_replica(jax.grad(loss), reduce_axes=AXES)
+  grad_fn = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=AXES)
   split = optaccum.microbatch(jax.value_and_grad(loss), K, reduce_axes=AXES)
   plain_split = optaccum.microbatch(jax.value_and_grad(loss), K)
 
@@ -261,7 +261,7 @@ def mean_of(trees, weights=None):
 
 def run_window(tx, loss, params, data, weights=None, fast=False, steps=K):
   """`steps` micro-steps (one window) through `tx` (or the fast path), jitted."""
-  grad_fn = optaccum.per_replica(jax.grad(loss), reduce_axes=AXES)
+  grad_fn = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=AXES)
 
   def step(params, state, x, y, weight):
     grads = grad_fn(params, x, y)
@@ -302,15 +302,15 @@ def features(kind, axis_type):
       new, state = run_window(tx, loss, params, bad, fast=form == "fast path")
       out[f"guard/{form}"] = {
         "unchanged": max_diff(new, params),
-        "skipped_windows": int(optaccum.num_skipped_windows(state)),
+        "skipped_windows": int(optaccum.status(state).num_skipped_windows),
       }
-    skipping = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, skip=optaccum.skip_not_finite)
+    skipping = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, skip=optaccum.skip.not_finite)
     # The skipped micro-step is as if it never happened: the window takes a fifth.
     new, state = run_window(skipping, loss, params, bad, steps=K + 1)
     kept = [g for t, gs in enumerate(grads) if t != 1 for g in gs]
     out["skip_not_finite"] = {
       "diff": max_diff(new, sgd_reference(params, mean_of(kept))),
-      "skipped": int(optaccum.num_skipped(state)),
+      "skipped": int(optaccum.status(state).num_skipped),
     }
 
     weights = np.random.RandomState(2).uniform(1, 5, size=(K, replicas)).astype(np.float32)
@@ -320,7 +320,7 @@ def features(kind, axis_type):
 
     with_stats = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, statistics=True)
     _, state = run_window(with_stats, loss, params, data)
-    stats = optaccum.window_statistics(state)
+    stats = optaccum.status(state).statistics
     squared = np.mean(
       [sum(float(np.sum(np.square(leaf))) for leaf in jax.tree.leaves(g)) for g in flat]
     )
@@ -367,7 +367,7 @@ def features(kind, axis_type):
     low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     low_loss = lambda p, x, y: loss(jax.tree.map(lambda a: a.astype(jnp.float32), p), x, y)  # noqa: E731
     updates, _ = jax.jit(casting.update)(
-      optaccum.per_replica(jax.grad(low_loss), reduce_axes=AXES)(low, *data[0]),
+      optaccum.parallel.per_replica(jax.grad(low_loss), reduce_axes=AXES)(low, *data[0]),
       casting.init(low),
       low,
     )
@@ -403,7 +403,7 @@ def features(kind, axis_type):
     )
     out["large_leaf"] = max_diff(new, sgd_reference(big, gradient))
 
-    draws = optaccum.per_replica(
+    draws = optaccum.parallel.per_replica(
       lambda params, x, key: jax.random.uniform(key, ()), reduce_axes=AXES, key_arg=2
     )
     values = np.asarray(jax.jit(draws)(params, data[0][0], jax.random.key(0)))
@@ -418,7 +418,9 @@ def pure_fsdp_refusal():
     params = make_params(mesh, "fsdp")
     x, y = make_data(mesh, "fsdp")[0]
     try:
-      jax.jit(optaccum.per_replica(jax.grad(make_loss(True)), reduce_axes=AXES))(params, x, y)
+      jax.jit(optaccum.parallel.per_replica(jax.grad(make_loss(True)), reduce_axes=AXES))(
+        params, x, y
+      )
     except ValueError as error:
       return str(error)
   return None

@@ -70,13 +70,13 @@ def replicated(directory):
   uninterrupted = params_of(train(step, state, range(MICRO_STEPS)), False)
   state = train(step, fresh()[1], range(6))
   try:
-    optaccum.save_checkpoint(f"{directory}/replicated_mid", state, every_k=EVERY_K)
+    optaccum.checkpoint.save(f"{directory}/replicated_mid", state, k=EVERY_K)
     refusal = None
   except ValueError as error:
     refusal = str(error)
   state = train(step, fresh()[1], range(8))  # two windows: the sums are gone
-  optaccum.save_checkpoint(f"{directory}/replicated_end", state, every_k=EVERY_K)
-  restored = optaccum.restore_checkpoint(f"{directory}/replicated_end", fresh()[1], every_k=EVERY_K)
+  optaccum.checkpoint.save(f"{directory}/replicated_end", state, k=EVERY_K)
+  restored = optaccum.checkpoint.restore(f"{directory}/replicated_end", fresh()[1], k=EVERY_K)
   resumed = params_of(train(step, restored, range(8, MICRO_STEPS)), False)
   return {"refusal": refusal, "resumed_equal": resumed == uninterrupted}
 
@@ -88,9 +88,9 @@ def kept_per_device(directory):
   uninterrupted = params_of(train(step, per_device(state), range(MICRO_STEPS)), True)
   state = train(step, per_device(fresh()[1]), range(6))
   sums = np.asarray(state[1].acc_grads["w"])
-  optaccum.save_checkpoint(f"{directory}/per_device_mid", state, every_k=EVERY_K)
+  optaccum.checkpoint.save(f"{directory}/per_device_mid", state, k=EVERY_K)
   target = per_device(fresh()[1])
-  restored = optaccum.restore_checkpoint(f"{directory}/per_device_mid", target, every_k=EVERY_K)
+  restored = optaccum.checkpoint.restore(f"{directory}/per_device_mid", target, k=EVERY_K)
   resumed = params_of(train(step, restored, range(6, MICRO_STEPS)), True)
   return {
     "devices_differ": not all(np.array_equal(sums[0], s) for s in sums[1:]),

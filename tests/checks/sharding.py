@@ -61,7 +61,7 @@ def check_accumulate(axis_type, layout):
   context = jax.set_mesh(mesh) if axis_type == AxisType.Explicit else contextlib.nullcontext()
   with context:
     params = make_params(mesh, layout)
-    tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), every_k=4)
+    tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), k=4)
     state = tx.init(params)
     jit_state = jax.jit(tx.init)(params) if axis_type == AxisType.Explicit else None
 

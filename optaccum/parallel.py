@@ -1,0 +1,11 @@
+"""Data-parallel accumulation: one cross-replica reduction per window.
+
+`accumulate` and `microbatch` take the replicas themselves (`axis_name=` under
+`jax.shard_map`/`pmap`, `reduce_axes=` under plain `jax.jit` over a mesh); the
+functions here prepare what they take.
+"""
+
+from optaccum._data_parallel import data_parallel as data_parallel
+from optaccum._per_replica import per_replica as per_replica
+
+__all__ = ["data_parallel", "per_replica"]

@@ -1,0 +1,71 @@
+"""The public surface: a small top level, sub-namespaces named after what they hold."""
+
+import importlib
+import inspect
+import types
+
+import pytest
+
+import optaccum
+
+NAMESPACES = ["skip", "flax", "parallel", "checkpoint", "planning", "compat"]
+
+
+def _public(module: types.ModuleType) -> set[str]:
+  """Names a user sees on `module`: neither private nor the private modules it imports."""
+  names = set()
+  for name, value in vars(module).items():
+    if name.startswith("_"):
+      continue
+    if isinstance(value, types.ModuleType) and value.__name__.split(".")[-1].startswith("_"):
+      continue
+    if name == "annotations":  # `from __future__ import annotations`
+      continue
+    names.add(name)
+  return names
+
+
+def test_top_level_exports_at_most_sixteen_names_and_all_lists_exactly_them():
+  assert len(optaccum.__all__) <= 16
+  assert sorted(optaccum.__all__) == optaccum.__all__
+  assert _public(optaccum) == set(optaccum.__all__)
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_each_namespace_all_lists_exactly_its_public_names(name):
+  module = importlib.import_module(f"optaccum.{name}")
+  assert getattr(optaccum, name) is module
+  assert name in optaccum.__all__
+  assert _public(module) == set(module.__all__)
+  assert module.__doc__
+
+
+def _every_public_object():
+  for name in optaccum.__all__:
+    value = getattr(optaccum, name)
+    if isinstance(value, types.ModuleType):
+      for inner in value.__all__:
+        yield f"optaccum.{name}.{inner}", getattr(value, inner)
+    else:
+      yield f"optaccum.{name}", value
+
+
+@pytest.mark.parametrize("qualified, value", list(_every_public_object()))
+def test_every_public_function_documents_its_contract_with_an_example(qualified, value):
+  doc = inspect.getdoc(value) or ""
+  assert doc, f"{qualified} has no docstring"
+  if inspect.isfunction(value):
+    assert "Examples:" in doc, f"{qualified}'s docstring has no runnable example"
+    if inspect.signature(value).parameters:
+      assert "Args:" in doc, f"{qualified}'s docstring does not name its arguments"
+
+
+def test_importing_the_package_imports_neither_flax_nor_orbax():
+  import subprocess
+  import sys
+
+  code = (
+    "import sys, optaccum, optaccum.flax, optaccum.checkpoint\n"
+    "assert 'flax' not in sys.modules and 'orbax' not in sys.modules, sorted(sys.modules)"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True)
