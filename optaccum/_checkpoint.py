@@ -349,7 +349,8 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
           f"{list(leaf.shape)}, in the middle of a window: under pmap with axis_name each device "
           "accumulates its own micro-batches until the window closes, and a save (or "
           "jax.device_get) would keep device 0's alone. Save when a window has just "
-          "closed (optaccum.status(...).has_updated), or keep the state per device (pmap out_axes=0)."
+          "closed (optaccum.status(...).has_updated), or keep the state per device "
+          "(pmap out_axes=0)."
         )
 
 
