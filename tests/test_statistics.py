@@ -239,9 +239,7 @@ def test_micro_batch_size_scales_sizes_into_examples():
 @pytest.mark.parametrize("size", [0, 2.5, True])
 def test_bad_micro_batch_size_is_rejected(size):
   tx = optaccum.accumulate(optax.sgd(0.1), 2, statistics=True)
-  with pytest.raises(
-    ValueError, match=r"`status\(micro_batch_size=...\)` must be a positive int"
-  ):
+  with pytest.raises(ValueError, match=r"`status\(micro_batch_size=...\)` must be a positive int"):
     optaccum.status(tx.init(PARAMS), micro_batch_size=size).statistics
 
 
