@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum import _branching, _replicas, _statistics, _validation
+from optaccum import _branching, _replicas, _statistics, _validation, _window
 from optaccum._accumulator import (
   REDUCTIONS,
   Accumulator,
@@ -359,18 +359,10 @@ class Accumulation:
           "The skip policy must return a scalar bool as its first output, got "
           f"dtype {should_skip.dtype} and shape {should_skip.shape}."
         )
-    if weight is None:
-      weight = jnp.ones((), jnp.float32)
-    else:
-      # `not (w >= 0)` also holds for NaN; inf fails `isfinite`. Replicas
-      # skip together: one bad replica's weight skips the micro-step.
-      bad_weight = ~jnp.all((weight >= 0) & jnp.isfinite(weight))
-      should_skip = bad_weight if should_skip is None else should_skip | bad_weight
+    should_skip, weight = _window.admit(weight, should_skip)
     if self.reduce_axes is not None:
       # Per replica: each replica's micro-batch weighs in (1 each unweighted).
       weight = jnp.broadcast_to(weight, (self._replicas(where),))
-    if should_skip is not None:
-      weight = jnp.where(should_skip, jnp.float32(0), weight)
     return _Verdict(should_skip, weight, skip_state)
 
   def _sum_into(
@@ -399,8 +391,7 @@ class Accumulation:
       w = weight
       if w is not None and w.ndim:  # one weight per replica, along the leading axis
         w = jnp.reshape(w, w.shape + (1,) * (g.ndim - 1))
-      summed = self.accumulator.add(acc, g, w, seed)
-      return summed if verdict.skip is None else jnp.where(verdict.skip, acc, summed)
+      return _window.add(self.accumulator, acc, g, w, verdict.skip, seed)
 
     acc_grads = jax.tree.map(add_leaf, updates, state.acc_grads, seeds, is_leaf=_IS_NONE)
     return acc_grads, rounding_key

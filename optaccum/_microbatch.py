@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _arguments, _nnx, _replicas, _validation
+from optaccum import _accumulator, _arguments, _nnx, _replicas, _validation, _window
 from optaccum._sharding import vary
 
 _AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
@@ -337,16 +337,20 @@ def _scan_body(
     (acc_loss, acc_grads, acc_aux, acc_weight), state = carry
     index, key = xs
     (loss, aux_out, grads), weight, state = call(index, key, state)
+    # The weight rule of every form: a NaN, infinite or negative weight skips.
+    skip, admitted = _window.admit(weight)
+    weight = None if weight is None else admitted
+    add = lambda acc, x, w: _window.add(accumulator, acc, x, w, skip)  # noqa: E731
     leaves = aux.flatten(aux_out)
     acc_aux = [
-      accumulator.add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
+      add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
       for acc, i in zip(acc_aux, aux.summed)
     ]
     sums = (
-      accumulator.add(acc_loss, loss, weight),
-      jax.tree.map(lambda acc, g: accumulator.add(acc, g, weight), acc_grads, grads),
+      add(acc_loss, loss, weight),
+      jax.tree.map(lambda acc, g: add(acc, g, weight), acc_grads, grads),
       acc_aux,
-      acc_weight + (jnp.ones((), jnp.float32) if weight is None else weight),
+      acc_weight + admitted,
     )
     return (sums, state), [leaves[i] for i in aux.stacked]
 
@@ -541,6 +545,11 @@ def microbatch(
     it equals the mean over all valid tokens of the batch. A batch whose
     weights sum to zero gives zeros.
   * `reduction="sum"`: `sum(w_i x_i)`, for a loss that is a sum over examples.
+
+  A weight that is NaN, infinite or negative skips its micro-batch, as in
+  `optaccum.accumulate`: its loss, gradients and mean/sum aux leaves add
+  nothing (not even their own NaN) and its weight counts as 0; its "stack" and
+  "concat" aux leaves are kept as returned.
 
   Aux outputs (metrics) are combined per leaf by `aux_reduction`: `"mean"`
   (default; weighted like the loss, for floating leaves), `"sum"` (e.g. counts),

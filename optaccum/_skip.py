@@ -9,23 +9,26 @@ had never been seen, and the state counts it in `num_skipped`.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
 from optaccum._branching import run_if
+from optaccum._types import Params, PyTree, Updates
 
 
 class SkipPolicy(Protocol):
   """The form of a skip policy (same as optax's `ShouldSkipUpdateFunction`)."""
 
-  def __call__(self, updates: Any, gradient_step: jax.Array, params: Any) -> tuple[jax.Array, Any]:
+  def __call__(
+    self, updates: Updates, gradient_step: jax.Array, params: Params
+  ) -> tuple[jax.Array, PyTree]:
     """Returns `(should_skip, skip_state)` for one micro-batch's gradients."""
     ...
 
 
-def _leaves(tree: Any) -> list[jax.Array]:
+def _leaves(tree: Updates) -> list[jax.Array]:
   return [leaf for leaf in jax.tree.leaves(tree) if leaf is not None]
 
 
@@ -72,7 +75,7 @@ def any_not_finite_in(leaves: list[jax.Array]) -> jax.Array:
 
 
 def skip_not_finite(
-  updates: Any, gradient_step: jax.Array, params: Any = None
+  updates: Updates, gradient_step: jax.Array, params: Params | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Skips a micro-batch whose gradients hold any inf or NaN.
 
@@ -116,9 +119,9 @@ def skip_not_finite(
 
 
 def skip_large_updates(
-  updates: Any,
+  updates: Updates,
   gradient_step: jax.Array,
-  params: Any = None,
+  params: Params | None = None,
   max_squared_norm: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Skips a micro-batch whose squared global gradient norm is too large (or NaN).
@@ -150,7 +153,8 @@ def skip_large_updates(
   if max_squared_norm is None:
     raise TypeError(
       "`skip.large_updates(max_squared_norm=...)` is required: the largest accepted "
-      "squared global norm, e.g. functools.partial(skip_large_updates, max_squared_norm=1e4)."
+      "squared global norm, e.g. "
+      "functools.partial(optaccum.skip.large_updates, max_squared_norm=1e4)."
     )
   norm_squared = jnp.zeros((), jnp.float32)
   for leaf in _leaves(updates):

@@ -494,7 +494,7 @@ def test_skip_large_updates_takes_its_threshold_by_position_as_optax_does():
   grads = {"w": jnp.array([3.0, 4.0])}
   assert bool(optaccum.skip.large_updates(grads, 0, None, 24.0)[0])
   assert not bool(optaccum.skip.large_updates(grads, 0, None, 26.0)[0])
-  with pytest.raises(TypeError, match=r"skip_large_updates\(max_squared_norm=...\)` is required"):
+  with pytest.raises(TypeError, match=r"`skip.large_updates\(max_squared_norm=...\)` is required"):
     optaccum.skip.large_updates(grads, 0)
 
 

@@ -436,3 +436,40 @@ def test_memory_of_split_step_is_a_fraction_of_unsplit(run_python):
   # None is the unsplit step; activations dominate this model, so a step that
   # holds one micro-batch's activations of eight needs well under half.
   assert temp[8] / temp[None] < 0.5, result
+
+
+@pytest.mark.parametrize("bad_weight", [float("nan"), float("inf"), -1.0])
+def test_a_nan_infinite_or_negative_weight_skips_its_micro_batch_as_accumulate_does(bad_weight):
+  # Micro-batch 1 (rows 1 and 5 of 8, k = 4) holds a NaN input and a bad
+  # weight: it adds nothing, and the rest is the token mean of the other rows.
+  def loss(w, x, mask):
+    return jnp.sum(((x @ w) ** 2) * mask) / jnp.sum(mask)
+
+  w = jnp.linspace(-1.0, 1.0, 3)
+  x = np.arange(24.0, dtype=np.float32).reshape(8, 3) / 10
+  mask = np.array([1, 1, 0, 1, 1, 1, 1, 0], np.float32)
+  x[1, 0] = np.nan
+
+  def weight_fn(w, x, mask):
+    return jnp.where(jnp.isnan(x[0, 0]), jnp.float32(bad_weight), jnp.sum(mask))
+
+  split = optaccum.microbatch(jax.value_and_grad(loss), 4, weight_fn=weight_fn)
+  value, grads = jax.jit(split)(w, jnp.asarray(x), jnp.asarray(mask))
+  kept = np.array([0, 2, 3, 4, 6, 7])
+  xs, ms = x[kept].astype(np.float64), mask[kept].astype(np.float64)
+  residual = xs @ np.asarray(w, np.float64)
+  expected_value = np.sum(residual**2 * ms) / np.sum(ms)
+  expected_grads = 2 * (xs * (residual * ms)[:, None]).sum(0) / np.sum(ms)
+  np.testing.assert_allclose(float(value), expected_value, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grads), expected_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_weights_all_skipped_give_zeros_not_nan():
+  def loss(w, x):
+    return jnp.mean((x @ w) ** 2)
+
+  split = optaccum.microbatch(
+    jax.value_and_grad(loss), 2, weight_fn=lambda w, x: jnp.float32(-1), reduction="mean"
+  )
+  value, grads = split(jnp.ones(3), jnp.ones((4, 3)))
+  assert float(value) == 0.0 and not np.any(np.asarray(grads))
