@@ -20,19 +20,20 @@ from optaccum._accumulator import (
 )
 from optaccum._skip import SkipPolicy
 from optaccum._state import AccumulateState, check_state, is_state, locate_state
+from optaccum._types import DTypeLike, KSchedule, OptState, Params, PyTree, Scalar, Updates
 
 _IS_NONE = lambda x: x is None  # noqa: E731
 T = TypeVar("T")
 
 
-def _map(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
+def _map(fn: Callable[..., Any], updates: Updates, *rest: PyTree) -> Any:
   """Maps over an updates tree, passing its None leaves through."""
   return jax.tree.map(
     lambda u, *r: None if u is None else fn(u, *r), updates, *rest, is_leaf=_IS_NONE
   )
 
 
-def _same_shapes(tree: Any, shapes: Any) -> bool:
+def _same_shapes(tree: PyTree, shapes: PyTree) -> bool:
   """Whether `tree` has the structure, shapes and dtypes of `shapes`."""
   structure = jax.tree.structure(tree, is_leaf=_IS_NONE)
   if structure != jax.tree.structure(shapes, is_leaf=_IS_NONE):  # type: ignore[operator]
@@ -57,7 +58,7 @@ def _keep_dtypes(new: T, old: T) -> T:
   an integer parameter, which gets no gradient) keeps its value from `init`.
   """
 
-  def cast(n: Any, o: Any) -> Any:
+  def cast(n: PyTree, o: PyTree) -> PyTree:
     if n is None:
       return o
     if hasattr(n, "dtype") and hasattr(o, "dtype") and n.dtype != o.dtype:
@@ -67,10 +68,10 @@ def _keep_dtypes(new: T, old: T) -> T:
   return jax.tree.map(cast, new, old, is_leaf=_IS_NONE)
 
 
-def _holds_exactly(acc_grads: Any, updates: Any) -> bool:
+def _holds_exactly(acc_grads: Updates, updates: Updates) -> bool:
   """Whether each accumulator leaf's dtype holds the update leaf's values exactly."""
 
-  def holds(acc: Any, update: Any) -> bool:
+  def holds(acc: jax.Array, update: jax.Array) -> bool:
     a, u = jnp.dtype(acc.dtype), jnp.dtype(update.dtype)
     if a == u:
       return True
@@ -92,7 +93,7 @@ def _holds_exactly(acc_grads: Any, updates: Any) -> bool:
   )
 
 
-def _zeros_shaped_like(tree: Any, per_replica: bool = False) -> Any:
+def _zeros_shaped_like(tree: PyTree, per_replica: bool = False) -> Any:
   """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant).
 
   With `per_replica`, the shapes of one replica's: without `tree`'s leading axis.
@@ -105,12 +106,12 @@ def _zeros_shaped_like(tree: Any, per_replica: bool = False) -> Any:
 class _OtherShapes(Exception):
   """Raised while tracing: the inner optimizer's updates are not shaped like the carry."""
 
-  def __init__(self, shapes: Any):
+  def __init__(self, shapes: PyTree):
     super().__init__("the inner optimizer's updates differ from the gradients' shapes")
     self.shapes = shapes
 
 
-def _gradient_zeros(params: Any, acc_grads: Any) -> Any:
+def _gradient_zeros(params: Params, acc_grads: Updates) -> Any:
   """Zero gradients: the parameters' dtypes, the accumulator's shapes and placement.
 
   Under `reduce_axes` that is one zero gradient per replica.
@@ -134,10 +135,10 @@ class _Verdict(NamedTuple):
 class _Window(NamedTuple):
   """What the closing of a window found; on a micro-step that closes none, `runs` is False."""
 
-  acc_grads: Any  # the window's sums, across replicas if any
+  acc_grads: Updates  # the window's sums, across replicas if any
   total_weight: jax.Array  # scalar float32
   runs: jax.Array  # scalar bool: whether the inner optimizer steps
-  statistics: Any  # the StatisticsState after the window, or ()
+  statistics: bool  # the StatisticsState after the window, or ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +166,7 @@ class Accumulation:
     """The optax transformation: `init` and `update`."""
     return optax.GradientTransformationExtraArgs(self.init, self.update)
 
-  def init(self, params: Any) -> AccumulateState:
+  def init(self, params: Params) -> AccumulateState:
     """The state before the first micro-step: an empty window."""
     gradient_step = jnp.zeros((), jnp.int32)
     acc_grads = jax.tree.map(self._zeros_for, params)
@@ -188,7 +189,7 @@ class Accumulation:
       num_empty_windows=jnp.zeros((), jnp.int32),
     )
 
-  def _zeros_for(self, param: Any) -> jax.Array | None:
+  def _zeros_for(self, param: jax.Array) -> jax.Array | None:
     """A parameter's empty accumulator; None for an integer or bool one.
 
     Such a leaf has no gradient (`eqx.filter_grad` and optax give None there,
@@ -200,13 +201,13 @@ class Accumulation:
 
   def update(
     self,
-    updates: Any,
+    updates: Updates,
     state: AccumulateState,
-    params: Any = None,
+    params: Params = None,
     *,
-    weight: Any = None,
-    flush: Any = False,
-    **extra_args: Any,
+    weight: Scalar | None = None,
+    flush: Scalar = False,
+    **extra_args: object,
   ) -> tuple[Any, AccumulateState]:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
     state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
@@ -226,11 +227,11 @@ class Accumulation:
   def _emit(
     self,
     into: str,
-    carried: Any,
-    like: Any,
+    carried: Updates,
+    like: Updates,
     state: AccumulateState,
     close_window: jax.Array,
-    params: Any,
+    params: Params,
     extra_args: dict,
   ) -> tuple[Any, AccumulateState]:
     """`update`'s conditionals: the updates written `into` `carried`, emitted where they ran.
@@ -262,11 +263,11 @@ class Accumulation:
 
   def apply(
     self,
-    grads: Any,
+    grads: Updates,
     state: AccumulateState,
-    params: Any,
-    weight: Any,
-    flush: Any,
+    params: Params,
+    weight: Scalar | None,
+    flush: Scalar,
     extra_args: dict,
   ) -> tuple[Any, AccumulateState]:
     """The fast path's micro-step: `update`, then `optax.apply_updates`, in one conditional.
@@ -283,7 +284,13 @@ class Accumulation:
     return params, self._closed(state, close_window, window, inner_state)
 
   def _add(
-    self, where: str, updates: Any, state: AccumulateState, params: Any, weight: Any, flush: Any
+    self,
+    where: str,
+    updates: Updates,
+    state: AccumulateState,
+    params: Params,
+    weight: Scalar | None,
+    flush: Scalar,
   ) -> tuple[AccumulateState, jax.Array]:
     """Adds one micro-batch into the window; returns the state and whether to close it."""
     state = check_state(where, state)
@@ -293,10 +300,9 @@ class Accumulation:
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
     weighted = weight is not None
-    if weighted:
-      weight = self._as_weight(where, weight)
+    checked = None if weight is None else self._as_weight(where, weight)
     flush = _validation.as_flag(where, "flush", flush)
-    verdict = self._verdict(where, updates, state, params, weight)
+    verdict = self._verdict(where, updates, state, params, checked)
     acc_grads, rounding_key = self._sum_into(updates, state, verdict, weighted)
     accepted = jnp.ones((), jnp.bool_) if verdict.skip is None else ~verdict.skip
     # Across replicas every micro-step counts, skipped or not, so that all
@@ -304,8 +310,8 @@ class Accumulation:
     # as if it never happened. `flush()`'s own call (weight exactly 0) is no
     # micro-step: a flush of an empty window closes no window.
     counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
-    if weighted:
-      counts = counts & ~(flush & jnp.all(weight == 0))
+    if checked is not None:
+      counts = counts & ~(flush & jnp.all(checked == 0))
     mini_step = _increment_where(counts, state.mini_step)
     close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
     statistics = state.statistics
@@ -332,7 +338,7 @@ class Accumulation:
     assert self.reduce_axes is not None
     return _replicas.count(where, self.reduce_axes)
 
-  def _as_weight(self, where: str, weight: Any) -> jax.Array:
+  def _as_weight(self, where: str, weight: Scalar) -> jax.Array:
     """`weight=` as float32: a scalar, or under `reduce_axes` also one per replica, `[R]`."""
     if self.reduce_axes is None or jnp.ndim(weight) == 0:
       return _validation.as_scalar(where, "weight", weight, jnp.float32)
@@ -347,7 +353,12 @@ class Accumulation:
     return jnp.asarray(weight).astype(jnp.float32)
 
   def _verdict(
-    self, where: str, updates: Any, state: AccumulateState, params: Any, weight: Any
+    self,
+    where: str,
+    updates: Updates,
+    state: AccumulateState,
+    params: Params,
+    weight: jax.Array | None,
   ) -> _Verdict:
     """Runs the skip policy and checks the weight: a NaN, inf or negative one skips."""
     should_skip, skip_state = None, state.skip_state
@@ -366,7 +377,7 @@ class Accumulation:
     return _Verdict(should_skip, weight, skip_state)
 
   def _sum_into(
-    self, updates: Any, state: AccumulateState, verdict: _Verdict, weighted: bool
+    self, updates: Updates, state: AccumulateState, verdict: _Verdict, weighted: bool
   ) -> tuple[Any, Any]:
     """The accumulator after adding `updates` (unless skipped), and the next rounding key."""
     rounding_key, seeds = self.accumulator.split_key(
@@ -382,7 +393,7 @@ class Accumulation:
     window_open = state.mini_step > 0
     weight = verdict.weight if weighted else None
 
-    def add_leaf(g: Any, acc: jax.Array, seed: Any) -> jax.Array | None:
+    def add_leaf(g: jax.Array | None, acc: jax.Array, seed: jax.Array | None) -> jax.Array | None:
       if g is None:  # None where the parameters hold None or no floats: pass it through.
         return None
       # Selects, not multiplies: a stale NaN (no skip policy) must not survive,
@@ -398,11 +409,11 @@ class Accumulation:
 
   def _close(
     self,
-    like: Any,
+    like: Updates,
     state: AccumulateState,
     close_window: jax.Array,
     operand: tuple[Any, Any],
-    params: Any,
+    params: Params,
     extra_args: dict,
     into: str = "carried",
   ) -> tuple[Any, Any, _Window]:
@@ -430,7 +441,7 @@ class Accumulation:
     )
     return out, inner_state, _Window(None, total_weight, runs, statistics)
 
-  def _window(self, like: Any, state: AccumulateState, close_window: jax.Array) -> _Window:
+  def _window(self, like: Updates, state: AccumulateState, close_window: jax.Array) -> _Window:
     """`_reduce` where `close_window` holds; else a window that does not run."""
 
     def close(_: tuple) -> tuple:
@@ -441,7 +452,7 @@ class Accumulation:
     total_weight, statistics, runs = _branching.run_if(self.strategy, close_window, close, scalars)
     return _Window(state.acc_grads, total_weight, runs, statistics)
 
-  def _reduce(self, like: Any, state: AccumulateState) -> _Window:
+  def _reduce(self, like: Updates, state: AccumulateState) -> _Window:
     """The window's sums, across replicas if any, the window guard and the statistics."""
     running: tuple = ()
     if self.statistics:
@@ -473,9 +484,9 @@ class Accumulation:
   def _step(
     self,
     window: _Window,
-    like: Any,
+    like: Updates,
     operand: tuple[Any, Any],
-    params: Any,
+    params: Params,
     extra_args: dict,
     into: str,
   ) -> tuple[Any, Any]:
@@ -514,7 +525,7 @@ class Accumulation:
     return _branching.run_if(self.strategy, window.runs, step, operand)
 
   def _closed(
-    self, state: AccumulateState, close_window: jax.Array, window: _Window, inner_state: Any
+    self, state: AccumulateState, close_window: jax.Array, window: _Window, inner_state: OptState
   ) -> AccumulateState:
     """The state after the micro-step: where a window closed, counters advanced and reset.
 
@@ -537,7 +548,7 @@ class Accumulation:
 
 
 def _window_is_finite(
-  reduction: str, like: Any, acc_grads: Any, total_weight: jax.Array
+  reduction: str, like: Updates, acc_grads: Updates, total_weight: jax.Array
 ) -> jax.Array:
   """The window guard: whether the gradient the inner optimizer would get is finite.
 
@@ -570,18 +581,18 @@ def _window_is_finite(
 
 def build(
   where: str,
-  inner: Any,
-  k: Any,
+  inner: optax.GradientTransformation,
+  k: KSchedule,
   *,
   names: tuple[str, str, str] = ("inner", "k", "skip"),
-  reduction: Any = "mean",
-  accumulator: Any = None,
-  skip: Any = None,
-  window_guard: Any = True,
-  axis_name: Any = None,
-  strategy: Any = "cond",
-  statistics: Any = False,
-  reduce_axes: Any = None,
+  reduction: str = "mean",
+  accumulator: Accumulator | DTypeLike | None = None,
+  skip: SkipPolicy | None = None,
+  window_guard: bool = True,
+  axis_name: Hashable | None = None,
+  strategy: str = "cond",
+  statistics: bool = False,
+  reduce_axes: str | Sequence[str] | None = None,
 ) -> Accumulation:
   """Validates an accumulation's arguments, with errors naming `where` and `names`.
 
@@ -620,7 +631,7 @@ def build(
   )
 
 
-def accumulation_of(tx: Any) -> Accumulation | None:
+def accumulation_of(tx: object) -> Accumulation | None:
   """The accumulation behind a transformation made by `accumulate` (or `MultiSteps`), else None."""
   owner = getattr(getattr(tx, "update", None), "__self__", None)
   return owner if isinstance(owner, Accumulation) else None
@@ -631,7 +642,7 @@ def accumulate(
   k: int | Callable[[jax.Array], Any],
   *,
   reduction: str = "mean",
-  accumulator: Any = None,
+  accumulator: Accumulator | DTypeLike | None = None,
   skip: SkipPolicy | None = None,
   window_guard: bool = True,
   axis_name: Hashable | None = None,
@@ -784,9 +795,9 @@ def accumulate(
 
 def flush(
   tx: optax.GradientTransformation,
-  opt_state: Any,
-  params: Any,
-  **extra_args: Any,
+  opt_state: OptState,
+  params: Params,
+  **extra_args: object,
 ) -> tuple[Any, Any]:
   """Applies a partial window now: emits the mean (or sum) of what it holds.
 

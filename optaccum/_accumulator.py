@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from optaccum import _replicas, _rounding
+from optaccum._types import DTypeLike, PyTree
 
 REDUCTIONS = ("mean", "sum")
 
 
-def at_least_float32(dtype: Any) -> Any:
+def at_least_float32(dtype: DTypeLike) -> Any:
   """`dtype`, widened to float32 if narrower (without promotion, which strict mode forbids).
 
   Complex dtypes count by their parts: complex64 is kept.
@@ -28,7 +29,7 @@ def at_least_float32(dtype: Any) -> Any:
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
-def _dtype_for(leaf_dtype: Any, requested: Any) -> Any:
+def _dtype_for(leaf_dtype: DTypeLike, requested: DTypeLike) -> Any:
   """The accumulator dtype of a leaf of `leaf_dtype` when `requested` is asked for.
 
   `requested` sets the precision and the leaf sets the kind, so a complex leaf
@@ -67,17 +68,20 @@ class Accumulator:
     key_impl: the name of that key's PRNG implementation.
   """
 
-  dtype: Any = None
+  dtype: DTypeLike = None
   stochastic: bool = False
   key_data: tuple[int, ...] = ()
   key_impl: Any = None
 
-  def dtype_for(self, leaf_dtype: Any) -> Any:
+  def dtype_for(self, leaf_dtype: DTypeLike) -> Any:
     """The dtype in which a leaf of `leaf_dtype` is summed."""
     return _dtype_for(leaf_dtype, self.dtype)
 
   def zeros_like(
-    self, where: str, leaf: Any, reduce_axes: tuple[str, ...] | None = None
+    self,
+    where: str,
+    leaf: jax.Array | jax.ShapeDtypeStruct,
+    reduce_axes: tuple[str, ...] | None = None,
   ) -> jax.Array:
     """An empty accumulator for `leaf`, with its shape and sharding.
 
@@ -94,19 +98,22 @@ class Accumulator:
       return _replicas.zeros(leaf, reduce_axes, _replicas.count(where, reduce_axes), dtype)
     # zeros_like, not zeros(shape): it keeps the leaf's sharding (and, under
     # shard_map, its per-replica type), so the sum lies where the leaf does.
-    return jnp.zeros_like(leaf, dtype)
+    return jnp.zeros_like(leaf, dtype)  # type: ignore[arg-type]  # a ShapeDtypeStruct works
 
   def init_key(self) -> Any:
     """The key kept in the state: its raw uint32 data, or () when rounding to nearest."""
     return jnp.asarray(self.key_data, jnp.uint32) if self.stochastic else ()
 
-  def split_key(self, key_data: Any, tree: Any, axis_name: Hashable | None) -> tuple[Any, Any]:
+  def split_key(
+    self, key_data: jax.Array | tuple[()], tree: PyTree, axis_name: Hashable | None
+  ) -> tuple[Any, Any]:
     """The state's next key, and a seed (two uint32 words) per leaf of `tree`.
 
     When rounding to nearest, the key stays () and every seed is None.
     """
     if not self.stochastic:
       return key_data, jax.tree.map(lambda _: None, tree)
+    assert isinstance(key_data, jax.Array)
     key, step_key = jax.random.split(jax.random.wrap_key_data(key_data, impl=self.key_impl))
     if axis_name is not None:
       # Replicas hold the same key; each must draw its own bits, or their
@@ -116,7 +123,13 @@ class Accumulator:
     seeds = jax.random.bits(step_key, (len(leaves), 2), jnp.uint32)
     return jax.random.key_data(key), jax.tree.unflatten(treedef, list(seeds))
 
-  def add(self, acc: jax.Array, x: jax.Array, weight: Any = None, seed: Any = None) -> jax.Array:
+  def add(
+    self,
+    acc: jax.Array,
+    x: jax.Array,
+    weight: jax.Array | None = None,
+    seed: jax.Array | None = None,
+  ) -> jax.Array:
     """`acc + weight * x`, rounded into the accumulator's dtype.
 
     The weight multiplies in at least float32, so token counts stay exact.
@@ -128,6 +141,7 @@ class Accumulator:
       return acc + x.astype(acc.dtype)
     # One rounding, of the sum formed exactly enough in float32.
     total = acc.astype(jnp.float32) + x.astype(jnp.float32)
+    assert seed is not None, "a stochastic accumulator draws a seed per leaf"
     return _rounding.stochastic_round(total, seed)
 
 
@@ -149,7 +163,7 @@ def inverse_weight(reduction: str, total_weight: jax.Array) -> jax.Array:
   return one / total_weight.astype(dtype) if reduction == "mean" else one
 
 
-def finish(acc: jax.Array, inverse: jax.Array, dtype: Any) -> jax.Array:
+def finish(acc: jax.Array, inverse: jax.Array, dtype: DTypeLike) -> jax.Array:
   """The window's value of a leaf: `acc * inverse` in at least float32, cast to `dtype`.
 
   In at least float32: a bfloat16 product would round once more, and to
@@ -161,7 +175,7 @@ def finish(acc: jax.Array, inverse: jax.Array, dtype: Any) -> jax.Array:
   return (acc.astype(wide) * inverse.astype(wide)).astype(dtype)
 
 
-def _key_from(where: str, value: Any) -> jax.Array:
+def _key_from(where: str, value: object) -> jax.Array:
   """A single typed PRNG key from a typed key, a raw uint32[2] key or an int seed."""
   if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
     return jax.random.key(int(value))
@@ -176,7 +190,7 @@ def _key_from(where: str, value: Any) -> jax.Array:
   )
 
 
-def stochastic_bfloat16(key: Any) -> Accumulator:
+def stochastic_bfloat16(key: jax.Array | int) -> Accumulator:
   """A bfloat16 accumulator whose every sum is rounded stochastically.
 
   Half the memory of a float32 accumulator. Rounded to nearest, bfloat16 drops
@@ -214,7 +228,9 @@ def stochastic_bfloat16(key: Any) -> Accumulator:
   )
 
 
-def as_accumulator(where: str, value: Any, *, stochastic: bool = True) -> Accumulator:
+def as_accumulator(
+  where: str, value: Accumulator | DTypeLike | None, *, stochastic: bool = True
+) -> Accumulator:
   """`accumulator=` as an `Accumulator`: None, a floating or complex dtype, or one already.
 
   Raises naming `where` for anything else, and for a stochastic one where

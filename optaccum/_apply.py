@@ -7,17 +7,18 @@ from typing import Any
 import optax
 
 from optaccum._accumulate import accumulation_of
+from optaccum._types import OptState, Params, Scalar, Updates
 
 
 def apply_gradients(
   tx: optax.GradientTransformation,
-  grads: Any,
-  opt_state: Any,
-  params: Any,
+  grads: Updates,
+  opt_state: OptState,
+  params: Params,
   *,
-  weight: Any = None,
-  flush: Any = False,
-  **extra_args: Any,
+  weight: Scalar | None = None,
+  flush: Scalar = False,
+  **extra_args: object,
 ) -> tuple[Any, Any]:
   """One micro-step of `tx = optaccum.accumulate(...)`, applied to `params`.
 

@@ -28,6 +28,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 
 from optaccum._sharding import vary_over, varying_axes
+from optaccum._types import PyTree
 
 STRATEGIES = ("loop", "cond", "select")
 
@@ -41,7 +42,7 @@ class Traced(NamedTuple):
   avals: list  # the output's abstract values, flat (they carry per-replica types)
 
 
-def trace_once(fn: Callable[..., Any], *args: Any) -> Traced:
+def trace_once(fn: Callable[..., Any], *args: PyTree) -> Traced:
   """`fn` traced once at `args`, as a function that replays its jaxpr.
 
   The replay binds the recorded primitives again without running `fn`'s
@@ -52,7 +53,7 @@ def trace_once(fn: Callable[..., Any], *args: Any) -> Traced:
   replay = jex.core.jaxpr_as_fun(closed)
   out_tree = jax.tree.structure(shapes)
 
-  def replayed(*args: Any) -> Any:
+  def replayed(*args: PyTree) -> Any:
     return jax.tree.unflatten(out_tree, replay(*jax.tree.leaves(args)))
 
   return Traced(replayed, list(closed.out_avals))

@@ -12,8 +12,10 @@ import jax.numpy as jnp
 
 from optaccum import _accumulator, _arguments, _nnx, _replicas, _validation, _window
 from optaccum._sharding import vary
+from optaccum._types import DTypeLike, PyTree, Scalar
 
 _AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
+AuxMode = str | Callable[[jax.Array], jax.Array]
 _IS_SPEC = lambda x: isinstance(x, str) or callable(x)  # noqa: E731
 _WHERE = "microbatch"
 # The micro-batch weights sum in float32, whatever `accumulator=` says.
@@ -34,12 +36,12 @@ class _Settings:
   reduction: str
   weight_fn: Callable[..., Any] | None
   accumulator: _accumulator.Accumulator
-  aux_reduction: Any
+  aux_reduction: PyTree
   axis_name: Hashable | None
   reduce_axes: tuple[str, ...] | None
 
 
-def _check_aux_reduction(value: Any) -> None:
+def _check_aux_reduction(value: PyTree) -> None:
   for spec in jax.tree.leaves(value, is_leaf=_IS_SPEC):
     if not (callable(spec) or spec in _AUX_REDUCTIONS):
       raise ValueError(
@@ -49,19 +51,19 @@ def _check_aux_reduction(value: Any) -> None:
 
 
 def _check_arguments(
-  fn: Any,
-  k: Any,
+  fn: object,
+  k: int,
   *,
-  has_aux: Any,
-  batch_argnums: Any,
-  batch_argnames: Any,
-  key_arg: Any,
-  reduction: Any,
-  weight_fn: Any,
-  accumulator: Any,
-  aux_reduction: Any,
-  axis_name: Any,
-  reduce_axes: Any,
+  has_aux: bool,
+  batch_argnums: int | Sequence[int] | None,
+  batch_argnames: str | Sequence[str],
+  key_arg: int | str | None,
+  reduction: str,
+  weight_fn: Callable[..., Scalar] | None,
+  accumulator: _accumulator.Accumulator | DTypeLike | None,
+  aux_reduction: PyTree,
+  axis_name: Hashable | None,
+  reduce_axes: str | Sequence[str] | None,
 ) -> _Settings:
   """`microbatch`'s arguments as `_Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
@@ -94,7 +96,7 @@ def _check_arguments(
 # --- Slicing one call into micro-batch calls --------------------------------------------
 
 
-def _split(tree: Any, k: int, argument: str) -> Any:
+def _split(tree: PyTree, k: int, argument: str) -> Any:
   """Reshapes each leaf `[B, ...]` to `[B / k, k, ...]`: micro-batch i is column i.
 
   Micro-batch i holds rows i, i + k, i + 2k, ... rather than a contiguous block,
@@ -102,7 +104,7 @@ def _split(tree: Any, k: int, argument: str) -> Any:
   device keeps its own rows in every micro-batch and no data moves.
   """
 
-  def split_leaf(path: Any, x: Any) -> jax.Array:
+  def split_leaf(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
     size = _validation.unsplittable(x, k)
     if size is not None:
       raise ValueError(
@@ -131,7 +133,7 @@ def _split_batches(
 
 
 def _microbatch_keys(
-  settings: _Settings, plan: _arguments.Plan, args: tuple, kwargs: dict, replica: Any
+  settings: _Settings, plan: _arguments.Plan, args: tuple, kwargs: dict, replica: jax.Array | None
 ) -> Any:
   """The key argument split into one key per micro-batch, or None without one.
 
@@ -163,7 +165,12 @@ def _vary_whole_arguments(
 
 
 def _microbatch_arguments(
-  plan: _arguments.Plan, args: tuple, kwargs: dict, batches: dict, index: Any, key: Any
+  plan: _arguments.Plan,
+  args: tuple,
+  kwargs: dict,
+  batches: dict,
+  index: jax.Array,
+  key: jax.Array | None,
 ) -> tuple[list, dict]:
   """The arguments of micro-batch `index`: column `index` of each batch, and its key."""
   column = lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)  # noqa: E731
@@ -173,7 +180,7 @@ def _microbatch_arguments(
   return _arguments.replaced(args, kwargs, values)
 
 
-def _unpack(out: Any, has_aux: bool) -> tuple[Any, Any, Any]:
+def _unpack(out: object, has_aux: bool) -> tuple[Any, Any, Any]:
   """`(loss, aux, grads)` from what `fn` returned, checked against `has_aux`."""
   if not (isinstance(out, tuple) and len(out) == 2):
     raise TypeError(
@@ -201,7 +208,11 @@ _Call = Callable[[Any, Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 
 
 def _microbatch_call(
-  settings: _Settings, args: tuple, kwargs: dict, replica: Any, graph: _nnx.Graph | None
+  settings: _Settings,
+  args: tuple,
+  kwargs: dict,
+  replica: jax.Array | None,
+  graph: _nnx.Graph | None,
 ) -> tuple[_Call, Any]:
   """`call(index, key, state)`, which runs `fn` on micro-batch `index`, and the keys.
 
@@ -215,7 +226,9 @@ def _microbatch_call(
   if settings.axis_name is not None:
     args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.axis_name)
 
-  def call(index: Any, key: Any, state: Any) -> tuple[tuple[Any, Any, Any], Any, Any]:
+  def call(
+    index: jax.Array, key: jax.Array | None, state: PyTree
+  ) -> tuple[tuple[Any, Any, Any], Any, Any]:
     micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
     if graph is not None:
       micro_args, micro_kwargs, objects = graph.merged(micro_args, micro_kwargs, state)
@@ -235,7 +248,7 @@ def _microbatch_call(
 # --- Aux outputs ------------------------------------------------------------------------
 
 
-def _aux_modes(aux: Any, aux_reduction: Any) -> list[Any]:
+def _aux_modes(aux: PyTree, aux_reduction: PyTree) -> list[Any]:
   """One reduction per aux leaf, from a single choice or a tree prefix of `aux`."""
   try:
     modes = jax.tree.map(
@@ -249,7 +262,7 @@ def _aux_modes(aux: Any, aux_reduction: Any) -> list[Any]:
   return jax.tree.structure(aux).flatten_up_to(modes)  # type: ignore[attr-defined]  # PyTreeDef
 
 
-def _check_aux_mode(mode: Any, leaf: Any) -> None:
+def _check_aux_mode(mode: AuxMode, leaf: jax.ShapeDtypeStruct) -> None:
   if mode == "mean" and not jnp.issubdtype(leaf.dtype, jnp.inexact):
     raise TypeError(
       f"`{_WHERE}(aux_reduction=...)` is 'mean' for an aux leaf of dtype "
@@ -280,14 +293,14 @@ class _AuxLayout:
   summed: tuple[int, ...]
   stacked: tuple[int, ...]
 
-  def flatten(self, aux: Any) -> list[Any]:
+  def flatten(self, aux: PyTree) -> list[Any]:
     return self.treedef.flatten_up_to(aux)
 
   def unflatten(self, leaves: list[Any]) -> Any:
     return self.treedef.unflatten(leaves)
 
 
-def _aux_layout(aux_shape: Any, aux_reduction: Any) -> _AuxLayout:
+def _aux_layout(aux_shape: PyTree, aux_reduction: PyTree) -> _AuxLayout:
   """The layout of `fn`'s aux output (`None` without aux), its reductions checked."""
   leaves, treedef = jax.tree.flatten(aux_shape)
   modes = _aux_modes(aux_shape, aux_reduction)
@@ -298,7 +311,7 @@ def _aux_layout(aux_shape: Any, aux_reduction: Any) -> _AuxLayout:
   return _AuxLayout(treedef, tuple(leaves), tuple(modes), summed, stacked)
 
 
-def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
+def _combine_stacked(mode: AuxMode, stack: jax.Array) -> Any:
   """An aux leaf from its `[k, ...]` stack of micro-batch values."""
   if mode == "stack":
     return stack
@@ -306,6 +319,7 @@ def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
     # [k, m, ...] -> [m, k, ...] -> [m * k, ...]: row r = a * k + i was row a
     # of micro-batch i, so this restores the batch's order.
     return jnp.reshape(jnp.swapaxes(stack, 0, 1), (-1, *stack.shape[2:]))
+  assert callable(mode)
   return mode(stack)
 
 
@@ -313,7 +327,11 @@ def _combine_stacked(mode: Any, stack: jax.Array) -> Any:
 
 
 def _init_carry(
-  accumulator: _accumulator.Accumulator, loss: Any, grads: Any, aux: _AuxLayout, weight: Any
+  accumulator: _accumulator.Accumulator,
+  loss: jax.ShapeDtypeStruct,
+  grads: PyTree,
+  aux: _AuxLayout,
+  weight: jax.ShapeDtypeStruct | None,
 ) -> tuple[Any, Any, list, jax.Array]:
   """The scan's carry, all zeros: the sums of loss, grads, summed aux leaves and weights."""
   zeros = functools.partial(accumulator.zeros_like, _WHERE)
@@ -333,7 +351,7 @@ def _scan_body(
 ) -> Callable[[Any, Any], tuple[Any, list]]:
   """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
 
-  def body(carry: Any, xs: Any) -> tuple[Any, list]:
+  def body(carry: PyTree, xs: PyTree) -> tuple[Any, list]:
     (acc_loss, acc_grads, acc_aux, acc_weight), state = carry
     index, key = xs
     (loss, aux_out, grads), weight, state = call(index, key, state)
@@ -364,7 +382,7 @@ def _finisher(total_weight: jax.Array, weighted: bool) -> Callable[[str, Any, An
   """`finish(reduction, acc, like)`: a sum's mean or sum, in the dtype of `like`."""
   inverses = {r: _accumulator.inverse_weight(r, total_weight) for r in _accumulator.REDUCTIONS}
 
-  def finish(reduction: str, acc: jax.Array, like: Any) -> jax.Array:
+  def finish(reduction: str, acc: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
     value = _accumulator.finish(acc, inverses[reduction], like.dtype)
     if reduction == "mean" and weighted:
       # A batch of zero total weight gives zeros, also where `fn` returned NaN
@@ -378,12 +396,12 @@ def _finisher(total_weight: jax.Array, weighted: bool) -> Callable[[str, Any, An
 class _Shapes(NamedTuple):
   """The shapes and dtypes of one micro-batch's loss and gradients, and the aux layout."""
 
-  loss: Any
-  grads: Any
+  loss: jax.ShapeDtypeStruct
+  grads: PyTree
   aux: _AuxLayout
 
 
-def _finish(settings: _Settings, carry: Any, combined: list, shapes: _Shapes) -> Any:
+def _finish(settings: _Settings, carry: PyTree, combined: list, shapes: _Shapes) -> Any:
   """What the split function returns, from the final sums and the combined stacked aux."""
   acc_loss, acc_grads, acc_aux, total_weight = carry
   finish = _finisher(total_weight, weighted=settings.weight_fn is not None)
@@ -404,7 +422,7 @@ def _local_sums(
   settings: _Settings,
   args: tuple,
   kwargs: dict,
-  replica: Any = None,
+  replica: jax.Array | None = None,
   graph: _nnx.Graph | None = None,
 ) -> tuple[Any, list, _Shapes]:
   """The scan over this call's micro-batches (one replica's, under `reduce_axes`).
@@ -498,8 +516,8 @@ def microbatch(
   key_arg: int | str | None = None,
   reduction: str = "mean",
   weight_fn: Callable[..., Any] | None = None,
-  accumulator: Any = None,
-  aux_reduction: Any = "mean",
+  accumulator: _accumulator.Accumulator | DTypeLike | None = None,
+  aux_reduction: PyTree = "mean",
   axis_name: Hashable | None = None,
   reduce_axes: str | Sequence[str] | None = None,
 ) -> Callable[..., Any]:
@@ -639,7 +657,7 @@ def microbatch(
   )
 
   @_arguments.named_like(fn)
-  def split_fn(*args: Any, **kwargs: Any) -> Any:
+  def split_fn(*args: PyTree, **kwargs: PyTree) -> Any:
     return _split_call(settings, args, kwargs)
 
   return split_fn

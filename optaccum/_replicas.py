@@ -20,7 +20,7 @@ per micro-batch; only the replica axes are deferred).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -29,9 +29,12 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optaccum import _arguments, _validation
+from optaccum._types import DTypeLike, PyTree
 
 
-def check_axes(where: str, value: Any, axis_name: Any = None) -> tuple[str, ...] | None:
+def check_axes(
+  where: str, value: str | Sequence[str] | None, axis_name: Hashable | None = None
+) -> tuple[str, ...] | None:
   """`reduce_axes=` as a tuple of mesh axis names, or None; raises naming `where`.
 
   Also refuses it beside an `axis_name` (the `shard_map` form).
@@ -99,14 +102,14 @@ def _entry(axes: tuple[str, ...]) -> Any:
   return axes[0] if len(axes) == 1 else axes
 
 
-def _without(entry: Any, axes: tuple[str, ...]) -> Any:
+def _without(entry: str | tuple[str, ...] | None, axes: tuple[str, ...]) -> Any:
   """A PartitionSpec entry with `axes` taken out (None where nothing is left)."""
   names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
   kept = tuple(n for n in names if n not in axes)
   return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
-def _spec_of(x: Any) -> tuple[Any, ...] | None:
+def _spec_of(x: jax.Array | jax.ShapeDtypeStruct) -> tuple[Any, ...] | None:
   """`x`'s PartitionSpec entries, one per dimension, where they are known; else None."""
   sharding = getattr(x, "sharding", None)
   if isinstance(x, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
@@ -130,7 +133,9 @@ def _place(x: jax.Array, axes: tuple[str, ...], rest: tuple[Any, ...] | None) ->
   return jax.lax.with_sharding_constraint(x, P(_entry(axes), *others))
 
 
-def split(where: str, x: Any, axes: tuple[str, ...], replicas: int, argument: str) -> jax.Array:
+def split(
+  where: str, x: jax.Array, axes: tuple[str, ...], replicas: int, argument: str
+) -> jax.Array:
   """A batch leaf `[B, ...]` as `[R, B / R, ...]`: replica r holds rows r B/R to (r+1) B/R.
 
   Contiguous blocks, as a batch sharded along its first axis lies on the devices.
@@ -153,7 +158,7 @@ def split_batches(
 ) -> dict[int | str, Any]:
   """Every leaf of every batch argument `split` among the replicas."""
 
-  def split_argument(name: int | str, batch: Any) -> Any:
+  def split_argument(name: int | str, batch: PyTree) -> Any:
     label = f"argument {name!r}" if isinstance(name, str) else f"argument {name}"
     return jax.tree_util.tree_map_with_path(
       lambda path, x: split(
@@ -165,11 +170,11 @@ def split_batches(
   return {name: split_argument(name, batch) for name, batch in batches.items()}
 
 
-def vmap(fn: Callable[..., Any], axes: tuple[str, ...], in_axes: Any) -> Callable[..., Any]:
+def vmap(fn: Callable[..., Any], axes: tuple[str, ...], in_axes: PyTree) -> Callable[..., Any]:
   """`fn` mapped over the replica axis: every output leaf `[R, ...]`, sharded over `axes`."""
   mapped = jax.vmap(fn, in_axes=in_axes, spmd_axis_name=_entry(axes))
 
-  def per_replica_fn(*args: Any) -> Any:
+  def per_replica_fn(*args: PyTree) -> Any:
     out = mapped(*args)
     if not _explicit(axes):
       # On an Auto mesh `spmd_axis_name` already shards the outputs' replica
@@ -186,12 +191,14 @@ def indices(axes: tuple[str, ...], replicas: int) -> jax.Array:
   return _place(jnp.arange(replicas, dtype=jnp.int32), axes, ())
 
 
-def _rest_of(y: Any, axes: tuple[str, ...]) -> tuple[Any, ...] | None:
+def _rest_of(y: jax.Array, axes: tuple[str, ...]) -> tuple[Any, ...] | None:
   spec = _spec_of(y)
   return None if spec is None else tuple(_without(e, axes) for e in spec[1:])
 
 
-def zeros(leaf: Any, axes: tuple[str, ...], replicas: int, dtype: Any) -> jax.Array:
+def zeros(
+  leaf: jax.Array | jax.ShapeDtypeStruct, axes: tuple[str, ...], replicas: int, dtype: DTypeLike
+) -> jax.Array:
   """A per-replica accumulator for `leaf`: `[R, *leaf.shape]` zeros, sharded like `leaf`.
 
   The leading axis lies over `axes`, the others as `leaf`'s (without `axes`: a
@@ -210,7 +217,7 @@ def abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if typed else None)
 
 
-def typed_zeros(x: Any) -> jax.Array:
+def typed_zeros(x: jax.Array) -> jax.Array:
   """Zeros with `x`'s shape and dtype, placed as `x` where its sharding is its type."""
   out = jnp.zeros(x.shape, x.dtype)
   sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
@@ -220,7 +227,7 @@ def typed_zeros(x: Any) -> jax.Array:
   return out
 
 
-def zeros_of_one(x: Any) -> jax.Array:
+def zeros_of_one(x: jax.Array) -> jax.Array:
   """Zeros shaped like one replica's slice of per-replica `x`, placed like it where typed."""
   spec = _spec_of(x)
   out = jnp.zeros(jnp.shape(x)[1:], x.dtype)
@@ -262,7 +269,9 @@ def check_not_sharded_over(
         )
 
 
-def check_leading(where: str, name: str, tree: Any, axes: tuple[str, ...], replicas: int) -> None:
+def check_leading(
+  where: str, name: str, tree: PyTree, axes: tuple[str, ...], replicas: int
+) -> None:
   """Raises unless every array leaf of `tree` has a leading replica axis of size R."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     shape = jnp.shape(leaf)

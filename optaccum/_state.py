@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from optaccum._types import OptState, PyTree
+
 
 class AccumulateState(NamedTuple):
   """State of `accumulate`; its first five fields are those of optax's `MultiStepsState`.
@@ -55,17 +57,17 @@ class AccumulateState(NamedTuple):
   num_empty_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
-def is_state(x: Any) -> bool:
+def is_state(x: object) -> bool:
   """Whether `x` is an `AccumulateState` (for `is_leaf=` in tree maps)."""
   return isinstance(x, AccumulateState)
 
 
-def holds_state(tree: Any) -> bool:
+def holds_state(tree: PyTree) -> bool:
   """Whether `tree` holds any `AccumulateState` (more than one is an error where it is read)."""
   return any(is_state(leaf) for leaf in jax.tree.leaves(tree, is_leaf=is_state))
 
 
-def locate_state(where: str, opt_state: Any, hint: str = "") -> tuple[list, Any, int]:
+def locate_state(where: str, opt_state: OptState, hint: str = "") -> tuple[list, Any, int]:
   """The leaves of `opt_state` (an AccumulateState counting as one), their treedef, and its index.
 
   Raises a ValueError naming `where` unless `opt_state` holds exactly one.
@@ -81,7 +83,7 @@ def locate_state(where: str, opt_state: Any, hint: str = "") -> tuple[list, Any,
   return leaves, treedef, found[0]
 
 
-def check_state(where: str, state: Any) -> AccumulateState:
+def check_state(where: str, state: object) -> AccumulateState:
   """Returns `state` if it is an `AccumulateState`, else raises naming the call."""
   if not isinstance(state, AccumulateState):
     raise TypeError(
