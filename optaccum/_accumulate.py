@@ -141,6 +141,70 @@ class _Window(NamedTuple):
   statistics: bool  # the StatisticsState after the window, or ()
 
 
+class _IntoParams:
+  """The fast path's carry: the parameters. The closing step applies its updates to them."""
+
+  def read(self, carry: Params, params: Params, sums: Updates) -> tuple[Params, Updates]:
+    """The parameters and the window's sums the step reads (from the carry where it holds them)."""
+    return carry, sums
+
+  def write(self, carry: Params, updates: Updates, like: Updates, sums: Updates) -> Params:
+    # As `eqx.apply_updates`: a None update (an integer parameter) leaves its parameter.
+    apply = lambda p, u: p if u is None else optax.apply_updates(p, u)  # noqa: E731
+    return jax.tree.map(apply, carry, updates, is_leaf=_IS_NONE)
+
+
+class _IntoAccumulator:
+  """`update`'s carry where the updates fit the accumulator: the accumulator itself.
+
+  Once the window's gradient is formed the accumulator is free (the next
+  micro-step clears it), so the closing step writes the updates there and
+  every micro-step emits `where(emitted, acc, 0)`, which XLA fuses into the
+  caller's `apply_updates`: a micro-step that does not close its window reads
+  the gradient once for the add and the accumulator once for the caller's
+  write, and allocates nothing (tests/test_memory.py).
+  """
+
+  def read(self, carry: Updates, params: Params, sums: Updates) -> tuple[Params, Updates]:
+    return params, carry
+
+  def write(self, carry: Updates, updates: Updates, like: Updates, sums: Updates) -> Updates:
+    if not (_same_shapes(updates, like) and _holds_exactly(sums, updates)):
+      raise _OtherShapes(_map(_replicas.abstract, updates))
+    return _map(lambda u, acc: u.astype(acc.dtype), updates, sums)
+
+  def emitted(
+    self, state: AccumulateState, written: Updates, like: Updates
+  ) -> tuple[Updates, AccumulateState]:
+    """The dtypes to emit in, and the state holding what was written."""
+    return like, state._replace(acc_grads=written)
+
+
+class _IntoBuffer:
+  """`update`'s carry elsewhere: a buffer of zeros shaped like the updates.
+
+  Across replicas (the gradients and the accumulator are per replica, the
+  updates must be the same on every replica, and under `shard_map` typed so),
+  or where the updates do not fit the accumulator.
+  """
+
+  def read(self, carry: Updates, params: Params, sums: Updates) -> tuple[Params, Updates]:
+    return params, sums
+
+  def write(self, carry: Updates, updates: Updates, like: Updates, sums: Updates) -> Updates:
+    if not _same_shapes(updates, carry):
+      raise _OtherShapes(_map(_replicas.abstract, updates))
+    return updates
+
+  def emitted(
+    self, state: AccumulateState, written: Updates, like: Updates
+  ) -> tuple[Updates, AccumulateState]:
+    return written, state
+
+
+_Target = _IntoParams | _IntoAccumulator | _IntoBuffer
+
+
 @dataclasses.dataclass(frozen=True)
 class Accumulation:
   """One accumulation's validated settings, and its steps: init, update, apply.
@@ -211,55 +275,43 @@ class Accumulation:
   ) -> tuple[Any, AccumulateState]:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
     state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
+    target: _IntoAccumulator | _IntoBuffer = _IntoBuffer()
     if self.axis_name is None and self.reduce_axes is None:
-      into, carried = "accumulator", state.acc_grads
+      target, carried = _IntoAccumulator(), state.acc_grads
     else:
-      into, carried = "carried", _zeros_shaped_like(updates, self.reduce_axes is not None)
+      carried = _zeros_shaped_like(updates, self.reduce_axes is not None)
     try:
-      return self._emit(into, carried, updates, state, close_window, params, extra_args)
+      return self._emit(target, carried, updates, state, close_window, params, extra_args)
     except _OtherShapes as other:
       # The inner optimizer emits other dtypes than the gradients' (float32
       # updates for bfloat16 gradients, or more precise than the accumulator):
       # trace again with a carry of its shapes.
       carried = _zeros_shaped_like(other.shapes)
-      return self._emit("carried", carried, updates, state, close_window, params, extra_args)
+      return self._emit(_IntoBuffer(), carried, updates, state, close_window, params, extra_args)
 
   def _emit(
     self,
-    into: str,
+    target: _IntoAccumulator | _IntoBuffer,
     carried: Updates,
     like: Updates,
     state: AccumulateState,
     close_window: jax.Array,
     params: Params,
     extra_args: dict,
-  ) -> tuple[Any, AccumulateState]:
-    """`update`'s conditionals: the updates written `into` `carried`, emitted where they ran.
+  ) -> tuple[Updates, AccumulateState]:
+    """`update`'s conditionals: the updates written into `carried`, emitted where they ran.
 
-    `into="accumulator"` (`carried` is the accumulator): once the window's
-    gradient is formed the accumulator is free (the next micro-step clears
-    it), so the closing step writes the updates there and every micro-step
-    emits `where(emitted, acc, 0)`, which XLA fuses into the caller's
-    `apply_updates`: a micro-step that does not close its window reads the
-    gradient once for the add and the accumulator once for the caller's
-    write, and allocates nothing (tests/test_memory.py). Raises `_OtherShapes`
-    where the updates do not fit the accumulator's dtypes. `into="carried"`
-    (`carried` is zeros of the updates' shapes): across replicas (the
-    gradients and the accumulator are per replica, the updates must be the
-    same on every replica, and under `shard_map` typed so), or where the
-    updates do not fit the accumulator.
+    Raises `_OtherShapes` where the updates do not fit `target`'s carry.
     """
     operand = (carried, state.inner_opt_state)
-    new_updates, inner_state, window = self._close(
-      like, state, close_window, operand, params, extra_args, into
+    written, inner_state, window = self._close(
+      like, state, close_window, operand, params, extra_args, target
     )
     state = self._closed(state, close_window, window, inner_state)
-    dtypes = new_updates
-    if into == "accumulator":
-      state, dtypes = state._replace(acc_grads=new_updates), like
+    dtypes, state = target.emitted(state, written, like)
     emitted = state.emitted
     emit = lambda d, u: jnp.where(emitted, u.astype(d.dtype), jnp.zeros((), d.dtype))  # noqa: E731
-    return _map(emit, dtypes, new_updates), state
+    return _map(emit, dtypes, written), state
 
   def apply(
     self,
@@ -279,7 +331,7 @@ class Accumulation:
     state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
     operand = (params, state.inner_opt_state)
     params, inner_state, window = self._close(
-      grads, state, close_window, operand, params, extra_args, into="params"
+      grads, state, close_window, operand, params, extra_args, _IntoParams()
     )
     return params, self._closed(state, close_window, window, inner_state)
 
@@ -415,7 +467,7 @@ class Accumulation:
     operand: tuple[Any, Any],
     params: Params,
     extra_args: dict,
-    into: str = "carried",
+    target: _Target,
   ) -> tuple[Any, Any, _Window]:
     """Where `close_window` holds, closes the window: `_step`'s outputs, and the window.
 
@@ -428,11 +480,11 @@ class Accumulation:
     """
     if self.axis_name is None and self.reduce_axes is None:
       window = self._window(like, state, close_window)
-      return *self._step(window, like, operand, params, extra_args, into), window
+      return *self._step(window, like, operand, params, extra_args, target), window
 
     def close(carry: tuple) -> tuple:
       window = self._reduce(like, state)
-      out = self._step(window, like, carry[0], params, extra_args, into)
+      out = self._step(window, like, carry[0], params, extra_args, target)
       return out, (window.total_weight, window.statistics, window.runs)
 
     scalars = (state.acc_weight, state.statistics, jnp.zeros((), jnp.bool_))
@@ -488,14 +540,12 @@ class Accumulation:
     operand: tuple[Any, Any],
     params: Params,
     extra_args: dict,
-    into: str,
+    target: _Target,
   ) -> tuple[Any, Any]:
-    """Where the window runs: its updates, written `into` the carry, and the inner state.
+    """Where the window runs: its updates, written into `target`'s carry, and the inner state.
 
     `operand` is `(carry, inner_state)`; the carry is what is returned where
-    the window does not run: the parameters (`into="params"`: the new
-    parameters are returned), the accumulator (`"accumulator"`: the updates
-    in its dtypes) or a buffer of the updates' shapes (`"carried"`).
+    the window does not run.
     """
 
     def step(operand: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -503,24 +553,12 @@ class Accumulation:
       # Read the parameters and the accumulator from the carry where it holds
       # them, not from the closure: the same value in both makes XLA copy what
       # the loop updates in place.
-      current = carry if into == "params" else params
-      acc_grads = carry if into == "accumulator" else window.acc_grads
+      current, sums = target.read(carry, params, window.acc_grads)
       inverse = inverse_weight(self.reduction, window.total_weight)
-      gradient = _map(lambda g, acc: finish(acc, inverse, g.dtype), like, acc_grads)
+      gradient = _map(lambda g, acc: finish(acc, inverse, g.dtype), like, sums)
       updates, new_inner_state = self.inner.update(gradient, inner_state, current, **extra_args)
       new_inner_state = _keep_dtypes(new_inner_state, inner_state)
-      if into == "params":
-        # As `eqx.apply_updates`: a None update (an integer parameter) leaves its parameter.
-        apply = lambda p, u: p if u is None else optax.apply_updates(p, u)  # noqa: E731
-        return jax.tree.map(apply, carry, updates, is_leaf=_IS_NONE), new_inner_state
-      fits = _same_shapes(updates, like if into == "accumulator" else carry)
-      if into == "accumulator":
-        fits = fits and _holds_exactly(acc_grads, updates)
-      if not fits:
-        raise _OtherShapes(_map(_replicas.abstract, updates))
-      if into == "accumulator":
-        updates = _map(lambda u, acc: u.astype(acc.dtype), updates, acc_grads)
-      return updates, new_inner_state
+      return target.write(carry, updates, like, sums), new_inner_state
 
     return _branching.run_if(self.strategy, window.runs, step, operand)
 
