@@ -15,7 +15,6 @@ from optaccum._accumulator import (
   REDUCTIONS,
   Accumulator,
   as_accumulator,
-  finish,
   inverse_weight,
 )
 from optaccum._skip import SkipPolicy
@@ -221,10 +220,9 @@ class Accumulation:
   accumulator: Accumulator
   skip: SkipPolicy | None
   window_guard: bool
-  axis_name: Hashable | None
   strategy: str
   statistics: bool
-  reduce_axes: tuple[str, ...] | None = None
+  replicas: _replicas.Replicas = _replicas.Replicas()
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     """The optax transformation: `init` and `update`."""
@@ -261,7 +259,7 @@ class Accumulation:
     """
     if not jnp.issubdtype(jnp.result_type(param), jnp.inexact):
       return None
-    return self.accumulator.zeros_like("accumulate", param, self.reduce_axes)
+    return self.accumulator.zeros_like("accumulate", param, self.replicas)
 
   def update(
     self,
@@ -276,10 +274,10 @@ class Accumulation:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
     state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
     target: _IntoAccumulator | _IntoBuffer = _IntoBuffer()
-    if self.axis_name is None and self.reduce_axes is None:
+    if self.replicas.alone:
       target, carried = _IntoAccumulator(), state.acc_grads
     else:
-      carried = _zeros_shaped_like(updates, self.reduce_axes is not None)
+      carried = _zeros_shaped_like(updates, self.replicas.axes is not None)
     try:
       return self._emit(target, carried, updates, state, close_window, params, extra_args)
     except _OtherShapes as other:
@@ -346,8 +344,7 @@ class Accumulation:
   ) -> tuple[AccumulateState, jax.Array]:
     """Adds one micro-batch into the window; returns the state and whether to close it."""
     state = check_state(where, state)
-    if self.reduce_axes is not None:
-      _replicas.check_leading(where, "updates", updates, self.reduce_axes, self._replicas(where))
+    self.replicas.check_updates(where, updates)
     _validation.check_tree_matches(
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
@@ -361,7 +358,7 @@ class Accumulation:
     # replicas close their windows together; alone, a skipped micro-batch is
     # as if it never happened. `flush()`'s own call (weight exactly 0) is no
     # micro-step: a flush of an empty window closes no window.
-    counts = accepted if self.axis_name is None else jnp.ones((), jnp.bool_)
+    counts = jnp.ones((), jnp.bool_) if self.replicas.decide_apart else accepted
     if checked is not None:
       counts = counts & ~(flush & jnp.all(checked == 0))
     mini_step = _increment_where(counts, state.mini_step)
@@ -369,7 +366,7 @@ class Accumulation:
     statistics = state.statistics
     if self.statistics:
       statistics = _statistics.add(
-        statistics, updates, verdict.weight, self.reduce_axes is not None
+        statistics, updates, verdict.weight, self.replicas.axes is not None
       )
     state = state._replace(
       mini_step=mini_step,
@@ -387,17 +384,16 @@ class Accumulation:
 
   def _replicas(self, where: str) -> int:
     """R, the number of replicas under `reduce_axes` (from the mesh in context)."""
-    assert self.reduce_axes is not None
-    return _replicas.count(where, self.reduce_axes)
+    return self.replicas.count(where)
 
   def _as_weight(self, where: str, weight: Scalar) -> jax.Array:
     """`weight=` as float32: a scalar, or under `reduce_axes` also one per replica, `[R]`."""
-    if self.reduce_axes is None or jnp.ndim(weight) == 0:
+    if self.replicas.axes is None or jnp.ndim(weight) == 0:
       return _validation.as_scalar(where, "weight", weight, jnp.float32)
     replicas = self._replicas(where)
     if jnp.shape(weight) != (replicas,):
       raise ValueError(
-        f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.reduce_axes!r}, "
+        f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.replicas.axes!r}, "
         f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
       )
     if jnp.result_type(weight) == jnp.bool_:
@@ -423,7 +419,7 @@ class Accumulation:
           f"dtype {should_skip.dtype} and shape {should_skip.shape}."
         )
     should_skip, weight = _window.admit(weight, should_skip)
-    if self.reduce_axes is not None:
+    if self.replicas.axes is not None:
       # Per replica: each replica's micro-batch weighs in (1 each unweighted).
       weight = jnp.broadcast_to(weight, (self._replicas(where),))
     return _Verdict(should_skip, weight, skip_state)
@@ -433,9 +429,9 @@ class Accumulation:
   ) -> tuple[Any, Any]:
     """The accumulator after adding `updates` (unless skipped), and the next rounding key."""
     rounding_key, seeds = self.accumulator.split_key(
-      state.rounding_key, state.acc_grads, self.axis_name
+      state.rounding_key, state.acc_grads, self.replicas
     )
-    if verdict.skip is not None and self.axis_name is None and self.accumulator.stochastic:
+    if verdict.skip is not None and not self.replicas.decide_apart and self.accumulator.stochastic:
       # A skipped micro-batch draws no bits: the run is as if it never happened.
       # (Across replicas the key is shared and must advance on all of them.)
       rounding_key = jnp.where(verdict.skip, state.rounding_key, rounding_key)
@@ -478,7 +474,7 @@ class Accumulation:
     all-reduce replica-invariant, and a loop's carry that went in per replica
     would come out per replica, and so would the optimizer's state.
     """
-    if self.axis_name is None and self.reduce_axes is None:
+    if self.replicas.alone:
       window = self._window(like, state, close_window)
       return *self._step(window, like, operand, params, extra_args, target), window
 
@@ -512,15 +508,11 @@ class Accumulation:
       # the replicas), so that one all-reduce of one dtype carries everything.
       count = state.statistics.num_micro_batches.astype(jnp.float32)
       running = (state.statistics.squared_norm_sum, count)
-    sums = (state.acc_grads, state.acc_weight, running)
-    if self.axis_name is not None:
-      # The one cross-replica reduction of the window.
-      sums = jax.lax.psum(sums, self.axis_name)
-    acc_grads, total_weight, running = sums
-    if self.reduce_axes is not None:
-      # The one reduction of the window over the replica axes (the weights
-      # and statistics were summed over replicas as they came).
-      acc_grads = _map(_replicas.total, acc_grads)
+    # The one cross-replica reduction of the window (the weights and statistics
+    # are per replica under a named axis, summed as they came under mesh axes).
+    acc_grads, (total_weight, running) = self.replicas.reduce(
+      state.acc_grads, (state.acc_weight, running)
+    )
     runs = total_weight > 0
     if self.window_guard:
       runs = runs & _window_is_finite(self.reduction, like, acc_grads, total_weight)
@@ -554,8 +546,8 @@ class Accumulation:
       # them, not from the closure: the same value in both makes XLA copy what
       # the loop updates in place.
       current, sums = target.read(carry, params, window.acc_grads)
-      inverse = inverse_weight(self.reduction, window.total_weight)
-      gradient = _map(lambda g, acc: finish(acc, inverse, g.dtype), like, sums)
+      value = _window.finisher(self.reduction, window.total_weight)
+      gradient = _map(lambda g, acc: value(acc, g.dtype), like, sums)
       updates, new_inner_state = self.inner.update(gradient, inner_state, current, **extra_args)
       new_inner_state = _keep_dtypes(new_inner_state, inner_state)
       return target.write(carry, updates, like, sums), new_inner_state
@@ -602,6 +594,7 @@ def _window_is_finite(
   time"). The per-leaf sums are checked together, as one vector.
   """
   inverse = inverse_weight(reduction, total_weight)
+  value = _window.finisher(reduction, total_weight)
   finite = jnp.isfinite(total_weight) & jnp.isfinite(inverse)
   sums = []
   for target, acc in zip(
@@ -609,7 +602,7 @@ def _window_is_finite(
   ):
     if target is None or acc is None or not acc.size:
       continue
-    gradient = finish(acc, inverse, target.dtype)
+    gradient = value(acc, target.dtype)
     zero = jnp.zeros((), gradient.dtype)
     sums.append(jnp.real(jnp.sum(gradient * zero)).astype(jnp.float32))  # 0, or NaN
   if sums:
@@ -651,10 +644,8 @@ def build(
       raise TypeError(f"`{where}({name}=...)` must be a bool, got {name}={flag!r}.")
   _validation.check_choice(where, "reduction", reduction, REDUCTIONS)
   _validation.check_callable_or_none(where, skip_name, skip)
-  if axis_name is not None and not isinstance(axis_name, Hashable):
-    raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
   _validation.check_choice(where, "strategy", strategy, _branching.STRATEGIES)
-  reduce_axes = _replicas.check_axes(where, reduce_axes, axis_name)
+  replicas = _replicas.Replicas.of(where, axis_name, reduce_axes)
   return Accumulation(
     inner=optax.with_extra_args_support(inner),
     schedule=_validation.as_schedule(k),
@@ -662,10 +653,9 @@ def build(
     accumulator=as_accumulator(where, accumulator),
     skip=skip,
     window_guard=window_guard,
-    axis_name=axis_name,
     strategy=strategy,
     statistics=statistics,
-    reduce_axes=reduce_axes,
+    replicas=replicas,
   )
 
 

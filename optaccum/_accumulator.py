@@ -8,7 +8,6 @@ the in-step scan of `microbatch`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -81,12 +80,9 @@ class Accumulator:
     self,
     where: str,
     leaf: jax.Array | jax.ShapeDtypeStruct,
-    reduce_axes: tuple[str, ...] | None = None,
+    replicas: _replicas.Replicas = _replicas.Replicas(),
   ) -> jax.Array:
-    """An empty accumulator for `leaf`, with its shape and sharding.
-
-    With `reduce_axes`, one per replica: a leading axis of R replicas, over those axes.
-    """
+    """An empty accumulator for `leaf`, with its shape and sharding (one per replica on a mesh)."""
     dtype = self.dtype_for(jnp.result_type(leaf))
     if self.stochastic and dtype != jnp.bfloat16:
       raise ValueError(
@@ -94,18 +90,14 @@ class Accumulator:
         f"only, but a leaf of dtype {jnp.result_type(leaf).name} needs a {dtype.name} "
         "accumulator."
       )
-    if reduce_axes is not None:
-      return _replicas.zeros(leaf, reduce_axes, _replicas.count(where, reduce_axes), dtype)
-    # zeros_like, not zeros(shape): it keeps the leaf's sharding (and, under
-    # shard_map, its per-replica type), so the sum lies where the leaf does.
-    return jnp.zeros_like(leaf, dtype)  # type: ignore[arg-type]  # a ShapeDtypeStruct works
+    return replicas.zeros(where, leaf, dtype)
 
   def init_key(self) -> Any:
     """The key kept in the state: its raw uint32 data, or () when rounding to nearest."""
     return jnp.asarray(self.key_data, jnp.uint32) if self.stochastic else ()
 
   def split_key(
-    self, key_data: jax.Array | tuple[()], tree: PyTree, axis_name: Hashable | None
+    self, key_data: jax.Array | tuple[()], tree: PyTree, replicas: _replicas.Replicas
   ) -> tuple[Any, Any]:
     """The state's next key, and a seed (two uint32 words) per leaf of `tree`.
 
@@ -115,10 +107,9 @@ class Accumulator:
       return key_data, jax.tree.map(lambda _: None, tree)
     assert isinstance(key_data, jax.Array)
     key, step_key = jax.random.split(jax.random.wrap_key_data(key_data, impl=self.key_impl))
-    if axis_name is not None:
-      # Replicas hold the same key; each must draw its own bits, or their
-      # rounding errors would add up instead of averaging out.
-      step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+    # Replicas hold the same key; each must draw its own bits, or their
+    # rounding errors would add up instead of averaging out.
+    step_key = replicas.fold_key(step_key)
     leaves, treedef = jax.tree.flatten(tree)
     seeds = jax.random.bits(step_key, (len(leaves), 2), jnp.uint32)
     return jax.random.key_data(key), jax.tree.unflatten(treedef, list(seeds))

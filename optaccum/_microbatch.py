@@ -37,8 +37,7 @@ class _Settings:
   weight_fn: Callable[..., Any] | None
   accumulator: _accumulator.Accumulator
   aux_reduction: PyTree
-  axis_name: Hashable | None
-  reduce_axes: tuple[str, ...] | None
+  replicas: _replicas.Replicas
 
 
 def _check_aux_reduction(value: PyTree) -> None:
@@ -76,9 +75,7 @@ def _check_arguments(
   _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
   accumulator = _accumulator.as_accumulator(_WHERE, accumulator, stochastic=False)
   _check_aux_reduction(aux_reduction)
-  if axis_name is not None and not isinstance(axis_name, Hashable):
-    raise TypeError(f"`{_WHERE}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
-  reduce_axes = _replicas.check_axes(_WHERE, reduce_axes, axis_name)
+  replicas = _replicas.Replicas.of(_WHERE, axis_name, reduce_axes)
   return _Settings(
     fn=fn,
     k=int(k),
@@ -88,8 +85,7 @@ def _check_arguments(
     weight_fn=weight_fn,
     accumulator=accumulator,
     aux_reduction=aux_reduction,
-    axis_name=axis_name,
-    reduce_axes=reduce_axes,
+    replicas=replicas,
   )
 
 
@@ -143,10 +139,7 @@ def _microbatch_keys(
   key = _arguments.key(_WHERE, plan, args, kwargs)
   if key is None:
     return None
-  if settings.axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(settings.axis_name))
-  if replica is not None:
-    key = jax.random.fold_in(key, replica)
+  key = settings.replicas.fold_key(key, replica)
   return jax.random.split(key, settings.k)
 
 
@@ -223,8 +216,8 @@ def _microbatch_call(
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   batches = _split_batches(plan, args, kwargs, settings.k)
   keys = _microbatch_keys(settings, plan, args, kwargs, replica)
-  if settings.axis_name is not None:
-    args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.axis_name)
+  if settings.replicas.axis_name is not None:
+    args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas.axis_name)
 
   def call(
     index: jax.Array, key: jax.Array | None, state: PyTree
@@ -380,10 +373,10 @@ def _scan_body(
 
 def _finisher(total_weight: jax.Array, weighted: bool) -> Callable[[str, Any, Any], jax.Array]:
   """`finish(reduction, acc, like)`: a sum's mean or sum, in the dtype of `like`."""
-  inverses = {r: _accumulator.inverse_weight(r, total_weight) for r in _accumulator.REDUCTIONS}
+  values = {r: _window.finisher(r, total_weight) for r in _accumulator.REDUCTIONS}
 
   def finish(reduction: str, acc: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
-    value = _accumulator.finish(acc, inverses[reduction], like.dtype)
+    value = values[reduction](acc, like.dtype)
     if reduction == "mean" and weighted:
       # A batch of zero total weight gives zeros, also where `fn` returned NaN
       # for it (a mean over 0 tokens), which a multiply by 0 would keep.
@@ -434,9 +427,9 @@ def _local_sums(
   call, keys = _microbatch_call(settings, args, kwargs, replica, graph)
   first_key = None if keys is None else keys[0]
   state = None if graph is None else graph.state
-  if graph is not None and settings.axis_name is not None:
+  if graph is not None and settings.replicas.axis_name is not None:
     # Computed from each replica's rows, the carried state varies over the axis.
-    state = vary(state, settings.axis_name)
+    state = vary(state, settings.replicas.axis_name)
   (loss_shape, aux_shape, grads_shape), weight_shape, _ = jax.eval_shape(
     call, jnp.int32(0), first_key, state
   )
@@ -452,28 +445,28 @@ def _local_sums(
 
 
 def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
-  """One call of the split function: slice, scan over the micro-batches, finish."""
+  """One call of the split function: slice, scan over the micro-batches, reduce, finish."""
   args, kwargs, graph = _nnx.split_graph(_WHERE, args, kwargs)
-  if settings.reduce_axes is not None:
-    if graph is not None:
-      # nnx.Rngs would draw the same dropout masks on every replica.
-      raise ValueError(
-        f"`{_WHERE}(reduce_axes=...)` does not take NNX modules as arguments, got "
-        f"reduce_axes={settings.reduce_axes!r} with one at argument {graph.names[0]!r}; "
-        "pass `nnx.split(model)`'s state and merge it in `fn`, or use axis_name= in shard_map."
-      )
-    return _split_call_per_replica(settings, settings.reduce_axes, args, kwargs)
-  carry, combined, shapes = _local_sums(settings, args, kwargs, graph=graph)
-  if settings.axis_name is not None:
-    # The one cross-replica reduction of the step.
-    carry = jax.lax.psum(carry, settings.axis_name)
+  axes = settings.replicas.axes
+  if axes is None:
+    carry, combined, shapes = _local_sums(settings, args, kwargs, graph=graph)
+  elif graph is not None:
+    # nnx.Rngs would draw the same dropout masks on every replica.
+    raise ValueError(
+      f"`{_WHERE}(reduce_axes=...)` does not take NNX modules as arguments, got "
+      f"reduce_axes={axes!r} with one at argument {graph.names[0]!r}; "
+      "pass `nnx.split(model)`'s state and merge it in `fn`, or use axis_name= in shard_map."
+    )
+  else:
+    carry, combined, shapes = _per_replica_sums(settings, axes, args, kwargs)
+  carry, _ = settings.replicas.reduce(carry, ())
   return _finish(settings, carry, combined, shapes)
 
 
-def _split_call_per_replica(
+def _per_replica_sums(
   settings: _Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
-) -> Any:
-  """Under `reduce_axes`: each replica scans its own rows; the sums are reduced once.
+) -> tuple[Any, list, _Shapes]:
+  """Under `reduce_axes`: each replica scans its own rows; its sums, not yet reduced.
 
   See `optaccum/_replicas.py`. "concat" aux leaves are joined back into the
   batch's row order; "stack" and callable ones keep a leading replica axis.
@@ -494,13 +487,11 @@ def _split_call_per_replica(
   indices = _replicas.indices(axes, replicas)
   carry, combined = _replicas.vmap(local, axes, in_axes=(0, 0))(parts, indices)
   shapes = found[-1]
-  # The one reduction over the replica axes.
-  carry = jax.tree.map(_replicas.total, carry)
   combined = [
     jnp.reshape(value, (-1, *value.shape[2:])) if shapes.aux.modes[i] == "concat" else value
     for value, i in zip(combined, shapes.aux.stacked)
   ]
-  return _finish(settings, carry, combined, shapes)
+  return carry, combined, shapes
 
 
 # --- The public function ----------------------------------------------------------------

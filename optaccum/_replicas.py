@@ -20,8 +20,9 @@ per micro-batch; only the replica axes are deferred).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +293,99 @@ def total(x: jax.Array) -> jax.Array:
   """
   wide = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
   return jnp.sum(x, axis=0, dtype=wide)
+
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+  """How an accumulation's replicas are handled: one policy that every form uses.
+
+  Three modes, from the two keywords of `accumulate` and `microbatch`:
+
+  * alone (neither): one replica, nothing to reduce;
+  * a named axis (`axis_name=`, inside `jax.shard_map` or `pmap`): each replica
+    holds its own sums, which one `psum` over the axis reduces;
+  * mesh axes (`reduce_axes=`, under plain `jax.jit` over a mesh): per-replica
+    values carry a leading axis of R replicas, which one sum reduces.
+
+  Attributes:
+    axis_name: the mapped axis, in the named-axis mode.
+    axes: the mesh axes, in the mesh mode.
+  """
+
+  axis_name: Hashable | None = None
+  axes: tuple[str, ...] | None = None
+
+  @classmethod
+  def of(
+    cls, where: str, axis_name: Hashable | None, reduce_axes: str | Sequence[str] | None
+  ) -> Replicas:
+    """The policy for a call's `axis_name=` and `reduce_axes=`; raises naming `where`."""
+    if axis_name is not None and not isinstance(axis_name, Hashable):
+      raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
+    return cls(axis_name, check_axes(where, reduce_axes, axis_name))
+
+  @property
+  def alone(self) -> bool:
+    """Whether there is a single replica (no reduction at all)."""
+    return self.axis_name is None and self.axes is None
+
+  @property
+  def decide_apart(self) -> bool:
+    """Whether each replica decides alone what its micro-batch does (a named axis).
+
+    Under a named axis each replica runs the skip policy on its own gradient,
+    so a skipped micro-batch still counts towards the window length: the
+    replicas must close their windows together. Under mesh axes one program
+    decides for all replicas at once.
+    """
+    return self.axis_name is not None
+
+  def count(self, where: str) -> int:
+    """R under mesh axes (from the mesh in context); 1 otherwise."""
+    return 1 if self.axes is None else count(where, self.axes)
+
+  def reduce(self, per_replica: T, summed: S) -> tuple[T, S]:
+    """The one cross-replica reduction of a window: every form's sums go through here.
+
+    Args:
+      per_replica: each replica's own sums (under mesh axes with a leading
+        replica axis).
+      summed: sums that mesh axes already hold for all replicas (the weights and
+        statistics `accumulate` sums as they come) but a named axis holds per
+        replica.
+
+    Returns:
+      Both, summed over the replicas.
+    """
+    if self.axis_name is not None:
+      return jax.lax.psum((per_replica, summed), self.axis_name)
+    if self.axes is not None:
+      return jax.tree.map(total, per_replica), summed
+    return per_replica, summed
+
+  def fold_key(self, key: jax.Array, replica: jax.Array | None = None) -> jax.Array:
+    """`key` made each replica's own: folded with its index (under mesh axes, `replica`)."""
+    if self.axis_name is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
+    if replica is not None:
+      key = jax.random.fold_in(key, replica)
+    return key
+
+  def zeros(
+    self, where: str, leaf: jax.Array | jax.ShapeDtypeStruct, dtype: DTypeLike
+  ) -> jax.Array:
+    """An empty accumulator for `leaf`, placed where `leaf` lies (one per replica on a mesh)."""
+    if self.axes is not None:
+      return zeros(leaf, self.axes, count(where, self.axes), dtype)
+    # zeros_like, not zeros(shape): it keeps the leaf's sharding (and, under
+    # shard_map, its per-replica type), so the sum lies where the leaf does.
+    return jnp.zeros_like(leaf, dtype)  # type: ignore[arg-type]  # a ShapeDtypeStruct works
+
+  def check_updates(self, where: str, updates: PyTree) -> None:
+    """Raises where mesh axes expect per-replica gradients and `updates` are not."""
+    if self.axes is not None:
+      check_leading(where, "updates", updates, self.axes, count(where, self.axes))

@@ -15,10 +15,13 @@ So a weight means the same in every form:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-from optaccum._accumulator import Accumulator
+from optaccum._accumulator import Accumulator, finish, inverse_weight
+from optaccum._types import DTypeLike
 
 
 def admit(
@@ -61,3 +64,16 @@ def add(
   """
   summed = accumulator.add(acc, x, weight, seed)
   return summed if skip is None else jnp.where(skip, acc, summed)
+
+
+def finisher(
+  reduction: str, total_weight: jax.Array
+) -> Callable[[jax.Array, DTypeLike], jax.Array]:
+  """The window's value of each leaf, as every form takes it: `value(acc, dtype)`.
+
+  `sum / total_weight` for `"mean"`, the sum itself for `"sum"`, formed in at
+  least float32 and cast to `dtype`. The factor is computed once per window, a
+  reciprocal, not a divide per leaf (see `_accumulator.inverse_weight`).
+  """
+  inverse = inverse_weight(reduction, total_weight)
+  return lambda acc, dtype: finish(acc, inverse, dtype)
