@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import NoReturn
 
 # Defaults finish in well under a minute on two CPU cores.
 DEFAULT_K = 4
@@ -19,7 +19,7 @@ DEFAULT_OUT = "optaccum_demo.png"
 class _OneLineErrors(argparse.ArgumentParser):
   """Reports a bad option on one line of stderr (no usage block) and exits with 2."""
 
-  def error(self, message: str):
+  def error(self, message: str) -> NoReturn:
     self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -83,7 +83,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
   return parser, {"demo": demo, "evaluate": _evaluate_parser(commands)}
 
 
-def _evaluate_parser(commands: Any) -> argparse.ArgumentParser:
+# argparse names the type of `add_subparsers()` only privately.
+def _evaluate_parser(
+  commands: argparse._SubParsersAction[_OneLineErrors],
+) -> argparse.ArgumentParser:
   evaluate = commands.add_parser(
     "evaluate",
     help="evaluate accumulation on the demo model: speed, memory and divergence for each k",

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from optaccum import _validation
+from optaccum._types import PyTree
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,10 +66,11 @@ class Plan:
     return name not in {*self.batch_argnums, *self.batch_argnames, self.key_arg}
 
 
-def check(where: str, batch_argnums: Any, batch_argnames: Any, key_arg: Any) -> Arguments:
+def check(where: str, batch_argnums: object, batch_argnames: object, key_arg: object) -> Arguments:
   """The three arguments, checked; raises naming `where` and the argument."""
+  argnums = None
   if batch_argnums is not None:
-    batch_argnums = _validation.as_argnums(where, "batch_argnums", batch_argnums)
+    argnums = _validation.as_argnums(where, "batch_argnums", batch_argnums)
   names = (batch_argnames,) if isinstance(batch_argnames, str) else batch_argnames
   if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
     raise TypeError(
@@ -86,15 +88,17 @@ def check(where: str, batch_argnums: Any, batch_argnames: Any, key_arg: Any) -> 
         f"`{where}(key_arg=...)` must be None, a positive int (a position) or a str (a "
         f"keyword), got key_arg={key_arg!r}."
       )
-    if key_arg in (batch_argnums or ()) or key_arg in names:
+    if key_arg in (argnums or ()) or key_arg in names:
       raise ValueError(
         f"`{where}(key_arg=...)` names a batch argument; a key is split, not sliced, "
         f"got key_arg={key_arg!r}."
       )
-  return Arguments(batch_argnums, tuple(names), key_arg)
+  return Arguments(argnums, tuple(names), key_arg)
 
 
-def plan(where: str, arguments: Arguments, args: tuple, kwargs: dict) -> Plan:
+def plan(
+  where: str, arguments: Arguments, args: tuple[PyTree, ...], kwargs: dict[str, PyTree]
+) -> Plan:
   """Resolves the defaults against the call's arguments and checks they exist."""
   batch_argnums, key_arg = arguments.batch_argnums, arguments.key_arg
   if batch_argnums is None:
@@ -124,14 +128,18 @@ def plan(where: str, arguments: Arguments, args: tuple, kwargs: dict) -> Plan:
   return Plan(batch_argnums, arguments.batch_argnames, key_arg)
 
 
-def batches(plan: Plan, args: tuple, kwargs: dict) -> dict[int | str, Any]:
+def batches(
+  plan: Plan, args: tuple[PyTree, ...], kwargs: dict[str, PyTree]
+) -> dict[int | str, PyTree]:
   """Each batch argument, by position (int) or keyword (str)."""
-  found: dict[int | str, Any] = {n: args[n] for n in plan.batch_argnums}
+  found: dict[int | str, PyTree] = {n: args[n] for n in plan.batch_argnums}
   found.update({n: kwargs[n] for n in plan.batch_argnames})
   return found
 
 
-def key(where: str, plan: Plan, args: tuple, kwargs: dict) -> Any:
+def key(
+  where: str, plan: Plan, args: tuple[PyTree, ...], kwargs: dict[str, PyTree]
+) -> jax.Array | None:
   """The call's PRNG key, checked to be a single key; None without a key argument."""
   if plan.key_arg is None:
     return None
@@ -147,7 +155,7 @@ def key(where: str, plan: Plan, args: tuple, kwargs: dict) -> Any:
   return value
 
 
-def put(args: list, kwargs: dict, name: int | str, value: Any) -> None:
+def put(args: list[PyTree], kwargs: dict[str, PyTree], name: int | str, value: PyTree) -> None:
   """Sets the positional (int `name`) or keyword (str `name`) argument to `value`."""
   if isinstance(name, int):
     args[name] = value
@@ -155,7 +163,9 @@ def put(args: list, kwargs: dict, name: int | str, value: Any) -> None:
     kwargs[name] = value
 
 
-def replaced(args: tuple, kwargs: dict, values: dict[int | str, Any]) -> tuple[list, dict]:
+def replaced(
+  args: tuple[PyTree, ...], kwargs: dict[str, PyTree], values: dict[int | str, PyTree]
+) -> tuple[list[PyTree], dict[str, PyTree]]:
   """The call's arguments with those named in `values` replaced."""
   new_args, new_kwargs = list(args), dict(kwargs)
   for name, value in values.items():

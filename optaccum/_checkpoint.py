@@ -19,17 +19,19 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Iterator
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from optaccum import _validation
 from optaccum._inspect import status
 from optaccum._state import holds_state
+from optaccum._types import KSchedule, PyTree
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
 # each leaf's checksum.
@@ -55,11 +57,21 @@ _STORAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION
 _ORBAX_LOCK = threading.Lock()
 
 
+class _Shaped(Protocol):
+  """A leaf as the tree checks see it: a `jax.ShapeDtypeStruct`, or Orbax's metadata of one."""
+
+  @property
+  def shape(self) -> tuple[int, ...]: ...
+
+  @property
+  def dtype(self) -> Any: ...
+
+
 def save_checkpoint(
-  directory: str | os.PathLike,
-  state: Any,
+  directory: str | os.PathLike[str],
+  state: PyTree,
   *,
-  k: int | Callable[[jax.Array], Any],
+  k: KSchedule,
 ) -> None:
   """Saves a training state with Orbax, with the window length it is using.
 
@@ -68,7 +80,7 @@ def save_checkpoint(
   `orbax.checkpoint.StandardCheckpointer`; the window length in force (k, or
   `k(gradient_step)` for a schedule), the counters and a checksum of each
   array (computed on its device, in one dispatch) go into the checkpoint's
-  custom metadata, where `restore_checkpoint` checks them. Saves from several
+  custom metadata, where `checkpoint.restore` checks them. Saves from several
   threads at once are safe: they take turns.
 
   Args:
@@ -104,19 +116,19 @@ def save_checkpoint(
   """
   import orbax.checkpoint as ocp
 
-  metadata = _metadata("save_checkpoint", state, k)
+  metadata = _metadata("checkpoint.save", state, k)
   with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.fspath(directory), state, custom_metadata=metadata)
 
 
-def checkpoint_metadata(state: Any, *, k: int | Callable[[jax.Array], Any]) -> dict:
-  """What `restore_checkpoint` checks, for a save through Orbax's `CheckpointManager`.
+def checkpoint_metadata(state: PyTree, *, k: KSchedule) -> dict[str, Any]:
+  """What `checkpoint.restore` checks, for a save through Orbax's `CheckpointManager`.
 
-  `save_checkpoint` writes one checkpoint directory; a training loop that keeps
+  `checkpoint.save` writes one checkpoint directory; a training loop that keeps
   several with `orbax.checkpoint.CheckpointManager` passes this as the save's
-  `custom_metadata`, and restores a step with `restore_checkpoint` pointed at
+  `custom_metadata`, and restores a step with `checkpoint.restore` pointed at
   that step's directory: the window length, the counters and each array's
-  checksum are checked as for `save_checkpoint`'s own.
+  checksum are checked as for `checkpoint.save`'s own.
 
   Args:
     state: the whole training state the manager saves (one item).
@@ -127,7 +139,7 @@ def checkpoint_metadata(state: Any, *, k: int | Callable[[jax.Array], Any]) -> d
 
   Raises:
     ValueError: if `state` holds no (or several) AccumulateState, or under
-      `pmap` its replicas hold different partial sums (see `save_checkpoint`).
+      `pmap` its replicas hold different partial sums (see `checkpoint.save`).
 
   Examples:
     >>> import tempfile
@@ -147,10 +159,10 @@ def checkpoint_metadata(state: Any, *, k: int | Callable[[jax.Array], Any]) -> d
     Traceback (most recent call last):
     ValueError: `checkpoint.restore(k=...)` gives windows of 2 micro-steps ... of 4 ...
   """
-  return _metadata("checkpoint_metadata", state, k)
+  return _metadata("checkpoint.metadata", state, k)
 
 
-def _metadata(where: str, state: Any, k: Any) -> dict:
+def _metadata(where: str, state: PyTree, k: KSchedule) -> dict[str, Any]:
   """The custom metadata of a checkpoint of `state`: the window in force and the checksums."""
   import orbax.checkpoint as ocp
 
@@ -169,13 +181,13 @@ def _metadata(where: str, state: Any, k: Any) -> dict:
 
 
 def restore_checkpoint(
-  directory: str | os.PathLike,
-  target: Any,
+  directory: str | os.PathLike[str],
+  target: PyTree,
   *,
-  k: int | Callable[[jax.Array], Any],
+  k: KSchedule,
   item: str | None = None,
-) -> Any:
-  """Restores a state saved by `save_checkpoint`, after checking that it fits.
+) -> PyTree:
+  """Restores a state saved by `checkpoint.save`, after checking that it fits.
 
   Before reading any array it compares the checkpoint with `target` (the state
   a fresh run builds: same model, same optimizer) and with `k`, and
@@ -206,7 +218,7 @@ def restore_checkpoint(
   Raises:
     FileNotFoundError: if `directory` is not a directory.
     ValueError: if the checkpoint's tree or window length does not fit, the
-      checkpoint was not written by `save_checkpoint`, or it is damaged.
+      checkpoint was not written by `checkpoint.save`, or it is damaged.
 
   Examples:
     >>> import tempfile
@@ -223,7 +235,7 @@ def restore_checkpoint(
   """
   import orbax.checkpoint as ocp
 
-  where = "restore_checkpoint"
+  where = "checkpoint.restore"
   _validation.check_k(where, k)
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
@@ -251,7 +263,7 @@ def restore_checkpoint(
 def _item_directory(directory: str, item: str | None) -> str:
   """Where the arrays of the checkpoint at `directory` lie.
 
-  `directory` itself for `save_checkpoint`'s (and `StandardCheckpointer`'s)
+  `directory` itself for `checkpoint.save`'s (and `StandardCheckpointer`'s)
   layout; the folder of one item within a `CheckpointManager` step directory.
   """
   names = set(os.listdir(directory))
@@ -284,7 +296,7 @@ def _item_directory(directory: str, item: str | None) -> str:
   return os.path.join(directory, item)
 
 
-def _accumulation_fields(state: Any) -> dict[str, list]:
+def _accumulation_fields(state: PyTree) -> dict[str, list]:
   """The leaves of each field of the one AccumulateState in `state`, by field name.
 
   `state` may hold the AccumulateState itself (a TrainState, a tuple), or be
@@ -354,7 +366,7 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
         )
 
 
-def _key_name(key: Any) -> str:
+def _key_name(key: object) -> str:
   """A tree path entry's name: a dict key, an attribute or a sequence index."""
   for attribute in ("key", "name", "idx"):
     if hasattr(key, attribute):
@@ -362,7 +374,7 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def _window_length(k: Any, gradient_step: int) -> int:
+def _window_length(k: KSchedule, gradient_step: int) -> int:
   """The window length in force at `gradient_step`, as `accumulate` computes it."""
   return int(_validation.as_schedule(k)(jnp.asarray(gradient_step, jnp.int32)))
 
@@ -372,12 +384,12 @@ def _leaf_name(key: tuple) -> str:
   return ".".join(map(str, key))
 
 
-def _describe(leaf: Any) -> str:
+def _describe(leaf: _Shaped) -> str:
   """A leaf as `dtype[shape]`: float32[4, 8], key<fry>[2]."""
   return f"{leaf.dtype}{list(leaf.shape)}"
 
 
-def _fits(saved: Any, target: Any) -> bool:
+def _fits(saved: _Shaped, target: _Shaped) -> bool:
   """Whether Orbax restores the `saved` leaf into `target` without reshaping or casting it."""
   if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
     target = jax.eval_shape(jax.random.key_data, target)  # Orbax stores a key as its data.
@@ -400,14 +412,14 @@ def _listing(lines: list[str]) -> str:
   return "".join(f"\n  {line}" for line in listed)
 
 
-def _checksums(leaves: dict[tuple, Any]) -> dict[str, int]:
+def _checksums(leaves: dict[tuple, ArrayLike]) -> dict[str, int]:
   """Each leaf's checksum by name, computed where the leaves live, in one dispatch."""
   named = {_leaf_name(key): leaf for key, leaf in leaves.items()}
   return {name: int(value) for name, value in jax.device_get(_checksum_tree(named)).items()}
 
 
 @jax.jit
-def _checksum_tree(leaves: dict[str, Any]) -> dict[str, jax.Array]:
+def _checksum_tree(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {name: _checksum(leaf) for name, leaf in leaves.items()}
 
 
@@ -539,7 +551,7 @@ def _json_files(directory: str, item_directory: str) -> list[str]:
   return files
 
 
-def _tree_metadata(directory: str) -> Any:
+def _tree_metadata(directory: str) -> PyTree:
   """The saved tree's metadata, from Orbax's handler, which names what it cannot read.
 
   (`StandardCheckpointer.metadata` would log the reason and return no tree.)
@@ -555,7 +567,9 @@ def _tree_metadata(directory: str) -> Any:
     handler.close()
 
 
-def _check_tree_fits(directory: str, saved: dict, target: dict) -> None:
+def _check_tree_fits(
+  directory: str, saved: dict[tuple, _Shaped], target: dict[tuple, _Shaped]
+) -> None:
   """Raises a ValueError listing the leaves where `saved` and `target` differ."""
   lines = []
   # In the target's tree order (a TrainState lists its params before its optimizer
@@ -578,8 +592,8 @@ def _check_tree_fits(directory: str, saved: dict, target: dict) -> None:
     )
 
 
-def _check_record(directory: str, record: Any) -> None:
-  """Raises a ValueError where the record `save_checkpoint` writes is absent or incomplete."""
+def _check_record(directory: str, record: object) -> None:
+  """Raises a ValueError where the record `checkpoint.save` writes is absent or incomplete."""
   if record is None:
     raise ValueError(
       f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} records no "
@@ -597,7 +611,7 @@ def _check_record(directory: str, record: Any) -> None:
     )
 
 
-def _check_window_fits(directory: str, record: dict, k: Any) -> None:
+def _check_window_fits(directory: str, record: dict, k: KSchedule) -> None:
   """Raises a ValueError where the saved window length differs from `k`'s."""
   length = _window_length(k, record["gradient_step"])
   if length != record["k"]:
@@ -609,7 +623,7 @@ def _check_window_fits(directory: str, record: dict, k: Any) -> None:
     )
 
 
-def _check_checksums(directory: str, saved: dict, restored: dict[tuple, Any]) -> None:
+def _check_checksums(directory: str, saved: dict, restored: dict[tuple, ArrayLike]) -> None:
   """Raises a ValueError naming the leaves whose restored bits differ from the saved ones."""
   computed = _checksums(restored)
   differ = [name for name, value in computed.items() if saved.get(name) != value]

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
+
+from optaccum._types import Params, PyTree
 
 _WHERE = "batch_as_argument"
 
+#: What the loss function returns: the loss, or `(loss, aux)`.
+Loss = TypeVar("Loss")
 
-def batch_as_argument(make_loss_fn: Callable[..., Callable[[Any], Any]]) -> Callable[..., Any]:
+
+def batch_as_argument(
+  make_loss_fn: Callable[..., Callable[[Params], Loss]],
+) -> Callable[..., Loss]:
   """Turns `make_loss_fn(batch) -> loss_fn(params)` into `loss(params, batch)`.
 
   The Flax examples write a train step's loss as a closure over the batch,
@@ -58,7 +65,7 @@ def batch_as_argument(make_loss_fn: Callable[..., Callable[[Any], Any]]) -> Call
       f"`loss_fn(params)`, got make_loss_fn={make_loss_fn!r}."
     )
 
-  def loss(params: Any, *args: Any, **kwargs: Any) -> Any:
+  def loss(params: Params, *args: PyTree, **kwargs: PyTree) -> Loss:
     loss_fn = make_loss_fn(*args, **kwargs)
     if not callable(loss_fn):
       raise TypeError(

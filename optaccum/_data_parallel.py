@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 from jax.sharding import PartitionSpec
+from jax.tree_util import PyTreeDef
 
 from optaccum import _validation
 from optaccum._state import AccumulateState, is_state
 from optaccum._statistics import StatisticsState
+from optaccum._types import PyTree
+
+#: What the per-replica function returns.
+Output = TypeVar("Output")
 
 # The fields of an AccumulateState that differ between replicas when the
 # transformation reduces across them only as a window closes. The others
@@ -19,10 +24,10 @@ from optaccum._statistics import StatisticsState
 _PER_REPLICA_FIELDS = frozenset({"acc_grads", "skip_state", "acc_weight", "num_skipped"})
 
 
-def _per_replica_mask(tree: Any) -> Any:
+def _per_replica_mask(tree: PyTree) -> PyTree:
   """A tree of bools like `tree`: True at the leaves each replica holds its own of."""
 
-  def mark(node: Any) -> Any:
+  def mark(node: PyTree) -> PyTree:
     if not isinstance(node, AccumulateState):
       return jax.tree.map(lambda _: False, node)
     fields = {
@@ -43,7 +48,9 @@ def _per_replica_mask(tree: Any) -> Any:
   return jax.tree.map(mark, tree, is_leaf=is_state)
 
 
-def _check_arguments(fn: Any, mesh: Any, axis_name: Any, batch_argnums: Any) -> tuple[int, ...]:
+def _check_arguments(
+  fn: object, mesh: object, axis_name: object, batch_argnums: object
+) -> tuple[int, ...]:
   """Checks `data_parallel`'s arguments; returns `batch_argnums` as a tuple of ints."""
   if not callable(fn):
     raise TypeError(f"`data_parallel(fn=...)` must be callable, got fn={fn!r}.")
@@ -57,7 +64,7 @@ def _check_arguments(fn: Any, mesh: Any, axis_name: Any, batch_argnums: Any) -> 
   return _validation.as_argnums("data_parallel", "batch_argnums", batch_argnums)
 
 
-def _check_call(args: tuple, batch_argnums: tuple[int, ...]) -> None:
+def _check_call(args: tuple[PyTree, ...], batch_argnums: tuple[int, ...]) -> None:
   """Checks that the call passes every argument `batch_argnums` names."""
   for n in batch_argnums:
     if n >= len(args):
@@ -67,11 +74,13 @@ def _check_call(args: tuple, batch_argnums: tuple[int, ...]) -> None:
       )
 
 
-def _names_in(spec: Any) -> set:
+def _names_in(spec: PartitionSpec) -> set[str]:
   return {n for e in spec for n in ((e,) if isinstance(e, str) else (e or ()))}
 
 
-def _check_replicated(args: tuple, masks: list[Any], axis_name: Hashable) -> None:
+def _check_replicated(
+  args: tuple[PyTree, ...], masks: list[PyTree | None], axis_name: Hashable
+) -> None:
   """Raises where an argument `fn` shares across replicas is known to be sharded over `axis_name`.
 
   `shard_map` replicates it over `axis_name` (its in_specs), gathering the
@@ -102,7 +111,7 @@ def _check_replicated(args: tuple, masks: list[Any], axis_name: Hashable) -> Non
         )
 
 
-def _in_specs(masks: list[Any], axis_name: Hashable) -> tuple[Any, ...]:
+def _in_specs(masks: list[PyTree | None], axis_name: Hashable) -> tuple[PyTree, ...]:
   """`shard_map`'s in_specs: batches (mask None) and per-replica leaves split, others replicated."""
   replicas, replicated = PartitionSpec(axis_name), PartitionSpec()
   return tuple(
@@ -111,7 +120,7 @@ def _in_specs(masks: list[Any], axis_name: Hashable) -> tuple[Any, ...]:
   )
 
 
-def _strip_replica_axis(args: tuple, masks: list[Any]) -> list[Any]:
+def _strip_replica_axis(args: tuple[PyTree, ...], masks: list[PyTree | None]) -> list[PyTree]:
   """The arguments as `fn` sees them: each per-replica leaf's `[1, ...]` slice without its axis."""
   return [
     a if mask is None else jax.tree.map(lambda x, own: x[0] if own else x, a, mask)
@@ -119,7 +128,7 @@ def _strip_replica_axis(args: tuple, masks: list[Any]) -> list[Any]:
   ]
 
 
-def _split_outputs(out: Any) -> tuple[Any, list[bool], list, list]:
+def _split_outputs(out: PyTree) -> tuple[PyTreeDef, list[bool], list[jax.Array], list[jax.Array]]:
   """`fn`'s output as its structure, per-replica mask, shared and per-replica leaves.
 
   Each per-replica leaf gets a leading axis of one, along which `shard_map`
@@ -132,14 +141,16 @@ def _split_outputs(out: Any) -> tuple[Any, list[bool], list, list]:
   return treedef, own, shared, per_replica
 
 
-def _local_fn(fn: Callable[..., Any], masks: list[Any], outputs: dict[str, Any]) -> Callable:
+def _local_fn(
+  fn: Callable[..., PyTree], masks: list[PyTree | None], outputs: dict[str, Any]
+) -> Callable[..., tuple[list[jax.Array], list[jax.Array]]]:
   """`fn` on one replica, as `shard_map` calls it, returning `(shared, per_replica)` leaves.
 
   The output's structure and mask are known only inside the trace, so they
   are left in `outputs`, for `_join_outputs`.
   """
 
-  def local_fn(*args: Any) -> tuple[list, list]:
+  def local_fn(*args: PyTree) -> tuple[list[jax.Array], list[jax.Array]]:
     treedef, own, shared, per_replica = _split_outputs(fn(*_strip_replica_axis(args, masks)))
     outputs.update(treedef=treedef, own=own)
     return shared, per_replica
@@ -147,7 +158,9 @@ def _local_fn(fn: Callable[..., Any], masks: list[Any], outputs: dict[str, Any])
   return local_fn
 
 
-def _join_outputs(treedef: Any, own: list[bool], shared: list, per_replica: list) -> Any:
+def _join_outputs(
+  treedef: PyTreeDef, own: list[bool], shared: list[jax.Array], per_replica: list[jax.Array]
+) -> PyTree:
   """`fn`'s output tree, from its shared and per-replica leaves in flattened order."""
   shared_leaves, per_replica_leaves = iter(shared), iter(per_replica)
   leaves = [next(per_replica_leaves) if o else next(shared_leaves) for o in own]
@@ -155,12 +168,12 @@ def _join_outputs(treedef: Any, own: list[bool], shared: list, per_replica: list
 
 
 def data_parallel(
-  fn: Callable[..., Any],
+  fn: Callable[..., Output],
   mesh: jax.sharding.Mesh,
   *,
   axis_name: Hashable,
   batch_argnums: int | Sequence[int],
-) -> Callable[..., Any]:
+) -> Callable[..., Output]:
   """Runs `fn` on every replica of `mesh`'s `axis_name`, each on its slice of the batch.
 
   The data-parallel pattern for `optaccum.accumulate(..., axis_name=...)`, the
@@ -234,7 +247,7 @@ def data_parallel(
   batch_argnums = _check_arguments(fn, mesh, axis_name, batch_argnums)
 
   @functools.wraps(fn)
-  def parallel_fn(*args: Any) -> Any:
+  def parallel_fn(*args: PyTree) -> Output:
     _check_call(args, batch_argnums)
     masks = [None if n in batch_argnums else _per_replica_mask(a) for n, a in enumerate(args)]
     _check_replicated(args, masks, axis_name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import optaccum
-from optaccum._planning import size_text
+from optaccum._planning import MemoryAnalysis, ValueAndGradFn, memory_analysis, size_text
+from optaccum._types import Params
 
 # The digits are split once, the same way whatever --seed: 1438 to train, 359 to test.
 _TEST_FRACTION = 0.2
@@ -67,10 +67,10 @@ class RunResult:
 
   name: str
   losses: np.ndarray
-  params: Any
+  params: Params
   train_loss: float
   test_accuracy: float
-  memory: Any
+  memory: MemoryAnalysis
   compile_seconds: float
   train_seconds: float
 
@@ -95,7 +95,9 @@ def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> 
   return stream[: steps * batch_size].reshape(steps, batch_size)
 
 
-def _loss(state: TrainState, params: Any, images: Any, labels: Any) -> jax.Array:
+def _loss(
+  state: TrainState, params: Params, images: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+) -> jax.Array:
   logits = state.apply_fn(params, images)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -108,7 +110,9 @@ def _train_step(
   return state.apply_gradients(grads=grads), loss
 
 
-def _compile(state: TrainState, images: np.ndarray, labels: np.ndarray) -> tuple[Any, float]:
+def _compile(
+  state: TrainState, images: np.ndarray, labels: np.ndarray
+) -> tuple[jax.stages.Compiled, float]:
   """Compiles one step for these shapes; the state's buffers are donated and reused."""
   start = time.perf_counter()
   compiled = jax.jit(_train_step, donate_argnums=0).lower(state, images, labels).compile()
@@ -147,7 +151,7 @@ def _train(
     params=state.params,
     train_loss=float(_loss(state, state.params, train_images, train_labels)),
     test_accuracy=float(jnp.mean(jnp.argmax(logits, axis=-1) == test_labels)),
-    memory=step.memory_analysis(),
+    memory=memory_analysis(step),
     compile_seconds=compile_seconds,
     train_seconds=train_seconds,
   )
@@ -162,7 +166,7 @@ def _window_losses(losses: list[jax.Array], k: int) -> np.ndarray:
   return np.asarray(jax.device_get(losses), np.float64).reshape(-1, k).mean(axis=1)
 
 
-def max_param_difference(a: Any, b: Any) -> float:
+def max_param_difference(a: Params, b: Params) -> float:
   """The largest absolute difference between two parameter trees."""
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -174,7 +178,14 @@ def results_table(large: RunResult, accumulated: RunResult) -> Table:
   for name in (large.name, accumulated.name, "difference"):
     table.add_column(name, justify="right", no_wrap=True)
 
-  def add(label, large_value, accumulated_value, spec, unit="", difference_spec=None):
+  def add(
+    label: str,
+    large_value: float,
+    accumulated_value: float,
+    spec: str,
+    unit: str = "",
+    difference_spec: str | None = None,
+  ) -> None:
     difference = accumulated_value - large_value
     cells = [
       f"{large_value:{spec}}",
@@ -227,10 +238,10 @@ def plot_losses(large: RunResult, accumulated: RunResult, path: str) -> None:
   figure.savefig(path, dpi=100)
 
 
-def _grad_fn() -> Any:
+def _grad_fn() -> ValueAndGradFn:
   """The demo's gradient function: `(params, images, labels) -> (mean loss, grads)`."""
 
-  def loss(params: Any, images: Any, labels: Any) -> jax.Array:
+  def loss(params: Params, images: jax.Array, labels: jax.Array) -> jax.Array:
     logits = DigitsMlp().apply(params, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 

@@ -16,15 +16,27 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optaccum import _planning, _validation
+from optaccum._planning import MemoryAnalysis, ValueAndGradFn
+from optaccum._types import OptState, Params, PyTree
+
+if TYPE_CHECKING:
+  from rich.progress import Progress, TaskID
+  from rich.table import Table
 
 _WHERE = "evaluate"
+#: A batch: the arguments of the gradient function after the parameters.
+_Batch: TypeAlias = tuple[PyTree, ...]
+#: What one run's steps take, window by window: the window's micro-batches (or its batch).
+_Feed: TypeAlias = list[list[_Batch]]
+#: The progress bar's one task (rich numbers its tasks from 0).
+_WINDOWS_TASK = cast("TaskID", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +78,7 @@ class Evaluation:
   windows: int
   batch_size: int
 
-  def table(self) -> Any:
+  def table(self) -> Table:
     """The rows as a `rich.table.Table` (rich is one of the demo extras).
 
     Columns: the form, k, the micro-batch size, the median time per example,
@@ -129,18 +141,18 @@ class _Run:
 
   form: str
   k: int
-  step: Any  # compiled: (params, opt_state, *batch) -> (params, opt_state, loss)
-  memory: Any
-  init: Callable[[Any], Any]
+  step: jax.stages.Compiled  # (params, opt_state, *batch) -> (params, opt_state, loss)
+  memory: MemoryAnalysis
+  init: Callable[[Params], OptState]
   has_aux: bool
-  state: tuple = ()
+  state: tuple = ()  # (params, opt_state), once `reset`
 
-  def reset(self, params: Any) -> None:
+  def reset(self, params: Params) -> None:
     """A fresh copy of the initial state: the step donates its buffers."""
     params = jax.tree.map(jnp.copy, params)
     self.state = (params, self.init(params))
 
-  def window(self, batches: list) -> jax.Array:
+  def window(self, batches: list[_Batch]) -> jax.Array:
     """Trains one window (its micro-batches, prepared); returns its mean training loss."""
     losses = []
     for batch in batches:
@@ -153,18 +165,18 @@ class _Run:
 def _make_run(
   form: str,
   k: int,
-  grad_fn: Callable[..., Any],
-  params: Any,
+  grad_fn: ValueAndGradFn,
+  params: Params,
   optimizer: optax.GradientTransformation,
-  batch: tuple,
+  batch: _Batch,
   has_aux: bool,
 ) -> _Run:
   """Compiles one configuration's step for these shapes."""
   compiled, tx = _planning.compile_step(form, k, grad_fn, params, optimizer, batch, has_aux)
-  return _Run(form, k, compiled, compiled.memory_analysis(), tx.init, has_aux)
+  return _Run(form, k, compiled, _planning.memory_analysis(compiled), tx.init, has_aux)
 
 
-def _feed(run: _Run, batch: tuple) -> list:
+def _feed(run: _Run, batch: _Batch) -> list[_Batch]:
   """The window's batches as `run` takes them: k contiguous micro-batches for `accumulate`."""
   if run.form != "accumulate":
     return [batch]
@@ -173,17 +185,17 @@ def _feed(run: _Run, batch: tuple) -> list:
 
 
 @jax.jit
-def _differences(a: Any, b: Any) -> list[jax.Array]:
+def _differences(a: Params, b: Params) -> list[jax.Array]:
   """Each leaf's largest absolute difference, in the leaf's own precision (complex: modulus)."""
   return [jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if x.size]
 
 
-def _max_difference(a: Any, b: Any) -> float:
+def _max_difference(a: Params, b: Params) -> float:
   """The largest absolute difference between two parameter trees, on the host."""
   return max((float(d) for d in jax.device_get(_differences(a, b))), default=0.0)
 
 
-def _check_batches(batches: Any) -> int:
+def _check_batches(batches: object) -> int:
   """B, after checking that `batches` is a non-empty sequence of like-shaped batch tuples."""
   if isinstance(batches, tuple | str) or not isinstance(batches, Sequence) or not batches:
     raise TypeError(
@@ -208,7 +220,7 @@ def _check_batches(batches: Any) -> int:
   return batch_size
 
 
-def _progress(enabled: bool, total: int) -> Any:
+def _progress(enabled: bool, total: int) -> Progress | _NoProgress:
   """A rich progress bar over `total` windows, or a stand-in that shows nothing."""
   if not enabled:
     return _NoProgress()
@@ -223,14 +235,16 @@ class _NoProgress:
   def __enter__(self) -> _NoProgress:
     return self
 
-  def __exit__(self, *_: Any) -> None:
+  def __exit__(self, *_: object) -> None:
     return None
 
-  def advance(self, task: int, advance: float = 1) -> None:
+  def advance(self, task_id: int, advance: float = 1) -> None:
     return None
 
 
-def _divergence(runs: list[_Run], feeds: list[list], params: Any, bar: Any) -> list[tuple]:
+def _divergence(
+  runs: list[_Run], feeds: list[_Feed], params: Params, bar: Progress | _NoProgress
+) -> list[tuple[float, float, float]]:
   """Trains every run in lockstep; (max |Δ param|, max |Δ loss|, final loss) against runs[0]."""
   for run in runs:
     run.reset(params)
@@ -242,11 +256,13 @@ def _divergence(runs: list[_Run], feeds: list[list], params: Any, bar: Any) -> l
       param = _max_difference(run.state[0], reference)
       loss = abs(losses[index] - losses[0])
       worst[index] = (max(worst[index][0], param), max(worst[index][1], loss), losses[index])
-    bar.advance(0, len(runs))
+    bar.advance(_WINDOWS_TASK, len(runs))
   return worst
 
 
-def _timings(runs: list[_Run], feeds: list[list], params: Any, rounds: int, bar: Any) -> list:
+def _timings(
+  runs: list[_Run], feeds: list[_Feed], params: Params, rounds: int, bar: Progress | _NoProgress
+) -> list[float]:
   """Each run's seconds per window-set, over `rounds` rounds in rotating order."""
   seconds: list[list[float]] = [[] for _ in runs]
   for round_index in range(rounds):
@@ -261,15 +277,15 @@ def _timings(runs: list[_Run], feeds: list[list], params: Any, rounds: int, bar:
         run.window(batches)
       jax.block_until_ready(run.state)
       seconds[index].append(time.perf_counter() - start)
-      bar.advance(0, len(feeds[index]))
+      bar.advance(_WINDOWS_TASK, len(feeds[index]))
   return [statistics.median(s) for s in seconds]
 
 
 def evaluate(
-  grad_fn: Callable[..., Any],
-  params: Any,
+  grad_fn: ValueAndGradFn,
+  params: Params,
   optimizer: optax.GradientTransformation,
-  batches: Sequence[tuple],
+  batches: Sequence[_Batch],
   k: Sequence[int] = (2, 4, 8),
   *,
   form: str = "accumulate",

@@ -7,7 +7,8 @@ only inside the functions that take Flax objects.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +18,17 @@ from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import status
 from optaccum._state import holds_state
+from optaccum._types import Scalar, Updates
+
+if TYPE_CHECKING:
+  from flax import nnx
+  from flax.training.train_state import TrainState
 
 # TrainState fields that apply_train_state_gradients computes rather than replaces.
 _COMPUTED = ("step", "params", "opt_state")
 
 
-def flax_gradient_step(state: Any) -> jax.Array:
+def flax_gradient_step(state: TrainState | nnx.Optimizer) -> jax.Array:
   """The optimizer (gradient) step of a Flax `TrainState` or `nnx.Optimizer`.
 
   With `tx=optaccum.accumulate(...)`, Flax's own `step` counts calls to
@@ -74,14 +80,14 @@ def flax_gradient_step(state: Any) -> jax.Array:
 
 
 def apply_train_state_gradients(
-  state: Any,
+  state: TrainState,
   *,
-  grads: Any,
-  weight: Any = None,
-  flush: Any = False,
+  grads: Updates,
+  weight: Scalar | None = None,
+  flush: Scalar = False,
   update_args: dict[str, Any] | None = None,
-  **fields: Any,
-) -> Any:
+  **fields: object,
+) -> TrainState:
   """`TrainState.apply_gradients` that passes `weight` (and `flush`) to the accumulation.
 
   Flax's `TrainState.apply_gradients(grads=..., **kwargs)` treats its keyword
@@ -179,7 +185,7 @@ def apply_train_state_gradients(
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
 
 
-def check_plain_step(where: str, weight: Any, flush: Any) -> None:
+def check_plain_step(where: str, weight: object, flush: object) -> None:
   """Raises a TypeError where `weight` or `flush` is given to a step that accumulates nothing."""
   for name, value, default in (("weight", weight, None), ("flush", flush, False)):
     if value is not default:
@@ -189,7 +195,7 @@ def check_plain_step(where: str, weight: Any, flush: Any) -> None:
       )
 
 
-def _check_fields(state: Any, fields: dict[str, Any]) -> None:
+def _check_fields(state: TrainState, fields: dict[str, object]) -> None:
   """Raises a TypeError for a keyword that is not a replaceable field of `state`."""
   names = [field.name for field in dataclasses.fields(state)]
   for name in fields:
@@ -208,12 +214,12 @@ def _check_fields(state: Any, fields: dict[str, Any]) -> None:
 
 
 def apply_nnx_gradients(
-  optimizer: Any,
-  model: Any,
-  grads: Any,
+  optimizer: nnx.Optimizer,
+  model: nnx.Module,
+  grads: nnx.State,
   *,
-  weight: Any = None,
-  flush: Any = False,
+  weight: Scalar | None = None,
+  flush: Scalar = False,
   update_args: dict[str, Any] | None = None,
 ) -> None:
   """`optimizer.update(model, grads, weight=...)` on optaccum's fast path.
@@ -290,7 +296,7 @@ def apply_nnx_gradients(
   optimizer.step[...] += 1
 
 
-def _check_optimizer(nnx: Any, optimizer: Any, update_args: Any) -> None:
+def _check_optimizer(nnx: ModuleType, optimizer: object, update_args: object) -> None:
   """Raises a TypeError, naming the argument, unless `apply_nnx_gradients` can take them."""
   if not isinstance(optimizer, nnx.Optimizer):
     raise TypeError(

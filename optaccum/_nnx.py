@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from optaccum import _arguments
+from optaccum._types import PyTree
+
+if TYPE_CHECKING:
+  from flax.nnx import GraphDef, State
 
 # --- Modules in `microbatch` ------------------------------------------------------------
 
@@ -43,11 +49,13 @@ class Graph:
 
   where: str
   names: tuple[int | str, ...]
-  objects: tuple[Any, ...]
-  graphdef: Any
-  state: Any
+  objects: tuple[object, ...]
+  graphdef: GraphDef[tuple[object, ...]]
+  state: State
 
-  def merged(self, args: list, kwargs: dict, state: Any) -> tuple[list, dict, Any]:
+  def merged(
+    self, args: list[PyTree], kwargs: dict[str, PyTree], state: State
+  ) -> tuple[list[PyTree], dict[str, PyTree], tuple[object, ...]]:
     """A micro-batch's arguments with fresh NNX objects at `names`; also returns the objects."""
     from flax import nnx
 
@@ -56,7 +64,7 @@ class Graph:
     args, kwargs = _arguments.replaced(tuple(args), kwargs, dict(zip(self.names, objects)))
     return args, kwargs, objects
 
-  def state_of(self, objects: Any, before: Any) -> Any:
+  def state_of(self, objects: tuple[object, ...], before: State) -> State:
     """The carried state a micro-batch's call left in `objects`; `before` is what it started from.
 
     Values the forward pass writes to Params are not carried: the Params are
@@ -75,18 +83,20 @@ class Graph:
       )
     return state
 
-  def write_back(self, state: Any) -> None:
+  def write_back(self, state: PyTree) -> None:
     """Leaves the caller's objects holding `state`, what the last micro-batch left."""
     from flax import nnx
 
     nnx.update(self.objects, state)
 
 
-def _value(args: Any, kwargs: dict, name: int | str) -> Any:
+def _value(args: Sequence[PyTree], kwargs: dict[str, PyTree], name: int | str) -> PyTree:
   return args[name] if isinstance(name, int) else kwargs[name]
 
 
-def split_graph(where: str, args: tuple, kwargs: dict) -> tuple[tuple, dict, Graph | None]:
+def split_graph(
+  where: str, args: tuple[PyTree, ...], kwargs: dict[str, PyTree]
+) -> tuple[tuple[PyTree, ...], dict[str, PyTree], Graph | None]:
   """The call's arguments with NNX objects replaced by their Params, and the `Graph`.
 
   Returns the arguments unchanged and None where no argument holds an NNX
@@ -105,15 +115,17 @@ def split_graph(where: str, args: tuple, kwargs: dict) -> tuple[tuple, dict, Gra
   return tuple(new_args), new_kwargs, Graph(where, names, objects, graphdef, state)
 
 
-def _split(nnx: Any, objects: Any) -> tuple[Any, Any, Any]:
+def _split(
+  nnx: ModuleType, objects: tuple[object, ...]
+) -> tuple[GraphDef[tuple[object, ...]], State, State]:
   """`objects` as a graphdef, their Params, and every other Variable."""
   return nnx.split(objects, nnx.Param, ...)
 
 
-def _named(args: tuple, kwargs: dict) -> list[tuple[int | str, Any]]:
+def _named(args: tuple[PyTree, ...], kwargs: dict[str, PyTree]) -> list[tuple[int | str, PyTree]]:
   return [*enumerate(args), *kwargs.items()]
 
 
-def _holds_graph_node(nnx: Any, value: Any) -> bool:
+def _holds_graph_node(nnx: ModuleType, value: PyTree) -> bool:
   is_node = nnx.graph.is_graph_node
   return any(is_node(leaf) for leaf in jax.tree.leaves(value, is_leaf=is_node))

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 import jax
 
 from optaccum import _arguments, _replicas
+from optaccum._types import PyTree
 
 _WHERE = "per_replica"
 
+#: What the gradient function returns (each leaf gains a replica axis).
+Output = TypeVar("Output")
+
 
 def per_replica(
-  fn: Callable[..., Any],
+  fn: Callable[..., Output],
   reduce_axes: str | Sequence[str] = ("data",),
   *,
   batch_argnums: int | Sequence[int] | None = None,
   batch_argnames: str | Sequence[str] = (),
   key_arg: int | str | None = None,
-) -> Callable[..., Any]:
+) -> Callable[..., Output]:
   """Wraps a gradient function so that its outputs come out per replica, not yet reduced.
 
   Under plain `jax.jit` over a mesh whose batch axis is sharded, XLA reduces
@@ -86,16 +90,16 @@ def per_replica(
   arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
 
   @_arguments.named_like(fn)
-  def per_replica_fn(*args: Any, **kwargs: Any) -> Any:
+  def per_replica_fn(*args: PyTree, **kwargs: PyTree) -> Output:
     replicas = _replicas.count(_WHERE, axes)
     plan = _arguments.plan(_WHERE, arguments, args, kwargs)
     key = _arguments.key(_WHERE, plan, args, kwargs)
     _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
     parts = _replicas.split_batches(_WHERE, _arguments.batches(plan, args, kwargs), axes, replicas)
 
-    def local(parts: dict, replica: jax.Array) -> Any:
+    def local(parts: dict[int | str, PyTree], replica: jax.Array) -> Output:
       values = dict(parts)
-      if plan.key_arg is not None:
+      if plan.key_arg is not None and key is not None:  # both, or neither
         values[plan.key_arg] = jax.random.fold_in(key, replica)
       local_args, local_kwargs = _arguments.replaced(args, kwargs, values)
       return fn(*local_args, **local_kwargs)

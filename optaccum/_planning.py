@@ -12,22 +12,39 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Protocol, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from optaccum import _validation
 from optaccum._accumulate import accumulate
 from optaccum._apply import apply_gradients
 from optaccum._microbatch import microbatch
+from optaccum._types import OptState, Params, PyTree, Updates
 
 FORMS = ("microbatch", "accumulate")
 _WHERE = "plan"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+
+#: A function like `jax.value_and_grad(loss)`: `(params, *batch) -> (loss, grads)`, the
+#: loss `(loss, aux)` where it has aux outputs.
+ValueAndGradFn: TypeAlias = Callable[..., tuple[PyTree, Updates]]
+#: A training step: `(params, opt_state, *batch) -> (params, opt_state, loss)`.
+Step: TypeAlias = Callable[..., tuple[Params, OptState, PyTree]]
+
+
+class MemoryAnalysis(Protocol):
+  """What XLA's compiled memory analysis reports, in bytes (`Compiled.memory_analysis()`)."""
+
+  temp_size_in_bytes: int
+  argument_size_in_bytes: int
+  output_size_in_bytes: int
+  alias_size_in_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +110,7 @@ def size_text(size: int) -> str:
   return f"{size} B"
 
 
-def parse_bytes(where: str, name: str, value: Any) -> int:
+def parse_bytes(where: str, name: str, value: object) -> int:
   """A size in bytes from an int or a string such as "300KiB", "1.5 GiB" or "2GB"."""
   if isinstance(value, bool) or not isinstance(value, int | float | str):
     raise TypeError(
@@ -129,7 +146,7 @@ def device_budget(where: str) -> int:
   return int(stats["bytes_limit"])
 
 
-def batch_size_of(where: str, batch: Any) -> int:
+def batch_size_of(where: str, batch: object) -> int:
   """B, the leading axis that every leaf of `batch` shares; a ValueError otherwise."""
   if not isinstance(batch, tuple) or not jax.tree.leaves(batch):
     raise TypeError(
@@ -148,10 +165,10 @@ def batch_size_of(where: str, batch: Any) -> int:
   return int(size)
 
 
-def abstract(tree: Any) -> Any:
+def abstract(tree: PyTree) -> PyTree:
   """`tree` with each array leaf as a `jax.ShapeDtypeStruct` (its sharding kept)."""
 
-  def leaf(x: Any) -> Any:
+  def leaf(x: ArrayLike | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
     return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=_sharding(x))
@@ -159,12 +176,12 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def _sharding(x: Any) -> Any:
+def _sharding(x: ArrayLike) -> jax.sharding.NamedSharding | None:
   sharding = getattr(x, "sharding", None)
   return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
-def micro_batch(batch: Any, k: int) -> Any:
+def micro_batch(batch: tuple[PyTree, ...], k: int) -> tuple[PyTree, ...]:
   """The abstract shape of one micro-batch of `batch`: the leading axis divided by k.
 
   It keeps the batch's sharding: a micro-batch of a batch sharded over the
@@ -178,10 +195,10 @@ def micro_batch(batch: Any, k: int) -> Any:
   return jax.tree.map(leaf, abstract(batch))
 
 
-def unsplit_step(grad_fn: Callable[..., Any], optimizer: optax.GradientTransformation) -> Any:
+def unsplit_step(grad_fn: ValueAndGradFn, optimizer: optax.GradientTransformation) -> Step:
   """The plain training step: `(params, opt_state, *batch) -> (params, opt_state, loss)`."""
 
-  def step(params: Any, opt_state: Any, *batch: Any) -> Any:
+  def step(params: Params, opt_state: OptState, *batch: PyTree) -> tuple[Params, OptState, PyTree]:
     loss, grads = grad_fn(params, *batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -190,16 +207,16 @@ def unsplit_step(grad_fn: Callable[..., Any], optimizer: optax.GradientTransform
 
 
 def microbatch_step(
-  grad_fn: Callable[..., Any], optimizer: optax.GradientTransformation, k: int, has_aux: bool
-) -> Any:
+  grad_fn: ValueAndGradFn, optimizer: optax.GradientTransformation, k: int, has_aux: bool
+) -> Step:
   """The in-step form: the batch as k micro-batches in one step, then one optimizer step."""
   return unsplit_step(microbatch(grad_fn, k, has_aux=has_aux), optimizer)
 
 
-def accumulate_step(grad_fn: Callable[..., Any], tx: optax.GradientTransformation) -> Any:
+def accumulate_step(grad_fn: ValueAndGradFn, tx: optax.GradientTransformation) -> Step:
   """The across-steps form: one micro-batch into `tx = accumulate(...)`, by the fast path."""
 
-  def step(params: Any, opt_state: Any, *batch: Any) -> Any:
+  def step(params: Params, opt_state: OptState, *batch: PyTree) -> tuple[Params, OptState, PyTree]:
     loss, grads = grad_fn(params, *batch)
     params, opt_state = apply_gradients(tx, grads, opt_state, params)
     return params, opt_state, loss
@@ -210,12 +227,12 @@ def accumulate_step(grad_fn: Callable[..., Any], tx: optax.GradientTransformatio
 def compile_step(
   form: str,
   k: int,
-  grad_fn: Callable[..., Any],
-  params: Any,
+  grad_fn: ValueAndGradFn,
+  params: Params,
   optimizer: optax.GradientTransformation,
-  batch: tuple,
+  batch: tuple[PyTree, ...],
   has_aux: bool,
-) -> tuple[Any, optax.GradientTransformation]:
+) -> tuple[jax.stages.Compiled, optax.GradientTransformation]:
   """One configuration's step compiled for these shapes, and the transformation it steps.
 
   `form` is "unsplit" (k = 1), "microbatch" or "accumulate" (whose step takes
@@ -236,7 +253,7 @@ def compile_step(
   return compiled, tx
 
 
-def _row(form: str, k: int, batch_size: int, memory: Any, budget: int) -> PlanRow:
+def _row(form: str, k: int, batch_size: int, memory: MemoryAnalysis, budget: int) -> PlanRow:
   sizes = dict(
     temporaries=int(memory.temp_size_in_bytes),
     arguments=int(memory.argument_size_in_bytes),
@@ -247,7 +264,15 @@ def _row(form: str, k: int, batch_size: int, memory: Any, budget: int) -> PlanRo
   return PlanRow(form, k, batch_size // k, **sizes, total=total, fits=total <= budget)
 
 
-def memory_total(memory: Any) -> int:
+def memory_analysis(compiled: jax.stages.Compiled) -> MemoryAnalysis:
+  """XLA's memory analysis of a compiled step.
+
+  JAX types it as optional, None on a backend that has none; CPU, GPU and TPU have one.
+  """
+  return cast(MemoryAnalysis, compiled.memory_analysis())
+
+
+def memory_total(memory: MemoryAnalysis) -> int:
   """What a compiled step holds at once: arguments + outputs - donated and reused + temporaries."""
   return int(
     memory.argument_size_in_bytes
@@ -257,14 +282,14 @@ def memory_total(memory: Any) -> int:
   )
 
 
-def _candidates(batch_size: int, candidates: Any) -> list[int]:
+def _candidates(batch_size: int, candidates: object) -> list[int]:
   """The candidate k's, ascending: every divisor of the batch by default."""
   if candidates is None:
     return [k for k in range(1, batch_size + 1) if batch_size % k == 0]
   return dividing_ks(_WHERE, "candidates", candidates, batch_size)
 
 
-def dividing_ks(where: str, name: str, values: Any, batch_size: int) -> list[int]:
+def dividing_ks(where: str, name: str, values: object, batch_size: int) -> list[int]:
   """`values`, a non-empty sequence of positive ints that divide the batch, sorted and unique."""
   if isinstance(values, int | str) or not isinstance(values, Sequence) or not values:
     raise TypeError(
@@ -293,10 +318,10 @@ def _chosen(rows: list[PlanRow], form: str, budget: int) -> int:
 
 
 def plan(
-  grad_fn: Callable[..., Any],
-  params: Any,
+  grad_fn: ValueAndGradFn,
+  params: Params,
   optimizer: optax.GradientTransformation,
-  batch: tuple,
+  batch: tuple[PyTree, ...],
   *,
   budget: int | str | None = None,
   has_aux: bool = False,
@@ -373,7 +398,9 @@ def plan(
   return Plan(chosen.get("microbatch"), chosen.get("accumulate"), budget, batch_size, tuple(rows))
 
 
-def _check_plan_arguments(grad_fn: Any, optimizer: Any, has_aux: Any, forms: Any) -> tuple:
+def _check_plan_arguments(
+  grad_fn: object, optimizer: object, has_aux: object, forms: Sequence[str]
+) -> tuple[str, ...]:
   if not callable(grad_fn):
     raise TypeError(f"`{_WHERE}(grad_fn=...)` must be callable, got grad_fn={grad_fn!r}.")
   if not isinstance(optimizer, optax.GradientTransformation):
@@ -392,17 +419,17 @@ def _check_plan_arguments(grad_fn: Any, optimizer: Any, has_aux: Any, forms: Any
 
 
 def _compile_candidate(
-  grad_fn: Callable[..., Any],
-  params: Any,
+  grad_fn: ValueAndGradFn,
+  params: Params,
   optimizer: optax.GradientTransformation,
-  batch: tuple,
+  batch: tuple[PyTree, ...],
   k: int,
   has_aux: bool,
-  forms: tuple,
-) -> list[tuple[str, Any]]:
+  forms: tuple[str, ...],
+) -> list[tuple[str, MemoryAnalysis]]:
   """(form, memory analysis) for each form at k; at k = 1 the one unsplit step."""
   for_k = ("unsplit",) if k == 1 else forms
   return [
-    (form, compile_step(form, k, grad_fn, params, optimizer, batch, has_aux)[0].memory_analysis())
+    (form, memory_analysis(compile_step(form, k, grad_fn, params, optimizer, batch, has_aux)[0]))
     for form in for_k
   ]

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
+import jax
 import jax.numpy as jnp
+import optax
 
 from optaccum import _validation
+from optaccum._types import KSchedule
 
 _RULES = ("linear", "sqrt")
 
 
 def scale_learning_rate(
-  learning_rate: float | Callable[[Any], Any],
-  k: int | Callable[[Any], Any],
+  learning_rate: float | optax.Schedule,
+  k: KSchedule,
   *,
   rule: str = "linear",
-) -> float | Callable[[Any], Any]:
+) -> float | optax.Schedule:
   """Scales a learning rate (or schedule) for a batch `k` times larger.
 
   Accumulating k micro-batches multiplies the batch size by k. The linear rule
@@ -59,7 +60,7 @@ def scale_learning_rate(
 
   schedule_k = _validation.as_schedule(k)
 
-  def scaled(step: Any) -> Any:
+  def scaled(step: jax.typing.ArrayLike) -> jax.Array:
     base = learning_rate(step) if callable(learning_rate) else learning_rate
     k = schedule_k(jnp.asarray(step)).astype(jnp.float32)
     factor = k if rule == "linear" else jnp.sqrt(k)

@@ -10,19 +10,20 @@ calls `vary` and never asks which JAX it runs on.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
 
 import jax
 
+from optaccum._types import PyTree
 
-def varying_axes(x: Any) -> frozenset:
+
+def varying_axes(x: jax.Array | jax.core.AbstractValue) -> frozenset[Hashable]:
   """The mesh axes an array (or abstract value) varies over; empty outside `shard_map`."""
   aval = x if isinstance(x, jax.core.AbstractValue) else jax.typeof(x)
   mat = getattr(aval, "mat", None)
   return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
-def vary_over(x: jax.Array, axes: frozenset) -> jax.Array:
+def vary_over(x: jax.Array, axes: frozenset[Hashable]) -> jax.Array:
   """`x` marked as varying over every axis in `axes` (those it lacks)."""
   missing = tuple(sorted(axes - varying_axes(x), key=str))
   if not missing:
@@ -32,7 +33,7 @@ def vary_over(x: jax.Array, axes: frozenset) -> jax.Array:
   return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # jax < 0.8 only
 
 
-def vary(tree: Any, axis_name: Hashable) -> Any:
+def vary(tree: PyTree, axis_name: Hashable) -> PyTree:
   """Marks each array leaf as varying over `axis_name` (where not already).
 
   Inside `shard_map` with `check_vma=True`, the gradient with respect to a

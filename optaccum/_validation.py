@@ -9,28 +9,35 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
+
+from optaccum._types import DTypeLike, KSchedule, PyTree
 
 MAX_INT32 = 2**31 - 1
 
 
-def check_k(where: str, k: Any, name: str = "k") -> None:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
+  """Whether `value` is a Python or NumPy int, and not a bool."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_k(where: str, k: object, name: str = "k") -> None:
   """Checks that `k` is a positive int or a callable schedule."""
   if callable(k):
     return
-  is_int = isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
-  if not is_int or not 1 <= int(k) <= MAX_INT32:
+  if not _is_int(k) or not 1 <= int(k) <= MAX_INT32:
     raise ValueError(
       f"`{where}({name}=...)` must be a positive int (at most 2**31 - 1, the "
       f"largest int32 counter) or a callable `gradient_step -> k`, got {name}={k!r}."
     )
 
 
-def check_schedule_value(where: str, name: str, schedule: Callable[[Any], Any]) -> None:
+def check_schedule_value(where: str, name: str, schedule: Callable[[jax.Array], Any]) -> None:
   """Checks a schedule's value at gradient step 0: a finite real scalar.
 
   Inside a compiled step a bad value cannot raise, so the schedule is probed
@@ -52,7 +59,7 @@ def check_schedule_value(where: str, name: str, schedule: Callable[[Any], Any]) 
     )
 
 
-def check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(where: str, name: str, value: object, choices: tuple[str, ...]) -> None:
   """Checks that `value` is one of the strings in `choices`."""
   if not isinstance(value, str) or value not in choices:
     raise ValueError(
@@ -60,20 +67,19 @@ def check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) ->
     )
 
 
-def check_callable_or_none(where: str, name: str, value: Any) -> None:
+def check_callable_or_none(where: str, name: str, value: object) -> None:
   """Checks that `value` is None or callable."""
   if value is not None and not callable(value):
     raise TypeError(f"`{where}({name}=...)` must be None or a callable, got {name}={value!r}.")
 
 
-def check_positive_int(where: str, name: str, value: Any) -> None:
+def check_positive_int(where: str, name: str, value: object) -> None:
   """Checks that `value` is an int >= 1 (bools rejected)."""
-  is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-  if not is_int or int(value) < 1:
+  if not _is_int(value) or int(value) < 1:
     raise ValueError(f"`{where}({name}=...)` must be a positive int, got {name}={value!r}.")
 
 
-def as_argnums(where: str, name: str, value: Any) -> tuple[int, ...]:
+def as_argnums(where: str, name: str, value: object) -> tuple[int, ...]:
   """Returns `value`, a non-negative int or a sequence of them, as a tuple of ints."""
   numbers = (value,) if isinstance(value, (int, np.integer)) else value
   ok = isinstance(numbers, Sequence) and all(
@@ -85,20 +91,20 @@ def as_argnums(where: str, name: str, value: Any) -> tuple[int, ...]:
       f"`{where}({name}=...)` must be a non-negative int or a sequence of them, "
       f"got {name}={value!r}."
     )
-  return tuple(int(n) for n in numbers)
+  return tuple(int(n) for n in cast(Sequence[int], numbers))
 
 
-def check_number(where: str, name: str, value: Any, *, positive: bool) -> None:
+def check_number(where: str, name: str, value: object, *, positive: bool) -> None:
   """Checks that `value` is a real number (and > 0 where asked)."""
   ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
   if ok and positive:
-    ok = value > 0
+    ok = cast(float, value) > 0  # a numbers.Real, which typeshed cannot compare
   if not ok:
     kind = "a positive number" if positive else "a real number"
     raise ValueError(f"`{where}({name}=...)` must be {kind}, got {name}={value!r}.")
 
 
-def _describe(leaf: Any) -> str:
+def _describe(leaf: jax.Array | np.ndarray | None) -> str:
   if leaf is None:
     return "None"
   return f"{jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}"
@@ -107,8 +113,8 @@ def _describe(leaf: Any) -> str:
 def check_tree_matches(
   where: str,
   name: str,
-  tree: Any,
-  reference: Any,
+  tree: PyTree,
+  reference: PyTree,
   reference_name: str,
 ) -> None:
   """Checks `tree` against `reference`: structure, shapes, floating dtype kind.
@@ -157,7 +163,7 @@ def check_tree_matches(
       )
 
 
-def as_scalar(where: str, name: str, value: Any, dtype: Any) -> jax.Array:
+def as_scalar(where: str, name: str, value: ArrayLike, dtype: DTypeLike) -> jax.Array:
   """Returns `value` as a scalar array of `dtype`; rejects non-scalars."""
   shape = jnp.shape(value)
   if shape != ():
@@ -169,7 +175,7 @@ def as_scalar(where: str, name: str, value: Any, dtype: Any) -> jax.Array:
   return jnp.asarray(value).astype(dtype)
 
 
-def as_flag(where: str, name: str, value: Any) -> jax.Array:
+def as_flag(where: str, name: str, value: ArrayLike) -> jax.Array:
   """Returns `value` (a Python or JAX bool) as a scalar bool array."""
   flag = jnp.asarray(value)
   if flag.shape != () or flag.dtype != jnp.bool_:
@@ -177,7 +183,7 @@ def as_flag(where: str, name: str, value: Any) -> jax.Array:
   return flag
 
 
-def as_schedule(k: Any) -> Callable[[jax.Array], jax.Array]:
+def as_schedule(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
   """Returns `k` as a schedule `gradient_step -> k` (int32, clamped >= 1)."""
   if callable(k):
     schedule = k
@@ -199,7 +205,7 @@ def as_schedule(k: Any) -> Callable[[jax.Array], jax.Array]:
   return clamped
 
 
-def unsplittable(x: Any, parts: int) -> str | None:
+def unsplittable(x: ArrayLike, parts: int) -> str | None:
   """Why `x`'s leading axis does not split into `parts` equal parts ("a batch of 10"), or None."""
   shape = jnp.shape(x)
   if shape and not shape[0] % parts:

@@ -26,7 +26,7 @@ LARGE = 200_000
 
 
 def with_optimizer(leaves):
-  """`(leaves, opt_state)`: a state `save_checkpoint` takes, the leaves first."""
+  """`(leaves, opt_state)`: a state `checkpoint.save` takes, the leaves first."""
   params = {"w": jnp.zeros(3, jnp.float32)}
   return leaves, optaccum.accumulate(optax.sgd(0.1), EVERY_K).init(params)
 
@@ -235,7 +235,7 @@ def saved(tmp_path_factory):
 
 
 def restore_error(directory):
-  """The type and message of what `restore_checkpoint` raises for `directory`."""
+  """The type and message of what `checkpoint.restore` raises for `directory`."""
   try:
     optaccum.checkpoint.restore(directory, saved_state(), k=EVERY_K)
   except Exception as error:  # the test asserts on its type
