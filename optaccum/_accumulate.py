@@ -660,7 +660,7 @@ def build(
 
 
 def accumulation_of(tx: object) -> Accumulation | None:
-  """The accumulation behind a transformation made by `accumulate` (or `MultiSteps`), else None."""
+  """The accumulation behind a transformation made by `accumulate`, else None."""
   owner = getattr(getattr(tx, "update", None), "__self__", None)
   return owner if isinstance(owner, Accumulation) else None
 

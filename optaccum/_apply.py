@@ -30,9 +30,8 @@ def apply_gradients(
   with donated buffers under `jax.jit` the parameters are not even copied.
 
   Args:
-    tx: a transformation made by `optaccum.accumulate` or
-      `optaccum.compat.MultiSteps(...).gradient_transformation()`. To clip or scale,
-      put those transforms inside `accumulate`'s `inner`.
+    tx: a transformation made by `optaccum.accumulate`. To clip or scale, put
+      those transforms inside `accumulate`'s `inner`.
     grads: the micro-batch's gradients.
     opt_state: the `AccumulateState` of `tx`.
     params: the parameters.

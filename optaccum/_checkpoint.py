@@ -29,8 +29,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from optaccum import _validation
-from optaccum._inspect import status
-from optaccum._state import holds_state
+from optaccum._state import WINDOW_SUMS, counters, fields_of
 from optaccum._types import KSchedule, PyTree
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
@@ -167,8 +166,8 @@ def _metadata(where: str, state: PyTree, k: KSchedule) -> dict[str, Any]:
   import orbax.checkpoint as ocp
 
   _validation.check_k(where, k)
-  fields = _accumulation_fields(state)
-  mini_step, gradient_step = _counters(fields)
+  fields = fields_of(state)
+  mini_step, gradient_step = counters(fields)
   if mini_step > 0:
     _check_replicas_agree(where, fields)
   record = {
@@ -296,48 +295,6 @@ def _item_directory(directory: str, item: str | None) -> str:
   return os.path.join(directory, item)
 
 
-def _accumulation_fields(state: PyTree) -> dict[str, list]:
-  """The leaves of each field of the one AccumulateState in `state`, by field name.
-
-  `state` may hold the AccumulateState itself (a TrainState, a tuple), or be
-  an NNX State, where `nnx.state(optimizer)` turned it into a mapping of its
-  fields.
-  """
-  if holds_state(state):
-    accumulation = status(state).state
-    return {name: jax.tree.leaves(value) for name, value in accumulation._asdict().items()}
-  paths = [
-    tuple(_key_name(key) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(state)
-  ]
-  leaves = jax.tree.leaves(state)
-  prefixes = {path[: path.index("mini_step")] for path in paths if "mini_step" in path}
-  prefixes = {
-    prefix
-    for prefix in prefixes
-    if any(path[: len(prefix) + 1] == (*prefix, "acc_grads") for path in paths)
-  }
-  if len(prefixes) != 1:
-    status(state)  # raises, saying how many it found
-  (prefix,) = prefixes
-  fields: dict[str, list] = {}
-  for path, leaf in zip(paths, leaves):
-    if path[: len(prefix)] == prefix and len(path) > len(prefix):
-      fields.setdefault(path[len(prefix)], []).append(leaf)
-  return fields
-
-
-def _counters(fields: dict[str, list]) -> tuple[int, int]:
-  """(mini_step, gradient_step) as Python ints.
-
-  Under `pmap` with the state kept per device (`out_axes=0`) each counter has
-  a leading device axis; the devices step together, so they agree.
-  """
-  mini_step, gradient_step = (
-    int(np.asarray(fields[name][0]).reshape(-1)[0]) for name in ("mini_step", "gradient_step")
-  )
-  return mini_step, gradient_step
-
-
 def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
   """Raises a ValueError where one array of the window's sums differs between its replicas.
 
@@ -346,7 +303,7 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
   of a window each device holds its own partial sum. Orbax, like
   `jax.device_get`, would write device 0's copy alone and lose the others.
   """
-  for name in ("acc_grads", "acc_weight", "statistics"):
+  for name in WINDOW_SUMS:
     for leaf in fields.get(name, []):
       if not isinstance(leaf, jax.Array) or not leaf.is_fully_replicated:
         continue
@@ -364,14 +321,6 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
           "closed (optaccum.status(...).has_updated), or keep the state per device "
           "(pmap out_axes=0)."
         )
-
-
-def _key_name(key: object) -> str:
-  """A tree path entry's name: a dict key, an attribute or a sequence index."""
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
 
 
 def _window_length(k: KSchedule, gradient_step: int) -> int:

@@ -11,39 +11,20 @@ from jax.sharding import PartitionSpec
 from jax.tree_util import PyTreeDef
 
 from optaccum import _validation
-from optaccum._state import AccumulateState, is_state
-from optaccum._statistics import StatisticsState
+from optaccum._state import AccumulateState, is_state, per_replica_mask
 from optaccum._types import PyTree
 
 #: What the per-replica function returns.
 Output = TypeVar("Output")
-
-# The fields of an AccumulateState that differ between replicas when the
-# transformation reduces across them only as a window closes. The others
-# (counters, the inner optimizer's state) stay equal on every replica.
-_PER_REPLICA_FIELDS = frozenset({"acc_grads", "skip_state", "acc_weight", "num_skipped"})
 
 
 def _per_replica_mask(tree: PyTree) -> PyTree:
   """A tree of bools like `tree`: True at the leaves each replica holds its own of."""
 
   def mark(node: PyTree) -> PyTree:
-    if not isinstance(node, AccumulateState):
-      return jax.tree.map(lambda _: False, node)
-    fields = {
-      name: jax.tree.map(lambda _, own=name in _PER_REPLICA_FIELDS: own, getattr(node, name))
-      for name in AccumulateState._fields
-    }
-    if isinstance(node.statistics, StatisticsState):
-      # The open window's running sums are local, summed across replicas when it
-      # closes; the last closed window's statistics are the same everywhere.
-      # A tree of masks in the state's own type, hence bools where arrays go.
-      fields["statistics"] = node.statistics._replace(
-        squared_norm_sum=True,  # type: ignore[arg-type]
-        num_micro_batches=True,  # type: ignore[arg-type]
-        last_window=jax.tree.map(lambda _: False, node.statistics.last_window),
-      )
-    return AccumulateState(**fields)
+    if isinstance(node, AccumulateState):
+      return per_replica_mask(node)
+    return jax.tree.map(lambda _: False, node)
 
   return jax.tree.map(mark, tree, is_leaf=is_state)
 
