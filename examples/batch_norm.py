@@ -106,9 +106,11 @@ def micro_step(state, x, y):
   (_, batch_stats), grads = grad_fn(state.params, state.batch_stats, x, y)
   window = state.batch_stats_window.add(batch_stats)
   state = state.apply_gradients(grads=grads)
-  # The optimizer stepped: the running statistics advance once, from the whole window.
+  # The optimizer stepped: the running statistics advance once, from the whole
+  # window; a window the guard dropped (closed, no step) is reset unapplied.
+  info = optaccum.status(state.opt_state)
   batch_stats, window = window.close(
-    state.batch_stats, momentum=MOMENTUM, when=optaccum.status(state.opt_state).has_updated
+    state.batch_stats, momentum=MOMENTUM, when=info.has_updated, reset=info.mini_step == 0
   )
   return state.replace(batch_stats=batch_stats, batch_stats_window=window)
 

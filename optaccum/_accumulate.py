@@ -140,6 +140,20 @@ class _Window(NamedTuple):
   statistics: bool  # the StatisticsState after the window, or ()
 
 
+def _apply_update(param: jax.Array, update: jax.Array | None) -> jax.Array:
+  """`optax.apply_updates` for one leaf, with its promotion spelled out (strict mode passes).
+
+  The sum is formed in the wider of the two dtypes (float32 for a bfloat16
+  parameter and a float32 update) and cast back to the parameter's, as optax
+  does under standard promotion. As `eqx.apply_updates`, a None update (an
+  integer parameter) leaves its parameter.
+  """
+  if update is None:
+    return param
+  wide = update.dtype if jnp.finfo(update.dtype).bits > jnp.finfo(param.dtype).bits else param.dtype
+  return (param.astype(wide) + update.astype(wide)).astype(param.dtype)
+
+
 class _IntoParams:
   """The fast path's carry: the parameters. The closing step applies its updates to them."""
 
@@ -148,9 +162,7 @@ class _IntoParams:
     return carry, sums
 
   def write(self, carry: Params, updates: Updates, like: Updates, sums: Updates) -> Params:
-    # As `eqx.apply_updates`: a None update (an integer parameter) leaves its parameter.
-    apply = lambda p, u: p if u is None else optax.apply_updates(p, u)  # noqa: E731
-    return jax.tree.map(apply, carry, updates, is_leaf=_IS_NONE)
+    return jax.tree.map(_apply_update, carry, updates, is_leaf=_IS_NONE)
 
 
 class _IntoAccumulator:

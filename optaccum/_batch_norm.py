@@ -21,19 +21,34 @@ statistics nor `mu_i` recovered by dividing a small difference.
 What cannot be equal: in training mode each micro-batch is normalized by its own
 statistics ("ghost batch norm"), so the activations, the loss and the gradients
 differ from the large batch's, and so do the parameters after training.
+
+Both forms admit a micro-batch as `accumulate` does (`optaccum/_window.py`): a
+NaN, infinite or negative weight skips it, and so do statistics that hold a NaN
+or inf (a micro-batch with a NaN input), so no NaN reaches `batch_stats` from
+one bad micro-batch; where nothing counts, the statistics stay as they were.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.typing import ArrayLike
 
-from optaccum import _validation
+from optaccum import _validation, _window
 from optaccum._accumulator import at_least_float32
+from optaccum._skip import any_not_finite_in
+from optaccum._types import PyTree, Scalar
+
+#: A `batch_stats` collection: flax.linen.BatchNorm layers' `{"mean": ..., "var": ...}`,
+#: nested as the model nests the layers (a stack of them carries a leading axis).
+BatchStats: TypeAlias = PyTree
+#: One BatchNorm layer's statistics, `{"mean": ..., "var": ...}` (a dict or FrozenDict).
+Layer: TypeAlias = Mapping[str, jax.Array]
 
 _MERGE = "merge_batch_stats"
 _CREATE = "BatchStatsWindow.create"
@@ -41,23 +56,24 @@ _ADD = "BatchStatsWindow.add"
 _CLOSE = "BatchStatsWindow.close"
 
 
-def _is_layer(x: Any) -> bool:
+def _is_layer(x: object) -> bool:
   """Whether `x` is one BatchNorm layer's statistics, `{"mean": ..., "var": ...}`."""
   return isinstance(x, Mapping) and sorted(x) == ["mean", "var"]
 
 
-def _check_momentum(where: str, momentum: Any) -> None:
-  ok = isinstance(momentum, (int, float, np.integer, np.floating)) and not isinstance(
-    momentum, (bool, np.bool_)
-  )
-  if not ok or not 0.0 <= float(momentum) < 1.0:
+def _check_momentum(where: str, momentum: object) -> None:
+  if (
+    not isinstance(momentum, (int, float, np.integer, np.floating))
+    or isinstance(momentum, (bool, np.bool_))
+    or not 0.0 <= float(momentum) < 1.0
+  ):
     raise ValueError(
       f"`{where}(momentum=...)` must be a number with 0 <= momentum < 1, the "
       f"BatchNorm layers' `momentum`, got momentum={momentum!r}."
     )
 
 
-def _check_layers(where: str, name: str, batch_stats: Any, *, stacked: bool) -> None:
+def _check_layers(where: str, name: str, batch_stats: BatchStats, *, stacked: bool) -> None:
   """Checks that every leaf sits in a `{"mean", "var"}` pair of floating arrays of one shape."""
   layers = jax.tree_util.tree_flatten_with_path(batch_stats, is_leaf=_is_layer)[0]
   if not layers:
@@ -86,13 +102,13 @@ def _check_layers(where: str, name: str, batch_stats: Any, *, stacked: bool) -> 
       )
 
 
-def _with_stats(layer: Any, mean: jax.Array, var: jax.Array) -> Any:
+def _with_stats(layer: Layer, mean: jax.Array, var: jax.Array) -> Layer:
   """`layer` (a dict, FrozenDict, ...) with its mean and var replaced, its type kept."""
   values = {"mean": mean, "var": var}
   return jax.tree_util.tree_map_with_path(lambda path, _: values[path[-1].key], layer)
 
 
-def _wide(x: Any) -> jax.Array:
+def _wide(x: ArrayLike) -> jax.Array:
   """`x` in at least float32, where the sums are taken (bfloat16 statistics included)."""
   return jnp.asarray(x).astype(at_least_float32(jnp.result_type(x)))
 
@@ -105,7 +121,7 @@ def _variance(mean_of_vars: jax.Array, spread: jax.Array, momentum: float) -> ja
 # --- In-step: the k micro-batches' statistics at once ------------------------------------
 
 
-def _micro_batch_count(stacked: Any) -> int:
+def _micro_batch_count(stacked: BatchStats) -> int:
   """The length of the leading micro-batch axis, the same on every leaf."""
   leaves = jax.tree_util.tree_flatten_with_path(stacked)[0]
   (first_path, first), *rest = leaves
@@ -120,28 +136,45 @@ def _micro_batch_count(stacked: Any) -> int:
   return int(jnp.shape(first)[0])
 
 
-def _shares(weights: Any, count: int) -> jax.Array | None:
-  """The micro-batches' shares `w_i / sum(w)` in float32, or None for equal shares."""
+def _not_finite_micro_batches(stacked: BatchStats, count: int) -> jax.Array:
+  """Per micro-batch, shape `(k,)`: whether any of its statistics is NaN or infinite."""
+  found = jnp.zeros((count,), jnp.bool_)
+  for leaf in jax.tree.leaves(stacked):
+    found = found | jnp.any(~jnp.isfinite(jnp.reshape(leaf, (count, -1))), axis=1)
+  return found
+
+
+def _merge_weights(weights: ArrayLike | None, stacked: BatchStats, count: int) -> jax.Array:
+  """Each micro-batch's float32 weight in the merge, shape `(k,)`: 0 where it is skipped."""
   if weights is None:
-    return None
-  if jnp.shape(weights) != (count,):
+    weights = jnp.ones((count,), jnp.float32)
+  elif jnp.shape(weights) != (count,):
     raise ValueError(
       f"`{_MERGE}(weights=...)` must hold one weight per micro-batch, shape ({count},), "
       f"got shape {jnp.shape(weights)}."
     )
   weights = jnp.asarray(weights).astype(jnp.float32)
-  return weights / jnp.sum(weights)
+  _, counted = jax.vmap(_window.admit)(weights, _not_finite_micro_batches(stacked, count))
+  return counted
 
 
-def _average(x: jax.Array, shares: jax.Array | None) -> jax.Array:
-  """The (weighted) mean of `x` over its leading axis, as elementwise products and one sum."""
-  if shares is None:
-    return jnp.mean(x, axis=0)
-  shares = jnp.reshape(shares, (-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-  return jnp.sum(shares * x, axis=0)
+def _average(x: jax.Array, weights: jax.Array, total: jax.Array) -> jax.Array:
+  """The weighted mean of `x` over its leading axis; a micro-batch of weight 0 adds nothing.
+
+  A select, not a multiply by 0, so that a skipped micro-batch's NaN stays out.
+  """
+  weights = jnp.reshape(weights, (-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+  terms = jnp.where(weights > 0, weights * x, jnp.zeros((), x.dtype))
+  return jnp.sum(terms, axis=0) / jnp.where(total > 0, total, 1.0).astype(x.dtype)
 
 
-def merge_batch_stats(stacked: Any, *, momentum: float, weights: Any = None) -> Any:
+def merge_batch_stats(
+  stacked: BatchStats,
+  *,
+  momentum: float,
+  weights: ArrayLike | None = None,
+  batch_stats: BatchStats | None = None,
+) -> BatchStats:
   """The large batch's new BatchNorm running statistics, from its micro-batches' results.
 
   Each of k micro-batches, run in training mode from the same running
@@ -159,6 +192,13 @@ def merge_batch_stats(stacked: Any, *, momentum: float, weights: Any = None) -> 
   of batches of their own size ("ghost batch norm"): only the running
   statistics, used in evaluation, can equal the large batch's.
 
+  A micro-batch is admitted as `optaccum.accumulate` admits one: a weight
+  that is NaN, infinite or negative skips it, and so do statistics holding a
+  NaN or inf (a NaN in its input); the others merge as if it had not been
+  run. A weight of 0 adds nothing. Where no micro-batch counts (the weights
+  sum to zero, or every one is skipped) the result is `batch_stats`,
+  unchanged, as an empty window leaves them.
+
   Under `optaccum.microbatch(reduce_axes=...)`, the stack has a leading replica
   axis first, `[R, k, ...]`; reshape each leaf to `[R * k, ...]` before merging.
 
@@ -171,15 +211,20 @@ def merge_batch_stats(stacked: Any, *, momentum: float, weights: Any = None) -> 
       separately.
     weights: None (default) for micro-batches of equal size, else the k
       micro-batches' sizes (the number of values each layer reduced over per
-      feature, or any multiple of it), shape `(k,)`.
+      feature, or any multiple of it), shape `(k,)`. Requires `batch_stats`.
+    batch_stats: the statistics the micro-batches ran from (the model's
+      `batch_stats` before the step), returned where no micro-batch counts.
+      Required with `weights`; without it, a merge in which every micro-batch
+      is skipped gives NaN.
 
   Returns:
     The merged `batch_stats`, with the structure and dtypes of one micro-batch's.
 
   Raises:
     ValueError: if `momentum` is out of range, a leaf lies outside a
-      `{"mean", "var"}` layer, the leading axes differ, or `weights` has
-      another shape than `(k,)`.
+      `{"mean", "var"}` layer, the leading axes differ, `weights` has
+      another shape than `(k,)` or comes without `batch_stats`, or
+      `batch_stats` does not match one micro-batch's statistics.
     TypeError: if a statistic is not floating point.
 
   Examples:
@@ -200,19 +245,44 @@ def merge_batch_stats(stacked: Any, *, momentum: float, weights: Any = None) -> 
     True
     >>> bool(jnp.allclose(merged["mean"], large["mean"], rtol=1e-6))
     True
+    >>> # Weights of 0 everywhere: nothing to merge, the statistics stay.
+    >>> kept = optaccum.flax.merge_batch_stats(
+    ...   stacked, momentum=0.9, weights=jnp.zeros(4), batch_stats=variables["batch_stats"]
+    ... )
+    >>> bool(jnp.array_equal(kept["var"], variables["batch_stats"]["var"]))
+    True
   """
   _check_momentum(_MERGE, momentum)
   _check_layers(_MERGE, "stacked", stacked, stacked=True)
-  shares = _shares(weights, _micro_batch_count(stacked))
+  count = _micro_batch_count(stacked)
+  one = jax.tree.map(lambda leaf: leaf[0], stacked)
+  if batch_stats is None:
+    if weights is not None:
+      raise ValueError(
+        f"`{_MERGE}(batch_stats=...)` is required with weights=...: the statistics the "
+        "micro-batches ran from, which the merge returns where the weights sum to zero."
+      )
+    batch_stats = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), one)
+  else:
+    _validation.check_tree_matches(
+      _MERGE, "batch_stats", batch_stats, one, "one micro-batch's statistics in `stacked`"
+    )
+  weights = _merge_weights(weights, stacked, count)
+  total = jnp.sum(weights)
 
-  def merge(layer: Any) -> Any:
+  def merge(layer: Layer, start: Layer) -> Layer:
     means, variances = _wide(layer["mean"]), _wide(layer["var"])
-    mean = _average(means, shares)
-    spread = _average(jnp.square(means - mean), shares)
-    var = _variance(_average(variances, shares), spread, momentum)
-    return _with_stats(layer, mean.astype(layer["mean"].dtype), var.astype(layer["var"].dtype))
+    mean = _average(means, weights, total)
+    spread = _average(jnp.square(means - mean), weights, total)
+    var = _variance(_average(variances, weights, total), spread, momentum)
+    merged = {"mean": mean, "var": var}
+    # Nothing counted: the statistics stay as they were.
+    keep = lambda name: jnp.where(  # noqa: E731
+      total > 0, merged[name].astype(layer[name].dtype), jnp.asarray(start[name], layer[name].dtype)
+    )
+    return _with_stats(start, keep("mean"), keep("var"))
 
-  return jax.tree.map(merge, stacked, is_leaf=_is_layer)
+  return jax.tree.map(merge, stacked, batch_stats, is_leaf=_is_layer)
 
 
 # --- Across steps: a window's statistics, one micro-step at a time -----------------------
@@ -230,6 +300,12 @@ class BatchStatsWindow(NamedTuple):
   `batch_stats` (a field of a `TrainState` subclass), so it is jitted, and
   checkpointed, with the rest.
 
+  A micro-batch is admitted as `optaccum.accumulate` admits one: a NaN,
+  infinite or negative weight skips it, and so do statistics that hold a NaN
+  or inf; a skipped micro-batch adds nothing and is counted in `num_skipped`.
+  A window that `accumulate`'s window guard drops is discarded by `close(...,
+  reset=...)`, so its statistics never reach `batch_stats`.
+
   The sums are updated as in Welford's algorithm, in float32 (or wider):
   no sum of squares is subtracted from another.
 
@@ -239,6 +315,8 @@ class BatchStatsWindow(NamedTuple):
     mean: the weighted mean of the added `batch_stats`, leaf by leaf.
     spread: per layer, the weighted sum of squared deviations of the added
       running means from their mean.
+    num_skipped: micro-batches skipped so far, over all windows: for a NaN,
+      infinite or negative weight, or statistics that are not finite.
 
   Examples:
     >>> import jax
@@ -254,19 +332,22 @@ class BatchStatsWindow(NamedTuple):
     >>> window = optaccum.flax.BatchStatsWindow.create(variables["batch_stats"])
     >>> for micro_batch in x.reshape(4, 2, 3):
     ...   window = window.add(new_stats(micro_batch))
+    >>> window = window.add(new_stats(x[:2].at[0, 0].set(jnp.nan)))  # skipped
     >>> batch_stats, window = window.close(variables["batch_stats"], momentum=0.9)
     >>> bool(jnp.allclose(batch_stats["var"], new_stats(x)["var"], rtol=1e-6))
     True
-    >>> float(window.weight)  # the next window starts empty
-    0.0
+    >>> float(window.weight), int(window.num_skipped)  # the next window starts empty
+    (0.0, 1)
   """
 
   weight: jax.Array  # shape=(), dtype=float32
-  mean: Any
-  spread: Any
+  mean: BatchStats
+  spread: PyTree
+  # A NumPy default: a JAX array here would start the XLA backend at import.
+  num_skipped: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
 
   @classmethod
-  def create(cls, batch_stats: Any) -> BatchStatsWindow:
+  def create(cls, batch_stats: BatchStats) -> BatchStatsWindow:
     """An empty window for `batch_stats` (a `batch_stats` collection of BatchNorm layers).
 
     Args:
@@ -274,7 +355,7 @@ class BatchStatsWindow(NamedTuple):
         shapes and dtypes are read.
 
     Returns:
-      A window with weight 0 and zero sums.
+      A window with weight 0, zero sums and no micro-batch skipped.
 
     Raises:
       ValueError: if a leaf lies outside a `{"mean", "var"}` layer.
@@ -287,32 +368,39 @@ class BatchStatsWindow(NamedTuple):
       spread=jax.tree.map(
         lambda layer: jnp.zeros_like(_wide(layer["mean"])), batch_stats, is_leaf=_is_layer
       ),
+      num_skipped=jnp.zeros((), jnp.int32),
     )
 
-  def add(self, batch_stats: Any, weight: Any = None) -> BatchStatsWindow:
+  def add(self, batch_stats: BatchStats, weight: Scalar | None = None) -> BatchStatsWindow:
     """The window with one micro-step's new `batch_stats` added.
 
     Args:
       batch_stats: the `batch_stats` the micro-step's training-mode `apply`
         returned (`mutable=["batch_stats"]`), run from the window-start
-        statistics.
+        statistics. Statistics that hold a NaN or inf skip the micro-batch.
       weight: the micro-batch's size (the number of values each layer reduced
         over per feature, or any multiple of it); None (default) counts 1, for
-        micro-batches of equal size. A weight of 0 adds nothing.
+        micro-batches of equal size. A weight of 0 adds nothing; a NaN,
+        infinite or negative one skips the micro-batch.
 
     Returns:
-      The new window.
+      The new window; where the micro-batch is skipped, the window as it was
+      with `num_skipped` one higher.
 
     Raises:
-      ValueError: if `batch_stats` does not match the window's structure and shapes.
+      ValueError: if `batch_stats` does not match the window's structure and
+        shapes, or `weight` is not a scalar.
     """
     _validation.check_tree_matches(_ADD, "batch_stats", batch_stats, self.mean, "the window")
-    weight = jnp.ones((), jnp.float32) if weight is None else weight
-    weight = _validation.as_scalar(_ADD, "weight", weight, jnp.float32)
+    if weight is not None:
+      weight = _validation.as_scalar(_ADD, "weight", weight, jnp.float32)
+    not_finite = any_not_finite_in(jax.tree.leaves(batch_stats))
+    skip, weight = _window.admit(weight, not_finite)
+    assert skip is not None  # given a decision, `admit` returns one
     total = self.weight + weight
     share = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
 
-    def add_layer(layer: Any, mean: Any, spread: jax.Array) -> tuple[Any, jax.Array]:
+    def add_layer(layer: Layer, mean: Layer, spread: jax.Array) -> tuple[Layer, jax.Array]:
       deltas = {name: _wide(layer[name]) - mean[name] for name in ("mean", "var")}
       new = {name: mean[name] + share.astype(deltas[name].dtype) * deltas[name] for name in deltas}
       # Welford: the deviation from the old mean times that from the new one.
@@ -322,46 +410,75 @@ class BatchStatsWindow(NamedTuple):
 
     added = jax.tree.map(add_layer, batch_stats, self.mean, self.spread, is_leaf=_is_layer)
     is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and _is_layer(x[0])  # noqa: E731
-    return BatchStatsWindow(
-      weight=total,
-      mean=jax.tree.map(lambda pair: pair[0], added, is_leaf=is_pair),
-      spread=jax.tree.map(lambda pair: pair[1], added, is_leaf=is_pair),
+    sums = (
+      total,
+      jax.tree.map(lambda pair: pair[0], added, is_leaf=is_pair),
+      jax.tree.map(lambda pair: pair[1], added, is_leaf=is_pair),
     )
+    # A select, not a multiply by 0: a skipped micro-batch's NaN stays out.
+    new_weight, new_mean, new_spread = jax.tree.map(
+      lambda new, old: jnp.where(skip, old, new), sums, (self.weight, self.mean, self.spread)
+    )
+    num_skipped = jnp.where(skip, optax.safe_increment(self.num_skipped), self.num_skipped)
+    return BatchStatsWindow(new_weight, new_mean, new_spread, num_skipped)
 
   def close(
-    self, batch_stats: Any, *, momentum: float, when: Any = True
-  ) -> tuple[Any, BatchStatsWindow]:
-    """The `batch_stats` after the window, and the next (empty) window; or both unchanged.
+    self,
+    batch_stats: BatchStats,
+    *,
+    momentum: float,
+    when: Scalar = True,
+    reset: Scalar | None = None,
+  ) -> tuple[BatchStats, BatchStatsWindow]:
+    """The `batch_stats` after the window, and the next window; or both unchanged.
 
-    Call it after the micro-step's optimizer update, with `when` true where the
-    update closed the window: `optaccum.status(state.opt_state).has_updated`, or,
-    before the update, whether it is the window's last micro-step
-    (`optaccum.status(state.opt_state).mini_step == k - 1`).
+    Call it after the micro-step's optimizer update, with `when` true where
+    the update ran the optimizer and `reset` true where the update ended the
+    window, whether the optimizer ran or the window guard dropped the window:
+
+      info = optaccum.status(state.opt_state)
+      batch_stats, window = window.close(
+        state.batch_stats, momentum=m, when=info.has_updated, reset=info.mini_step == 0
+      )
+
+    A dropped window (`has_updated` false, `mini_step` back to 0) then leaves
+    `batch_stats` as they were, and the next window starts empty, so its
+    statistics are its own micro-batches' only. Before the update, `when`
+    may also be whether it is the window's last micro-step
+    (`optaccum.status(state.opt_state).mini_step == k - 1`, to pass
+    `batch_stats=` to `optaccum.flax.apply_train_state_gradients`), but the
+    window guard's verdict is not known yet: a dropped window's (finite)
+    statistics are then applied.
 
     Args:
       batch_stats: the window-start `batch_stats`, which the window's
         micro-steps ran from.
       momentum: the layers' `BatchNorm(momentum=...)`, 0 <= momentum < 1.
-      when: a scalar bool (Python or JAX): whether the window closes now.
-        Where it is false, `batch_stats` and the window come back unchanged.
+      when: a scalar bool (Python or JAX): whether the window's statistics
+        replace `batch_stats` now.
+      reset: a scalar bool: whether the window ends now, applied or not. It
+        starts the next window empty where `when` is false too; None
+        (default) is `when`.
 
     Returns:
       `(batch_stats, window)`: where `when` holds, the large batch's new
       statistics (those given, if nothing was added) in the dtypes of
-      `batch_stats`, and an empty window.
+      `batch_stats`; where `when` or `reset` holds, an empty window (its
+      `num_skipped` kept). Otherwise both as given.
 
     Raises:
       ValueError: if `momentum` is out of range, or `batch_stats` does not
         match the window's structure and shapes.
-      TypeError: if `when` is not a scalar bool.
+      TypeError: if `when` or `reset` is not a scalar bool.
     """
     _check_momentum(_CLOSE, momentum)
     _validation.check_tree_matches(_CLOSE, "batch_stats", batch_stats, self.mean, "the window")
     when = _validation.as_flag(_CLOSE, "when", when)
+    ends = when if reset is None else when | _validation.as_flag(_CLOSE, "reset", reset)
     replace = jnp.logical_and(when, self.weight > 0)
     total = jnp.where(self.weight > 0, self.weight, 1.0)
 
-    def close_layer(layer: Any, mean: Any, spread: jax.Array) -> Any:
+    def close_layer(layer: Layer, mean: Layer, spread: jax.Array) -> Layer:
       var = _variance(mean["var"], spread / total.astype(spread.dtype), momentum)
       return _with_stats(
         layer,
@@ -370,5 +487,7 @@ class BatchStatsWindow(NamedTuple):
       )
 
     batch_stats = jax.tree.map(close_layer, batch_stats, self.mean, self.spread, is_leaf=_is_layer)
-    window = jax.tree.map(lambda x: jnp.where(when, jnp.zeros_like(x), x), self)
-    return batch_stats, window
+    weight, mean, spread = jax.tree.map(
+      lambda x: jnp.where(ends, jnp.zeros_like(x), x), (self.weight, self.mean, self.spread)
+    )
+    return batch_stats, BatchStatsWindow(weight, mean, spread, self.num_skipped)

@@ -25,10 +25,12 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from optaccum._types import Updates
 
 
 class WindowStatistics(NamedTuple):
@@ -81,16 +83,33 @@ class StatisticsState(NamedTuple):
   num_micro_batches: jax.Array  # shape=(), dtype=int32
   last_window: WindowStatistics
 
+  def per_replica_mask(self) -> StatisticsState:
+    """A tree of bools like this one: True where each replica holds its own value.
 
-def _squared_norm(tree: Any, per_replica: bool = False) -> jax.Array:
-  """Squared global norm in float32, whatever the leaves' dtype.
+    The open window's running sums are local, summed across replicas when it
+    closes; the last closed window's statistics are the same everywhere.
+    """
+    return StatisticsState(
+      squared_norm_sum=True,  # type: ignore[arg-type]  # a mask: bools where arrays go
+      num_micro_batches=True,  # type: ignore[arg-type]
+      last_window=jax.tree.map(lambda _: False, self.last_window),
+    )
 
-  With `per_replica`, `[R]`: one per replica (the leaves' leading axis).
+
+def _squared_norm(tree: Updates, per_replica: bool = False) -> jax.Array:
+  """Squared global norm in float32, whatever the leaves' dtype: the sum of |x|^2.
+
+  A complex entry counts its real and imaginary parts, `re^2 + im^2`, as the
+  window guard and the skip policies measure it (a cast to float32 would keep
+  the real part only). With `per_replica`, `[R]`: one per replica (the leaves'
+  leading axis).
   """
   total = jnp.zeros((), jnp.float32)
   for leaf in jax.tree.leaves(tree):
     axes = tuple(range(1, leaf.ndim)) if per_replica else None
-    total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=axes)
+    parts = (jnp.real(leaf), jnp.imag(leaf)) if jnp.iscomplexobj(leaf) else (leaf,)
+    for part in parts:
+      total = total + jnp.sum(jnp.square(part.astype(jnp.float32)), axis=axes)
   return total
 
 
@@ -114,7 +133,7 @@ def init() -> StatisticsState:
 
 
 def add(
-  state: StatisticsState, updates: Any, weight: jax.Array, per_replica: bool = False
+  state: StatisticsState, updates: Updates, weight: jax.Array, per_replica: bool = False
 ) -> StatisticsState:
   """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped).
 
@@ -127,13 +146,14 @@ def add(
   squared_norm = jnp.where(counted, weight * _squared_norm(updates, per_replica), jnp.float32(0))
   return state._replace(
     squared_norm_sum=state.squared_norm_sum + jnp.sum(squared_norm),
-    num_micro_batches=state.num_micro_batches + jnp.sum(counted.astype(jnp.int32)),
+    # dtype=int32: with 64-bit types enabled a sum of int32 would be int64.
+    num_micro_batches=state.num_micro_batches + jnp.sum(counted, dtype=jnp.int32),
   )
 
 
 def close(
   state: StatisticsState,
-  acc_grads: Any,
+  acc_grads: Updates,
   total_weight: jax.Array,
   squared_norm_sum: jax.Array,
   count: jax.Array,

@@ -7,7 +7,8 @@ So a weight means the same in every form:
 
 * a weight that is NaN, infinite or negative skips its micro-batch: it adds
   nothing (not even a NaN of its own gradient), and its weight is 0;
-* a weight of 0 adds nothing, but the micro-batch still happened;
+* a weight of 0 adds nothing (not even a NaN), but the micro-batch still
+  happened;
 * the window's value is `sum(w_i x_i) / sum(w_i)` for a mean, `sum(w_i x_i)`
   for a sum, formed in at least float32 and cast to the leaf's dtype; a window
   of zero total weight has no mean (the forms give zeros and take no step).
@@ -63,6 +64,10 @@ def add(
   enter the sum. `weight` None adds `x` unweighted (no multiply).
   """
   summed = accumulator.add(acc, x, weight, seed)
+  if weight is not None:
+    # A weight of 0 adds nothing, even a NaN: a micro-batch of no tokens has a
+    # mean loss of 0/0, and 0 * NaN would still be NaN.
+    summed = jnp.where(weight == 0, acc, summed)
   return summed if skip is None else jnp.where(skip, acc, summed)
 
 

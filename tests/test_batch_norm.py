@@ -20,6 +20,7 @@ from flax import linen
 from flax.training import train_state
 
 import optaccum
+from tests.helpers import assert_trees_close
 
 MOMENTUM = 0.9
 EVERY_K = 4
@@ -220,12 +221,15 @@ class BatchNormState(train_state.TrainState):
   batch_stats_window: optaccum.flax.BatchStatsWindow
 
 
-def create_state():
+LEARNING_RATE = 0.05
+
+
+def create_state(skip=None):
   params, batch_stats = initial_variables()
   return BatchNormState.create(
     apply_fn=MODEL.apply,
     params=params,
-    tx=optaccum.accumulate(optax.sgd(0.05), EVERY_K),
+    tx=optaccum.accumulate(optax.sgd(LEARNING_RATE), EVERY_K, skip=skip),
     batch_stats=batch_stats,
     batch_stats_window=optaccum.flax.BatchStatsWindow.create(batch_stats),
   )
@@ -236,8 +240,10 @@ def micro_step_closed_by_has_updated(state, x, y):
   (_, new_stats), grads = grad_fn(state.params, x, y, state.batch_stats)
   window = state.batch_stats_window.add(new_stats)
   state = state.apply_gradients(grads=grads)
+  info = optaccum.status(state.opt_state)
+  # `reset`: a window the guard dropped ends too, and its statistics go with it.
   batch_stats, window = window.close(
-    state.batch_stats, momentum=MOMENTUM, when=optaccum.status(state.opt_state).has_updated
+    state.batch_stats, momentum=MOMENTUM, when=info.has_updated, reset=info.mini_step == 0
   )
   return state.replace(batch_stats=batch_stats, batch_stats_window=window)
 
@@ -272,6 +278,173 @@ def test_window_in_a_train_state_equals_the_window_statistics(micro_step):
   assert int(optaccum.flax.gradient_step(state)) == WINDOWS
 
 
+def reference_training(windows):
+  """Plain large-window training, by hand: per window, SGD on the mean of the
+  micro-batches' gradients (float64), and the running statistics of NumPy."""
+  params, batch_stats = initial_variables()
+  for window in windows:
+    grads = [large_batch_step(params, x, y, batch_stats)[1] for x, y in window]
+    new_stats = numpy_statistics(params, batch_stats, [x for x, _ in window])
+    params = jax.tree.map(
+      lambda p, *g: np.asarray(p, np.float64) - LEARNING_RATE * np.mean(np.stack(g), axis=0),
+      params,
+      *grads,
+    )
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    batch_stats = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), new_stats)
+  return params, batch_stats
+
+
+@pytest.mark.parametrize("skip", [None, optaccum.skip.not_finite], ids=["guard", "skip"])
+def test_a_nan_micro_batch_leaves_parameters_and_batch_stats_clean(skip):
+  # One micro-batch of the middle window has a NaN input: its gradients and its
+  # BatchNorm statistics are NaN. With the window guard alone the window is
+  # dropped whole (the reference trains on the other windows); with
+  # `skip.not_finite` only the micro-batch is (the window closes one
+  # micro-batch later, on the clean ones).
+  xs, ys = make_windows()
+  clean = [list(zip(microbatches(xs[w]), microbatches(ys[w]))) for w in range(WINDOWS)]
+  x, y = clean[1][2]
+  poisoned = (x.at[0, 0, 0, 0].set(jnp.nan), y)
+  if skip is None:
+    fed = [clean[0], clean[1][:2] + [poisoned] + clean[1][3:], clean[2]]
+    expected_params, expected_stats = reference_training([clean[0], clean[2]])
+  else:
+    fed = [clean[0], clean[1][:2] + [poisoned] + clean[1][2:], clean[2]]
+    expected_params, expected_stats = reference_training(clean)
+  state = create_state(skip)
+  for window in fed:
+    for x, y in window:
+      state = micro_step_closed_by_has_updated(state, x, y)
+  info = optaccum.status(state.opt_state)
+  assert int(info.num_skipped_windows) == (1 if skip is None else 0)
+  assert int(info.num_skipped) == (0 if skip is None else 1)
+  assert int(state.batch_stats_window.num_skipped) == 1  # the NaN statistics
+  assert float(state.batch_stats_window.weight) == 0.0
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state))
+  assert_trees_close(state.params, expected_params, rtol=1e-5, atol=1e-6)
+  assert_statistics_close(state.batch_stats, expected_stats)
+
+
+def test_reset_discards_the_window_and_when_false_keeps_the_statistics():
+  # A window the guard drops can hold finite statistics (a NaN label, not input).
+  x, old = small_layer()
+  parts = split_rows(x, 4)
+  window = optaccum.flax.BatchStatsWindow.create(old)
+  for part in parts[:2]:
+    window = window.add(layer_stats(part, old))
+  kept, window = window.close(old, momentum=MOMENTUM, when=False, reset=jnp.array(True))
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, kept, old))
+  assert float(window.weight) == 0.0
+  for part in parts[2:]:
+    window = window.add(layer_stats(part, old))
+  closed, _ = window.close(old, momentum=MOMENTUM)
+  # The next window's statistics are its own micro-batches' only.
+  assert_statistics_close(closed, numpy_layer_statistics(jnp.concatenate(parts[2:]), old, MOMENTUM))
+
+
+@functools.cache
+def small_layer():
+  """BATCH examples of 8 features (offset 3), and the running statistics before them."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(BATCH, 8)) * rng.uniform(0.5, 2.0, size=8) + 3.0
+  old = {"mean": rng.normal(size=8), "var": rng.uniform(0.5, 2.0, size=8)}
+  return jnp.asarray(x, jnp.float32), jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), old)
+
+
+def split_rows(x, count):
+  return [x[i * len(x) // count : (i + 1) * len(x) // count] for i in range(count)]
+
+
+@jax.jit
+def layer_stats(x, old):
+  """The `batch_stats` one training-mode BatchNorm apply on `x` writes, from `old`."""
+  layer = linen.BatchNorm(use_running_average=False, momentum=MOMENTUM, use_scale=False)
+  _, updates = layer.clone(use_bias=False).apply({"batch_stats": old}, x, mutable=["batch_stats"])
+  return updates["batch_stats"]
+
+
+def stack(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+BAD_WEIGHTS = [float("nan"), float("inf"), -1.0]
+
+
+@pytest.mark.parametrize("bad", BAD_WEIGHTS)
+def test_window_skips_a_micro_batch_of_nan_infinite_or_negative_weight(bad):
+  x, old = small_layer()
+  parts = split_rows(x, 4)
+  window = optaccum.flax.BatchStatsWindow.create(old)
+  for i, part in enumerate(parts):
+    window = window.add(layer_stats(part, old), weight=bad if i == 1 else len(part))
+  assert int(window.num_skipped) == 1
+  closed, _ = window.close(old, momentum=MOMENTUM)
+  kept = jnp.concatenate([parts[0], parts[2], parts[3]])
+  assert_statistics_close(closed, numpy_layer_statistics(kept, old, MOMENTUM))
+
+
+def test_window_skips_a_micro_batch_whose_statistics_are_not_finite():
+  x, old = small_layer()
+  parts = split_rows(x, 4)
+  window = optaccum.flax.BatchStatsWindow.create(old)
+  for i, part in enumerate(parts):
+    window = window.add(layer_stats(part.at[0, 2].set(jnp.inf) if i == 3 else part, old))
+  assert int(window.num_skipped) == 1
+  closed, _ = window.close(old, momentum=MOMENTUM)
+  assert_statistics_close(closed, numpy_layer_statistics(x[: 3 * len(x) // 4], old, MOMENTUM))
+
+
+def test_window_zero_weight_adds_nothing_and_zero_total_keeps_the_statistics():
+  x, old = small_layer()
+  parts = split_rows(x, 4)
+  window = optaccum.flax.BatchStatsWindow.create(old)
+  for i, part in enumerate(parts):
+    window = window.add(layer_stats(part, old), weight=0.0 if i == 0 else 1.0)
+  assert int(window.num_skipped) == 0  # a weight of 0 is no skip
+  closed, _ = window.close(old, momentum=MOMENTUM)
+  assert_statistics_close(closed, numpy_layer_statistics(x[len(x) // 4 :], old, MOMENTUM))
+  empty = optaccum.flax.BatchStatsWindow.create(old)
+  for part in parts:
+    empty = empty.add(layer_stats(part, old), weight=0.0)
+  kept, _ = empty.close(old, momentum=MOMENTUM)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, kept, old))
+
+
+@pytest.mark.parametrize("bad", BAD_WEIGHTS)
+def test_merge_skips_a_micro_batch_of_nan_infinite_or_negative_weight(bad):
+  x, old = small_layer()
+  parts = split_rows(x, 4)
+  stacked = stack([layer_stats(part, old) for part in parts])
+  weights = jnp.array([16.0, bad, 16.0, 16.0])
+  merged = optaccum.flax.merge_batch_stats(
+    stacked, momentum=MOMENTUM, weights=weights, batch_stats=old
+  )
+  kept = jnp.concatenate([parts[0], parts[2], parts[3]])
+  assert_statistics_close(merged, numpy_layer_statistics(kept, old, MOMENTUM))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_merge_skips_a_micro_batch_whose_statistics_are_not_finite(weighted):
+  x, old = small_layer()
+  parts = split_rows(x, 4)
+  parts[0] = parts[0].at[3, 1].set(jnp.nan)
+  stacked = stack([layer_stats(part, old) for part in parts])
+  options = {"weights": jnp.full(4, 16.0), "batch_stats": old} if weighted else {}
+  merged = optaccum.flax.merge_batch_stats(stacked, momentum=MOMENTUM, **options)
+  assert_statistics_close(merged, numpy_layer_statistics(x[len(x) // 4 :], old, MOMENTUM))
+
+
+def test_merge_of_zero_total_weight_returns_the_statistics_unchanged():
+  x, old = small_layer()
+  stacked = stack([layer_stats(part, old) for part in split_rows(x, 4)])
+  for weights in (jnp.zeros(4), jnp.array([0.0, jnp.nan, -2.0, 0.0])):
+    kept = optaccum.flax.merge_batch_stats(
+      stacked, momentum=MOMENTUM, weights=weights, batch_stats=old
+    )
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, kept, old))
+
+
 @functools.cache
 def wide_inputs():
   """BATCH examples of WIDE features, each of its own scale and an offset of 4."""
@@ -302,7 +475,7 @@ def test_weights_merge_micro_batches_of_unequal_size():
   expected = numpy_layer_statistics(x, old, MOMENTUM)
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_stats)
   weighted = optaccum.flax.merge_batch_stats(
-    stacked, momentum=MOMENTUM, weights=jnp.array([16, 48])
+    stacked, momentum=MOMENTUM, weights=jnp.array([16, 48]), batch_stats=old
   )
   assert_statistics_close(weighted, expected)
   window = optaccum.flax.BatchStatsWindow.create(old)
@@ -424,7 +597,23 @@ def test_weights_of_another_length_are_refused():
   with pytest.raises(
     ValueError, match=r"`merge_batch_stats\(weights=...\)` .* shape \(4,\), got shape \(3,\)"
   ):
-    optaccum.flax.merge_batch_stats(STACKED, momentum=MOMENTUM, weights=jnp.ones(3))
+    optaccum.flax.merge_batch_stats(
+      STACKED, momentum=MOMENTUM, weights=jnp.ones(3), batch_stats=LAYER
+    )
+
+
+def test_weights_without_batch_stats_are_refused():
+  with pytest.raises(
+    ValueError, match=r"`merge_batch_stats\(batch_stats=...\)` is required with weights=..."
+  ):
+    optaccum.flax.merge_batch_stats(STACKED, momentum=MOMENTUM, weights=jnp.ones(EVERY_K))
+
+
+def test_merge_refuses_batch_stats_of_another_shape():
+  wider = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
+  message = r"`merge_batch_stats\(batch_stats=...\)` does not match one micro-batch's"
+  with pytest.raises(ValueError, match=message):
+    optaccum.flax.merge_batch_stats(STACKED, momentum=MOMENTUM, batch_stats=wider)
 
 
 def test_window_refuses_statistics_of_another_structure():
@@ -449,6 +638,14 @@ def test_window_refuses_a_when_that_is_not_a_scalar_bool():
     TypeError, match=r"`BatchStatsWindow.close\(when=...\)` must be a scalar bool"
   ):
     window.close(LAYER, momentum=MOMENTUM, when=jnp.ones(2, bool))
+
+
+def test_window_refuses_a_reset_that_is_not_a_scalar_bool():
+  window = optaccum.flax.BatchStatsWindow.create(LAYER)
+  with pytest.raises(
+    TypeError, match=r"`BatchStatsWindow.close\(reset=...\)` must be a scalar bool, got reset=1"
+  ):
+    window.close(LAYER, momentum=MOMENTUM, reset=1)
 
 
 def test_window_refuses_a_weight_that_is_not_a_scalar():

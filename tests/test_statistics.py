@@ -18,16 +18,17 @@ def _reference(micro_batch_grads, weights, examples_per_weight=1.0):
   the weighted sum of squared deviations from the window mean, whose
   expectation is (k - 1) tr(Sigma) / W (see optaccum/_statistics.py).
   """
-  g = np.asarray(micro_batch_grads, np.float64)  # (k, d)
+  g = np.asarray(micro_batch_grads)  # (k, d)
+  g = g.astype(np.complex128 if np.iscomplexobj(g) else np.float64)
   w = np.asarray(weights, np.float64)
   k, total = len(w), w.sum()
   mean = (w[:, None] * g).sum(axis=0) / total
-  spread = (w * np.sum((g - mean) ** 2, axis=1)).sum() / total
+  spread = (w * np.sum(np.abs(g - mean) ** 2, axis=1)).sum() / total
   trace = examples_per_weight * total * spread / (k - 1)
-  squared_norm = mean @ mean - trace / (examples_per_weight * total)
+  squared_norm = np.sum(np.abs(mean) ** 2) - trace / (examples_per_weight * total)
   return {
     "window_norm": np.linalg.norm(mean),
-    "micro_batch_squared_norm": (w * np.sum(g**2, axis=1)).sum() / total,
+    "micro_batch_squared_norm": (w * np.sum(np.abs(g) ** 2, axis=1)).sum() / total,
     "gradient_squared_norm": squared_norm,
     "trace_covariance": trace,
     "noise_scale": trace / squared_norm,
@@ -95,6 +96,27 @@ def test_skipped_micro_batch_is_left_out_of_the_statistics():
   for g in [GRADS[0], nan, GRADS[1], GRADS[2]]:
     _, state = tx.update(_split(jnp.asarray(g)), state, PARAMS)
   _assert_statistics(optaccum.status(state).statistics, _reference(GRADS, [1, 1, 1]))
+
+
+@pytest.mark.parametrize("part", ["complex", "imaginary"])
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+def test_complex_gradients_count_their_imaginary_part(dtype, part):
+  # |z|^2 = re^2 + im^2, as the window guard and the skip policies measure it;
+  # a purely imaginary gradient has the norm of its imaginary part, not 0.
+  rng = np.random.default_rng(4)
+  grads = 1j * GRADS.astype(np.float64)
+  if part == "complex":
+    grads = grads + rng.normal(size=GRADS.shape)
+  weights = [2.0, 1.0, 3.0]
+  with jax.enable_x64(dtype == "complex128"):
+    params = jax.tree.map(lambda leaf: leaf.astype(dtype), PARAMS)
+    tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True)
+    state = tx.init(params)
+    for g, w in zip(grads, weights):
+      g = _split(jnp.asarray(g, dtype))
+      _, state = tx.update(g, state, params, weight=jnp.float32(w))
+    assert state.acc_grads["a"].dtype == jnp.dtype(dtype)
+    _assert_statistics(optaccum.status(state).statistics, _reference(grads, weights))
 
 
 def test_single_micro_batch_window_has_nan_estimates_and_a_finite_norm():
