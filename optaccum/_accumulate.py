@@ -780,11 +780,11 @@ def accumulate(
       weight (the window's total weight, which the statistics' `batch_size`
       reports, is then R times it); the mean is over every replica's
       micro-batches. A skip policy sees the per-replica gradients
-      and decides for all replicas at once (`skip_not_finite` skips the
+      and decides for all replicas at once (`skip.not_finite` skips the
       micro-step if any replica's gradient is not finite;
-      `skip_large_updates` measures the norm of all replicas' gradients
+      `skip.large_updates` measures the norm of all replicas' gradients
       together). The statistics count each replica's micro-batch (B / R rows)
-      as one micro-batch: pass that as `window_statistics(...,
+      as one micro-batch: pass that as `optaccum.status(...,
       micro_batch_size=)`. See docs/distributed.md.
     strategy: how the window-closing step is made conditional: `"cond"`
       (default: `lax.cond`, reverse-differentiable), `"loop"` (a while loop

@@ -163,7 +163,7 @@ def close(
   `acc_grads`, `total_weight`, `squared_norm_sum` and `count` are the window's
   sums (the accumulation reduces them across replicas in one all-reduce,
   together with the gradients). A window of zero weight keeps the last
-  window's statistics. Sizes are in units of weight; `window_statistics`
+  window's statistics. Sizes are in units of weight; `optaccum.status`
   converts them to examples.
   """
   k = count.astype(jnp.float32)
