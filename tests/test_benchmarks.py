@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,62 @@ def test_pass_times_reads_xla_pass_log_of_a_real_compile():
   # Passes every XLA:CPU compile runs; their times come from XLA's own log.
   assert {"copy-insertion", "fusion", "layout-assignment"} <= set(passes)
   assert all(seconds >= 0 for seconds in passes.values())
+
+
+PEER_METHODS = [
+  "large batch",
+  "optaccum.microbatch",
+  "optax.microbatching.microbatch",
+  "optaccum.apply_gradients",
+  "optaccum.accumulate",
+  "optax.MultiSteps",
+]
+
+
+def test_quick_run_of_peers_measures_every_form_and_runs_every_check():
+  completed = subprocess.run(
+    [sys.executable, "-m", "benchmarks.peers", "--quick", "--rounds", "1"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert completed.stdout.startswith("QUICK RUN")
+  report = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert report["quick"] and report["rounds"] == 1
+  assert report["command"] == "python -m benchmarks.peers --quick --rounds 1"
+  for key in ("mlp", "lm"):
+    rows = report["workloads"][key]["rows"]["2"]
+    assert [row["method"] for row in rows] == PEER_METHODS
+    for row in rows:
+      assert row["seconds"] > 0 and row["temp_bytes"] > 0 and row["windows"] == 2
+      # Every form trains the same windows as the large batch: float32 rounding apart.
+      assert 0 <= row["max_param_difference"] < 1e-2, row
+    assert rows[0]["max_param_difference"] == 0
+  table_header = "| k | method | time per batch vs large batch | vs its Optax peer |"
+  assert completed.stdout.count(table_header) == 2
+  from benchmarks import peers
+
+  # Each check raises if what it states about Optax no longer holds; all of them ran.
+  assert len(report["checks"]) == len(peers.CHECKS)
+  assert all(check["optaccum"] and check["optax"] for check in report["checks"])
+  assert "| behaviour | optaccum | Optax |" in completed.stdout
+  assert report["all_reduces"] == {
+    "large batch": 1,
+    "optaccum.microbatch(reduce_axes=('data',))": 1,
+    "optaccum.microbatch": 4,
+    "optax.microbatching.microbatch": 4,
+    "optaccum.accumulate(reduce_axes=('data',)) + per_replica": 1,
+    "optaccum.accumulate": 4,
+    "optax.MultiSteps": 4,
+  }
+
+
+def test_peers_rejects_rounds_below_one(capsys):
+  from benchmarks import peers
+
+  with pytest.raises(SystemExit) as raised:
+    peers.main(["--rounds", "0"])
+  assert raised.value.code == 2
+  assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
