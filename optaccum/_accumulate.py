@@ -92,13 +92,8 @@ def _holds_exactly(acc_grads: Updates, updates: Updates) -> bool:
   )
 
 
-def _zeros_shaped_like(tree: PyTree, per_replica: bool = False) -> Any:
-  """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant).
-
-  With `per_replica`, the shapes of one replica's: without `tree`'s leading axis.
-  """
-  if per_replica:
-    return _map(_replicas.zeros_of_one, tree)
+def _zeros_shaped_like(tree: PyTree) -> Any:
+  """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant)."""
   return _map(_replicas.typed_zeros, tree)
 
 
@@ -289,7 +284,7 @@ class Accumulation:
     if self.replicas.alone:
       target, carried = _IntoAccumulator(), state.acc_grads
     else:
-      carried = _zeros_shaped_like(updates, self.replicas.axes is not None)
+      carried = self.replicas.zeros_of_updates(updates)
     try:
       return self._emit(target, carried, updates, state, close_window, params, extra_args)
     except _OtherShapes as other:
@@ -361,7 +356,7 @@ class Accumulation:
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
     weighted = weight is not None
-    checked = None if weight is None else self._as_weight(where, weight)
+    checked = None if weight is None else self.replicas.weight(where, weight)
     flush = _validation.as_flag(where, "flush", flush)
     verdict = self._verdict(where, updates, state, params, checked)
     acc_grads, rounding_key = self._sum_into(updates, state, verdict, weighted)
@@ -377,9 +372,7 @@ class Accumulation:
     close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
     statistics = state.statistics
     if self.statistics:
-      statistics = _statistics.add(
-        statistics, updates, verdict.weight, self.replicas.axes is not None
-      )
+      statistics = _statistics.add(statistics, updates, verdict.weight, self.replicas.leading_axis)
     state = state._replace(
       mini_step=mini_step,
       acc_grads=acc_grads,
@@ -393,24 +386,6 @@ class Accumulation:
       statistics=statistics,
     )
     return state, close_window
-
-  def _replicas(self, where: str) -> int:
-    """R, the number of replicas under `reduce_axes` (from the mesh in context)."""
-    return self.replicas.count(where)
-
-  def _as_weight(self, where: str, weight: Scalar) -> jax.Array:
-    """`weight=` as float32: a scalar, or under `reduce_axes` also one per replica, `[R]`."""
-    if self.replicas.axes is None or jnp.ndim(weight) == 0:
-      return _validation.as_scalar(where, "weight", weight, jnp.float32)
-    replicas = self._replicas(where)
-    if jnp.shape(weight) != (replicas,):
-      raise ValueError(
-        f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.replicas.axes!r}, "
-        f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
-      )
-    if jnp.result_type(weight) == jnp.bool_:
-      raise TypeError(f"`{where}(weight=...)` must be numbers, got dtype bool.")
-    return jnp.asarray(weight).astype(jnp.float32)
 
   def _verdict(
     self,
@@ -431,10 +406,8 @@ class Accumulation:
           f"dtype {should_skip.dtype} and shape {should_skip.shape}."
         )
     should_skip, weight = _window.admit(weight, should_skip)
-    if self.replicas.axes is not None:
-      # Per replica: each replica's micro-batch weighs in (1 each unweighted).
-      weight = jnp.broadcast_to(weight, (self._replicas(where),))
-    return _Verdict(should_skip, weight, skip_state)
+    # Each replica's micro-batch weighs in (1 each unweighted).
+    return _Verdict(should_skip, self.replicas.spread(where, weight), skip_state)
 
   def _sum_into(
     self, updates: Updates, state: AccumulateState, verdict: _Verdict, weighted: bool

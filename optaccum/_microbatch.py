@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from optaccum import _accumulator, _arguments, _nnx, _replicas, _validation, _window
-from optaccum._sharding import vary
 from optaccum._types import DTypeLike, PyTree, Scalar
 
 _AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
@@ -144,16 +143,16 @@ def _microbatch_keys(
 
 
 def _vary_whole_arguments(
-  plan: _arguments.Plan, args: tuple, kwargs: dict, axis_name: Hashable
+  plan: _arguments.Plan, args: tuple, kwargs: dict, replicas: _replicas.Replicas
 ) -> tuple[tuple, dict]:
-  """The arguments passed whole to every micro-batch, marked as varying over `axis_name`.
+  """The arguments passed whole to every micro-batch, marked as varying over a named axis.
 
   Under shard_map with check_vma, gradients with respect to a replicated
   argument come back summed across replicas: one all-reduce per micro-batch.
   Marked per replica, they stay local until the one psum.
   """
-  args = tuple(vary(a, axis_name) if plan.passes_whole(i) else a for i, a in enumerate(args))
-  kwargs = {n: vary(v, axis_name) if plan.passes_whole(n) else v for n, v in kwargs.items()}
+  args = tuple(replicas.vary(a) if plan.passes_whole(i) else a for i, a in enumerate(args))
+  kwargs = {n: replicas.vary(v) if plan.passes_whole(n) else v for n, v in kwargs.items()}
   return args, kwargs
 
 
@@ -216,8 +215,7 @@ def _microbatch_call(
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   batches = _split_batches(plan, args, kwargs, settings.k)
   keys = _microbatch_keys(settings, plan, args, kwargs, replica)
-  if settings.replicas.axis_name is not None:
-    args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas.axis_name)
+  args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas)
 
   def call(
     index: jax.Array, key: jax.Array | None, state: PyTree
@@ -427,9 +425,9 @@ def _local_sums(
   call, keys = _microbatch_call(settings, args, kwargs, replica, graph)
   first_key = None if keys is None else keys[0]
   state = None if graph is None else graph.state
-  if graph is not None and settings.replicas.axis_name is not None:
+  if graph is not None:
     # Computed from each replica's rows, the carried state varies over the axis.
-    state = vary(state, settings.replicas.axis_name)
+    state = settings.replicas.vary(state)
   (loss_shape, aux_shape, grads_shape), weight_shape, _ = jax.eval_shape(
     call, jnp.int32(0), first_key, state
   )

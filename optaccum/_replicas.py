@@ -30,7 +30,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optaccum import _arguments, _validation
-from optaccum._types import DTypeLike, PyTree
+from optaccum._sharding import vary
+from optaccum._types import DTypeLike, PyTree, Scalar
 
 
 def check_axes(
@@ -297,6 +298,7 @@ def total(x: jax.Array) -> jax.Array:
 
 S = TypeVar("S")
 T = TypeVar("T")
+_is_none = lambda x: x is None  # noqa: E731
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +386,40 @@ class Replicas:
     # zeros_like, not zeros(shape): it keeps the leaf's sharding (and, under
     # shard_map, its per-replica type), so the sum lies where the leaf does.
     return jnp.zeros_like(leaf, dtype)  # type: ignore[arg-type]  # a ShapeDtypeStruct works
+
+  @property
+  def leading_axis(self) -> bool:
+    """Whether per-replica values carry a leading replica axis (mesh axes)."""
+    return self.axes is not None
+
+  def weight(self, where: str, weight: Scalar) -> jax.Array:
+    """`weight=` as float32: a scalar, or under mesh axes also one per replica, `[R]`."""
+    if self.axes is None or jnp.ndim(weight) == 0:
+      return _validation.as_scalar(where, "weight", weight, jnp.float32)
+    replicas = count(where, self.axes)
+    if jnp.shape(weight) != (replicas,):
+      raise ValueError(
+        f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.axes!r}, "
+        f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
+      )
+    if jnp.result_type(weight) == jnp.bool_:
+      raise TypeError(f"`{where}(weight=...)` must be numbers, got dtype bool.")
+    return jnp.asarray(weight).astype(jnp.float32)
+
+  def spread(self, where: str, weight: jax.Array) -> jax.Array:
+    """A micro-batch's weight as every replica's: `[R]` under mesh axes, else as it is."""
+    if self.axes is None:
+      return weight
+    return jnp.broadcast_to(weight, (count(where, self.axes),))
+
+  def zeros_of_updates(self, updates: PyTree) -> PyTree:
+    """Zeros shaped like the updates of one replica (the emitted updates' shapes)."""
+    zeros = zeros_of_one if self.axes is not None else typed_zeros
+    return jax.tree.map(lambda u: None if u is None else zeros(u), updates, is_leaf=_is_none)
+
+  def vary(self, tree: T) -> T:
+    """`tree` typed as varying over a named axis (under `shard_map`), else as it is."""
+    return tree if self.axis_name is None else vary(tree, self.axis_name)
 
   def check_updates(self, where: str, updates: PyTree) -> None:
     """Raises where mesh axes expect per-replica gradients and `updates` are not."""
