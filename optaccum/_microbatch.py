@@ -10,12 +10,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _arguments, _nnx, _replicas, _validation, _window
+from optaccum import _accumulator, _arguments, _aux, _nnx, _replicas, _validation, _window
 from optaccum._types import DTypeLike, PyTree, Scalar
 
-_AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
-AuxMode = str | Callable[[jax.Array], jax.Array]
-_IS_SPEC = lambda x: isinstance(x, str) or callable(x)  # noqa: E731
 _WHERE = "microbatch"
 # The micro-batch weights sum in float32, whatever `accumulator=` says.
 _WEIGHTS = _accumulator.Accumulator()
@@ -37,15 +34,6 @@ class _Settings:
   accumulator: _accumulator.Accumulator
   aux_reduction: PyTree
   replicas: _replicas.Replicas
-
-
-def _check_aux_reduction(value: PyTree) -> None:
-  for spec in jax.tree.leaves(value, is_leaf=_IS_SPEC):
-    if not (callable(spec) or spec in _AUX_REDUCTIONS):
-      raise ValueError(
-        f"`{_WHERE}(aux_reduction=...)` must be one of {', '.join(map(repr, _AUX_REDUCTIONS))}, "
-        f"a callable, or a tree of them, got aux_reduction={value!r}."
-      )
 
 
 def _check_arguments(
@@ -73,7 +61,7 @@ def _check_arguments(
   _validation.check_choice(_WHERE, "reduction", reduction, _accumulator.REDUCTIONS)
   _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
   accumulator = _accumulator.as_accumulator(_WHERE, accumulator, stochastic=False)
-  _check_aux_reduction(aux_reduction)
+  _aux.check_reduction(aux_reduction)
   replicas = _replicas.Replicas.of(_WHERE, axis_name, reduce_axes)
   return _Settings(
     fn=fn,
@@ -236,84 +224,6 @@ def _microbatch_call(
   return call, keys
 
 
-# --- Aux outputs ------------------------------------------------------------------------
-
-
-def _aux_modes(aux: PyTree, aux_reduction: PyTree) -> list[Any]:
-  """One reduction per aux leaf, from a single choice or a tree prefix of `aux`."""
-  try:
-    modes = jax.tree.map(
-      lambda spec, sub: jax.tree.map(lambda _: spec, sub), aux_reduction, aux, is_leaf=_IS_SPEC
-    )
-  except ValueError as error:
-    raise ValueError(
-      f"`{_WHERE}(aux_reduction=...)` must be one choice or a tree prefix of the aux "
-      f"output.\n  aux_reduction: {aux_reduction!r}\n  aux: {jax.tree.structure(aux)}"
-    ) from error
-  return jax.tree.structure(aux).flatten_up_to(modes)  # type: ignore[attr-defined]  # PyTreeDef
-
-
-def _check_aux_mode(mode: AuxMode, leaf: jax.ShapeDtypeStruct) -> None:
-  if mode == "mean" and not jnp.issubdtype(leaf.dtype, jnp.inexact):
-    raise TypeError(
-      f"`{_WHERE}(aux_reduction=...)` is 'mean' for an aux leaf of dtype "
-      f"{leaf.dtype}; choose 'sum' (or 'stack') for it with a tree of choices."
-    )
-  if mode == "concat" and not leaf.shape:
-    raise ValueError(
-      f"`{_WHERE}(aux_reduction=...)` is 'concat' for a scalar aux leaf; 'concat' "
-      "joins per-example leaves, use 'stack' for scalars."
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _AuxLayout:
-  """Where each aux leaf goes: summed in the carry ("mean", "sum") or stacked by the scan.
-
-  Attributes:
-    treedef: the aux output's structure.
-    leaves: its leaves' shapes and dtypes, in flattened order.
-    modes: each leaf's reduction.
-    summed: the indices of the leaves summed in the carry.
-    stacked: the indices of the leaves kept per micro-batch.
-  """
-
-  treedef: Any
-  leaves: tuple[Any, ...]
-  modes: tuple[Any, ...]
-  summed: tuple[int, ...]
-  stacked: tuple[int, ...]
-
-  def flatten(self, aux: PyTree) -> list[Any]:
-    return self.treedef.flatten_up_to(aux)
-
-  def unflatten(self, leaves: list[Any]) -> Any:
-    return self.treedef.unflatten(leaves)
-
-
-def _aux_layout(aux_shape: PyTree, aux_reduction: PyTree) -> _AuxLayout:
-  """The layout of `fn`'s aux output (`None` without aux), its reductions checked."""
-  leaves, treedef = jax.tree.flatten(aux_shape)
-  modes = _aux_modes(aux_shape, aux_reduction)
-  for mode, leaf in zip(modes, leaves):
-    _check_aux_mode(mode, leaf)
-  summed = tuple(i for i, mode in enumerate(modes) if mode in _accumulator.REDUCTIONS)
-  stacked = tuple(i for i, mode in enumerate(modes) if mode not in _accumulator.REDUCTIONS)
-  return _AuxLayout(treedef, tuple(leaves), tuple(modes), summed, stacked)
-
-
-def _combine_stacked(mode: AuxMode, stack: jax.Array) -> Any:
-  """An aux leaf from its `[k, ...]` stack of micro-batch values."""
-  if mode == "stack":
-    return stack
-  if mode == "concat":
-    # [k, m, ...] -> [m, k, ...] -> [m * k, ...]: row r = a * k + i was row a
-    # of micro-batch i, so this restores the batch's order.
-    return jnp.reshape(jnp.swapaxes(stack, 0, 1), (-1, *stack.shape[2:]))
-  assert callable(mode)
-  return mode(stack)
-
-
 # --- The scan ---------------------------------------------------------------------------
 
 
@@ -321,7 +231,7 @@ def _init_carry(
   accumulator: _accumulator.Accumulator,
   loss: jax.ShapeDtypeStruct,
   grads: PyTree,
-  aux: _AuxLayout,
+  aux: _aux.Layout,
   weight: jax.ShapeDtypeStruct | None,
 ) -> tuple[Any, Any, list, jax.Array]:
   """The scan's carry, all zeros: the sums of loss, grads, summed aux leaves and weights."""
@@ -338,7 +248,7 @@ def _init_carry(
 
 
 def _scan_body(
-  accumulator: _accumulator.Accumulator, call: _Call, aux: _AuxLayout
+  accumulator: _accumulator.Accumulator, call: _Call, aux: _aux.Layout
 ) -> Callable[[Any, Any], tuple[Any, list]]:
   """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
 
@@ -389,7 +299,7 @@ class _Shapes(NamedTuple):
 
   loss: jax.ShapeDtypeStruct
   grads: PyTree
-  aux: _AuxLayout
+  aux: _aux.Layout
 
 
 def _finish(settings: _Settings, carry: PyTree, combined: list, shapes: _Shapes) -> Any:
@@ -431,14 +341,14 @@ def _local_sums(
   (loss_shape, aux_shape, grads_shape), weight_shape, _ = jax.eval_shape(
     call, jnp.int32(0), first_key, state
   )
-  aux = _aux_layout(aux_shape, settings.aux_reduction)
+  aux = _aux.layout(aux_shape, settings.aux_reduction)
   carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)
   body = _scan_body(settings.accumulator, call, aux)
   xs = (jnp.arange(settings.k, dtype=jnp.int32), keys)
   (carry, state), stacks = jax.lax.scan(body, (carry, state), xs)
   if graph is not None:
     graph.write_back(state)
-  combined = [_combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
+  combined = [_aux.combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
   return carry, combined, _Shapes(loss_shape, grads_shape, aux)
 
 
