@@ -230,6 +230,8 @@ class Accumulation:
   strategy: str
   statistics: bool
   replicas: _replicas.Replicas = _replicas.Replicas()
+  # The call that errors in `update` name: `MultiSteps.update` for the drop-in.
+  update_name: str = "accumulate(...).update"
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     """The optax transformation: `init` and `update`."""
@@ -279,20 +281,45 @@ class Accumulation:
     **extra_args: object,
   ) -> tuple[Any, AccumulateState]:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
-    state, close_window = self._add("accumulate(...).update", updates, state, params, weight, flush)
+    state, close_window = self._add(self.update_name, updates, state, params, weight, flush)
     target: _IntoAccumulator | _IntoBuffer = _IntoBuffer()
     if self.replicas.alone:
       target, carried = _IntoAccumulator(), state.acc_grads
     else:
       carried = self.replicas.zeros_of_updates(updates)
     try:
-      return self._emit(target, carried, updates, state, close_window, params, extra_args)
-    except _OtherShapes as other:
-      # The inner optimizer emits other dtypes than the gradients' (float32
-      # updates for bfloat16 gradients, or more precise than the accumulator):
-      # trace again with a carry of its shapes.
-      carried = _zeros_shaped_like(other.shapes)
-      return self._emit(_IntoBuffer(), carried, updates, state, close_window, params, extra_args)
+      try:
+        return self._emit(target, carried, updates, state, close_window, params, extra_args)
+      except _OtherShapes as other:
+        # The inner optimizer emits other dtypes than the gradients' (float32
+        # updates for bfloat16 gradients, or more precise than the accumulator):
+        # trace again with a carry of its shapes.
+        carried = _zeros_shaped_like(other.shapes)
+        return self._emit(_IntoBuffer(), carried, updates, state, close_window, params, extra_args)
+    except Exception:
+      self._check_inner_state(state, params)
+      raise
+
+  def _check_inner_state(self, state: AccumulateState, params: Params) -> None:
+    """Raises naming the call if `state.inner_opt_state` is not the inner optimizer's.
+
+    Called only once the inner optimizer has failed: the state of another
+    optimizer (SGD's where Adam's is expected) fails deep in its trace with an
+    AttributeError that names neither the call nor the state.
+    """
+    like = state.acc_grads if params is None else params
+    try:
+      expected = jax.tree.structure(jax.eval_shape(self.inner.init, like))
+    except Exception:
+      return  # the parameters do not say what the inner state should be
+    given = jax.tree.structure(state.inner_opt_state)
+    if given != expected:  # type: ignore[operator]  # PyTreeDef: no stubs
+      raise ValueError(
+        f"`{self.update_name}(state=...)` holds an inner_opt_state that is not the state "
+        f"of this accumulation's inner optimizer (another optimizer's?).\n"
+        f"  state.inner_opt_state: {given}\n"
+        f"  expected (the inner optimizer's init on params): {expected}"
+      ) from None
 
   def _emit(
     self,
@@ -641,6 +668,7 @@ def build(
     strategy=strategy,
     statistics=statistics,
     replicas=replicas,
+    update_name="accumulate(...).update" if where == "accumulate" else f"{where}.update",
   )
 
 
@@ -806,6 +834,30 @@ def accumulate(
   ).transformation()
 
 
+def _check_flush_params(params: Params, acc_grads: Updates) -> None:
+  """Checks `flush`'s `params` against the accumulator: structure, then shapes.
+
+  The accumulator holds None where a parameter has no gradient (an int leaf),
+  so None counts as a leaf on both sides.
+  """
+  is_none = lambda x: x is None  # noqa: E731
+  entries, given = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
+  accumulators, expected = jax.tree.flatten(acc_grads, is_leaf=is_none)
+  if given != expected:  # type: ignore[operator]  # PyTreeDef: no stubs
+    raise ValueError(
+      "`flush(params=...)` has a tree structure that does not match the accumulator "
+      f"in opt_state.\n  params: {given}\n  the accumulator: {expected}"
+    )
+  for (path, param), acc in zip(entries, accumulators):
+    # Under mesh axes the accumulator has a leading replica axis.
+    if acc is not None and jnp.shape(param) not in (jnp.shape(acc), jnp.shape(acc)[1:]):
+      raise ValueError(
+        f"`flush(params=...)` does not match the accumulator in opt_state at "
+        f"{jax.tree_util.keystr(path) or 'the root'}: params has shape {jnp.shape(param)}, "
+        f"the accumulator {jnp.shape(acc)}."
+      )
+
+
 def flush(
   tx: optax.GradientTransformation,
   opt_state: OptState,
@@ -837,6 +889,7 @@ def flush(
   Raises:
     ValueError: if `opt_state` holds no `AccumulateState` (or several): there is
       no window to close, and a plain optimizer would take a step.
+    ValueError: if `params` does not match the accumulator's structure or shapes.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -853,6 +906,7 @@ def flush(
   """
   hint = " With no window to close, `tx.update` would take a plain optimizer step."
   leaves, treedef, position = locate_state("flush(opt_state=...)", opt_state, hint)
+  _check_flush_params(params, leaves[position].acc_grads)
   zeros = _gradient_zeros(params, leaves[position].acc_grads)
   updates, new_state = tx.update(
     zeros,

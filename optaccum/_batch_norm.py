@@ -153,6 +153,10 @@ def _merge_weights(weights: ArrayLike | None, stacked: BatchStats, count: int) -
       f"`{_MERGE}(weights=...)` must hold one weight per micro-batch, shape ({count},), "
       f"got shape {jnp.shape(weights)}."
     )
+  kind = getattr(weights, "dtype", None) or np.asarray(weights).dtype
+  if not jnp.issubdtype(kind, jnp.number):
+    # A bool mask would pass as weights 0 and 1; `accumulate` refuses a bool weight too.
+    raise TypeError(f"`{_MERGE}(weights=...)` must hold numbers, got weights={weights!r}.")
   weights = jnp.asarray(weights).astype(jnp.float32)
   _, counted = jax.vmap(_window.admit)(weights, _not_finite_micro_batches(stacked, count))
   return counted

@@ -71,8 +71,8 @@ def status(opt_state: OptState, *, micro_batch_size: int | None = None) -> Statu
     A `Status`.
 
   Raises:
-    ValueError: if `opt_state` holds no `AccumulateState`, or more than one.
-    TypeError: if `micro_batch_size` is not a positive int.
+    ValueError: if `opt_state` holds no `AccumulateState`, or more than one, or
+      `micro_batch_size` is not a positive int.
 
   Examples:
     >>> import jax.numpy as jnp

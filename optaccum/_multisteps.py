@@ -104,6 +104,22 @@ def _check_accumulator_dtype(accumulator_dtype: DTypeLike) -> DTypeLike:
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
+def _check_counter(where: str, name: str, counter: object) -> None:
+  """Checks an optax state's counter: a non-negative int scalar (any value under a trace)."""
+  is_int_scalar = (
+    isinstance(counter, (int, np.integer, jax.Array, np.ndarray))
+    and not isinstance(counter, bool)
+    and jnp.shape(counter) == ()
+    and jnp.issubdtype(jnp.result_type(counter), jnp.integer)
+  )
+  if not is_int_scalar or (
+    not isinstance(counter, jax.core.Tracer) and int(np.asarray(counter)) < 0
+  ):
+    raise ValueError(
+      f"`{where}` must hold a non-negative int scalar in {name}, got {name}={counter!r}."
+    )
+
+
 class MultiSteps:
   """`optax.MultiSteps`' interface and state, with the inner optimizer run once per window.
 
@@ -336,6 +352,15 @@ class MultiSteps:
       raise TypeError(
         f"`{where}` must be an optax.MultiStepsState, with fields {_OPTAX_FIELDS}, "
         f"got a {type(state).__name__}."
+      )
+    for name in ("mini_step", "gradient_step"):
+      _check_counter(where, name, getattr(state, name))
+    if params is not None and not all(
+      isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree.leaves(params)
+    ):
+      raise TypeError(
+        "`MultiSteps.from_optax_state(params=...)` must be None or a tree of arrays, "
+        f"got params={params!r}."
       )
     like = state.acc_grads if params is None else params
     expected = jax.eval_shape(self.init, like)

@@ -328,6 +328,12 @@ class Replicas:
     """The policy for a call's `axis_name=` and `reduce_axes=`; raises naming `where`."""
     if axis_name is not None and not isinstance(axis_name, Hashable):
       raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
+    if axis_name == ():
+      # A reduction over no axes is the identity: each replica would step on its own.
+      raise ValueError(
+        f"`{where}(axis_name=...)` must name a mapped axis (or a non-empty tuple of them), "
+        f"got axis_name=()."
+      )
     return cls(axis_name, check_axes(where, reduce_axes, axis_name))
 
   @property

@@ -137,17 +137,17 @@ def check_tree_matches(
   for (path, leaf), (_, ref) in zip(leaves, ref_leaves):
     if leaf is None and ref is None:
       continue
+    if leaf is not None and not isinstance(leaf, (jax.Array, np.ndarray)):
+      raise TypeError(
+        f"`{where}({name}=...)` must hold arrays, but the leaf at "
+        f"{jax.tree_util.keystr(path) or 'the root'} is a {type(leaf).__name__}: "
+        f"{leaf!r}. Pass jnp.asarray(...) of the dtype you mean."
+      )
     if ref is None or leaf is None or jnp.shape(leaf) != jnp.shape(ref):
       raise ValueError(
         f"`{where}({name}=...)` does not match {reference_name} at "
         f"{jax.tree_util.keystr(path) or 'the root'}: {name} has "
         f"{_describe(leaf)}, {reference_name} has {_describe(ref)}."
-      )
-    if not isinstance(leaf, (jax.Array, np.ndarray)):
-      raise TypeError(
-        f"`{where}({name}=...)` must hold arrays, but the leaf at "
-        f"{jax.tree_util.keystr(path) or 'the root'} is a {type(leaf).__name__}: "
-        f"{leaf!r}. Pass jnp.asarray(...) of the dtype you mean."
       )
     if jnp.iscomplexobj(leaf) and not jnp.iscomplexobj(ref):
       raise TypeError(
@@ -168,19 +168,26 @@ def as_scalar(where: str, name: str, value: ArrayLike, dtype: DTypeLike) -> jax.
   shape = jnp.shape(value)
   if shape != ():
     raise ValueError(f"`{where}({name}=...)` must be a scalar, got an array of shape {shape}.")
-  if isinstance(value, (bool, np.bool_)) or (
-    hasattr(value, "dtype") and jnp.dtype(value.dtype) == jnp.bool_
-  ):
-    raise TypeError(f"`{where}({name}=...)` must be a number, got {name}={value!r}.")
+  kind = getattr(value, "dtype", None)
+  is_number = (
+    jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)
+    if kind is not None
+    else isinstance(value, numbers.Real) and not isinstance(value, bool)
+  )
+  if not is_number:
+    raise TypeError(
+      f"`{where}({name}=...)` must be a number (real, not a bool), got {name}={value!r}."
+    )
   return jnp.asarray(value).astype(dtype)
 
 
 def as_flag(where: str, name: str, value: ArrayLike) -> jax.Array:
   """Returns `value` (a Python or JAX bool) as a scalar bool array."""
-  flag = jnp.asarray(value)
-  if flag.shape != () or flag.dtype != jnp.bool_:
+  # Checked before jnp.asarray, which raises on a str without naming the call.
+  is_array = isinstance(value, (bool, np.bool_, jax.Array, np.ndarray))
+  if not is_array or jnp.shape(value) != () or jnp.result_type(value) != jnp.bool_:
     raise TypeError(f"`{where}({name}=...)` must be a scalar bool, got {name}={value!r}.")
-  return flag
+  return jnp.asarray(value)
 
 
 def as_schedule(k: KSchedule) -> Callable[[jax.Array], jax.Array]:

@@ -394,6 +394,51 @@ def test_bool_weight_is_rejected():
     tx.update(grads, state, params, weight=True)
 
 
+@pytest.mark.parametrize("weight", ["8", 1 + 2j])
+def test_non_real_weight_is_rejected(weight):
+  tx, state, params = _tx_and_state()
+  grads = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  with pytest.raises(
+    TypeError, match=r"update\(weight=...\)` must be a number \(real, not a bool\)"
+  ):
+    tx.update(grads, state, params, weight=weight)
+
+
+def test_string_flush_is_rejected():
+  tx, state, params = _tx_and_state()
+  grads = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  with pytest.raises(
+    TypeError, match=r"update\(flush=...\)` must be a scalar bool, got flush='yes'"
+  ):
+    tx.update(grads, state, params, flush="yes")
+
+
+def test_python_float_gradient_for_an_array_parameter_is_rejected():
+  tx, state, params = _tx_and_state()
+  grads = {"a": 1.0, "b": jnp.zeros((2, 2))}
+  with pytest.raises(TypeError, match=r"must hold arrays, but the leaf at \['a'\] is a float"):
+    tx.update(grads, state, params)
+
+
+def test_state_of_another_inner_optimizer_is_rejected():
+  params = {"w": jnp.zeros(3)}
+  tx = optaccum.accumulate(optax.adam(0.1), 1)
+  state = optaccum.accumulate(optax.sgd(0.1), 1).init(params)
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)`accumulate\(...\).update\(state=...\)` holds an inner_opt_state that is not "
+    r"the state of this accumulation's inner optimizer.*ScaleByAdamState",
+  ):
+    tx.update({"w": jnp.ones(3)}, state, params)
+
+
+def test_empty_axis_name_fails_at_construction():
+  with pytest.raises(
+    ValueError, match=r"`accumulate\(axis_name=...\)` must name a mapped axis .*got axis_name=\(\)"
+  ):
+    optaccum.accumulate(optax.sgd(0.1), 2, axis_name=())
+
+
 def test_non_bool_flush_is_rejected():
   tx, state, params = _tx_and_state()
   grads = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
@@ -433,6 +478,28 @@ def test_flush_refuses_a_transformation_with_no_accumulation():
   params = {"w": jnp.ones(3)}
   with pytest.raises(ValueError, match=r"flush\(opt_state=...\)` must hold exactly one"):
     optaccum.flush(tx, tx.init(params), params)
+
+
+def test_flush_refuses_params_of_another_structure():
+  tx = optaccum.accumulate(optax.sgd(1.0), k=4)
+  state = tx.init({"w": jnp.zeros(3)})
+  with pytest.raises(
+    ValueError,
+    match=r"`flush\(params=...\)` has a tree structure that does not match the accumulator"
+    r".*\n  params: .*'v'.*\n  the accumulator: .*'w'",
+  ):
+    optaccum.flush(tx, state, {"v": jnp.zeros(3)})
+
+
+def test_flush_refuses_params_of_another_shape():
+  tx = optaccum.accumulate(optax.sgd(1.0), k=4)
+  state = tx.init({"w": jnp.zeros(3)})
+  with pytest.raises(
+    ValueError,
+    match=r"`flush\(params=...\)` does not match the accumulator in opt_state at \['w'\]: "
+    r"params has shape \(4,\), the accumulator \(3,\)",
+  ):
+    optaccum.flush(tx, state, {"w": jnp.zeros(4)})
 
 
 def test_flush_leaves_transforms_before_the_accumulation_as_they_were():

@@ -602,6 +602,15 @@ def test_weights_of_another_length_are_refused():
     )
 
 
+def test_bool_weights_are_refused():
+  with pytest.raises(
+    TypeError, match=r"`merge_batch_stats\(weights=...\)` must hold numbers, got weights=Array"
+  ):
+    optaccum.flax.merge_batch_stats(
+      STACKED, momentum=MOMENTUM, weights=jnp.ones(EVERY_K, jnp.bool_), batch_stats=LAYER
+    )
+
+
 def test_weights_without_batch_stats_are_refused():
   with pytest.raises(
     ValueError, match=r"`merge_batch_stats\(batch_stats=...\)` is required with weights=..."

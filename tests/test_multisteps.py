@@ -385,6 +385,39 @@ def test_from_optax_state_refuses_acc_grads_unlike_the_params():
     ours.from_optax_state(state, params=params)
 
 
+@pytest.mark.parametrize(
+  "mini_step", ["1", jnp.float32(1.5), jnp.zeros(3, jnp.int32), jnp.int32(-1)]
+)
+def test_from_optax_state_refuses_a_counter_that_is_no_count(mini_step):
+  params = {"w": jnp.zeros(2)}
+  ours = optaccum.compat.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
+  state = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=3).init(params)
+  with pytest.raises(
+    ValueError,
+    match=r"from_optax_state\(state=...\)` must hold a non-negative int scalar in mini_step, "
+    r"got mini_step=",
+  ):
+    ours.from_optax_state(state._replace(mini_step=mini_step))
+
+
+def test_from_optax_state_refuses_params_that_are_no_arrays():
+  params = {"w": jnp.zeros(2)}
+  ours = optaccum.compat.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
+  state = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=3).init(params)
+  with pytest.raises(
+    TypeError,
+    match=r"from_optax_state\(params=...\)` must be None or a tree of arrays, got params='w'",
+  ):
+    ours.from_optax_state(state, params="w")
+
+
+def test_update_errors_name_multisteps_update():
+  params = {"w": jnp.zeros(2)}
+  ours = optaccum.compat.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
+  with pytest.raises(ValueError, match=r"^`MultiSteps.update\(updates=...\)` does not match"):
+    ours.update({"w": jnp.ones(5)}, ours.init(params), params)
+
+
 @pytest.mark.parametrize("policy", [None, optaccum.skip.not_finite])
 def test_from_optax_state_keeps_a_skip_state_of_this_policy_form(policy):
   params = {"w": jnp.zeros(2)}
