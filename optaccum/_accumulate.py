@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -92,11 +93,6 @@ def _holds_exactly(acc_grads: Updates, updates: Updates) -> bool:
   )
 
 
-def _zeros_shaped_like(tree: PyTree) -> Any:
-  """Zeros with the shapes and dtypes of `tree`, made afresh (under `shard_map`: invariant)."""
-  return _map(_replicas.typed_zeros, tree)
-
-
 class _OtherShapes(Exception):
   """Raised while tracing: the inner optimizer's updates are not shaped like the carry."""
 
@@ -132,7 +128,7 @@ class _Window(NamedTuple):
   acc_grads: Updates  # the window's sums, across replicas if any
   total_weight: jax.Array  # scalar float32
   runs: jax.Array  # scalar bool: whether the inner optimizer steps
-  statistics: bool  # the StatisticsState after the window, or ()
+  statistics: _statistics.StatisticsState | tuple[()]  # the StatisticsState after the window, or ()
 
 
 def _apply_update(param: jax.Array, update: jax.Array | None) -> jax.Array:
@@ -287,26 +283,35 @@ class Accumulation:
       target, carried = _IntoAccumulator(), state.acc_grads
     else:
       carried = self.replicas.zeros_of_updates(updates)
-    try:
+    with self._naming_inner_state(self.update_name, state, params):
       try:
         return self._emit(target, carried, updates, state, close_window, params, extra_args)
       except _OtherShapes as other:
         # The inner optimizer emits other dtypes than the gradients' (float32
         # updates for bfloat16 gradients, or more precise than the accumulator):
         # trace again with a carry of its shapes.
-        carried = _zeros_shaped_like(other.shapes)
+        carried = _map(_replicas.typed_zeros, other.shapes)
         return self._emit(_IntoBuffer(), carried, updates, state, close_window, params, extra_args)
+
+  @contextlib.contextmanager
+  def _naming_inner_state(
+    self, where: str, state: AccumulateState, params: Params
+  ) -> Iterator[None]:
+    """Where the micro-step fails, first raises naming `where` if the inner state is foreign.
+
+    Checked only once the step has failed: the state of another optimizer
+    (SGD's where Adam's is expected) fails deep in the inner optimizer's trace
+    with an AttributeError that names neither the call nor the state. Both
+    forms, `update` and the fast path, go through here.
+    """
+    try:
+      yield
     except Exception:
-      self._check_inner_state(state, params)
+      self._check_inner_state(where, state, params)
       raise
 
-  def _check_inner_state(self, state: AccumulateState, params: Params) -> None:
-    """Raises naming the call if `state.inner_opt_state` is not the inner optimizer's.
-
-    Called only once the inner optimizer has failed: the state of another
-    optimizer (SGD's where Adam's is expected) fails deep in its trace with an
-    AttributeError that names neither the call nor the state.
-    """
+  def _check_inner_state(self, where: str, state: AccumulateState, params: Params) -> None:
+    """Raises naming `where` if `state.inner_opt_state` is not the inner optimizer's."""
     like = state.acc_grads if params is None else params
     try:
       expected = jax.tree.structure(jax.eval_shape(self.inner.init, like))
@@ -315,7 +320,7 @@ class Accumulation:
     given = jax.tree.structure(state.inner_opt_state)
     if given != expected:  # type: ignore[operator]  # PyTreeDef: no stubs
       raise ValueError(
-        f"`{self.update_name}(state=...)` holds an inner_opt_state that is not the state "
+        f"`{where}(state=...)` holds an inner_opt_state that is not the state "
         f"of this accumulation's inner optimizer (another optimizer's?).\n"
         f"  state.inner_opt_state: {given}\n"
         f"  expected (the inner optimizer's init on params): {expected}"
@@ -362,9 +367,10 @@ class Accumulation:
     """
     state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
     operand = (params, state.inner_opt_state)
-    params, inner_state, window = self._close(
-      grads, state, close_window, operand, params, extra_args, _IntoParams()
-    )
+    with self._naming_inner_state("apply_gradients", state, params):
+      params, inner_state, window = self._close(
+        grads, state, close_window, operand, params, extra_args, _IntoParams()
+      )
     return params, self._closed(state, close_window, window, inner_state)
 
   def _add(

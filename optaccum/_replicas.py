@@ -408,8 +408,7 @@ class Replicas:
         f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.axes!r}, "
         f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
       )
-    if jnp.result_type(weight) == jnp.bool_:
-      raise TypeError(f"`{where}(weight=...)` must be numbers, got dtype bool.")
+    _validation.check_real(where, "weight", weight)
     return jnp.asarray(weight).astype(jnp.float32)
 
   def spread(self, where: str, weight: jax.Array) -> jax.Array:

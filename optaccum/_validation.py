@@ -168,6 +168,12 @@ def as_scalar(where: str, name: str, value: ArrayLike, dtype: DTypeLike) -> jax.
   shape = jnp.shape(value)
   if shape != ():
     raise ValueError(f"`{where}({name}=...)` must be a scalar, got an array of shape {shape}.")
+  check_real(where, name, value)
+  return jnp.asarray(value).astype(dtype)
+
+
+def check_real(where: str, name: str, value: object) -> None:
+  """Raises a TypeError naming the call unless `value` holds real numbers (no bool or complex)."""
   kind = getattr(value, "dtype", None)
   is_number = (
     jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)
@@ -178,7 +184,6 @@ def as_scalar(where: str, name: str, value: ArrayLike, dtype: DTypeLike) -> jax.
     raise TypeError(
       f"`{where}({name}=...)` must be a number (real, not a bool), got {name}={value!r}."
     )
-  return jnp.asarray(value).astype(dtype)
 
 
 def as_flag(where: str, name: str, value: ArrayLike) -> jax.Array:

@@ -432,6 +432,18 @@ def test_state_of_another_inner_optimizer_is_rejected():
     tx.update({"w": jnp.ones(3)}, state, params)
 
 
+def test_state_of_another_inner_optimizer_is_rejected_by_the_fast_path_too():
+  params = {"w": jnp.zeros(3)}
+  tx = optaccum.accumulate(optax.adam(0.1), 1)
+  state = optaccum.accumulate(optax.sgd(0.1), 1).init(params)
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)`apply_gradients\(state=...\)` holds an inner_opt_state that is not "
+    r"the state of this accumulation's inner optimizer.*ScaleByAdamState",
+  ):
+    optaccum.apply_gradients(tx, {"w": jnp.ones(3)}, state, params)
+
+
 def test_empty_axis_name_fails_at_construction():
   with pytest.raises(
     ValueError, match=r"`accumulate\(axis_name=...\)` must name a mapped axis .*got axis_name=\(\)"

@@ -178,6 +178,12 @@ def test_update_refuses_gradients_that_are_not_per_replica():
       ValueError, match=r"one weight per replica of shape \(1,\), got shape \(2,\)"
     ):
       tx.update({"w": jnp.ones((1, 3))}, state, {"w": jnp.ones(3)}, weight=jnp.ones(2))
+    # One weight per replica obeys the scalar weight's rule: real numbers only.
+    for weight in (jnp.ones(1, jnp.bool_), jnp.ones(1, jnp.complex64)):
+      with pytest.raises(
+        TypeError, match=r"`accumulate\(\.\.\.\)\.update\(weight=\.\.\.\)` must be a number"
+      ):
+        tx.update({"w": jnp.ones((1, 3))}, state, {"w": jnp.ones(3)}, weight=weight)
 
 
 def test_per_replica_gives_every_output_a_replica_axis():
