@@ -218,7 +218,7 @@ class Accumulation:
   """
 
   inner: optax.GradientTransformationExtraArgs
-  schedule: Callable[[jax.Array], jax.Array]
+  window_length: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
   reduction: str
   accumulator: Accumulator
   skip: SkipPolicy | None
@@ -254,6 +254,7 @@ class Accumulation:
       statistics=_statistics.init() if self.statistics else (),
       num_skipped_windows=jnp.zeros((), jnp.int32),
       num_empty_windows=jnp.zeros((), jnp.int32),
+      num_clamped_windows=jnp.zeros((), jnp.int32),
     )
 
   def _zeros_for(self, param: jax.Array) -> jax.Array | None:
@@ -402,7 +403,8 @@ class Accumulation:
     if checked is not None:
       counts = counts & ~(flush & jnp.all(checked == 0))
     mini_step = _increment_where(counts, state.mini_step)
-    close_window = flush | (counts & (mini_step >= self.schedule(state.gradient_step)))
+    length, clamped = self.window_length(state.gradient_step)
+    close_window = flush | (counts & (mini_step >= length))
     statistics = state.statistics
     if self.statistics:
       statistics = _statistics.add(statistics, updates, verdict.weight, self.replicas.leading_axis)
@@ -414,6 +416,7 @@ class Accumulation:
       acc_weight=state.acc_weight
       + (jnp.sum(verdict.weight) if verdict.weight.ndim else verdict.weight),
       num_skipped=_increment_where(~accepted, state.num_skipped),
+      num_clamped_windows=_increment_where(close_window & clamped, state.num_clamped_windows),
       emitted=jnp.zeros((), jnp.bool_),
       rounding_key=rounding_key,
       statistics=statistics,
@@ -666,7 +669,7 @@ def build(
   replicas = _replicas.Replicas.of(where, axis_name, reduce_axes)
   return Accumulation(
     inner=optax.with_extra_args_support(inner),
-    schedule=_validation.as_schedule(k),
+    window_length=_validation.window_length(k),
     reduction=reduction,
     accumulator=as_accumulator(where, accumulator),
     skip=skip,
@@ -744,9 +747,11 @@ def accumulate(
     inner: the optimizer to run once per window (any optax transformation,
       chains included).
     k: micro-steps per window: a positive int, or a schedule
-      `gradient_step -> k` to grow the effective batch during training. A
-      schedule value below 1 is clamped to 1 (every micro-step emits); float
-      values are floored.
+      `gradient_step -> k` to grow the effective batch during training.
+      Float values are floored. The schedule must give a finite value at
+      gradient step 0; a value that later turns NaN, infinite or below 1
+      gives a window of one micro-step (every micro-step emits), counted in
+      `optaccum.status(...).num_clamped_windows`.
     reduction: `"mean"` (default) or `"sum"` of the window's gradients. With
       weights, `"sum"` emits `sum(w_i g_i)`.
     accumulator: what the window is summed into. None (default) takes each

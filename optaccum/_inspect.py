@@ -33,6 +33,8 @@ class Status(NamedTuple):
       and `gradient_step` kept.
     num_empty_windows: windows that closed with zero total weight and emitted
       zeros (a `flush` of a window that held nothing is not counted).
+    num_clamped_windows: windows closed while the `k` schedule returned NaN,
+      an infinity or a value below 1; each ran as a window of one micro-step.
     statistics: the `WindowStatistics` of the last closed window when the
       accumulation keeps them (`statistics=True`), else None.
     state: the `AccumulateState` itself.
@@ -44,6 +46,7 @@ class Status(NamedTuple):
   num_skipped: jax.Array
   num_skipped_windows: jax.Array
   num_empty_windows: jax.Array
+  num_clamped_windows: jax.Array
   statistics: WindowStatistics | None
   state: AccumulateState
 
@@ -98,6 +101,7 @@ def status(opt_state: OptState, *, micro_batch_size: int | None = None) -> Statu
     num_skipped=state.num_skipped,
     num_skipped_windows=state.num_skipped_windows,
     num_empty_windows=state.num_empty_windows,
+    num_clamped_windows=state.num_clamped_windows,
     statistics=_statistics.last_window(state.statistics, micro_batch_size),
     state=state,
   )

@@ -43,6 +43,8 @@ class MultiStepsState(NamedTuple):
       whole by the window guard.
     num_empty_windows: windows that closed with zero total weight and emitted
       zeros.
+    num_clamped_windows: windows closed while `every_k_schedule` returned NaN,
+      an infinity or a value below 1, each run as a window of one micro-step.
   """
 
   mini_step: jax.Array  # shape=(), dtype=int32
@@ -56,6 +58,7 @@ class MultiStepsState(NamedTuple):
   emitted: jax.Array = np.zeros((), np.bool_)  # type: ignore[assignment]  # shape=(), dtype=bool
   num_skipped_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
   num_empty_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
+  num_clamped_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
 def _summary(tree: PyTree) -> PyTree:
@@ -405,6 +408,7 @@ class MultiSteps:
       emitted=(mini_step == 0) & (gradient_step > 0),
       num_skipped_windows=jnp.zeros((), jnp.int32),
       num_empty_windows=jnp.zeros((), jnp.int32),
+      num_clamped_windows=jnp.zeros((), jnp.int32),
     )
 
   def _to_core(self, state: MultiStepsState) -> AccumulateState:

@@ -43,6 +43,9 @@ class AccumulateState(NamedTuple):
       whole by the window guard (read with `optaccum.status(...).num_skipped_windows`).
     num_empty_windows: windows that closed with zero total weight and emitted
       zeros (read with `optaccum.status(...).num_empty_windows`).
+    num_clamped_windows: windows closed while the `k` schedule returned NaN,
+      an infinity or a value below 1, each run as a window of one micro-step
+      (read with `optaccum.status(...).num_clamped_windows`).
   """
 
   mini_step: jax.Array  # shape=(), dtype=int32
@@ -59,6 +62,7 @@ class AccumulateState(NamedTuple):
   statistics: Any = ()
   num_skipped_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
   num_empty_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
+  num_clamped_windows: jax.Array = np.zeros((), np.int32)  # type: ignore[assignment]  # shape=(), dtype=int32
 
 
 def per_replica_mask(state: AccumulateState) -> AccumulateState:

@@ -196,25 +196,47 @@ def as_flag(where: str, name: str, value: ArrayLike) -> jax.Array:
 
 
 def as_schedule(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
-  """Returns `k` as a schedule `gradient_step -> k` (int32, clamped >= 1)."""
+  """Returns `k` as a schedule `gradient_step -> k` (int32, >= 1); see `window_length`."""
+  length = window_length(k)
+  return lambda step: length(step)[0]
+
+
+# The largest float32 below 2**31: a finite k above it is kept within int32
+# before the cast (which would wrap).
+_LARGEST_K = 2.0**31 - 128.0
+
+
+def window_length(k: KSchedule) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """Returns `gradient_step -> (window length, whether the schedule's value was clamped)`.
+
+  The rule every form shares: float values are floored; a value that is NaN,
+  infinite or below 1 gives a window of one micro-step (every micro-step
+  emits), and the caller counts it (`Status.num_clamped_windows`). A traced
+  value cannot raise, so it is clamped and counted, never silently kept.
+  """
   if callable(k):
     schedule = k
   else:
     constant = int(k)
     schedule = lambda step: constant  # noqa: E731
 
-  def clamped(step: jax.Array) -> jax.Array:
+  def length(step: jax.Array) -> tuple[jax.Array, jax.Array]:
     value = jnp.asarray(schedule(step))
     if jnp.shape(value) != ():
       raise ValueError(f"The `k` schedule must return a scalar, got shape {jnp.shape(value)}.")
     if jnp.issubdtype(value.dtype, jnp.floating):
-      # Floored, and kept within int32 before the cast (which would wrap):
-      # the largest float32 below 2**31 is 2**31 - 128.
-      value = jnp.clip(jnp.floor(value.astype(jnp.float32)), 1.0, 2.0**31 - 128.0)
-    # A schedule that yields k < 1 emits on every micro-step (documented clamp).
-    return jnp.maximum(value.astype(jnp.int32), jnp.int32(1))
+      value = jnp.floor(value.astype(jnp.float32))
+      clamped = ~jnp.isfinite(value) | (value < 1.0)
+      kept = jnp.minimum(jnp.where(clamped, jnp.float32(1.0), value), _LARGEST_K)
+    else:
+      clamped = value < 1
+      kept = jnp.where(clamped, jnp.ones((), value.dtype), value)
+      top = np.iinfo(np.int32).max
+      if np.iinfo(value.dtype).max > top:  # kept within int32 before the cast
+        kept = jnp.minimum(kept, jnp.asarray(top, value.dtype))
+    return kept.astype(jnp.int32), clamped
 
-  return clamped
+  return length
 
 
 def unsplittable(x: ArrayLike, parts: int) -> str | None:

@@ -109,6 +109,48 @@ def test_schedule_below_one_is_clamped_to_every_micro_step():
   outputs, state = _run(tx, [{"w": jnp.array([2.0])}] * 3, params)
   assert [float(u["w"][0]) for u in outputs] == [-2.0, -2.0, -2.0]
   assert int(state.gradient_step) == 3
+  assert int(optaccum.status(state).num_clamped_windows) == 3
+
+
+def _two_then(value: float):
+  """A schedule of k = 2 at gradient step 0 that returns `value` from step 1 on."""
+  return lambda step: jnp.where(step >= 1, jnp.float32(value), jnp.float32(2.0))
+
+
+@pytest.mark.parametrize("later", [float("nan"), float("inf"), float("-inf"), 0.5, -3.0])
+@pytest.mark.parametrize("form", ["update", "apply_gradients", "MultiSteps"])
+def test_schedule_turning_bad_mid_training_runs_windows_of_one_and_counts_them(later, form):
+  # k = 2 for the first window, then a NaN / infinite / below-1 value: each
+  # later window is one micro-step long, and each such window is counted.
+  grads = np.arange(1.0, 8.0, dtype=np.float32)  # one gradient per micro-step
+  params = jnp.zeros(1, jnp.float32)
+  if form == "MultiSteps":
+    tx = optaccum.compat.MultiSteps(optax.sgd(1.0), every_k_schedule=_two_then(later))
+  else:
+    tx = optaccum.accumulate(optax.sgd(1.0), k=_two_then(later))
+  state = tx.init(params)
+  apply = jax.jit(functools.partial(optaccum.apply_gradients, tx))
+  update = jax.jit(tx.update)
+  for g in grads:
+    g = jnp.full((1,), g, jnp.float32)
+    if form == "apply_gradients":
+      params, state = apply(g, state, params)
+    else:
+      updates, state = update(g, state, params)
+      params = optax.apply_updates(params, updates)
+  # NumPy: a window of 2 (mean of 1 and 2), then five windows of 1.
+  expected = -(np.mean(grads[:2]) + np.sum(grads[2:]))
+  np.testing.assert_allclose(np.asarray(params), [expected], rtol=1e-6)
+  assert int(state.gradient_step) == 6
+  assert int(state.num_clamped_windows) == 5
+  if form != "MultiSteps":
+    assert int(optaccum.status(state).num_clamped_windows) == 5
+
+
+def test_schedule_of_good_values_counts_no_clamped_window():
+  tx = optaccum.accumulate(optax.sgd(1.0), k=lambda step: 1 + step)
+  _, state = _run(tx, [{"w": jnp.ones(1)}] * 6, {"w": jnp.zeros(1)})
+  assert int(optaccum.status(state).num_clamped_windows) == 0
 
 
 # --- Non-finite micro-batches -------------------------------------------------------
