@@ -9,6 +9,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaccum import _branching, _replicas, _statistics, _validation, _window
@@ -845,12 +846,21 @@ def accumulate(
   ).transformation()
 
 
-def _check_flush_params(params: Params, acc_grads: Updates) -> None:
-  """Checks `flush`'s `params` against the accumulator: structure, then shapes.
+def _check_flush(tx: object, opt_state: OptState, params: Params, acc_grads: Updates) -> None:
+  """Checks `flush`'s arguments before anything is traced: `tx`, then `params`.
 
-  The accumulator holds None where a parameter has no gradient (an int leaf),
-  so None counts as a leaf on both sides.
+  `params` must be the tree of the accumulator (None, where a parameter has no
+  gradient, counts as a leaf on both sides), of floating-point arrays, and
+  `tx.init(params)` must build a state of the structure and accumulator shapes
+  of `opt_state`: that both finds a `tx` that did not build `opt_state` and
+  gives each accumulator's shape as `params` would make it (under mesh axes
+  with a leading replica axis), so no shape is guessed.
   """
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(
+      "`flush(tx=...)` must be the optax GradientTransformation whose state is "
+      f"opt_state (`optaccum.accumulate(...)` or a chain holding it), got tx={tx!r}."
+    )
   is_none = lambda x: x is None  # noqa: E731
   entries, given = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
   accumulators, expected = jax.tree.flatten(acc_grads, is_leaf=is_none)
@@ -860,8 +870,35 @@ def _check_flush_params(params: Params, acc_grads: Updates) -> None:
       f"in opt_state.\n  params: {given}\n  the accumulator: {expected}"
     )
   for (path, param), acc in zip(entries, accumulators):
-    # Under mesh axes the accumulator has a leading replica axis.
-    if acc is not None and jnp.shape(param) not in (jnp.shape(acc), jnp.shape(acc)[1:]):
+    place = jax.tree_util.keystr(path) or "the root"
+    if acc is None:
+      continue
+    if not isinstance(param, (jax.Array, np.ndarray)):
+      raise TypeError(
+        f"`flush(params=...)` must hold arrays, but the leaf at {place} is a "
+        f"{type(param).__name__}: {param!r}. Pass the parameters that opt_state was built for."
+      )
+    if not jnp.issubdtype(param.dtype, jnp.inexact) or (
+      jnp.iscomplexobj(param) and not jnp.iscomplexobj(acc)
+    ):
+      raise TypeError(
+        f"`flush(params=...)` has dtype {param.dtype.name} at {place}, where the "
+        f"accumulator in opt_state is {acc.dtype.name}: the zero gradients take the "
+        "parameters' dtypes, so pass the parameters that opt_state was built for."
+      )
+  built = jax.eval_shape(tx.init, params)  # type: ignore[attr-defined]  # checked callable above
+  built_def, state_def = jax.tree.structure(built), jax.tree.structure(opt_state)
+  if built_def != state_def:  # type: ignore[operator]  # PyTreeDef: no stubs
+    raise ValueError(
+      "`flush(tx=...)` is not the transformation whose state is opt_state: tx.init(params) "
+      f"builds\n  {built_def}\nbut opt_state is\n  {state_def}"
+    )
+  leaves = jax.tree.leaves(built, is_leaf=is_state)
+  (wanted,) = [leaf.acc_grads for leaf in leaves if isinstance(leaf, AccumulateState)]
+  for (path, param), want, acc in zip(
+    entries, jax.tree.leaves(wanted, is_leaf=is_none), accumulators
+  ):
+    if acc is not None and jnp.shape(want) != jnp.shape(acc):
       raise ValueError(
         f"`flush(params=...)` does not match the accumulator in opt_state at "
         f"{jax.tree_util.keystr(path) or 'the root'}: params has shape {jnp.shape(param)}, "
@@ -900,7 +937,12 @@ def flush(
   Raises:
     ValueError: if `opt_state` holds no `AccumulateState` (or several): there is
       no window to close, and a plain optimizer would take a step.
-    ValueError: if `params` does not match the accumulator's structure or shapes.
+    ValueError: if `params` does not match the accumulator's structure or shapes,
+      or `tx.init(params)` builds a state of another structure than `opt_state`
+      (`tx` is not the transformation that built it).
+    TypeError: if `tx` is not a transformation, a leaf of `params` with an
+      accumulator is not a floating-point array, or `extra_args` holds
+      `weight` or `flush`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -915,9 +957,15 @@ def flush(
     >>> updates["w"]  # -lr * mean of the two micro-batches seen
     Array([-2., -4.], dtype=float32)
   """
+  taken = sorted({"weight", "flush"} & set(extra_args))
+  if taken:
+    raise TypeError(
+      f"`flush(**extra_args)` may not hold {' or '.join(taken)}: flush passes "
+      "weight=0 and flush=True to tx.update itself."
+    )
   hint = " With no window to close, `tx.update` would take a plain optimizer step."
   leaves, treedef, position = locate_state("flush(opt_state=...)", opt_state, hint)
-  _check_flush_params(params, leaves[position].acc_grads)
+  _check_flush(tx, opt_state, params, leaves[position].acc_grads)
   zeros = _gradient_zeros(params, leaves[position].acc_grads)
   updates, new_state = tx.update(
     zeros,

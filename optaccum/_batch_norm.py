@@ -88,11 +88,18 @@ def _check_layers(where: str, name: str, batch_stats: BatchStats, *, stacked: bo
         "`batch_stats` collection only."
       )
     mean, var = layer["mean"], layer["var"]
-    for stat in (mean, var):
-      if not jnp.issubdtype(jnp.result_type(stat), jnp.floating):
+    for key, stat in (("mean", mean), ("var", var)):
+      if not isinstance(stat, (jax.Array, np.ndarray)):
+        # Checked first: a list or a str would fail in JAX without naming the call.
+        raise TypeError(
+          f"`{where}({name}=...)` must hold arrays, as flax.linen.BatchNorm stores "
+          f"them, but the {key!r} of the layer at {place} is a {type(stat).__name__}: "
+          f"{stat!r}. Pass jnp.asarray(...) of the dtype you mean."
+        )
+      if not jnp.issubdtype(stat.dtype, jnp.floating):
         raise TypeError(
           f"`{where}({name}=...)` must hold floating-point statistics, but the layer at "
-          f"{place} has dtype {jnp.result_type(stat).name}."
+          f"{place} has dtype {stat.dtype.name}."
         )
     if jnp.shape(mean) != jnp.shape(var) or (stacked and not jnp.shape(mean)):
       raise ValueError(
@@ -125,6 +132,11 @@ def _micro_batch_count(stacked: BatchStats) -> int:
   """The length of the leading micro-batch axis, the same on every leaf."""
   leaves = jax.tree_util.tree_flatten_with_path(stacked)[0]
   (first_path, first), *rest = leaves
+  if not jnp.shape(first)[0]:
+    raise ValueError(
+      f"`{_MERGE}(stacked=...)` must stack at least one micro-batch's statistics, but "
+      f"the leaf at {jax.tree_util.keystr(first_path)} has a leading axis of length 0."
+    )
   for path, leaf in rest:
     if jnp.shape(leaf)[0] != jnp.shape(first)[0]:
       raise ValueError(
@@ -148,18 +160,32 @@ def _merge_weights(weights: ArrayLike | None, stacked: BatchStats, count: int) -
   """Each micro-batch's float32 weight in the merge, shape `(k,)`: 0 where it is skipped."""
   if weights is None:
     weights = jnp.ones((count,), jnp.float32)
-  elif jnp.shape(weights) != (count,):
+  # A list or a Python number as a NumPy array first: JAX reads no shape from a list.
+  values = weights if isinstance(weights, (jax.Array, np.ndarray)) else _as_numpy(weights)
+  if not (jnp.issubdtype(values.dtype, jnp.integer) or jnp.issubdtype(values.dtype, jnp.floating)):
+    # A bool mask would pass as weights 0 and 1, a complex weight would lose its
+    # imaginary part: `accumulate` refuses both too.
+    raise TypeError(
+      f"`{_MERGE}(weights=...)` must hold numbers, got weights={weights!r}: one real "
+      "weight per micro-batch, not a bool or a complex number."
+    )
+  if values.shape != (count,):
     raise ValueError(
       f"`{_MERGE}(weights=...)` must hold one weight per micro-batch, shape ({count},), "
-      f"got shape {jnp.shape(weights)}."
+      f"got shape {values.shape}."
     )
-  kind = getattr(weights, "dtype", None) or np.asarray(weights).dtype
-  if not jnp.issubdtype(kind, jnp.number):
-    # A bool mask would pass as weights 0 and 1; `accumulate` refuses a bool weight too.
-    raise TypeError(f"`{_MERGE}(weights=...)` must hold numbers, got weights={weights!r}.")
-  weights = jnp.asarray(weights).astype(jnp.float32)
-  _, counted = jax.vmap(_window.admit)(weights, _not_finite_micro_batches(stacked, count))
+  _, counted = jax.vmap(_window.admit)(
+    jnp.asarray(values).astype(jnp.float32), _not_finite_micro_batches(stacked, count)
+  )
   return counted
+
+
+def _as_numpy(value: object) -> np.ndarray:
+  """`value` as a NumPy array; a ragged list as an object array, which holds no numbers."""
+  try:
+    return np.asarray(value)
+  except ValueError:
+    return np.asarray(None)
 
 
 def _average(x: jax.Array, weights: jax.Array, total: jax.Array) -> jax.Array:
@@ -225,11 +251,13 @@ def merge_batch_stats(
     The merged `batch_stats`, with the structure and dtypes of one micro-batch's.
 
   Raises:
-    ValueError: if `momentum` is out of range, a leaf lies outside a
-      `{"mean", "var"}` layer, the leading axes differ, `weights` has
-      another shape than `(k,)` or comes without `batch_stats`, or
-      `batch_stats` does not match one micro-batch's statistics.
-    TypeError: if a statistic is not floating point.
+    ValueError: if `momentum` is out of range (or not a number), a leaf lies
+      outside a `{"mean", "var"}` layer, the leading axes differ or are of
+      length 0, `weights` has another shape than `(k,)` or comes without
+      `batch_stats`, or `batch_stats` does not match one micro-batch's
+      statistics.
+    TypeError: if a statistic is not a floating-point array (a Python float
+      or list included), or `weights` holds bools or complex numbers.
 
   Examples:
     >>> import jax
@@ -362,8 +390,10 @@ class BatchStatsWindow(NamedTuple):
       A window with weight 0, zero sums and no micro-batch skipped.
 
     Raises:
-      ValueError: if a leaf lies outside a `{"mean", "var"}` layer.
-      TypeError: if a statistic is not floating point.
+      ValueError: if a leaf lies outside a `{"mean", "var"}` layer, or a
+        layer's mean and var differ in shape.
+      TypeError: if a statistic is not a floating-point array (a Python
+        float or list included).
     """
     _check_layers(_CREATE, "batch_stats", batch_stats, stacked=False)
     return cls(
@@ -394,6 +424,9 @@ class BatchStatsWindow(NamedTuple):
     Raises:
       ValueError: if `batch_stats` does not match the window's structure and
         shapes, or `weight` is not a scalar.
+      TypeError: if a leaf of `batch_stats` is not a floating-point array (a
+        Python float, an int or a complex array), or `weight` is a bool, a
+        complex number or not a number.
     """
     _validation.check_tree_matches(_ADD, "batch_stats", batch_stats, self.mean, "the window")
     if weight is not None:
@@ -471,9 +504,10 @@ class BatchStatsWindow(NamedTuple):
       `num_skipped` kept). Otherwise both as given.
 
     Raises:
-      ValueError: if `momentum` is out of range, or `batch_stats` does not
-        match the window's structure and shapes.
-      TypeError: if `when` or `reset` is not a scalar bool.
+      ValueError: if `momentum` is out of range (or not a number), or
+        `batch_stats` does not match the window's structure and shapes.
+      TypeError: if `when` or `reset` is not a scalar bool, or a leaf of
+        `batch_stats` is not a floating-point array.
     """
     _check_momentum(_CLOSE, momentum)
     _validation.check_tree_matches(_CLOSE, "batch_stats", batch_stats, self.mean, "the window")

@@ -371,6 +371,32 @@ def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
   return _finish(settings, carry, combined, shapes)
 
 
+def _check_rows_per_replica(
+  k: int, batches: dict[int | str, Any], axes: tuple[str, ...], replicas: int
+) -> None:
+  """Checks that each replica's rows split into k micro-batches, naming the whole batch.
+
+  Checked before the split among replicas, so that the message gives the batch
+  size the caller passed, not one replica's share of it. A batch that does not
+  divide among the replicas is left to `_replicas.split`'s message.
+  """
+  for name, batch in batches.items():
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+      shape = jnp.shape(x)
+      if not shape or shape[0] % replicas or not (shape[0] // replicas) % k:
+        continue
+      rows, share = shape[0], shape[0] // replicas
+      held = "the 1 replica holds" if replicas == 1 else f"the {replicas} replicas hold"
+      raise ValueError(
+        f"`{_WHERE}(k={k}, reduce_axes={axes!r})` splits each replica's rows into k "
+        f"micro-batches, but {_label(name)} at {jax.tree_util.keystr(path) or 'the root'} "
+        f"has a batch of {rows} rows, which {held} as {share} rows each, and {share} "
+        f"does not split into k={k} equal micro-batches. Pass a batch whose size is a "
+        f"multiple of {replicas * k} ({replicas} replicas x k={k}), or a k that divides "
+        f"{share}."
+      )
+
+
 def _per_replica_sums(
   settings: _Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
 ) -> tuple[Any, list, _Shapes]:
@@ -383,6 +409,7 @@ def _per_replica_sums(
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
   batches = _arguments.batches(plan, args, kwargs)
+  _check_rows_per_replica(settings.k, batches, axes, replicas)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
   found: list[_Shapes] = []
 

@@ -165,11 +165,13 @@ def check_tree_matches(
 
 def as_scalar(where: str, name: str, value: ArrayLike, dtype: DTypeLike) -> jax.Array:
   """Returns `value` as a scalar array of `dtype`; rejects non-scalars."""
-  shape = jnp.shape(value)
+  # np.shape: jnp.shape warns on a list (deprecated, to become an error).
+  shape = np.shape(value)
   if shape != ():
     raise ValueError(f"`{where}({name}=...)` must be a scalar, got an array of shape {shape}.")
   check_real(where, name, value)
-  return jnp.asarray(value).astype(dtype)
+  # Straight to `dtype`: a Python int beyond int32 (2**40 tokens) overflows otherwise.
+  return jnp.asarray(value, dtype)
 
 
 def check_real(where: str, name: str, value: object) -> None:
