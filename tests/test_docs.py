@@ -1,20 +1,20 @@
 """Every ```python block of README.md and docs/*.md runs as written, on its own.
 
-Each block runs in a fresh `python -c` from the repository root, with warnings as
-errors and JAX on the CPU. Standard dtype promotion, as a reader would run it:
+Each block runs as `__main__` in a namespace of its own, from the repository root,
+with warnings as errors and JAX on the CPU; a document's blocks share one fresh
+interpreter (`tests/interpreter.py`), a block that sets `XLA_FLAGS` or the JAX
+configuration gets one of its own. Standard dtype promotion, as a reader would run it:
 optax 0.2.8's Adam family itself fails strict promotion. A block that needs
 several devices asks for them itself (`XLA_FLAGS`, before it imports jax).
 """
 
 import concurrent.futures
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -41,43 +41,34 @@ def _blocks() -> list:
 BLOCKS = _blocks()
 
 
-def _run(code: str) -> subprocess.CompletedProcess | str:
-  """Runs `code` in a fresh interpreter; the process, or why it did not finish.
+def _groups(selected: dict[str, str]) -> list[list[tuple[str, str, str]]]:
+  """The blocks to run, one interpreter per group: a document's blocks share one.
 
-  The block runs in a process group of its own, so that a timeout also ends any
-  process it started.
+  A block that changes the process (XLA_FLAGS, the JAX configuration) gets an
+  interpreter of its own.
   """
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="error")
-  env.pop("XLA_FLAGS", None)
-  args = [sys.executable, "-c", code]
-  with subprocess.Popen(
-    args,
-    cwd=REPO,
-    env=env,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-    start_new_session=True,
-  ) as process:
-    try:
-      stdout, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-      os.killpg(process.pid, signal.SIGKILL)
-      process.communicate()
-      return f"did not finish in {TIMEOUT_SECONDS} s"
-  return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+  groups: dict[str, list[tuple[str, str, str]]] = {}
+  for block_id, code in selected.items():
+    key = block_id if interpreter.needs_own_process(code) else block_id.split(":")[0]
+    groups.setdefault(key, []).append((block_id, code, ""))
+  return list(groups.values())
 
 
 @pytest.fixture(scope="module")
 def runs(request):
-  """The run of each selected block, by id, started in the background a few at a time."""
+  """The run of each selected block, by id, its groups started in the background a few at a time."""
   selected = {
     item.callspec.id: item.callspec.params["code"]
     for item in request.session.items
     if getattr(item, "originalname", None) == "test_python_block_runs"
   }
+
+  def run(group):
+    return interpreter.run_scripts(group, cwd=REPO, timeout=TIMEOUT_SECONDS * len(group))
+
   with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-    yield {block_id: pool.submit(_run, code) for block_id, code in selected.items()}
+    futures = [pool.submit(run, group) for group in _groups(selected)]
+    yield {block_id: result for future in futures for block_id, result in future.result().items()}
 
 
 def test_every_python_fence_is_found():
@@ -89,7 +80,7 @@ def test_every_python_fence_is_found():
 @pytest.mark.parametrize("code", BLOCKS)
 def test_python_block_runs(code, runs, request):
   block_id = request.node.callspec.id
-  result = runs[block_id].result()
+  result = runs[block_id]
   assert not isinstance(result, str), f"the block at {block_id} {result}"
   exit_code = result.returncode
   assert exit_code == 0, (

@@ -2,11 +2,11 @@
 
 import concurrent.futures
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import interpreter
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = [
@@ -25,21 +25,27 @@ NAMES = [
 
 @pytest.fixture(scope="module")
 def outputs():
-  """Runs all the examples, two at a time (the machine the suite targets has two cores)."""
+  """Runs all the examples: two interpreters at a time (the suite's machine has two
+  cores), each running half of them in turn (`tests/interpreter.py`: as `__main__`,
+  warnings as errors, one namespace each)."""
+  scripts = [(name, "", str(EXAMPLES / f"{name}.py")) for name in NAMES]
+  halves = [scripts[0::2], scripts[1::2]]
 
-  def run(name):
-    command = [sys.executable, "-W", "error", str(EXAMPLES / f"{name}.py")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    return done.returncode, done.stdout, done.stderr
+  def run(group):
+    return interpreter.run_scripts(group, cwd=EXAMPLES.parent, timeout=300 * len(group))
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    return dict(zip(NAMES, pool.map(run, NAMES)))
+    results = {}
+    for done in pool.map(run, halves):
+      results.update(done)
+  return results
 
 
 def output_of(outputs, name):
-  code, stdout, stderr = outputs[name]
-  assert code == 0, f"examples/{name}.py failed:\n{stderr}"
-  return stdout
+  result = outputs[name]
+  assert not isinstance(result, str), f"examples/{name}.py {result}"
+  assert result.returncode == 0, f"examples/{name}.py failed:\n{result.stderr}"
+  return result.stdout
 
 
 def differences(stdout):
