@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -14,6 +15,10 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_STEPS = 300
 DEFAULT_SEED = 0
 DEFAULT_OUT = "optaccum_demo.png"
+# Counts (-k, --batch-size, --steps, --windows, --rounds) stay within int32, the
+# type of JAX's and Optax's step counters; jax.random.key takes a signed 64-bit seed.
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**63 - 1
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -119,15 +124,35 @@ def _evaluate_parser(
   return evaluate
 
 
+def _count_problem(command: str, flag: str, value: int | None) -> str | None:
+  """Why `value` is no count (a positive int, at most MAX_COUNT), or None (None: not given)."""
+  if value is not None and value < 1:
+    return f"`{command} {flag}` must be a positive int, got {value}."
+  if value is not None and value > MAX_COUNT:
+    return f"`{command} {flag}` must be at most 2**31 - 1 = {MAX_COUNT}, got {value}."
+  return None
+
+
+def _seed_problem(command: str, seed: int) -> str | None:
+  """Why `seed` is no seed for jax.random.key (an int in [0, 2**63 - 1]), or None."""
+  if seed < 0:
+    return f"`{command} --seed` must be a non-negative int, got {seed}."
+  if seed > MAX_SEED:
+    return f"`{command} --seed` must be at most 2**63 - 1 = {MAX_SEED}, got {seed}."
+  return None
+
+
 def _check_evaluate_options(args: argparse.Namespace) -> str | None:
   """The first problem with `optaccum evaluate`'s options, or None."""
-  for flag, value in [("--batch-size", args.batch_size), ("--windows", args.windows)]:
-    if value < 1:
-      return f"`optaccum evaluate {flag}` must be a positive int, got {value}."
-  if args.rounds < 1:
-    return f"`optaccum evaluate --rounds` must be a positive int, got {args.rounds}."
-  if args.seed < 0:
-    return f"`optaccum evaluate --seed` must be a non-negative int, got {args.seed}."
+  command = "optaccum evaluate"
+  counts = [("--batch-size", args.batch_size), ("--windows", args.windows)]
+  for flag, value in [*counts, ("--rounds", args.rounds)]:
+    problem = _count_problem(command, flag, value)
+    if problem is not None:
+      return problem
+  problem = _seed_problem(command, args.seed)
+  if problem is not None:
+    return problem
   for k in args.k:
     if k < 1 or args.batch_size % k:
       return (
@@ -168,10 +193,12 @@ def _check_demo_options(args: argparse.Namespace) -> str | None:
     ("--batch-size", args.batch_size),
     ("--steps", args.steps),
   ]:
-    if value is not None and value < 1:
-      return f"`optaccum demo {flag}` must be a positive int, got {value}."
-  if args.seed < 0:
-    return f"`optaccum demo --seed` must be a non-negative int, got {args.seed}."
+    problem = _count_problem("optaccum demo", flag, value)
+    if problem is not None:
+      return problem
+  problem = _seed_problem("optaccum demo", args.seed)
+  if problem is not None:
+    return problem
   if args.k is not None and args.batch_size % args.k:
     return f"`optaccum demo --batch-size` must be a multiple of -k={args.k}, got {args.batch_size}."
   return _check_out("optaccum demo", args.out)
@@ -197,13 +224,51 @@ def _why_unwritable(path: str) -> str | None:
     return f"{ancestor} is not a directory"
   if not os.access(ancestor, os.W_OK | os.X_OK):
     return f"the directory {ancestor} is not writable"
+  # os.access answers yes to root everywhere, /proc and read-only mounts
+  # included: creating a file is the test that does not lie.
+  try:
+    with tempfile.TemporaryFile(dir=ancestor):
+      pass
+  except OSError as error:
+    return f"no file can be created in {ancestor} ({error.strerror})"
   return None
+
+
+def _attach_dash_values(
+  argv: Sequence[str], commands: dict[str, argparse.ArgumentParser]
+) -> list[str]:
+  """`argv` with a value that starts with "-" attached to its option: `--memory-budget=-5MiB`.
+
+  argparse takes "-5MiB" for an unknown option and says only that
+  --memory-budget "expected one argument"; attached, the value reaches the
+  option's own check, whose message names it. Options of one value only.
+  """
+  argv = list(argv)
+  command = next((index for index, word in enumerate(argv) if word in commands), None)
+  if command is None:
+    return argv
+  actions = commands[argv[command]]._actions  # argparse lists its options only privately
+  known = {flag for action in actions for flag in action.option_strings}
+  takes_one = {flag for action in actions if action.nargs is None for flag in action.option_strings}
+  attached: list[str] = argv[: command + 1]
+  rest = iter(argv[command + 1 :])
+  for word in rest:
+    if word == "--":
+      attached += [word, *rest]
+      break
+    value = next(rest, None) if word in takes_one else None
+    if value is not None and value.startswith("-") and value not in known and value != "--":
+      attached.append(f"{word}={value}")
+    else:
+      attached += [word] if value is None else [word, value]
+  return attached
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line on `argv` (default: `sys.argv[1:]`); returns the exit code."""
   parser, commands = _parsers()
-  args = parser.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser.parse_args(_attach_dash_values(argv, commands))
   check = _check_demo_options if args.command == "demo" else _check_evaluate_options
   problem = check(args)
   if problem is not None:

@@ -13,6 +13,7 @@ executes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -52,9 +53,11 @@ class EvaluationRow:
     memory: bytes the compiled step holds (as `optaccum.planning.plan` counts them).
     temporaries: of which temporaries.
     max_param_difference: the largest absolute parameter difference from the
-      reference run, over every window's end.
+      reference run, over every window's end; NaN once either run's
+      parameters hold a NaN (or both an inf in one place): a comparison with a
+      NaN is divergence, never agreement.
     max_loss_difference: the largest absolute difference of a window's
-      training loss from the reference's.
+      training loss from the reference's; NaN as above.
     final_loss: the last window's training loss.
   """
 
@@ -67,6 +70,12 @@ class EvaluationRow:
   max_param_difference: float
   max_loss_difference: float
   final_loss: float
+
+  @property
+  def diverged(self) -> bool:
+    """Whether a difference or the final loss is NaN or inf: the run cannot be compared."""
+    values = (self.max_param_difference, self.max_loss_difference, self.final_loss)
+    return not all(map(math.isfinite, values))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +93,17 @@ class Evaluation:
     Columns: the form, k, the micro-batch size, the median time per example,
     the compiled step's memory, and the largest parameter and window-loss
     differences from the reference (the rows hold the temporaries and final
-    losses too).
+    losses too). A difference that is NaN or inf reads "diverged", and a
+    caption says which rows did.
     """
     from rich.table import Table
 
+    diverged = [f"{row.form} k={row.k}" for row in self.rows if row.diverged]
     table = Table(
-      title=f"{self.windows} windows of {self.batch_size} examples; reference: k={self.reference}"
+      title=f"{self.windows} windows of {self.batch_size} examples; reference: k={self.reference}",
+      caption=None
+      if not diverged
+      else f"diverged (a loss or parameter became NaN or inf): {', '.join(diverged)}",
     )
     widths = {"form": 10, "k": 2, "batch": 5, "µs/example": 10, "memory": 9}
     widths.update({"Δparam": 7, "Δloss": 7})
@@ -102,8 +116,8 @@ class Evaluation:
         str(row.micro_batch_size),
         f"{row.seconds_per_example * 1e6:,.2f}",
         _planning.size_text(row.memory),
-        f"{row.max_param_difference:.1e}",
-        f"{row.max_loss_difference:.1e}",
+        _difference_text(row.max_param_difference),
+        _difference_text(row.max_loss_difference),
       )
     return table
 
@@ -120,9 +134,15 @@ class Evaluation:
     memory.bar(labels, [row.memory / 2**10 for row in self.rows], color="tab:orange")
     memory.bar(labels, [row.temporaries / 2**10 for row in self.rows], color="tab:red")
     memory.set_ylabel("compiled step memory (KiB); red: temporaries")
-    # A log axis has no zero: the reference, and exact runs, sit at the floor.
+    # A log axis has no zero: the reference, and exact runs, sit at the floor;
+    # a diverged run has no height to draw, so it is a red bar marked "diverged".
     floor = 1e-12
-    drift.bar(labels, [max(row.max_param_difference, floor) for row in self.rows])
+    heights = [floor if row.diverged else max(row.max_param_difference, floor) for row in self.rows]
+    colors = ["tab:red" if row.diverged else "tab:blue" for row in self.rows]
+    drift.bar(labels, heights, color=colors)
+    for index, row in enumerate(self.rows):
+      if row.diverged:
+        drift.text(index, floor, "diverged", rotation=90, ha="center", va="bottom", color="tab:red")
     drift.set_yscale("log")
     drift.set_ylabel(f"max |param - reference|, k={self.reference}")
     for axes in (speed, memory, drift):
@@ -133,6 +153,11 @@ class Evaluation:
       f"{self.batch_size} examples"
     )
     figure.savefig(path, dpi=100)
+
+
+def _difference_text(difference: float) -> str:
+  """A table cell: the difference, or "diverged" where it is NaN or inf."""
+  return f"{difference:.1e}" if math.isfinite(difference) else "diverged"
 
 
 @dataclasses.dataclass
@@ -191,8 +216,19 @@ def _differences(a: Params, b: Params) -> list[jax.Array]:
 
 
 def _max_difference(a: Params, b: Params) -> float:
-  """The largest absolute difference between two parameter trees, on the host."""
-  return max((float(d) for d in jax.device_get(_differences(a, b))), default=0.0)
+  """The largest absolute difference between two parameter trees, on the host; NaN if any is."""
+  return _worst(*(float(d) for d in jax.device_get(_differences(a, b))))
+
+
+def _worst(*differences: float) -> float:
+  """The largest difference (0 for none), NaN where any is NaN.
+
+  Python's `max` would keep whichever comes first when a NaN meets a number
+  (every comparison with NaN is False), reporting a diverged run as agreeing.
+  """
+  if any(map(math.isnan, differences)):
+    return math.nan
+  return max(differences, default=0.0)
 
 
 def _check_batches(batches: object) -> int:
@@ -202,22 +238,52 @@ def _check_batches(batches: object) -> int:
       f"`{_WHERE}(batches=...)` must be a non-empty list of batches, one per window, each a "
       f"tuple of the arguments after the parameters, got a {type(batches).__name__}."
     )
-  batch_size = _planning.batch_size_of(_WHERE, batches[0])
-  first = jax.tree.structure(batches[0]), [jnp.shape(x) for x in jax.tree.leaves(batches[0])]
+  sizes = [
+    _planning.batch_size_of(_WHERE, batch, name="batches", index=index, shapes=False)
+    for index, batch in enumerate(batches)
+  ]
+  first = _batch_layout(batches[0])
   for index, batch in enumerate(batches[1:], start=1):
-    if (
-      not isinstance(batch, tuple)
-      or (
-        jax.tree.structure(batch),
-        [jnp.shape(x) for x in jax.tree.leaves(batch)],
-      )
-      != first
-    ):
+    difference = _layout_difference(_batch_layout(batch), first)
+    if difference is not None:
       raise ValueError(
-        f"`{_WHERE}(batches=...)` must hold batches of one structure and shape: batch "
-        f"{index} differs from batch 0."
+        f"`{_WHERE}(batches=...)` must hold batches of one structure, shapes and dtypes: "
+        f"batch {index} differs from batch 0: {difference}."
       )
-  return batch_size
+  return sizes[0]
+
+
+def _batch_layout(batch: _Batch) -> tuple[object, list[tuple[str, str]]]:
+  """A batch's tree structure and each leaf's (path, dtype and shape), as the step sees them."""
+  leaves, structure = jax.tree_util.tree_flatten_with_path(_planning.abstract(batch))
+  return structure, [(jax.tree_util.keystr(path), _planning.leaf_text(x)) for path, x in leaves]
+
+
+def _layout_difference(
+  layout: tuple[object, list[tuple[str, str]]], first: tuple[object, list[tuple[str, str]]]
+) -> str | None:
+  """Where a batch's layout differs from batch 0's, in words; None where it does not."""
+  if layout[0] != first[0]:
+    return f"structure {layout[0]} where batch 0 has {first[0]}"
+  for (path, leaf), (_, first_leaf) in zip(layout[1], first[1]):
+    if leaf != first_leaf:
+      return f"{leaf} at {path or 'the root'} where batch 0 has {first_leaf}"
+  return None
+
+
+def _check_params(params: Params) -> None:
+  """Checks that `params` holds arrays, every value finite: each run trains from them."""
+  label = f"`{_WHERE}(params=...)`"
+  _planning.check_array_leaves(label, params, shapes=False)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
+    bad = int(jnp.size(leaf) - jnp.count_nonzero(jnp.isfinite(leaf)))
+    if bad:
+      raise ValueError(
+        f"{label} must be finite: the leaf at {jax.tree_util.keystr(path) or 'the root'} "
+        f"holds {bad} NaN or inf of {jnp.size(leaf)} values, and every run would start from them."
+      )
 
 
 def _progress(enabled: bool, total: int) -> Progress | _NoProgress:
@@ -255,7 +321,7 @@ def _divergence(
     for index, run in enumerate(runs):
       param = _max_difference(run.state[0], reference)
       loss = abs(losses[index] - losses[0])
-      worst[index] = (max(worst[index][0], param), max(worst[index][1], loss), losses[index])
+      worst[index] = (_worst(worst[index][0], param), _worst(worst[index][1], loss), losses[index])
     bar.advance(_WINDOWS_TASK, len(runs))
   return worst
 
@@ -326,7 +392,18 @@ def evaluate(
 
   Returns:
     An `Evaluation`: a row per configuration run, `table()` (rich) and
-    `plot(path)` (a PNG).
+    `plot(path)` (a PNG). A run that meets a NaN or inf (in its loss or its
+    parameters) reports NaN differences and `row.diverged`, never agreement.
+
+  Raises:
+    TypeError: for a `grad_fn`, `optimizer`, `has_aux` or `progress` of the
+      wrong kind (the first three checked as `plan` checks them), a leaf of
+      `params` or of a batch that is not an array (`jax.ShapeDtypeStruct`
+      included: this call runs the step), or a `grad_fn` that does not return
+      `(loss, grads)` on the first batch (`jax.grad(loss)`).
+    ValueError: for a bad `k`, `form`, `rounds` or `budget`, batches that differ
+      from batch 0 in structure, shapes or dtypes or have no examples,
+      parameters holding NaN or inf, or a budget no configuration fits.
 
   Examples:
     >>> import jax
@@ -344,14 +421,16 @@ def evaluate(
     >>> all(row.max_param_difference < 1e-6 for row in result.rows)
     True
   """
+  _planning.check_step_arguments(_WHERE, grad_fn, optimizer, has_aux)
   batch_size = _check_batches(batches)
   ks = _planning.dividing_ks(_WHERE, "k", k, batch_size)
   _validation.check_choice(_WHERE, "form", form, _planning.FORMS)
   _validation.check_positive_int(_WHERE, "rounds", rounds)
-  for name, flag in (("has_aux", has_aux), ("progress", progress)):
-    if not isinstance(flag, bool):
-      raise TypeError(f"`{_WHERE}({name}=...)` must be a bool, got {name}={flag!r}.")
+  if not isinstance(progress, bool):
+    raise TypeError(f"`{_WHERE}(progress=...)` must be a bool, got progress={progress!r}.")
+  _check_params(params)
   limit = None if budget is None else _planning.parse_bytes(_WHERE, "budget", budget)
+  _planning.check_grad_fn(_WHERE, grad_fn, params, batches[0], has_aux)
   configurations = [("unsplit", 1)] + [(form, k) for k in ks if k > 1]
   runs = [
     _make_run(f, k, grad_fn, params, optimizer, batches[0], has_aux) for f, k in configurations

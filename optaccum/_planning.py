@@ -16,6 +16,7 @@ from typing import Protocol, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -146,23 +147,99 @@ def device_budget(where: str) -> int:
   return int(stats["bytes_limit"])
 
 
-def batch_size_of(where: str, batch: object) -> int:
-  """B, the leading axis that every leaf of `batch` shares; a ValueError otherwise."""
+def batch_size_of(
+  where: str, batch: object, *, name: str = "batch", index: int | None = None, shapes: bool = True
+) -> int:
+  """B, the leading axis that every leaf of `batch` shares, at least 1.
+
+  `name` and `index` say where the batch came from in messages ("`evaluate(
+  batches=...)` batch 2"); `shapes=False` refuses `jax.ShapeDtypeStruct` leaves,
+  for a call that runs the batch.
+  """
+  label = f"`{where}({name}=...)`" + ("" if index is None else f" batch {index}")
   if not isinstance(batch, tuple) or not jax.tree.leaves(batch):
     raise TypeError(
-      f"`{where}(batch=...)` must be a tuple of the arguments after the parameters, holding "
-      f"arrays (or jax.ShapeDtypeStruct) with a leading batch axis, got batch={batch!r}."
+      f"{label} must be a tuple of the arguments after the parameters, holding arrays "
+      f"(or jax.ShapeDtypeStruct) with a leading batch axis, got {_kind_of(batch)}."
     )
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
-  if len(sizes) != 1 or None in sizes:
-    shown = sorted(map(str, sizes))
+  check_array_leaves(label, batch, shapes=shapes)
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  for path, leaf in leaves:
+    if not leaf.shape:
+      raise ValueError(
+        f"{label} leaves need a leading batch axis, but the leaf at {_where_in(path)} is a "
+        f"scalar ({leaf_text(leaf)})."
+      )
+  sizes = sorted({int(leaf.shape[0]) for _, leaf in leaves})
+  if len(sizes) != 1:
     raise ValueError(
-      f"`{where}(batch=...)` leaves must share one leading batch axis, got leading sizes "
-      f"{', '.join(shown)}."
+      f"{label} leaves must share one leading batch axis, got leading sizes "
+      f"{', '.join(map(str, sizes))}."
     )
-  (size,) = sizes
-  assert size is not None
-  return int(size)
+  if sizes[0] == 0:
+    raise ValueError(f"{label} has no examples: its leading batch axis has size 0.")
+  return sizes[0]
+
+
+def _kind_of(value: object) -> str:
+  """What `value` is, in a few words, for a message: "a list", "a jax.Array of shape (8, 4)"."""
+  if isinstance(value, tuple):
+    return f"a tuple with no arrays: {value!r}"
+  names = {jax.Array: "jax.Array", np.ndarray: "numpy.ndarray"}
+  kind = next((name for cls, name in names.items() if isinstance(value, cls)), type(value).__name__)
+  shape = getattr(value, "shape", None)
+  article = "an" if kind[:1].lower() in "aeiou" else "a"
+  return f"{article} {kind}" + ("" if shape is None else f" of shape {tuple(shape)}")
+
+
+def _where_in(path: tuple) -> str:
+  return jax.tree_util.keystr(path) or "the root"
+
+
+class _Text(str):
+  """A string that shows itself without quotes inside a container's repr."""
+
+  def __repr__(self) -> str:
+    return str(self)
+
+
+def leaf_text(leaf: ArrayLike | jax.ShapeDtypeStruct) -> str:
+  """An array's dtype and shape, "float32[8, 4]"; "float32[]" for a scalar."""
+  return f"{jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}"  # type: ignore[union-attr]
+
+
+def tree_text(tree: PyTree) -> str:
+  """A tree with each array leaf as its dtype and shape: "(float32[], {'w': float32[4]})"."""
+  return repr(jax.tree.map(lambda leaf: _Text(leaf_text(leaf)), tree))
+
+
+def check_array_leaves(label: str, tree: PyTree, *, shapes: bool) -> None:
+  """Checks that every leaf of `tree` is an array of numbers (or, where `shapes`, a shape).
+
+  `label` names the argument ("`plan(params=...)`"). A Python number or list
+  leaf is refused rather than guessed at: its dtype would be JAX's choice.
+  """
+  kinds: tuple[type, ...] = (jax.Array, np.ndarray)
+  if shapes:
+    kinds += (jax.ShapeDtypeStruct,)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, kinds) and (not isinstance(leaf, np.ndarray) or leaf.dtype.kind in "biufc"):
+      continue
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      shown = f"a jax.ShapeDtypeStruct, {leaf_text(leaf)}"
+      hint = (
+        ": this call runs the step, so it needs values (`optaccum.planning.plan` takes shapes)."
+      )
+    elif isinstance(leaf, np.ndarray):
+      shown, hint = f"a numpy.ndarray of dtype {leaf.dtype}", "."
+    else:
+      text = repr(leaf)
+      shown = f"{_kind_of(leaf)}: {text if len(text) <= 60 else text[:57] + '...'}"
+      hint = ". Pass jnp.asarray(...) of the dtype you mean."
+    raise TypeError(
+      f"{label} must hold arrays{' or jax.ShapeDtypeStruct' if shapes else ''} of numbers, but "
+      f"the leaf at {_where_in(path)} is {shown}{hint}"
+    )
 
 
 def abstract(tree: PyTree) -> PyTree:
@@ -362,9 +439,13 @@ def plan(
     and every compiled row (`Plan.table()` prints them).
 
   Raises:
-    ValueError: for a bad budget, candidate or batch, or when no candidate
-      of a planned form fits the budget (the message gives the smallest total
-      seen).
+    TypeError: for a `grad_fn` that does not return `(loss, grads)` (checked
+      by `jax.eval_shape` on the first micro-batch, before anything compiles:
+      `jax.grad(loss)` is refused, naming `jax.value_and_grad(loss)`), or a
+      leaf of `params` or `batch` that is not an array or shape.
+    ValueError: for a bad budget or candidate, a batch with no examples or
+      without one shared leading axis, or when no candidate of a planned form
+      fits the budget (the message gives the smallest total seen).
 
   Examples:
     >>> import jax
@@ -382,12 +463,16 @@ def plan(
     >>> chosen.microbatch, chosen.accumulate  # the accumulate form's batch argument is smaller
     (4, 2)
   """
-  plan_forms = _check_plan_arguments(grad_fn, optimizer, has_aux, forms)
+  check_step_arguments(_WHERE, grad_fn, optimizer, has_aux)
+  plan_forms = _check_forms(forms)
+  check_array_leaves(f"`{_WHERE}(params=...)`", params, shapes=True)
   batch_size = batch_size_of(_WHERE, batch)
   budget = device_budget(_WHERE) if budget is None else parse_bytes(_WHERE, "budget", budget)
+  ks = _candidates(batch_size, candidates)
+  check_grad_fn(_WHERE, grad_fn, params, micro_batch(batch, ks[0]), has_aux)
   params = abstract(params)
   rows = []
-  for k in _candidates(batch_size, candidates):
+  for k in ks:
     rows += [
       _row(form, k, batch_size, memory, budget)
       for form, memory in _compile_candidate(
@@ -398,18 +483,65 @@ def plan(
   return Plan(chosen.get("microbatch"), chosen.get("accumulate"), budget, batch_size, tuple(rows))
 
 
-def _check_plan_arguments(
-  grad_fn: object, optimizer: object, has_aux: object, forms: Sequence[str]
-) -> tuple[str, ...]:
+def check_step_arguments(where: str, grad_fn: object, optimizer: object, has_aux: object) -> None:
+  """Checks the arguments `plan` and `evaluate` share, naming `where` in each message."""
   if not callable(grad_fn):
-    raise TypeError(f"`{_WHERE}(grad_fn=...)` must be callable, got grad_fn={grad_fn!r}.")
+    raise TypeError(f"`{where}(grad_fn=...)` must be callable, got grad_fn={grad_fn!r}.")
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
-      f"`{_WHERE}(optimizer=...)` must be an optax.GradientTransformation, "
+      f"`{where}(optimizer=...)` must be an optax.GradientTransformation, "
       f"got optimizer={optimizer!r}."
     )
   if not isinstance(has_aux, bool):
-    raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
+    raise TypeError(f"`{where}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
+
+
+def check_grad_fn(
+  where: str, grad_fn: ValueAndGradFn, params: Params, batch: tuple[PyTree, ...], has_aux: bool
+) -> None:
+  """Checks, by `jax.eval_shape` on one micro-batch, that `grad_fn` returns `(loss, grads)`.
+
+  Run before anything compiles, so that `jax.grad(loss)` in place of
+  `jax.value_and_grad(loss)` is named here rather than failing to unpack inside a step.
+  """
+  out = jax.eval_shape(grad_fn, abstract(params), *abstract(batch))
+  expected, call = ("(loss, grads)", "jax.value_and_grad(loss)")
+  if has_aux:
+    expected, call = ("((loss, aux), grads)", "jax.value_and_grad(loss, has_aux=True)")
+  problem = _grad_fn_problem(out, abstract(params), has_aux, call)
+  if problem is None:
+    return
+  raise TypeError(
+    f"`{where}(grad_fn=...)` must return {expected} like {call}, but on the first "
+    f"micro-batch {problem}"
+  )
+
+
+def _grad_fn_problem(out: PyTree, params: PyTree, has_aux: bool, call: str) -> str | None:
+  """What is wrong with `grad_fn`'s abstract output `out`, with the fix; None if nothing."""
+  value_and_grad = f"jax.grad(loss) returns the gradients alone: pass {call}"
+  if not (isinstance(out, tuple | list) and len(out) == 2):
+    return f"it returned {tree_text(out)}. {value_and_grad}."
+  value, grads = out
+  if has_aux and not (isinstance(value, tuple | list) and len(value) == 2):
+    return f"its first output is {tree_text(value)}, not (loss, aux)."
+  if not has_aux and isinstance(value, tuple | list):
+    return f"its first output is {tree_text(value)}: pass has_aux=True if it is (loss, aux)."
+  loss = value[0] if has_aux else value
+  if not isinstance(loss, jax.ShapeDtypeStruct) or loss.shape != ():
+    return f"its loss is {tree_text(loss)}, not a scalar. {value_and_grad}."
+  structure = jax.tree.structure(grads)
+  same = structure == jax.tree.structure(params) and all(  # type: ignore[operator]  # no stubs
+    jnp.shape(g) == p.shape for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params))
+  )
+  if not same:
+    return (
+      f"its gradients {tree_text(grads)} do not match params {tree_text(params)}. {value_and_grad}."
+    )
+  return None
+
+
+def _check_forms(forms: Sequence[str]) -> tuple[str, ...]:
   if isinstance(forms, str) or not forms or any(form not in FORMS for form in forms):
     raise ValueError(
       f"`{_WHERE}(forms=...)` must be a non-empty sequence of {', '.join(map(repr, FORMS))}, "

@@ -6,11 +6,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaccum import _validation
 from optaccum._types import KSchedule
 
+_WHERE = "scale_learning_rate"
 _RULES = ("linear", "sqrt")
 
 
@@ -29,13 +31,27 @@ def scale_learning_rate(
   optimizer's step count (the gradient step, since the inner optimizer counts
   windows); the result is then a schedule too.
 
+  A `k` schedule is read as `optaccum.accumulate` reads it, so the rate
+  matches the window accumulate really runs: its value is floored to an int,
+  and a value below 1 (or NaN, which cannot raise inside a compiled step)
+  counts as a window of 1. At gradient step 0 it is probed once, as
+  `accumulate` probes it: a NaN, inf or non-scalar there raises. A learning
+  rate schedule is probed at step 0 too, where it may be 0 (a warmup).
+
   Args:
-    learning_rate: a float, or an optax schedule `step -> learning rate`.
+    learning_rate: a positive finite float, or an optax schedule `step ->
+      learning rate`.
     k: the window length: a positive int, or a schedule `step -> k`.
     rule: `"linear"` or `"sqrt"`.
 
   Returns:
     A float where both inputs are constant, else a schedule.
+
+  Raises:
+    ValueError: for a learning rate that is not a positive finite number (a
+      schedule: not a finite non-negative real scalar at step 0), a bad `k`
+      or `k` schedule, a `rule` other than "linear" or "sqrt", or a scaled
+      rate that overflows (at step 0, in float32, for a schedule).
 
   Examples:
     >>> import optaccum
@@ -49,14 +65,17 @@ def scale_learning_rate(
     Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
     Algorithms".
   """
-  where = "scale_learning_rate"
-  if not callable(learning_rate):
-    _validation.check_number(where, "learning_rate", learning_rate, positive=True)
-  _validation.check_k(where, k)
-  _validation.check_choice(where, "rule", rule, _RULES)
+  _check_learning_rate(learning_rate)
+  _validation.check_k(_WHERE, k)
+  _validation.check_choice(_WHERE, "rule", rule, _RULES)
+  if callable(k):
+    _validation.check_schedule_value(_WHERE, "k", k)
   if not callable(learning_rate) and not callable(k):
     factor = k if rule == "linear" else math.sqrt(k)
-    return learning_rate * factor
+    with np.errstate(over="ignore"):  # a NumPy float overflows to inf, checked below
+      scaled_rate = learning_rate * factor
+    _check_finite(scaled_rate, learning_rate, factor)
+    return scaled_rate
 
   schedule_k = _validation.as_schedule(k)
 
@@ -66,4 +85,37 @@ def scale_learning_rate(
     factor = k if rule == "linear" else jnp.sqrt(k)
     return jnp.asarray(base, jnp.float32) * factor
 
+  step = jnp.zeros((), jnp.int32)
+  base = learning_rate(step) if callable(learning_rate) else learning_rate
+  with np.errstate(over="ignore"):  # a rate beyond float32 casts to inf, checked here
+    _check_finite(scaled(step), base, float(schedule_k(step)))
   return scaled
+
+
+def _check_learning_rate(learning_rate: object) -> None:
+  """A constant rate: a positive finite number; a schedule: finite and >= 0 at step 0."""
+  if not callable(learning_rate):
+    _validation.check_number(_WHERE, "learning_rate", learning_rate, positive=True)
+    if not math.isfinite(learning_rate):  # type: ignore[arg-type]  # a numbers.Real
+      raise ValueError(
+        f"`{_WHERE}(learning_rate=...)` must be finite, got learning_rate={learning_rate!r}."
+      )
+    return
+  value = learning_rate(jnp.zeros((), jnp.int32))
+  kind = jnp.result_type(value)
+  real = jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)
+  if jnp.shape(value) != () or not real or not 0 <= float(value) < math.inf:
+    raise ValueError(
+      f"`{_WHERE}(learning_rate=...)` must return a finite, non-negative real scalar, but "
+      f"at step 0 it returned {value!r}."
+    )
+
+
+def _check_finite(scaled: object, learning_rate: object, factor: float) -> None:
+  """Refuses a scaled rate that overflowed, naming the rate and the factor."""
+  if not math.isfinite(float(scaled)):  # type: ignore[arg-type]  # a float or a scalar array
+    raise ValueError(
+      f"`{_WHERE}(learning_rate=...)` scaled by {factor:g} overflows: "
+      f"{float(learning_rate):g} × {factor:g} is not a finite float"  # type: ignore[arg-type]
+      f"{' (float32, at step 0)' if isinstance(scaled, jax.Array) else ''}."
+    )
