@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaccum import _branching, _replicas, _statistics, _validation, _window
+from optaccum import _branching, _replicas, _spans, _statistics, _validation, _window
 from optaccum._accumulator import (
   REDUCTIONS,
   Accumulator,
@@ -279,13 +279,17 @@ class Accumulation:
     **extra_args: object,
   ) -> tuple[Any, AccumulateState]:
     """One micro-step: adds `updates`; emits the inner optimizer's updates if the window closes."""
-    state, close_window = self._add(self.update_name, updates, state, params, weight, flush)
+    with jax.named_scope(_spans.WINDOW_ADD):
+      state, close_window = self._add(self.update_name, updates, state, params, weight, flush)
     target: _IntoAccumulator | _IntoBuffer = _IntoBuffer()
     if self.replicas.alone:
       target, carried = _IntoAccumulator(), state.acc_grads
     else:
       carried = self.replicas.zeros_of_updates(updates)
-    with self._naming_inner_state(self.update_name, state, params):
+    with (
+      self._naming_inner_state(self.update_name, state, params),
+      jax.named_scope(_spans.WINDOW_CLOSE),
+    ):
       try:
         return self._emit(target, carried, updates, state, close_window, params, extra_args)
       except _OtherShapes as other:
@@ -367,9 +371,13 @@ class Accumulation:
     the parameters: no tree of updates outlives it, and a micro-step that does
     not close the window leaves the parameters in place.
     """
-    state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
+    with jax.named_scope(_spans.WINDOW_ADD):
+      state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
     operand = (params, state.inner_opt_state)
-    with self._naming_inner_state("apply_gradients", state, params):
+    with (
+      self._naming_inner_state("apply_gradients", state, params),
+      jax.named_scope(_spans.WINDOW_CLOSE),
+    ):
       params, inner_state, window = self._close(
         grads, state, close_window, operand, params, extra_args, _IntoParams()
       )

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _arguments, _aux, _nnx, _replicas, _validation, _window
+from optaccum import _accumulator, _arguments, _aux, _nnx, _replicas, _spans, _validation, _window
 from optaccum._types import DTypeLike, PyTree, Scalar
 
 _WHERE = "microbatch"
@@ -211,7 +211,9 @@ def _microbatch_call(
     micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
     if graph is not None:
       micro_args, micro_kwargs, objects = graph.merged(micro_args, micro_kwargs, state)
-    loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
+    with jax.named_scope(_spans.MICRO_BATCH):
+      out = settings.fn(*micro_args, **micro_kwargs)
+    loss, aux, grads = _unpack(out, settings.has_aux)
     weight = None
     if settings.weight_fn is not None:
       weight = _validation.as_scalar(
@@ -256,21 +258,22 @@ def _scan_body(
     (acc_loss, acc_grads, acc_aux, acc_weight), state = carry
     index, key = xs
     (loss, aux_out, grads), weight, state = call(index, key, state)
-    # The weight rule of every form: a NaN, infinite or negative weight skips.
-    skip, admitted = _window.admit(weight)
-    weight = None if weight is None else admitted
-    add = lambda acc, x, w: _window.add(accumulator, acc, x, w, skip)  # noqa: E731
     leaves = aux.flatten(aux_out)
-    acc_aux = [
-      add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
-      for acc, i in zip(acc_aux, aux.summed)
-    ]
-    sums = (
-      add(acc_loss, loss, weight),
-      jax.tree.map(lambda acc, g: add(acc, g, weight), acc_grads, grads),
-      acc_aux,
-      acc_weight + admitted,
-    )
+    with jax.named_scope(_spans.WINDOW_ADD):
+      # The weight rule of every form: a NaN, infinite or negative weight skips.
+      skip, admitted = _window.admit(weight)
+      weight = None if weight is None else admitted
+      add = lambda acc, x, w: _window.add(accumulator, acc, x, w, skip)  # noqa: E731
+      acc_aux = [
+        add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
+        for acc, i in zip(acc_aux, aux.summed)
+      ]
+      sums = (
+        add(acc_loss, loss, weight),
+        jax.tree.map(lambda acc, g: add(acc, g, weight), acc_grads, grads),
+        acc_aux,
+        acc_weight + admitted,
+      )
     return (sums, state), [leaves[i] for i in aux.stacked]
 
   return body
@@ -368,7 +371,8 @@ def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
   else:
     carry, combined, shapes = _per_replica_sums(settings, axes, args, kwargs)
   carry, _ = settings.replicas.reduce(carry, ())
-  return _finish(settings, carry, combined, shapes)
+  with jax.named_scope(_spans.WINDOW_CLOSE):
+    return _finish(settings, carry, combined, shapes)
 
 
 def _check_rows_per_replica(

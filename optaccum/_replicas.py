@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optaccum import _arguments, _validation
+from optaccum import _arguments, _spans, _validation
 from optaccum._sharding import vary
 from optaccum._types import DTypeLike, PyTree, Scalar
 
@@ -369,10 +369,11 @@ class Replicas:
     Returns:
       Both, summed over the replicas.
     """
-    if self.axis_name is not None:
-      return jax.lax.psum((per_replica, summed), self.axis_name)
-    if self.axes is not None:
-      return jax.tree.map(total, per_replica), summed
+    with jax.named_scope(_spans.REDUCE):
+      if self.axis_name is not None:
+        return jax.lax.psum((per_replica, summed), self.axis_name)
+      if self.axes is not None:
+        return jax.tree.map(total, per_replica), summed
     return per_replica, summed
 
   def fold_key(self, key: jax.Array, replica: jax.Array | None = None) -> jax.Array:

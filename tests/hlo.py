@@ -65,6 +65,7 @@ class Collective:
     bytes: the size of its result, which for an all-reduce is its operands.
     groups: the sets of devices (logical ids: positions in the mesh's device
       array, flattened) that communicate; None where the text gives none.
+    op_name: its op_name metadata, the named scopes it was traced in.
   """
 
   op: str
@@ -72,6 +73,7 @@ class Collective:
   conditional: bool
   bytes: int
   groups: tuple[frozenset[int], ...] | None = None
+  op_name: str = ""  # its metadata: the named scopes it was traced in
 
   def spans(self, mesh_shape: tuple[int, ...], axis: int) -> bool:
     """Whether some group holds devices at different positions along mesh axis `axis`.
@@ -136,6 +138,11 @@ def _names(match: re.Match) -> list[str]:
   return [name.strip().lstrip("%") for name in listed.split(",") if name.strip()]
 
 
+def _op_name(line: str) -> str:
+  found = re.search(r'op_name="([^"]*)"', line)
+  return found.group(1) if found else ""
+
+
 def collectives(hlo_text: str, ops: tuple[str, ...] = ("all-reduce",)) -> list[Collective]:
   """The collectives named in `ops` in a compiled program's `as_text()`."""
   computations: dict[str, list[str]] = {}
@@ -164,7 +171,9 @@ def collectives(hlo_text: str, ops: tuple[str, ...] = ("all-reduce",)) -> list[C
         base = opcode.removesuffix("-start")
         if base in ops and not opcode.endswith("-done"):
           found.append(
-            Collective(base, executions, conditional, _array_bytes(shape), _groups(line))
+            Collective(
+              base, executions, conditional, _array_bytes(shape), _groups(line), _op_name(line)
+            )
           )
       for callee in _LOOP_CALLS.findall(line):
         trip = _TRIP_COUNT.search(line)

@@ -39,6 +39,15 @@ def test_one_all_reduce_over_the_data_axis_per_window(results, case, method):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", DEFERRED)
+def test_the_deferred_reduction_is_named_in_the_profiler(results, case, method):
+  # The step's all-reduce over the data axis was traced inside `optaccum.reduce`
+  # (its op_name), so a jax.profiler trace names the window's reduction.
+  names = results[case][method]["data_all_reduce_op_names"]
+  assert names and all("optaccum.reduce" in name for name in names), names
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("method", PER_MICRO_BATCH)
 def test_without_reduce_axes_plain_jit_reduces_every_micro_batch(results, case, method):
   # The measured baseline the docs quote: XLA reduces each micro-batch's gradients.

@@ -216,6 +216,8 @@ def check(kind, axis_type, chosen=ASSERTED):
         "fsdp_all_reduces": fsdp_reduces,
         "fsdp_bytes": fsdp_bytes,
         "max_abs_diff": diff,
+        # The profiler spans each all-reduce over the data axis was traced in.
+        "data_all_reduce_op_names": [c.op_name for c in hlo.collectives(text) if c.spans(shape, 0)],
         "param_specs": [spec_of(p) for p in jax.tree.leaves(params)],
         "out_param_specs": [spec_of(p) for p in jax.tree.leaves(new_params)],
         "acc_specs": None if acc is None else [spec_of(a) for a in jax.tree.leaves(acc)],
