@@ -7,7 +7,9 @@ What the tree does not hold is the window length k; these helpers record it
 next to the state and check both on restore, so a checkpoint that does not fit
 the optimizer fails with a message instead of a shape error inside JAX, or a
 silently different run. Each array's checksum, computed on its device at
-save, is checked again after the restore, so damaged data fails loudly too.
+save, is checked again after the restore; and `checkpoint.save` seals the
+checkpoint with the size and SHA-256 of each file Orbax wrote, checked before
+Orbax reads any of them: damaged files fail loudly too, with the file's name.
 
 Orbax is an optional dependency (`pip install "optaccum[checkpoint]"`), imported
 only inside these functions.
@@ -16,8 +18,12 @@ only inside these functions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, cast
@@ -33,9 +39,17 @@ from optaccum._state import WINDOW_SUMS, counters, fields_of
 from optaccum._types import KSchedule, PyTree
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
-# each leaf's checksum.
+# each leaf's checksum. Records of optaccum 0.2.0 hold `_RECORD_FIELDS` alone; since
+# then they also say whether `checkpoint.save` sealed the checkpoint with a digest
+# file, and hold a digest of their own fields, so a damaged record is told from a
+# checkpoint that does not fit.
 _METADATA_KEY = "optaccum"
 _RECORD_FIELDS = ("k", "mini_step", "gradient_step", "checksums")
+_SEALED_FIELD = "sealed"
+_RECORD_DIGEST_FIELD = "record_digest"
+# The file `checkpoint.save` adds to a checkpoint once Orbax has written it: the
+# size and SHA-256 of every other file, and a digest of its own content.
+_DIGESTS_FILE = "_OPTACCUM_DIGESTS"
 # How many mismatching leaves a message lists before it summarises the rest.
 _MAX_LISTED = 8
 # Kinds of dtype a Python scalar in the target may take the checkpoint's dtype within.
@@ -43,9 +57,16 @@ _KINDS = (jnp.bool_, jnp.integer, jnp.floating, jnp.complexfloating)
 # Orbax's JSON files in a checkpoint: the step metadata (which holds the custom
 # metadata) and the tree metadata always, the shardings and the per-process array
 # metadata where present.
-_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
+_STEP_FILE = "_CHECKPOINT_METADATA"
+_TREE_FILE = "_METADATA"
 _OPTIONAL_FILES = ("_sharding",)
 _OPTIONAL_FOLDERS = ("array_metadatas",)
+# TensorStore names the files it fails on as `local file "PATH"`, and the OCDBT
+# entry (a leaf's chunk or metadata) it was reading as `Error reading "KEY" in OCDBT`.
+_LOCAL_FILE = re.compile(r'local file "([^"]*)"')
+_OCDBT_KEY = re.compile(r'Error reading "([^"]*)" in OCDBT')
+# The OCDBT entries of an array that hold its zarr metadata, not its data.
+_ZARR_METADATA = ("/.zarray", "/zarr.json")
 # TensorStore's status codes for files it cannot find, read or decode.
 _STORAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
 # Orbax numbers each save with a process-wide counter and keys the signals a save
@@ -79,23 +100,27 @@ def save_checkpoint(
   `orbax.checkpoint.StandardCheckpointer`; the window length in force (k, or
   `k(gradient_step)` for a schedule), the counters and a checksum of each
   array (computed on its device, in one dispatch) go into the checkpoint's
-  custom metadata, where `checkpoint.restore` checks them. Saves from several
-  threads at once are safe: they take turns.
+  custom metadata, where `checkpoint.restore` checks them. Orbax writes into a
+  temporary directory beside `directory`; once it has finished, a file
+  `_OPTACCUM_DIGESTS` recording the size and SHA-256 of each of its files is
+  added, and the directory renamed to `directory`, so `directory` appears
+  complete or not at all. A replicated array is copied to the host once,
+  whatever the number of its replicas. Saves from several threads at once are
+  safe: they take turns.
 
   Args:
-    directory: a directory that does not exist yet (Orbax refuses to
-      overwrite).
+    directory: a local directory that does not exist yet.
     state: the whole training state: a linen `TrainState`, a tuple
       `(model, optimizer)` of NNX objects, or any pytree holding one
       `optaccum.AccumulateState`.
     k: the `k` given to `optaccum.accumulate`.
 
   Raises:
-    ValueError: if `state` holds no (or several) AccumulateState; or if, in
-      the middle of a window under `pmap` with `axis_name`, a state declared
-      replicated holds other partial sums on other devices (Orbax would write
-      device 0's alone): save when a window has just closed, or keep the state
-      per device (`out_axes=0`).
+    ValueError: if `directory` exists or is a URL; if `state` holds no (or several)
+      AccumulateState; or if, in the middle of a window under `pmap` with
+      `axis_name`, a state declared replicated holds other partial sums on
+      other devices (Orbax would write device 0's alone): save when a window
+      has just closed, or keep the state per device (`out_axes=0`).
 
   Examples:
     >>> import tempfile
@@ -115,9 +140,76 @@ def save_checkpoint(
   """
   import orbax.checkpoint as ocp
 
-  metadata = _metadata("checkpoint.save", state, k)
-  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.fspath(directory), state, custom_metadata=metadata)
+  given = os.fspath(directory)
+  if "://" in given:
+    raise ValueError(
+      f"`checkpoint.save(directory=...)` must be a local directory, which "
+      f"`checkpoint.restore` reads, got {given!r}."
+    )
+  if os.path.lexists(given):
+    raise ValueError(
+      f"`checkpoint.save(directory=...)` must be a directory that does not exist yet, got "
+      f"{given!r}, which exists."
+    )
+  directory = os.path.abspath(given)
+  metadata = _metadata("checkpoint.save", state, k, sealed=True)
+  # The same name on every process of a multi-process save; what is left there
+  # is an interrupted save's.
+  unsealed = f"{directory}.optaccum-unsealed"
+  with _ORBAX_LOCK:
+    if ocp.multihost.is_primary_host(0) and os.path.lexists(unsealed):
+      shutil.rmtree(unsealed)
+    _sync(f"optaccum:save:start:{directory}")
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(unsealed, state, custom_metadata=metadata)
+    _sync(f"optaccum:save:written:{directory}")
+    if ocp.multihost.is_primary_host(0):
+      _seal(unsealed)
+      os.rename(unsealed, directory)
+    _sync(f"optaccum:save:sealed:{directory}")
+
+
+def _sync(name: str) -> None:
+  """Waits for every process of a multi-process program (no wait in a single process)."""
+  import orbax.checkpoint as ocp
+
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name)
+
+
+def _seal(directory: str) -> None:
+  """Writes the digest file of the checkpoint Orbax has written at `directory`."""
+  files = {name: _file_digest(os.path.join(directory, name)) for name in _files_in(directory)}
+  with open(os.path.join(directory, _DIGESTS_FILE), "w") as file:
+    json.dump({"files": files, "digest": _digest_of(files)}, file)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _files_in(directory: str) -> list[str]:
+  """The paths of the files below `directory`, relative to it, `/`-separated, sorted."""
+  found = []
+  for root, _, names in os.walk(directory):
+    relative = os.path.relpath(root, directory)
+    found += [name if relative == "." else f"{relative}/{name}" for name in names]
+  return sorted(name.replace(os.sep, "/") for name in found if name != _DIGESTS_FILE)
+
+
+def _file_digest(path: str) -> list[int | str]:
+  """The size of the file at `path` and its SHA-256, in hex."""
+  digest = hashlib.sha256()
+  size = 0
+  with open(path, "rb") as file:
+    while chunk := file.read(1 << 20):
+      digest.update(chunk)
+      size += len(chunk)
+  return [size, digest.hexdigest()]
+
+
+def _digest_of(value: object) -> str:
+  """The SHA-256, in hex, of `value` written as canonical JSON."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def checkpoint_metadata(state: PyTree, *, k: KSchedule) -> dict[str, Any]:
@@ -127,7 +219,11 @@ def checkpoint_metadata(state: PyTree, *, k: KSchedule) -> dict[str, Any]:
   several with `orbax.checkpoint.CheckpointManager` passes this as the save's
   `custom_metadata`, and restores a step with `checkpoint.restore` pointed at
   that step's directory: the window length, the counters and each array's
-  checksum are checked as for `checkpoint.save`'s own.
+  checksum are checked as for `checkpoint.save`'s own. Orbax writes the step
+  without the digests of each file that `checkpoint.save` adds, so damage to a
+  file that Orbax still reads without complaint (a file it does not read, a
+  flipped bit in an array's data) is found by the arrays' checksums, or not at
+  all where the state restores bit for bit anyway.
 
   Args:
     state: the whole training state the manager saves (one item).
@@ -158,11 +254,14 @@ def checkpoint_metadata(state: PyTree, *, k: KSchedule) -> dict[str, Any]:
     Traceback (most recent call last):
     ValueError: `checkpoint.restore(k=...)` gives windows of 2 micro-steps ... of 4 ...
   """
-  return _metadata("checkpoint.metadata", state, k)
+  return _metadata("checkpoint.metadata", state, k, sealed=False)
 
 
-def _metadata(where: str, state: PyTree, k: KSchedule) -> dict[str, Any]:
-  """The custom metadata of a checkpoint of `state`: the window in force and the checksums."""
+def _metadata(where: str, state: PyTree, k: KSchedule, *, sealed: bool) -> dict[str, Any]:
+  """The custom metadata of a checkpoint of `state`: the window in force and the checksums.
+
+  `sealed`: whether `checkpoint.save` adds its digest file to the checkpoint.
+  """
   import orbax.checkpoint as ocp
 
   _validation.check_k(where, k)
@@ -170,12 +269,14 @@ def _metadata(where: str, state: PyTree, k: KSchedule) -> dict[str, Any]:
   mini_step, gradient_step = counters(fields)
   if mini_step > 0:
     _check_replicas_agree(where, fields)
-  record = {
+  record: dict[str, Any] = {
     "k": _window_length(k, gradient_step),
     "mini_step": mini_step,
     "gradient_step": gradient_step,
     "checksums": _checksums(ocp.tree.to_flat_dict(state)),
+    _SEALED_FIELD: sealed,
   }
+  record[_RECORD_DIGEST_FIELD] = _digest_of(record)
   return {_METADATA_KEY: record}
 
 
@@ -192,13 +293,22 @@ def restore_checkpoint(
   a fresh run builds: same model, same optimizer) and with `k`, and
   raises a `ValueError` that shows both sides where they differ: leaves present
   on one side only or with other shapes or dtypes (another model, another
-  optimizer, another precision), or another window length. After reading, it
-  checks each array against the checksum taken at save, so damaged data raises
-  a `ValueError` too, as do damaged or missing Orbax files.
+  optimizer, another precision), or another window length.
+
+  Damage of any kind to any file of the checkpoint (a flipped bit, a
+  truncated or missing file) raises a `ValueError` that names the file:
+  first each file is checked against the size and SHA-256 that
+  `checkpoint.save` recorded (which reads the whole checkpoint once more);
+  then what Orbax fails to read is named with the file it failed on; last,
+  each restored array is checked against the checksum taken at save.
 
   It also restores one step of an `orbax.checkpoint.CheckpointManager` saved
   with `custom_metadata=optaccum.checkpoint.metadata(state, k=...)`:
   point `directory` at the step's directory (`f"{manager.directory}/{step}"`).
+  Orbax writes such a step without `checkpoint.save`'s digests, so damage is
+  found where Orbax fails or by the arrays' checksums; the step's
+  `_CHECKPOINT_METADATA` holds the window length and the checksums, so a step
+  that lost it is refused (its arrays unchecked), naming that file.
 
   Args:
     directory: the checkpoint directory, or a CheckpointManager step's.
@@ -217,7 +327,9 @@ def restore_checkpoint(
   Raises:
     FileNotFoundError: if `directory` is not a directory.
     ValueError: if the checkpoint's tree or window length does not fit, the
-      checkpoint was not written by `checkpoint.save`, or it is damaged.
+      checkpoint was not written by `checkpoint.save` (or with
+      `checkpoint.metadata`), or it is damaged: a damaged file never
+      surfaces as an error of Orbax's own.
 
   Examples:
     >>> import tempfile
@@ -244,18 +356,16 @@ def restore_checkpoint(
     )
   abstract = jax.eval_shape(lambda tree: tree, target)
   item_directory = _item_directory(directory, item)
-  _check_files(directory, item_directory)
+  sealed = _check_digests(directory)
+  record = _read_record(directory, _check_files(directory, item_directory), sealed)
   with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
-    saved_tree = _tree_metadata(item_directory)
-    with _reading(directory, "Orbax cannot read its _CHECKPOINT_METADATA"):
-      custom_metadata = checkpointer.metadata(directory).custom_metadata or {}
-    _check_tree_fits(directory, ocp.tree.to_flat_dict(saved_tree), ocp.tree.to_flat_dict(abstract))
-    record = custom_metadata.get(_METADATA_KEY)
-    _check_record(directory, record)
-    _check_window_fits(directory, cast(dict, record), k)
-    with _reading(directory, "Orbax cannot read its arrays"):
+    saved_tree = ocp.tree.to_flat_dict(_tree_metadata(directory, item_directory, sealed))
+    _check_tree_matches_record(directory, item_directory, saved_tree, record)
+    _check_tree_fits(directory, saved_tree, ocp.tree.to_flat_dict(abstract))
+    _check_window_fits(directory, record, k)
+    with _reading(directory, item_directory, "its arrays", verified=sealed):
       restored = checkpointer.restore(item_directory, abstract)
-  _check_checksums(directory, cast(dict, record)["checksums"], ocp.tree.to_flat_dict(restored))
+  _check_checksums(directory, item_directory, record["checksums"], ocp.tree.to_flat_dict(restored))
   return restored
 
 
@@ -266,7 +376,7 @@ def _item_directory(directory: str, item: str | None) -> str:
   layout; the folder of one item within a `CheckpointManager` step directory.
   """
   names = set(os.listdir(directory))
-  if names & {"_METADATA", "manifest.ocdbt"}:
+  if _holds_item(directory):
     if item is not None:
       raise ValueError(
         f"`checkpoint.restore(item=...)` names an item of a CheckpointManager step, but "
@@ -274,14 +384,22 @@ def _item_directory(directory: str, item: str | None) -> str:
       )
     return directory
   folders = sorted(n for n in names if os.path.isdir(os.path.join(directory, n)))
-  if "_CHECKPOINT_METADATA" not in names:
+  if _STEP_FILE not in names:
     steps = sorted((n for n in folders if n.isdigit()), key=int)
     latest = steps[-1] if steps else ""
-    if steps and os.path.isfile(os.path.join(directory, latest, "_CHECKPOINT_METADATA")):
+    if steps and os.path.isfile(os.path.join(directory, latest, _STEP_FILE)):
       raise ValueError(
         f"`checkpoint.restore(directory=...)` must be one checkpoint, but {directory!r} is a "
         f"CheckpointManager's directory of steps {', '.join(steps)}: pass "
         f"one step's directory, e.g. {os.path.join(directory, latest)!r}."
+      )
+    items = [n for n in folders if _holds_item(os.path.join(directory, n))]
+    if items:
+      raise _damaged(
+        directory,
+        f"its file {_STEP_FILE} is missing. A CheckpointManager step keeps there the window "
+        "length and each array's checksum, without which its arrays (in "
+        f"{', '.join(items)}) cannot be checked; Orbax alone restores them unchecked.",
       )
     return directory  # `_check_files` says it holds no checkpoint
   if item is None and len(folders) == 1:
@@ -295,6 +413,11 @@ def _item_directory(directory: str, item: str | None) -> str:
   return os.path.join(directory, item)
 
 
+def _holds_item(directory: str) -> bool:
+  """Whether `directory` holds the files of an item that Orbax saved."""
+  return bool(set(os.listdir(directory)) & {_TREE_FILE, "manifest.ocdbt"})
+
+
 def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
   """Raises a ValueError where one array of the window's sums differs between its replicas.
 
@@ -302,25 +425,40 @@ def _check_replicas_agree(where: str, fields: dict[str, list]) -> None:
   `accumulate(axis_name=...)` state is declared replicated, but in the middle
   of a window each device holds its own partial sum. Orbax, like
   `jax.device_get`, would write device 0's copy alone and lose the others.
+  The copies are compared by their checksums, each computed on the device
+  that holds it (one dispatch per device), so only the checksums reach the
+  host: not one gradient-sized copy per replica. Two copies that differ have
+  the same checksum with a chance of one in 2**32.
   """
-  for name in WINDOW_SUMS:
-    for leaf in fields.get(name, []):
-      if not isinstance(leaf, jax.Array) or not leaf.is_fully_replicated:
-        continue
-      if len(leaf.addressable_shards) < 2:  # one copy: nothing to compare
-        continue
-      shards = [np.asarray(shard.data).tobytes() for shard in leaf.addressable_shards]
-      differ = sum(shard != shards[0] for shard in shards[1:])
-      if differ:
-        raise ValueError(
-          f"`{where}(state=...)` is declared replicated over {len(shards)} devices, but "
-          f"{differ} of them hold other partial sums in a leaf of `{name}` of shape "
-          f"{list(leaf.shape)}, in the middle of a window: under pmap with axis_name each device "
-          "accumulates its own micro-batches until the window closes, and a save (or "
-          "jax.device_get) would keep device 0's alone. Save when a window has just "
-          "closed (optaccum.status(...).has_updated), or keep the state per device "
-          "(pmap out_axes=0)."
-        )
+  leaves = [
+    (name, leaf)
+    for name in WINDOW_SUMS
+    for leaf in fields.get(name, [])
+    if isinstance(leaf, jax.Array)
+    and leaf.is_fully_replicated
+    and len(leaf.addressable_shards) > 1  # one copy: nothing to compare
+  ]
+  if not leaves:
+    return
+  copies: dict[jax.Device, dict[str, jax.Array]] = {}
+  for number, (_, leaf) in enumerate(leaves):
+    for shard in leaf.addressable_shards:
+      copies.setdefault(shard.device, {})[str(number)] = shard.data
+  with jax.set_mesh(None):  # each copy on its own device, not on the mesh in context
+    sums = jax.device_get([_checksum_tree(on_device) for on_device in copies.values()])
+  for number, (name, leaf) in enumerate(leaves):
+    held = [int(on_device[str(number)]) for on_device in sums if str(number) in on_device]
+    differ = sum(value != held[0] for value in held[1:])
+    if differ:
+      raise ValueError(
+        f"`{where}(state=...)` is declared replicated over {len(held)} devices, but "
+        f"{differ} of them hold other partial sums in a leaf of `{name}` of shape "
+        f"{list(leaf.shape)}, in the middle of a window: under pmap with axis_name each device "
+        "accumulates its own micro-batches until the window closes, and a save (or "
+        "jax.device_get) would keep device 0's alone. Save when a window has just "
+        "closed (optaccum.status(...).has_updated), or keep the state per device "
+        "(pmap out_axes=0)."
+      )
 
 
 def _window_length(k: KSchedule, gradient_step: int) -> int:
@@ -423,24 +561,167 @@ def _damaged(directory: str, what: str) -> ValueError:
   )
 
 
+def _check_digests(directory: str) -> bool:
+  """Raises a ValueError naming each file that differs from `checkpoint.save`'s digests of it.
+
+  Returns whether the checkpoint holds the digest file (one written by
+  Orbax alone, as a CheckpointManager's step, does not).
+  """
+  if not os.path.isfile(os.path.join(directory, _DIGESTS_FILE)):
+    return False
+  content = _read_json(directory, os.path.join(directory, _DIGESTS_FILE))
+  files = content.get("files") if isinstance(content, dict) else None
+  if not isinstance(files, dict) or content.get("digest") != _digest_of(files):
+    raise _damaged(directory, f"its file {_DIGESTS_FILE} does not match its own digest.")
+  problems = []
+  for name, saved in sorted(files.items()):
+    path = os.path.join(directory, *name.split("/"))
+    if not os.path.isfile(path):
+      problems.append(f"its file {name} is missing.")
+      continue
+    size, digest = _file_digest(path)
+    if size != saved[0]:
+      problems.append(f"its file {name} holds {size} bytes, not the {saved[0]} saved.")
+    elif digest != saved[1]:
+      problems.append(f"its file {name} reads back other than it was saved (SHA-256 differs).")
+  if len(problems) > 1:
+    raise _damaged(directory, f"{len(problems)} of its files differ:" + _listing(problems))
+  if problems:
+    raise _damaged(directory, problems[0])
+  return True
+
+
+def _read_json(directory: str, path: str) -> Any:
+  """The content of the JSON file at `path`; a ValueError naming it where it is not JSON."""
+  try:
+    with open(path, "rb") as file:
+      return json.loads(file.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    name = os.path.relpath(path, directory)
+    raise _damaged(directory, f"its file {name} is not valid JSON ({error}).") from error
+
+
+def _check_files(directory: str, item_directory: str) -> Any:
+  """Raises a ValueError where Orbax's JSON files of the checkpoint are missing or not JSON.
+
+  The step's metadata lies in `directory`, the item's files in `item_directory`
+  (the same folder but in a CheckpointManager step). Returns the step's metadata.
+  """
+  names = set(os.listdir(directory)) | set(os.listdir(item_directory))
+  if not names & {_STEP_FILE, _TREE_FILE, "manifest.ocdbt"}:
+    raise ValueError(
+      "`checkpoint.restore(directory=...)` must be a checkpoint written by "
+      f"`optaccum.checkpoint.save` (or a CheckpointManager step), but {directory!r} holds "
+      "no Orbax checkpoint."
+    )
+  required = [_STEP_FILE, os.path.join(os.path.relpath(item_directory, directory), _TREE_FILE)]
+  if any(name.startswith("ocdbt.process_") for name in os.listdir(item_directory)):
+    # The processes' OCDBT databases, which Orbax joins into one that its manifest opens.
+    required.append(os.path.join(os.path.relpath(item_directory, directory), "manifest.ocdbt"))
+  for name in required:
+    if not os.path.isfile(os.path.join(directory, name)):
+      raise _damaged(directory, f"its file {os.path.normpath(name)} is missing.")
+  contents = [_read_json(directory, path) for path in _json_files(directory, item_directory)]
+  return contents[0]
+
+
+def _json_files(directory: str, item_directory: str) -> list[str]:
+  """The paths of Orbax's JSON files of the checkpoint: the step's metadata, then the item's."""
+  names = set(os.listdir(item_directory))
+  files = [os.path.join(directory, _STEP_FILE)]
+  files += [os.path.join(item_directory, n) for n in (_TREE_FILE, *_OPTIONAL_FILES) if n in names]
+  for folder in _OPTIONAL_FOLDERS:
+    if folder in names:
+      path = os.path.join(item_directory, folder)
+      files += [os.path.join(path, name) for name in sorted(os.listdir(path))]
+  return files
+
+
+def _read_record(directory: str, step_metadata: Any, sealed: bool) -> dict[str, Any]:
+  """The record `checkpoint.save` (or `checkpoint.metadata`) wrote, after checking it.
+
+  `step_metadata`: the content of the step's metadata file; `sealed`: whether
+  the checkpoint holds `checkpoint.save`'s digest file.
+  """
+  custom = step_metadata.get("custom_metadata") if isinstance(step_metadata, dict) else None
+  if not isinstance(custom, dict):  # Orbax writes it always, `{}` at least
+    raise _damaged(directory, f"its file {_STEP_FILE} holds no custom metadata field.")
+  record = custom.get(_METADATA_KEY)
+  # A record under a key of its own: its name damaged.
+  misplaced = [
+    key for key, value in custom.items() if isinstance(value, dict) and "checksums" in value
+  ]
+  if record is None and misplaced:
+    raise _damaged(
+      directory,
+      f"its file {_STEP_FILE} holds a record under {misplaced[0]!r}, not {_METADATA_KEY!r}.",
+    )
+  if record is None:
+    raise ValueError(
+      f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} records no "
+      f"window length (its file {_STEP_FILE} holds no custom metadata {_METADATA_KEY!r}); "
+      "save it with `optaccum.checkpoint.save`, or through a CheckpointManager with "
+      "`custom_metadata=optaccum.checkpoint.metadata(state, k=...)`."
+    )
+  _check_record(directory, record, sealed)
+  return record
+
+
+def _check_record(directory: str, record: object, sealed: bool) -> None:
+  """Raises a ValueError where the record lacks a field, or differs from its own digest."""
+  held = list(record) if isinstance(record, dict) else []
+  # A record of optaccum 0.2.0 holds the first fields alone.
+  fields: tuple[str, ...] = _RECORD_FIELDS
+  if len(held) > len(fields):
+    fields += (_SEALED_FIELD, _RECORD_DIGEST_FIELD)
+  what = f"its file {_STEP_FILE} holds custom metadata {_METADATA_KEY!r} that"
+  missing = [field for field in fields if field not in held]
+  if missing:
+    raise _damaged(
+      directory,
+      f"{what} lacks {', '.join(missing)} (it holds {', '.join(map(str, held)) or 'nothing'}).",
+    )
+  record = cast(dict, record)
+  if _RECORD_DIGEST_FIELD in fields:
+    rest = {name: value for name, value in record.items() if name != _RECORD_DIGEST_FIELD}
+    if record[_RECORD_DIGEST_FIELD] != _digest_of(rest):
+      raise _damaged(directory, f"{what} does not match its own digest.")
+  checksums = record["checksums"]
+  if not (
+    all(_is_int(record[name]) for name in _RECORD_FIELDS[:3])
+    and isinstance(checksums, dict)
+    and all(_is_int(value) for value in checksums.values())
+  ):
+    raise _damaged(directory, f"{what} holds other than whole numbers.")
+  if record.get(_SEALED_FIELD) and not sealed:
+    raise _damaged(directory, f"its file {_DIGESTS_FILE} is missing.")
+
+
+def _is_int(value: object) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tree_metadata(directory: str, item_directory: str, verified: bool) -> PyTree:
+  """The saved tree's metadata, from Orbax's handler, which names what it cannot read.
+
+  (`StandardCheckpointer.metadata` would log the reason and return no tree.)
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    with _reading(directory, item_directory, "its tree metadata", verified=verified):
+      return handler.metadata(epath.Path(item_directory)).tree
+  finally:
+    handler.close()
+
+
 def _storage_error(error: BaseException) -> BaseException:
   """TensorStore's error where Orbax wraps it in a bare Exception, else `error`."""
   if type(error) is Exception and error.__cause__ is not None:
     return error.__cause__
   return error
-
-
-def _is_damage(error: BaseException) -> bool:
-  """Whether an error from inside Orbax says the checkpoint's files are missing or bad.
-
-  TensorStore's errors are ValueErrors led by a status code; Orbax's own, on a
-  field missing from its metadata, are KeyErrors. Any other error (out of
-  memory, say) is not the checkpoint's fault and passes through unchanged.
-  """
-  error = _storage_error(error)
-  if isinstance(error, ValueError):
-    return str(error).startswith(_STORAGE_CODES)
-  return isinstance(error, KeyError)
 
 
 def _reason(error: BaseException) -> str:
@@ -451,69 +732,113 @@ def _reason(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _reading(directory: str, what: str) -> Iterator[None]:
-  """Turns an error from damaged files inside Orbax into a ValueError saying what it is."""
+def _reading(directory: str, item_directory: str, what: str, *, verified: bool) -> Iterator[None]:
+  """Turns an error inside Orbax from a damaged file into a ValueError naming the file.
+
+  A damaged file surfaces as TensorStore's error on reading it, or as an
+  error Orbax (or the JSON decoder it calls) raises on a field it cannot
+  parse: a KeyError, a NotImplementedError, an AssertionError. Where such an
+  error names no file, the message names the item's JSON files, which Orbax
+  parses there. Other errors (JAX's, on a target it cannot place; lack of
+  memory) pass through unchanged, as do all but TensorStore's in a checkpoint
+  whose files were `verified` against their digests.
+  """
   try:
     yield
   except Exception as error:  # Orbax wraps TensorStore's errors in a bare Exception.
-    if not _is_damage(error):
+    cause = _storage_error(error)
+    text = str(cause)
+    storage = isinstance(cause, ValueError) and text.startswith(_STORAGE_CODES)
+    if not storage and (verified or not _raised_parsing(cause)):
       raise
-    raise _damaged(directory, f"{what} ({_reason(error)}).") from error
+    culprits = _files_named(directory, item_directory, text) or [
+      os.path.relpath(path, directory) for path in _json_files(directory, item_directory)[1:]
+    ]
+    where = " or ".join(culprits)
+    raise _damaged(
+      directory, f"Orbax cannot read {what} from {where} ({_reason(error)})."
+    ) from error
 
 
-def _check_files(directory: str, item_directory: str) -> None:
-  """Raises a ValueError where Orbax's JSON files of the checkpoint are missing or not JSON.
+def _raised_parsing(error: BaseException) -> bool:
+  """Whether `error` was raised inside Orbax, where bad metadata surfaces.
 
-  The step's metadata lies in `directory`, the item's files in `item_directory`
-  (the same folder but in a CheckpointManager step).
+  Inside Orbax or the standard library it calls (the JSON decoder, `enum`):
+  the innermost frame outside the standard library is Orbax's, not JAX's.
   """
-  names = set(os.listdir(directory)) | set(os.listdir(item_directory))
-  if not names & {*_REQUIRED_FILES, "manifest.ocdbt"}:
-    raise ValueError(
-      "`checkpoint.restore(directory=...)` must be a checkpoint written by "
-      f"`optaccum.checkpoint.save` (or a CheckpointManager step), but {directory!r} holds "
-      "no Orbax checkpoint."
-    )
-  step_file, item_file = _REQUIRED_FILES
-  for path in (os.path.join(directory, step_file), os.path.join(item_directory, item_file)):
-    if not os.path.isfile(path):
-      raise _damaged(directory, f"its file {os.path.relpath(path, directory)} is missing.")
-  for path in _json_files(directory, item_directory):
-    try:
-      with open(path, "rb") as file:
-        json.loads(file.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-      name = os.path.relpath(path, directory)
-      raise _damaged(directory, f"its file {name} is not valid JSON ({error}).") from error
+  packages = []
+  trace = error.__traceback__
+  while trace is not None:
+    packages.append(str(trace.tb_frame.f_globals.get("__name__", "")).split(".")[0])
+    trace = trace.tb_next
+  outside = [name for name in packages if name not in sys.stdlib_module_names]
+  return bool(outside) and outside[-1] == "orbax"
 
 
-def _json_files(directory: str, item_directory: str) -> list[str]:
-  """The paths of Orbax's JSON files of the checkpoint: the step's metadata, then the item's."""
-  step_file, item_file = _REQUIRED_FILES
-  names = set(os.listdir(item_directory))
-  files = [os.path.join(directory, step_file)]
-  files += [os.path.join(item_directory, n) for n in (item_file, *_OPTIONAL_FILES) if n in names]
-  for folder in _OPTIONAL_FOLDERS:
-    if folder in names:
-      path = os.path.join(item_directory, folder)
-      files += [os.path.join(path, name) for name in sorted(os.listdir(path))]
-  return files
+def _files_named(directory: str, item_directory: str, text: str) -> list[str]:
+  """The checkpoint's files that TensorStore's error `text` names, relative to `directory`.
 
-
-def _tree_metadata(directory: str) -> PyTree:
-  """The saved tree's metadata, from Orbax's handler, which names what it cannot read.
-
-  (`StandardCheckpointer.metadata` would log the reason and return no tree.)
+  A file it names itself; else the files holding the OCDBT entry it names.
   """
-  import orbax.checkpoint as ocp
-  from etils import epath
+  # The database's own folder ends with a separator, the files in it do not.
+  named = [path for path in _LOCAL_FILE.findall(text) if not path.endswith(("/", os.sep))]
+  if named:
+    return [os.path.relpath(named[-1], directory)]  # the innermost
+  keys = _OCDBT_KEY.findall(text)
+  files = _ocdbt_files(item_directory) if keys else {}
+  found = [file for key in keys for file in files.get(key, [])]
+  return [os.path.relpath(os.path.join(item_directory, n), directory) for n in dict.fromkeys(found)]
 
-  handler = ocp.StandardCheckpointHandler()
+
+def _ocdbt_files(item_directory: str) -> dict[str, list[str]]:
+  """The files holding each entry of the item's OCDBT database, by key; {} if unreadable.
+
+  An entry's value lies inline in a B-tree node's file, or in a data file of
+  its own; TensorStore's `ocdbt.dump` gives both as `kind:base:path:offset:length`.
+  """
+  import tensorstore as ts
+
+  found: dict[str, list[str]] = {}
   try:
-    with _reading(directory, "Orbax cannot read its tree metadata"):
-      return handler.metadata(epath.Path(directory)).tree
-  finally:
-    handler.close()
+    store = ts.KvStore.open({"driver": "file", "path": os.path.join(item_directory, "")}).result()
+    manifest = ts.ocdbt.dump(store).result()
+    pending = [version["root"]["location"] for version in manifest["versions"][-1:]]
+    while pending:
+      location = pending.pop()
+      for entry in ts.ocdbt.dump(store, location).result().get("entries", []):
+        values = [v for v in entry.values() if isinstance(v, str) and ":" in v]
+        pending += [v for v in values if v.startswith("btreenode:")]
+        held = [v for v in values if v.startswith("value:")] or [location]
+        if "inline_value" in entry or "indirect_value" in entry:
+          key = entry["key"].decode() if isinstance(entry["key"], bytes) else str(entry["key"])
+          found.setdefault(key, []).extend(_location_file(value) for value in held)
+  except Exception:  # a database too damaged to map: the message names no file
+    return {}
+  return found
+
+
+def _location_file(location: str) -> str:
+  """The file of an OCDBT location `kind:base:path:offset:length`, relative to the database."""
+  _, base, path, *_ = location.split(":")
+  return base + path
+
+
+def _check_tree_matches_record(
+  directory: str, item_directory: str, saved: dict[tuple, _Shaped], record: dict[str, Any]
+) -> None:
+  """Raises a ValueError where the tree metadata lists other leaves than the record's.
+
+  (A flipped bit that turns a None's type into an unknown one lists a leaf.)
+  """
+  listed = {_leaf_name(key) for key in saved}
+  recorded = set(record["checksums"])
+  if listed != recorded:
+    lines = [f"{name}: listed, not saved" for name in sorted(listed - recorded)]
+    lines += [f"{name}: saved, not listed" for name in sorted(recorded - listed)]
+    name = os.path.relpath(os.path.join(item_directory, _TREE_FILE), directory)
+    raise _damaged(
+      directory, f"its file {name} lists other leaves than were saved:" + _listing(lines)
+    )
 
 
 def _check_tree_fits(
@@ -541,25 +866,6 @@ def _check_tree_fits(
     )
 
 
-def _check_record(directory: str, record: object) -> None:
-  """Raises a ValueError where the record `checkpoint.save` writes is absent or incomplete."""
-  if record is None:
-    raise ValueError(
-      f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} records no "
-      "window length; save it with `optaccum.checkpoint.save`, or through a "
-      "CheckpointManager with `custom_metadata=optaccum.checkpoint.metadata(state, "
-      "k=...)`."
-    )
-  held = list(record) if isinstance(record, dict) else []
-  missing = [field for field in _RECORD_FIELDS if field not in held]
-  if missing:
-    raise _damaged(
-      directory,
-      f"its custom metadata {_METADATA_KEY!r} lacks {', '.join(missing)} (it holds "
-      f"{', '.join(map(str, held)) or 'nothing'}).",
-    )
-
-
 def _check_window_fits(directory: str, record: dict, k: KSchedule) -> None:
   """Raises a ValueError where the saved window length differs from `k`'s."""
   length = _window_length(k, record["gradient_step"])
@@ -572,13 +878,28 @@ def _check_window_fits(directory: str, record: dict, k: KSchedule) -> None:
     )
 
 
-def _check_checksums(directory: str, saved: dict, restored: dict[tuple, ArrayLike]) -> None:
-  """Raises a ValueError naming the leaves whose restored bits differ from the saved ones."""
+def _check_checksums(
+  directory: str, item_directory: str, saved: dict, restored: dict[tuple, ArrayLike]
+) -> None:
+  """Raises a ValueError naming the leaves whose restored bits differ from the saved ones.
+
+  Each leaf is named with the files its data lies in.
+  """
   computed = _checksums(restored)
   differ = [name for name, value in computed.items() if saved.get(name) != value]
   if differ:
+    files = _ocdbt_files(item_directory)
+    lines = []
+    for name in differ:
+      held = [
+        os.path.relpath(os.path.join(item_directory, file), directory)
+        for key, files_of_key in files.items()
+        if key.startswith(f"{name}/") and not key.endswith(_ZARR_METADATA)
+        for file in files_of_key
+      ]
+      lines.append(f"{name} (in {', '.join(dict.fromkeys(held))})" if held else name)
     raise _damaged(
       directory,
       f"the data of {len(differ)} of its {len(computed)} leaves reads back other than "
-      "it was saved (checksums differ):" + _listing(differ),
+      "it was saved (checksums differ):" + _listing(lines),
     )

@@ -194,10 +194,14 @@ def test_restore_of_a_checkpoint_without_a_recorded_window_fails(tmp_path):
   state = fresh_state()
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "plain", state)
-  with pytest.raises(
-    ValueError, match="records no window length; save it with `optaccum.checkpoint.save`"
-  ):
+  with pytest.raises(ValueError) as error:
     optaccum.checkpoint.restore(tmp_path / "plain", state, k=EVERY_K)
+  assert str(error.value) == (
+    f"`checkpoint.restore(directory=...)`: the checkpoint at {tmp_path / 'plain'} records no "
+    "window length (its file _CHECKPOINT_METADATA holds no custom metadata 'optaccum'); save "
+    "it with `optaccum.checkpoint.save`, or through a CheckpointManager with "
+    "`custom_metadata=optaccum.checkpoint.metadata(state, k=...)`."
+  )
 
 
 def test_restore_from_a_missing_directory_names_it(tmp_path):
@@ -353,7 +357,7 @@ def test_checkpoint_manager_directory_names_its_steps(tmp_path):
 
 def test_checkpoint_manager_step_without_the_metadata_says_how_to_save_it(tmp_path):
   _manager_save(tmp_path, 0, fresh_state(), metadata=False)
-  with pytest.raises(ValueError, match=r"records no window length; .*checkpoint.metadata\(state"):
+  with pytest.raises(ValueError, match=r"records no window length \(its file _CHECKPOINT_METADATA"):
     optaccum.checkpoint.restore(tmp_path / "0", fresh_state(), k=EVERY_K)
 
 

@@ -2,7 +2,11 @@
 
 Each damage, done to the files Orbax writes or to the values behind a checkpoint's
 record, must end in a `ValueError` that names the checkpoint directory and what
-is wrong; and saves from two threads at once must all land.
+is wrong; and saves from two threads at once must all land. `checkpoint.save`
+seals its checkpoints with each file's digest, which finds any damage first
+(tests/test_edges_checkpoint.py); the damage here is done to checkpoints written
+by Orbax with `checkpoint.metadata`, as a CheckpointManager writes them, where
+the arrays' checksums and the errors Orbax meets must name it.
 """
 
 import json
@@ -33,6 +37,18 @@ def with_optimizer(leaves):
 
 def damaged(directory):
   return f"`checkpoint.restore(directory=...)`: the checkpoint at {directory} is damaged: "
+
+
+def save_unsealed(directory, state, record_of=None):
+  """Saves `state` with Orbax alone, under the record of `record_of` (default: `state`)."""
+  metadata = optaccum.checkpoint.metadata(record_of or state, k=EVERY_K)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, state, custom_metadata=metadata)
+
+
+def only_file(folder):
+  (name,) = os.listdir(folder)
+  return name
 
 
 def flip_one_bit(leaf):
@@ -82,18 +98,20 @@ def test_one_flipped_bit_in_any_kind_of_leaf_is_named_at_restore(tmp_path, x64):
       assert restored[0][name].dtype == leaf.dtype, name
       assert bits(restored[0][name]) == bits(leaf), name
 
-    # The same tree with one bit flipped in every leaf, under the record of `saved`.
+    # The same tree with one bit flipped in every leaf, under the record of `saved`
+    # (and without the digests of `checkpoint.save`, which would name the files first).
     flipped = with_optimizer({name: flip_one_bit(leaf) for name, leaf in leaves.items()})
-    optaccum.checkpoint.save(tmp_path / "flipped", flipped, k=EVERY_K)
-    shutil.copy(tmp_path / "saved" / "_CHECKPOINT_METADATA", tmp_path / "flipped")
+    save_unsealed(tmp_path / "flipped", flipped, record_of=saved)
     with pytest.raises(ValueError) as error:
       optaccum.checkpoint.restore(tmp_path / "flipped", saved, k=EVERY_K)
   total = len(ocp.tree.to_flat_dict(saved))
+  # Values this small lie inline in the one node of the OCDBT tree, in d/.
+  node = "d/" + only_file(tmp_path / "flipped" / "d")
   assert str(error.value).splitlines() == [
     damaged(tmp_path / "flipped")
     + f"the data of {len(leaves)} of its {total} leaves reads back other than it was saved "
     "(checksums differ):",
-    *(f"  0.{name}" for name in sorted(leaves)),
+    *(f"  0.{name} (in {node})" for name in sorted(leaves)),
   ]
 
 
@@ -102,12 +120,16 @@ def largest_file(directory):
   return max(files, key=lambda path: path.stat().st_size)
 
 
-def test_a_bit_flipped_on_disk_in_a_large_leaf_is_named_at_restore(tmp_path):
+@pytest.mark.parametrize("sealed", [True, False])
+def test_a_bit_flipped_on_disk_in_a_large_leaf_is_named_at_restore(tmp_path, sealed):
   rng = np.random.default_rng(0)
   # Random values compress little, so the largest file Orbax writes holds them.
   large = jnp.asarray(rng.normal(size=LARGE).astype(np.float32))
   state = with_optimizer({"large": large, "small": jnp.ones(3, jnp.float32)})
-  optaccum.checkpoint.save(tmp_path / "checkpoint", state, k=EVERY_K)
+  if sealed:
+    optaccum.checkpoint.save(tmp_path / "checkpoint", state, k=EVERY_K)
+  else:
+    save_unsealed(tmp_path / "checkpoint", state)
   data_file = largest_file(tmp_path / "checkpoint")
   data = bytearray(data_file.read_bytes())
   assert len(data) > LARGE
@@ -122,11 +144,15 @@ def test_a_bit_flipped_on_disk_in_a_large_leaf_is_named_at_restore(tmp_path):
 
   with pytest.raises(ValueError) as error:
     optaccum.checkpoint.restore(tmp_path / "checkpoint", state, k=EVERY_K)
-  assert str(error.value) == (
-    damaged(tmp_path / "checkpoint")
-    + f"the data of 1 of its {len(ocp.tree.to_flat_dict(state))} leaves reads back other than "
-    "it was saved (checksums differ):\n  0.large"
-  )
+  name = data_file.relative_to(tmp_path / "checkpoint").as_posix()
+  if sealed:  # the file's digest, before Orbax reads it
+    expected = f"its file {name} reads back other than it was saved (SHA-256 differs)."
+  else:  # the leaf's checksum, after
+    expected = (
+      f"the data of 1 of its {len(ocp.tree.to_flat_dict(state))} leaves reads back other than "
+      f"it was saved (checksums differ):\n  0.large (in {name})"
+    )
+  assert str(error.value) == damaged(tmp_path / "checkpoint") + expected
 
 
 def truncate(path):
@@ -181,7 +207,8 @@ DAMAGE = {
   ),
   "tree metadata without a field": (
     lambda d: edit_json(d / "_METADATA", drop_skip_deserialize),
-    "Orbax cannot read its tree metadata (KeyError: 'skip_deserialize').",
+    "Orbax cannot read its tree metadata from _METADATA or _sharding or array_metadatas/"
+    "process_0 (KeyError: 'skip_deserialize').",
   ),
   "shardings garbled": (
     lambda d: garble(d / "_sharding"),
@@ -193,7 +220,8 @@ DAMAGE = {
   ),
   "record without checksums": (
     lambda d: edit_json(d / "_CHECKPOINT_METADATA", drop_checksums),
-    "its custom metadata 'optaccum' lacks checksums (it holds k, mini_step, gradient_step).",
+    "its file _CHECKPOINT_METADATA holds custom metadata 'optaccum' that lacks checksums (it "
+    "holds k, mini_step, gradient_step, sealed, record_digest).",
   ),
 }
 
@@ -205,17 +233,17 @@ READ_DAMAGE = {
   # array it was reading when it failed varies.
   "OCDBT manifest truncated": (
     lambda d: truncate(d / "manifest.ocdbt"),
-    "Orbax cannot read its tree metadata (ValueError: DATA_LOSS: ",
+    "Orbax cannot read its tree metadata from manifest.ocdbt (ValueError: DATA_LOSS: ",
     'Error decoding local file "{d}/manifest.ocdbt"',
   ),
   "OCDBT index deleted": (
     lambda d: shutil.rmtree(d / "d"),
-    "Orbax cannot read its tree metadata (ValueError: NOT_FOUND: ",
-    'of local file "{d}/d/',
+    "Orbax cannot read its tree metadata from d/",
+    'NOT_FOUND: Error opening "zarr" driver',
   ),
   "array data deleted": (
     delete_array_data,
-    "Orbax cannot read its arrays (ValueError: ",
+    "Orbax cannot read its arrays from ocdbt.process_0/d/",
     'Error reading "0.large/0" in OCDBT database at local file "{d}/"',
   ),
 }
@@ -228,9 +256,9 @@ def saved_state():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-  """A checkpoint of `saved_state()`."""
+  """A checkpoint of `saved_state()`, without `checkpoint.save`'s digests."""
   path = tmp_path_factory.mktemp("damage") / "checkpoint"
-  optaccum.checkpoint.save(path, saved_state(), k=EVERY_K)
+  save_unsealed(path, saved_state())
   return path
 
 
