@@ -156,8 +156,10 @@ def _not_finite_micro_batches(stacked: BatchStats, count: int) -> jax.Array:
   return found
 
 
-def _merge_weights(weights: ArrayLike | None, stacked: BatchStats, count: int) -> jax.Array:
-  """Each micro-batch's float32 weight in the merge, shape `(k,)`: 0 where it is skipped."""
+def _merge_weights(
+  weights: ArrayLike | None, stacked: BatchStats, count: int
+) -> tuple[jax.Array, jax.Array]:
+  """Each micro-batch's skip decision and float32 weight in the merge (0 where skipped), `(k,)`."""
   if weights is None:
     weights = jnp.ones((count,), jnp.float32)
   # A list or a Python number as a NumPy array first: JAX reads no shape from a list.
@@ -174,10 +176,10 @@ def _merge_weights(weights: ArrayLike | None, stacked: BatchStats, count: int) -
       f"`{_MERGE}(weights=...)` must hold one weight per micro-batch, shape ({count},), "
       f"got shape {values.shape}."
     )
-  _, counted = jax.vmap(_window.admit)(
-    jnp.asarray(values).astype(jnp.float32), _not_finite_micro_batches(stacked, count)
-  )
-  return counted
+  not_finite = _not_finite_micro_batches(stacked, count)
+  skip, counted = jax.vmap(_window.admit)(jnp.asarray(values).astype(jnp.float32), not_finite)
+  assert skip is not None  # given a decision, `admit` returns one
+  return skip, counted
 
 
 def _as_numpy(value: object) -> np.ndarray:
@@ -204,7 +206,8 @@ def merge_batch_stats(
   momentum: float,
   weights: ArrayLike | None = None,
   batch_stats: BatchStats | None = None,
-) -> BatchStats:
+  count_skipped: bool = False,
+) -> BatchStats | tuple[BatchStats, jax.Array]:
   """The large batch's new BatchNorm running statistics, from its micro-batches' results.
 
   Each of k micro-batches, run in training mode from the same running
@@ -227,7 +230,9 @@ def merge_batch_stats(
   NaN or inf (a NaN in its input); the others merge as if it had not been
   run. A weight of 0 adds nothing. Where no micro-batch counts (the weights
   sum to zero, or every one is skipped) the result is `batch_stats`,
-  unchanged, as an empty window leaves them.
+  unchanged, as an empty window leaves them. With `count_skipped=True` the
+  skipped micro-batches are also counted, as `BatchStatsWindow.num_skipped`
+  and `accumulate`'s `num_skipped` count them.
 
   Under `optaccum.microbatch(reduce_axes=...)`, the stack has a leading replica
   axis first, `[R, k, ...]`; reshape each leaf to `[R * k, ...]` before merging.
@@ -246,9 +251,14 @@ def merge_batch_stats(
       `batch_stats` before the step), returned where no micro-batch counts.
       Required with `weights`; without it, a merge in which every micro-batch
       is skipped gives NaN.
+    count_skipped: also return how many micro-batches were skipped (for a
+      NaN, infinite or negative weight, or statistics that are not finite; a
+      weight of 0 is no skip). False (default) returns the statistics alone.
 
   Returns:
-    The merged `batch_stats`, with the structure and dtypes of one micro-batch's.
+    The merged `batch_stats`, with the structure and dtypes of one micro-batch's;
+    with `count_skipped=True`, `(batch_stats, num_skipped)`, `num_skipped` an
+    int32 scalar.
 
   Raises:
     ValueError: if `momentum` is out of range (or not a number), a leaf lies
@@ -257,7 +267,8 @@ def merge_batch_stats(
       `batch_stats`, or `batch_stats` does not match one micro-batch's
       statistics.
     TypeError: if a statistic is not a floating-point array (a Python float
-      or list included), or `weights` holds bools or complex numbers.
+      or list included), `weights` holds bools or complex numbers, or
+      `count_skipped` is not a bool.
 
   Examples:
     >>> import jax
@@ -283,7 +294,18 @@ def merge_batch_stats(
     ... )
     >>> bool(jnp.array_equal(kept["var"], variables["batch_stats"]["var"]))
     True
+    >>> # A NaN weight skips its micro-batch, and count_skipped=True counts it.
+    >>> merged, num_skipped = optaccum.flax.merge_batch_stats(
+    ...   stacked, momentum=0.9, weights=jnp.array([2.0, jnp.nan, 2.0, 2.0]),
+    ...   batch_stats=variables["batch_stats"], count_skipped=True,
+    ... )
+    >>> int(num_skipped)
+    1
   """
+  if not isinstance(count_skipped, bool):
+    raise TypeError(
+      f"`{_MERGE}(count_skipped=...)` must be a bool, got count_skipped={count_skipped!r}."
+    )
   _check_momentum(_MERGE, momentum)
   _check_layers(_MERGE, "stacked", stacked, stacked=True)
   count = _micro_batch_count(stacked)
@@ -299,7 +321,7 @@ def merge_batch_stats(
     _validation.check_tree_matches(
       _MERGE, "batch_stats", batch_stats, one, "one micro-batch's statistics in `stacked`"
     )
-  weights = _merge_weights(weights, stacked, count)
+  skip, weights = _merge_weights(weights, stacked, count)
   total = jnp.sum(weights)
 
   def merge(layer: Layer, start: Layer) -> Layer:
@@ -314,7 +336,10 @@ def merge_batch_stats(
     )
     return _with_stats(start, keep("mean"), keep("var"))
 
-  return jax.tree.map(merge, stacked, batch_stats, is_leaf=_is_layer)
+  merged = jax.tree.map(merge, stacked, batch_stats, is_leaf=_is_layer)
+  if not count_skipped:
+    return merged
+  return merged, jnp.sum(skip, dtype=jnp.int32)
 
 
 # --- Across steps: a window's statistics, one micro-step at a time -----------------------

@@ -7,6 +7,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec
 from jax.tree_util import PyTreeDef
 
@@ -52,6 +53,31 @@ def _check_call(args: tuple[PyTree, ...], batch_argnums: tuple[int, ...]) -> Non
       raise ValueError(
         f"`data_parallel(batch_argnums=...)` names argument {n}, but the call has "
         f"{len(args)} positional arguments."
+      )
+
+
+def _check_batches(
+  args: tuple[PyTree, ...], batch_argnums: tuple[int, ...], axis_name: Hashable, replicas: int
+) -> None:
+  """Checks that every leaf of every batch argument splits into equal parts among the replicas.
+
+  Shapes are static, so this raises at the call (or its trace), naming the
+  argument, where `shard_map` would refuse the specs without naming either.
+  """
+  for n in batch_argnums:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(args[n]):
+      shape = np.shape(leaf)
+      if shape and not shape[0] % replicas:
+        continue
+      found = (
+        "a scalar, with no batch axis to split (pass it outside batch_argnums)"
+        if not shape
+        else f"a batch of {shape[0]} rows, which does not divide by {replicas}"
+      )
+      raise ValueError(
+        f"`data_parallel(batch_argnums=...)` splits argument {n} along axis 0 among the "
+        f"{replicas} replicas of mesh axis {axis_name!r}, but its leaf at "
+        f"{jax.tree_util.keystr(path) or 'the root'} is {found}."
       )
 
 
@@ -201,6 +227,15 @@ def data_parallel(
   Returns:
     A function of the same arguments; wrap it in `jax.jit`.
 
+  Raises:
+    TypeError: if `fn` is not callable, `mesh` is not a `jax.sharding.Mesh`
+      or `batch_argnums` is not a non-negative int or a sequence of them.
+    ValueError: if `axis_name` is not an axis of `mesh`; and at the call, if
+      `batch_argnums` names an argument the call does not pass, a leaf of a
+      batch argument has no leading axis or one whose length does not divide
+      by the number of replicas, or an argument shared across replicas is
+      sharded over `axis_name`.
+
   Examples:
     >>> import jax
     >>> import jax.numpy as jnp
@@ -230,6 +265,7 @@ def data_parallel(
   @functools.wraps(fn)
   def parallel_fn(*args: PyTree) -> Output:
     _check_call(args, batch_argnums)
+    _check_batches(args, batch_argnums, axis_name, mesh.shape[axis_name])
     masks = [None if n in batch_argnums else _per_replica_mask(a) for n, a in enumerate(args)]
     _check_replicated(args, masks, axis_name)
     outputs: dict[str, Any] = {}

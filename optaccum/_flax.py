@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optaccum import _replicas, _validation
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import status
-from optaccum._state import holds_state
-from optaccum._types import Scalar, Updates
+from optaccum._state import holds_state, is_state
+from optaccum._types import OptState, Params, Scalar, Updates
 
 if TYPE_CHECKING:
   from flax import nnx
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 # TrainState fields that apply_train_state_gradients computes rather than replaces.
 _COMPUTED = ("step", "params", "opt_state")
+_NNX = "apply_nnx_gradients"
 
 
 def flax_gradient_step(state: TrainState | nnx.Optimizer) -> jax.Array:
@@ -127,8 +129,13 @@ def apply_train_state_gradients(
     The new `TrainState`, with `step` advanced by one micro-step.
 
   Raises:
-    TypeError: if `state` is not a linen `TrainState`, or a keyword names no
-      field of it (or one this step computes).
+    TypeError: if `state` is not a linen `TrainState`, a keyword names no
+      field of it (or one this step computes), `weight` is not a real number,
+      `flush` is not a scalar bool, or (where `tx` is the accumulation itself)
+      `grads` holds a leaf that is not a floating-point array.
+    ValueError: where `tx` is the accumulation itself, if `grads` does not
+      match its accumulator (the structure, or a leaf's shape) or `weight`
+      is neither a scalar nor, under `reduce_axes`, one weight per replica.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -172,7 +179,9 @@ def apply_train_state_gradients(
       return state.apply_gradients(grads=grads, **fields)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
-  elif accumulation_of(state.tx) is not None:
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
+  _check_micro_step("apply_train_state_gradients", state.tx, state.opt_state, grads, weight, flush)
+  if accumulation_of(state.tx) is not None:
     # `tx` is the accumulation itself: the fast path, which writes the
     # parameters only when a window closes.
     params, opt_state = apply_gradients(
@@ -183,6 +192,39 @@ def apply_train_state_gradients(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
+
+
+def _check_micro_step(
+  where: str,
+  tx: optax.GradientTransformation,
+  opt_state: OptState,
+  grads: Updates,
+  weight: Scalar | None,
+  flush: Scalar,
+) -> None:
+  """Raises, naming `where` and its `grads=`, `weight=` and `flush=`, where the accumulation would.
+
+  The accumulation checks them too, but names its own call
+  (`apply_gradients(updates=...)`, `accumulate(...).update`): checked here
+  first, the message names the helper that was called. The gradients are
+  checked on the fast path only (`tx` the accumulation itself); in a chain they
+  reach the accumulation through the other transforms, which may reshape them.
+  """
+  accumulation = accumulation_of(tx)
+  if weight is not None:
+    if accumulation is None:
+      _validation.check_real(where, "weight", weight)
+    else:
+      accumulation.replicas.weight(where, weight)
+  _validation.as_flag(where, "flush", flush)
+  if accumulation is None or not is_state(opt_state):
+    return
+  axes = accumulation.replicas.axes
+  if axes is not None:
+    _replicas.check_leading(where, "grads", grads, axes, _replicas.count(where, axes))
+  _validation.check_tree_matches(
+    where, "grads", grads, opt_state.acc_grads, "the accumulator built by tx.init(params)"
+  )
 
 
 def check_plain_step(where: str, weight: object, flush: object) -> None:
@@ -251,8 +293,16 @@ def apply_nnx_gradients(
   `optimizer.update(model, grads)`: a training loop needs no branch.
 
   Raises:
-    TypeError: if `optimizer` is not an `nnx.Optimizer`, `update_args` is not
-      a dict, or `weight` or `flush` is given where `tx` holds no accumulation.
+    TypeError: if `optimizer` is not an `nnx.Optimizer`, `model` holds no NNX
+      module, `grads` is not an `nnx.State` (or a module), `update_args` is
+      not a dict, `weight` or `flush` is given where `tx` holds no
+      accumulation, `weight` is not a real number, `flush` is not a scalar
+      bool, or (where `tx` is the accumulation itself) `grads` holds a leaf
+      that is not a floating-point array.
+    ValueError: where `tx` is the accumulation itself, if `grads` or the
+      parameters of `model` do not match its accumulator (the structure, or a
+      leaf's shape) or `weight` is neither a scalar nor, under `reduce_axes`,
+      one weight per replica.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -275,25 +325,85 @@ def apply_nnx_gradients(
   from flax import nnx
 
   _check_optimizer(nnx, optimizer, update_args)
+  _check_nnx_arguments(nnx, model, grads)
   extra_args = dict(update_args or {})
-  if not holds_state(nnx.as_pure(optimizer.opt_state)):
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  if not holds_state(opt_state):
     # No accumulation (switched off by configuration): a plain optimizer step.
-    check_plain_step("apply_nnx_gradients", weight, flush)
+    check_plain_step(_NNX, weight, flush)
     optimizer.update(model, grads, **extra_args)
     return
-  if accumulation_of(optimizer.tx) is None:  # a chain that holds the accumulation
+  graph = optimizer.graph
+  grad_arrays = nnx.as_pure(nnx.state(grads, optimizer.wrt, graph=graph))
+  _check_micro_step(_NNX, optimizer.tx, opt_state, grad_arrays, weight, flush)
+  accumulation = accumulation_of(optimizer.tx)
+  if accumulation is None:  # a chain that holds the accumulation
     optimizer.update(model, grads, weight=weight, flush=flush, **extra_args)
     return
-  graph = optimizer.graph
   params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
-  grads = nnx.as_pure(nnx.state(grads, optimizer.wrt, graph=graph))
-  opt_state = nnx.as_pure(optimizer.opt_state)
+  _check_model(params, opt_state.acc_grads, accumulation.replicas.leading_axis)
   params, opt_state = apply_gradients(
-    optimizer.tx, grads, opt_state, params, weight=weight, flush=flush, **nnx.as_pure(extra_args)
+    optimizer.tx,
+    grad_arrays,
+    opt_state,
+    params,
+    weight=weight,
+    flush=flush,
+    **nnx.as_pure(extra_args),
   )
   nnx.update(model, params)
   nnx.update(optimizer.opt_state, nnx.state(opt_state, graph=graph))
   optimizer.step[...] += 1
+
+
+def _check_nnx_arguments(nnx: ModuleType, model: object, grads: object) -> None:
+  """Raises a TypeError, naming the argument, unless `model` and `grads` hold NNX objects."""
+  is_node = nnx.graph.is_graph_node
+  holds_node = lambda value: any(  # noqa: E731
+    is_node(leaf) for leaf in jax.tree.leaves(value, is_leaf=is_node)
+  )
+  if not holds_node(model):
+    raise TypeError(
+      f"`{_NNX}(model=...)` must be the NNX module that `optimizer` was made for, "
+      f"got model={_short(model)}."
+    )
+  if not (isinstance(grads, nnx.State) or holds_node(grads)):
+    raise TypeError(
+      f"`{_NNX}(grads=...)` must be an nnx.State, as `nnx.grad` returns it, "
+      f"got grads={_short(grads)}."
+    )
+
+
+def _short(value: object) -> str:
+  """`value` for a message: its repr where short, else its type."""
+  text = repr(value)
+  return text if len(text) <= 80 else f"an object of type {type(value).__name__}"
+
+
+def _check_model(params: Params, acc_grads: Updates, leading_axis: bool) -> None:
+  """Raises a ValueError unless `params` (the model's) match the accumulator `acc_grads`.
+
+  A None accumulator leaf stands for a parameter with no gradient (an int);
+  under mesh axes each accumulator leaf has a leading replica axis.
+  """
+  is_none = lambda x: x is None  # noqa: E731
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  acc_leaves, acc_treedef = jax.tree_util.tree_flatten_with_path(acc_grads, is_leaf=is_none)
+  if treedef != acc_treedef:  # type: ignore[operator]  # PyTreeDef: no stubs
+    raise ValueError(
+      f"`{_NNX}(model=...)` does not hold the parameters `optimizer` was made for: "
+      f"`optimizer.wrt` selects another tree in it than the accumulator's.\n"
+      f"  model: {treedef}\n  the accumulator: {acc_treedef}"
+    )
+  for (path, param), (_, acc) in zip(leaves, acc_leaves):
+    shape = jnp.shape(param)
+    expected = None if acc is None else jnp.shape(acc)[1:] if leading_axis else jnp.shape(acc)
+    if expected is not None and shape != expected:
+      raise ValueError(
+        f"`{_NNX}(model=...)` does not hold the parameters `optimizer` was made for: "
+        f"the parameter at {jax.tree_util.keystr(path) or 'the root'} has shape {shape}, "
+        f"the accumulator's has {expected}."
+      )
 
 
 def _check_optimizer(nnx: ModuleType, optimizer: object, update_args: object) -> None:

@@ -105,14 +105,32 @@ def _label(name: int | str) -> str:
   return f"argument {name!r}" if isinstance(name, str) else f"argument {name}"
 
 
+def _check_not_empty(batches: dict[int | str, Any]) -> None:
+  """Raises where a batch leaf has 0 rows: an empty batch has no mean loss or gradient.
+
+  Refused whether or not the batch is split among replicas, so that one device
+  and a mesh agree (a mean over no rows would be NaN; a split of 0 rows among
+  replicas is not even a program).
+  """
+  for name, batch in batches.items():
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+      shape = jnp.shape(x)
+      if shape and shape[0] == 0:
+        raise ValueError(
+          f"`{_WHERE}(...)` got a batch of 0 rows: {_label(name)} at "
+          f"{jax.tree_util.keystr(path) or 'the root'} has shape {shape}, and an empty "
+          "batch has no micro-batch to take a loss or gradients of. Skip the call, or pass "
+          "at least one row per micro-batch."
+        )
+
+
 def _split_batches(
   plan: _arguments.Plan, args: tuple, kwargs: dict, k: int
 ) -> dict[int | str, Any]:
   """Each batch argument, by position or keyword, split by `_split`."""
-  return {
-    name: _split(batch, k, _label(name))
-    for name, batch in _arguments.batches(plan, args, kwargs).items()
-  }
+  batches = _arguments.batches(plan, args, kwargs)
+  _check_not_empty(batches)
+  return {name: _split(batch, k, _label(name)) for name, batch in batches.items()}
 
 
 def _microbatch_keys(
@@ -413,6 +431,7 @@ def _per_replica_sums(
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
   batches = _arguments.batches(plan, args, kwargs)
+  _check_not_empty(batches)
   _check_rows_per_replica(settings.k, batches, axes, replicas)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
   found: list[_Shapes] = []
@@ -511,7 +530,8 @@ def microbatch(
   Args:
     fn: the function to split, returning `(loss, grads)` or
       `((loss, aux), grads)`.
-    k: the number of micro-batches; must divide the batch.
+    k: the number of micro-batches; must divide the batch, which must not
+      be empty.
     has_aux: whether `fn` returns aux outputs, as for `jax.value_and_grad`.
     batch_argnums: positional arguments to split; None (default) means every
       one after the first, except the key.
@@ -556,6 +576,15 @@ def microbatch(
 
   Returns:
     A function with the signature and output structure of `fn`.
+
+  Raises:
+    TypeError: if an argument has the wrong type (`fn` or `weight_fn` not
+      callable, `has_aux` not a bool, ...).
+    ValueError: if an argument has a bad value (`k` not a positive int, an
+      unknown `reduction`, ...); and at the call, if a batch argument has 0
+      rows (refused alike on one device and under `reduce_axes`), or its rows
+      do not split into k micro-batches (under `reduce_axes`, among the
+      replicas and then into k).
 
   Examples:
     >>> import jax

@@ -233,6 +233,76 @@ def test_a_nan_weight_on_bfloat16_statistics_keeps_them_bfloat16_and_finite():
     assert_statistics(result, expected, rtol=2.0**-8)
 
 
+# --- Counting the skipped micro-batches --------------------------------------------------
+
+
+def numpy_num_skipped(stacked, weights):
+  """Micro-batches with a NaN, infinite or negative weight, or a statistic that is not finite."""
+  weights = np.asarray(weights, np.float64)
+  bad_weight = ~(np.isfinite(weights) & (weights >= 0))
+  bad_statistics = np.zeros(len(weights), bool)
+  for leaf in (stacked["mean"], stacked["var"]):
+    bad_statistics |= ~np.all(np.isfinite(np.asarray(leaf, np.float64)), axis=1)
+  return int(np.sum(bad_weight | bad_statistics))
+
+
+COUNT_CASES = {
+  # A weight of 0 adds nothing and is no skip.
+  "good and zero": ([1.0, 0.0, 2.0, 3.0], None),
+  "nan, -1, inf": ([np.nan, -1.0, 2.0, np.inf], None),
+  # A NaN statistic and a bad weight on one micro-batch count once.
+  "nan statistic": ([1.0, -2.0, 2.0, 3.0], (1, 2)),
+  "every one": ([np.nan, np.nan, -1.0, 1.0], (3, 0)),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", list(COUNT_CASES))
+def test_merge_counts_skipped_micro_batches_as_a_window_does(case, jit):
+  # Issue 21: a bad weight means the same in merge_batch_stats as in accumulate:
+  # skipped and counted; the merge skipped it but reported no count.
+  weights, nan_at = COUNT_CASES[case]
+  means, variances = micro_batch_statistics()
+  if nan_at is not None:
+    means[nan_at] = np.nan
+  stacked = stacked_layer(means, variances)
+  start = start_statistics()
+
+  def counted(stacked, weights, start):
+    return merge(stacked, momentum=MOMENTUM, weights=weights, batch_stats=start, count_skipped=True)
+
+  run = jax.jit(counted) if jit else counted
+  merged, num_skipped = run(stacked, jnp.array(weights, jnp.float32), start)
+  expected = numpy_num_skipped(stacked, weights)
+  assert num_skipped.shape == () and num_skipped.dtype == jnp.int32
+  assert int(num_skipped) == expected
+  assert int(window_of(stacked, weights).num_skipped) == expected  # as the window counts
+  kept = [w if nan_at is None or i != nan_at[0] else np.nan for i, w in enumerate(weights)]
+  if expected == K:
+    assert_unchanged(merged, start)
+  else:
+    assert_statistics(merged, numpy_merge(means, variances, kept))
+
+
+def test_merge_counts_non_finite_statistics_without_weights():
+  means, variances = micro_batch_statistics()
+  variances[2, 0] = np.inf
+  merged, num_skipped = merge(
+    stacked_layer(means, variances), momentum=MOMENTUM, count_skipped=True
+  )
+  assert int(num_skipped) == 1
+  assert_statistics(merged, numpy_merge(means, variances, [1.0, 1.0, np.nan, 1.0]))
+
+
+@pytest.mark.parametrize("value", [1, None, jnp.array(True)])
+def test_merge_refuses_a_count_skipped_that_is_not_a_bool(value):
+  with pytest.raises(TypeError) as raised:
+    merge(STACKED, momentum=MOMENTUM, count_skipped=value)
+  assert str(raised.value) == (
+    f"`merge_batch_stats(count_skipped=...)` must be a bool, got count_skipped={value!r}."
+  )
+
+
 # --- Arguments: one message each ---------------------------------------------------------
 
 LAYER = {"mean": jnp.zeros(FEATURES), "var": jnp.ones(FEATURES)}
