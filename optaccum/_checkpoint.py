@@ -18,6 +18,7 @@ only inside these functions.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from optaccum import _validation
-from optaccum._state import WINDOW_SUMS, counters, fields_of
+from optaccum._state import WINDOW_SUMS, counters, fields_of, locate_state
 from optaccum._types import KSchedule, PyTree
 
 # Under this key of the checkpoint's custom metadata: the window at save time, and
@@ -108,19 +109,25 @@ def save_checkpoint(
   whatever the number of its replicas. Saves from several threads at once are
   safe: they take turns.
 
+  Whatever fails during the save, nothing of it is left beside `directory`.
+
   Args:
-    directory: a local directory that does not exist yet.
+    directory: a local directory that does not exist yet (a str or
+      `os.PathLike`); a relative path is taken from the current directory.
     state: the whole training state: a linen `TrainState`, a tuple
       `(model, optimizer)` of NNX objects, or any pytree holding one
       `optaccum.AccumulateState`.
-    k: the `k` given to `optaccum.accumulate`.
+    k: the `k` given to `optaccum.accumulate`, checked as `accumulate` checks it.
 
   Raises:
-    ValueError: if `directory` exists or is a URL; if `state` holds no (or several)
-      AccumulateState; or if, in the middle of a window under `pmap` with
-      `axis_name`, a state declared replicated holds other partial sums on
-      other devices (Orbax would write device 0's alone): save when a window
-      has just closed, or keep the state per device (`out_axes=0`).
+    TypeError: if `directory` is not a str or `os.PathLike`.
+    ValueError: if `directory` is empty, exists or is a URL; if `k` is not a
+      positive int or a schedule whose value at gradient step 0 is a finite
+      real scalar; if `state` holds no (or several) AccumulateState; or if, in
+      the middle of a window under `pmap` with `axis_name`, a state declared
+      replicated holds other partial sums on other devices (Orbax would write
+      device 0's alone): save when a window has just closed, or keep the state
+      per device (`out_axes=0`).
 
   Examples:
     >>> import tempfile
@@ -140,33 +147,63 @@ def save_checkpoint(
   """
   import orbax.checkpoint as ocp
 
-  given = os.fspath(directory)
-  if "://" in given:
+  where = "checkpoint.save"
+  path = _local_path(where, directory)
+  if os.path.lexists(path):
     raise ValueError(
-      f"`checkpoint.save(directory=...)` must be a local directory, which "
-      f"`checkpoint.restore` reads, got {given!r}."
+      f"`{where}(directory=...)` must be a directory that does not exist yet, got "
+      f"{path!r}, which exists."
     )
-  if os.path.lexists(given):
-    raise ValueError(
-      f"`checkpoint.save(directory=...)` must be a directory that does not exist yet, got "
-      f"{given!r}, which exists."
-    )
-  directory = os.path.abspath(given)
-  metadata = _metadata("checkpoint.save", state, k, sealed=True)
+  metadata = _metadata(where, state, k, sealed=True)
   # The same name on every process of a multi-process save; what is left there
   # is an interrupted save's.
-  unsealed = f"{directory}.optaccum-unsealed"
+  unsealed = f"{path}.optaccum-unsealed"
+  primary = ocp.multihost.is_primary_host(0)
   with _ORBAX_LOCK:
-    if ocp.multihost.is_primary_host(0) and os.path.lexists(unsealed):
+    if primary and os.path.lexists(unsealed):
       shutil.rmtree(unsealed)
-    _sync(f"optaccum:save:start:{directory}")
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(unsealed, state, custom_metadata=metadata)
-    _sync(f"optaccum:save:written:{directory}")
-    if ocp.multihost.is_primary_host(0):
-      _seal(unsealed)
-      os.rename(unsealed, directory)
-    _sync(f"optaccum:save:sealed:{directory}")
+    try:
+      _sync(f"optaccum:save:start:{path}")
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(unsealed, state, custom_metadata=metadata)
+      _sync(f"optaccum:save:written:{path}")
+      if primary:
+        _seal(unsealed)
+        os.rename(unsealed, path)
+    except BaseException:
+      if primary:
+        _remove_unsealed(unsealed)
+      raise
+    _sync(f"optaccum:save:sealed:{path}")
+
+
+def _local_path(where: str, directory: object) -> str:
+  """`directory` as an absolute path, after checking that it names a local directory.
+
+  Orbax takes absolute paths alone, so a relative one is resolved here, against
+  the current directory; the messages name the path so resolved.
+  """
+  given = os.fspath(directory) if isinstance(directory, (str, os.PathLike)) else None
+  if not isinstance(given, str):  # also an os.PathLike of bytes
+    raise TypeError(
+      f"`{where}(directory=...)` must be a path, a str or an os.PathLike such as "
+      f"pathlib.Path, got directory={directory!r}."
+    )
+  if not given:
+    # os.path.abspath would take it for the current directory.
+    raise ValueError(f"`{where}(directory=...)` must name a directory, got directory=''.")
+  if "://" in given:
+    raise ValueError(
+      f"`{where}(directory=...)` must be a local directory, which `checkpoint.restore` "
+      f"reads, got {given!r}."
+    )
+  return os.path.abspath(given)
+
+
+def _remove_unsealed(unsealed: str) -> None:
+  """Removes what a failed save wrote: its unsealed folder, or Orbax's temporary one of it."""
+  for path in [unsealed, *glob.glob(f"{glob.escape(unsealed)}.orbax-checkpoint-tmp*")]:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _sync(name: str) -> None:
@@ -227,14 +264,16 @@ def checkpoint_metadata(state: PyTree, *, k: KSchedule) -> dict[str, Any]:
 
   Args:
     state: the whole training state the manager saves (one item).
-    k: the `k` given to `optaccum.accumulate`.
+    k: the `k` given to `optaccum.accumulate`, checked as `accumulate` checks it.
 
   Returns:
     A dict for `CheckpointManager.save(..., custom_metadata=...)`.
 
   Raises:
-    ValueError: if `state` holds no (or several) AccumulateState, or under
-      `pmap` its replicas hold different partial sums (see `checkpoint.save`).
+    ValueError: if `k` is not a positive int or a schedule whose value at
+      gradient step 0 is a finite real scalar; if `state` holds no (or several)
+      AccumulateState, or under `pmap` its replicas hold different partial
+      sums (see `checkpoint.save`).
 
   Examples:
     >>> import tempfile
@@ -264,8 +303,8 @@ def _metadata(where: str, state: PyTree, k: KSchedule, *, sealed: bool) -> dict[
   """
   import orbax.checkpoint as ocp
 
-  _validation.check_k(where, k)
-  fields = fields_of(state)
+  _check_k(where, k)
+  fields = _fields(where, "state", state)
   mini_step, gradient_step = counters(fields)
   if mini_step > 0:
     _check_replicas_agree(where, fields)
@@ -278,6 +317,24 @@ def _metadata(where: str, state: PyTree, k: KSchedule, *, sealed: bool) -> dict[
   }
   record[_RECORD_DIGEST_FIELD] = _digest_of(record)
   return {_METADATA_KEY: record}
+
+
+def _check_k(where: str, k: object) -> None:
+  """Checks `k` as `accumulate` does: a schedule's value at gradient step 0 too."""
+  _validation.check_k(where, k)
+  if callable(k):
+    _validation.check_schedule_value(where, "k", k)
+
+
+def _fields(where: str, name: str, state: PyTree) -> dict[str, list]:
+  """`fields_of(state)`; where `state` holds no (or several) AccumulateState, an error
+  naming the call and the argument `name`."""
+  try:
+    return fields_of(state)
+  except ValueError as error:
+    failure = error
+  locate_state(f"{where}({name}=...)", state)  # raises, saying how many it found
+  raise failure
 
 
 def restore_checkpoint(
@@ -311,12 +368,14 @@ def restore_checkpoint(
   that lost it is refused (its arrays unchecked), naming that file.
 
   Args:
-    directory: the checkpoint directory, or a CheckpointManager step's.
+    directory: the checkpoint directory, or a CheckpointManager step's (a str
+      or `os.PathLike`); a relative path is taken from the current directory.
     target: a state of the form to restore: a freshly created `TrainState`,
       `(model, optimizer)` NNX objects, or any pytree, with arrays or
       `jax.ShapeDtypeStruct` leaves. Only its structure, shapes and dtypes are
       used.
-    k: the `k` of the optimizer that will continue the training.
+    k: the `k` of the optimizer that will continue the training, checked as
+      `accumulate` checks it.
     item: in a CheckpointManager step that holds several items (saved with
       `ocp.args.Composite`), the one holding the state; None (default) takes
       the only one.
@@ -325,11 +384,14 @@ def restore_checkpoint(
     The restored state, of the form of `target`.
 
   Raises:
+    TypeError: if `directory` is not a str or `os.PathLike`.
     FileNotFoundError: if `directory` is not a directory.
-    ValueError: if the checkpoint's tree or window length does not fit, the
-      checkpoint was not written by `checkpoint.save` (or with
-      `checkpoint.metadata`), or it is damaged: a damaged file never
-      surfaces as an error of Orbax's own.
+    ValueError: if `directory` is empty or a URL; if `k` is not a positive int
+      or a schedule whose value at gradient step 0 is a finite real scalar; if
+      `target` holds no (or several) AccumulateState; if the checkpoint's tree
+      or window length does not fit, the checkpoint was not written by
+      `checkpoint.save` (or with `checkpoint.metadata`), or it is damaged: a
+      damaged file never surfaces as an error of Orbax's own.
 
   Examples:
     >>> import tempfile
@@ -347,8 +409,9 @@ def restore_checkpoint(
   import orbax.checkpoint as ocp
 
   where = "checkpoint.restore"
-  _validation.check_k(where, k)
-  directory = os.fspath(directory)
+  directory = _local_path(where, directory)
+  _check_k(where, k)
+  _fields(where, "target", target)
   if not os.path.isdir(directory):
     raise FileNotFoundError(
       f"`{where}(directory=...)` must be a checkpoint directory, got {directory!r}, "

@@ -17,6 +17,8 @@ the child process of the tests that need one: restores that TensorStore fails on
 import functools
 import json
 import os
+import pathlib
+import re
 import shutil
 import sys
 
@@ -28,6 +30,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optaccum
+from optaccum import _checkpoint
 
 EVERY_K = 3
 LARGE = 100_000
@@ -52,6 +55,12 @@ def saved_state():
   grads = jax.tree.map(lambda leaf: jnp.full_like(leaf, 0.25), params)
   _, opt_state = tx.update(grads, tx.init(params), params)
   return params, opt_state, {"count": jnp.arange(4, dtype=jnp.int32)}
+
+
+def fresh_state():
+  """A state as a run starts it: for the checks that refuse an argument before any save."""
+  params = {"w": jnp.ones(3, jnp.float32)}
+  return params, optaccum.accumulate(optax.sgd(0.1), EVERY_K).init(params)
 
 
 def bits(tree):
@@ -345,6 +354,216 @@ def test_save_refuses_an_existing_or_remote_directory_and_replaces_an_interrupte
   assert outcome(tmp_path / "new") == ["restored", "bit-identical"]
 
 
+def exactly(message):
+  """A `pytest.raises(match=...)` pattern for `message` alone."""
+  return f"^{re.escape(message)}$"
+
+
+def test_save_and_restore_take_a_relative_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  optaccum.checkpoint.save("checkpoint", saved_state(), k=EVERY_K)
+  assert os.listdir(tmp_path) == ["checkpoint"]
+  assert outcome("checkpoint") == ["restored", "bit-identical"]
+  assert outcome(pathlib.Path("checkpoint")) == ["restored", "bit-identical"]
+
+
+def test_restore_takes_a_manager_step_by_a_relative_path(step, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  relative = os.path.relpath(step)  # up out of tmp_path, into the manager's directory
+  assert not os.path.isabs(relative)
+  assert outcome(relative) == ["restored", "bit-identical"]
+
+
+def test_save_refuses_an_empty_path_and_the_current_directory(tmp_path, monkeypatch):
+  work = tmp_path / "work"
+  os.mkdir(work)
+  monkeypatch.chdir(work)
+  with pytest.raises(
+    ValueError,
+    match=exactly("`checkpoint.save(directory=...)` must name a directory, got directory=''."),
+  ):
+    optaccum.checkpoint.save("", fresh_state(), k=EVERY_K)
+  for current in [".", str(work), "missing/..", pathlib.Path()]:
+    with pytest.raises(
+      ValueError,
+      match=exactly(
+        "`checkpoint.save(directory=...)` must be a directory that does not exist yet, got "
+        f"{str(work)!r}, which exists."
+      ),
+    ):
+      optaccum.checkpoint.save(current, fresh_state(), k=EVERY_K)
+  # Nothing written, in the current directory or beside it.
+  assert os.listdir(work) == []
+  assert os.listdir(tmp_path) == ["work"]
+
+
+CALLS_WITH_DIRECTORY = {
+  "checkpoint.save": lambda directory: optaccum.checkpoint.save(
+    directory, fresh_state(), k=EVERY_K
+  ),
+  "checkpoint.restore": lambda directory: optaccum.checkpoint.restore(
+    directory, fresh_state(), k=EVERY_K
+  ),
+}
+
+
+@pytest.mark.parametrize("call", CALLS_WITH_DIRECTORY)
+@pytest.mark.parametrize("directory", [None, 3, b"/tmp/checkpoint"])
+def test_a_directory_that_is_not_a_path_is_refused_naming_the_call(call, directory):
+  with pytest.raises(
+    TypeError,
+    match=exactly(
+      f"`{call}(directory=...)` must be a path, a str or an os.PathLike such as pathlib.Path, "
+      f"got directory={directory!r}."
+    ),
+  ):
+    CALLS_WITH_DIRECTORY[call](directory)
+
+
+def test_restore_refuses_an_empty_or_remote_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(
+    ValueError,
+    match=exactly("`checkpoint.restore(directory=...)` must name a directory, got directory=''."),
+  ):
+    optaccum.checkpoint.restore("", fresh_state(), k=EVERY_K)
+  with pytest.raises(
+    ValueError,
+    match=exactly(
+      "`checkpoint.restore(directory=...)` must be a local directory, which `checkpoint.restore` "
+      "reads, got 'gs://bucket/step_1'."
+    ),
+  ):
+    optaccum.checkpoint.restore("gs://bucket/step_1", fresh_state(), k=EVERY_K)
+
+
+def fail_sealing(seal):
+  """Fails as a full disk would, where the digest file is written."""
+
+  def failing(directory):
+    raise OSError(28, "No space left on device")
+
+  return failing
+
+
+def take_the_directory_meanwhile(seal):
+  """Seals, then, as another process would, writes the directory the save renames to."""
+
+  def sealing_then_taking(directory):
+    seal(directory)
+    taken = directory.removesuffix(".optaccum-unsealed")
+    os.mkdir(taken)
+    with open(os.path.join(taken, "theirs.txt"), "w") as file:
+      file.write("another save's")
+
+  return sealing_then_taking
+
+
+@pytest.mark.parametrize(
+  "failure, left",
+  [(fail_sealing, []), (take_the_directory_meanwhile, ["checkpoint"])],
+  ids=["sealing fails", "directory taken meanwhile"],
+)
+def test_a_save_that_fails_after_orbax_wrote_leaves_no_unsealed_folder(
+  failure, left, tmp_path, monkeypatch
+):
+  monkeypatch.setattr(_checkpoint, "_seal", failure(_checkpoint._seal))
+  with pytest.raises(OSError):
+    optaccum.checkpoint.save(tmp_path / "checkpoint", saved_state(), k=EVERY_K)
+  assert os.listdir(tmp_path) == left
+  if left:  # the other save's directory, untouched
+    assert os.listdir(tmp_path / "checkpoint") == ["theirs.txt"]
+
+
+def test_a_save_that_orbax_fails_leaves_no_unsealed_folder(tmp_path, run_python):
+  # In a child: Orbax's background threads report the failure after the fact.
+  result = run_python(
+    ["-m", "tests.test_edges_checkpoint", "failed_save", str(tmp_path)], num_devices=1, timeout=120
+  )
+  # Orbax had created its temporary folder when TensorStore refused the dtype.
+  assert result == {
+    "error": 'ValueError: Error parsing object member "dtype": Unsupported data type: "uint4"',
+    "left": [],
+  }
+
+
+def sticky(value):
+  return lambda gradient_step: value
+
+
+NOT_A_POSITIVE_INT = (
+  "must be a positive int (at most 2**31 - 1, the largest int32 counter) or a callable "
+  "`gradient_step -> k`, got k={!r}."
+)
+BAD_K = [
+  (0, NOT_A_POSITIVE_INT.format(0)),
+  (-1, NOT_A_POSITIVE_INT.format(-1)),
+  (True, NOT_A_POSITIVE_INT.format(True)),
+  (2.5, NOT_A_POSITIVE_INT.format(2.5)),
+  ("4", NOT_A_POSITIVE_INT.format("4")),
+  (
+    sticky(jnp.nan),
+    "must return a finite number of micro-steps, but at gradient step 0 it returned nan.",
+  ),
+  (
+    sticky(jnp.inf),
+    "must return a finite number of micro-steps, but at gradient step 0 it returned inf.",
+  ),
+  (sticky(None), "must return a real scalar, but at gradient step 0 it returned None."),
+  (sticky("4"), "must return a real scalar, but at gradient step 0 it returned '4'."),
+]
+CALLS_WITH_K = {
+  "checkpoint.save": lambda directory, k: optaccum.checkpoint.save(directory, fresh_state(), k=k),
+  "checkpoint.metadata": lambda directory, k: optaccum.checkpoint.metadata(fresh_state(), k=k),
+  "checkpoint.restore": lambda directory, k: optaccum.checkpoint.restore(
+    directory, fresh_state(), k=k
+  ),
+}
+
+
+@pytest.mark.parametrize("call", CALLS_WITH_K)
+@pytest.mark.parametrize(
+  "k, message", BAD_K, ids=["0", "-1", "True", "2.5", "'4'", "nan", "inf", "None", "returns '4'"]
+)
+def test_a_k_that_accumulate_refuses_is_refused_naming_the_call(call, k, message, tmp_path):
+  # accumulate refuses it, with the same words.
+  with pytest.raises(ValueError, match=exactly(f"`accumulate(k=...)` {message}")):
+    optaccum.accumulate(optax.sgd(0.1), k)
+  with pytest.raises(ValueError, match=exactly(f"`{call}(k=...)` {message}")):
+    CALLS_WITH_K[call](tmp_path / "checkpoint", k)
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+  "call, argument",
+  [
+    ("checkpoint.save", "state"),
+    ("checkpoint.metadata", "state"),
+    ("checkpoint.restore", "target"),
+  ],
+)
+@pytest.mark.parametrize("count", [0, 2])
+def test_a_state_without_exactly_one_accumulate_state_is_refused_naming_the_argument(
+  call, argument, count, tmp_path
+):
+  params, opt_state = fresh_state()
+  state = (params, *[opt_state] * count)
+  run = {
+    "checkpoint.save": lambda: optaccum.checkpoint.save(tmp_path / "checkpoint", state, k=EVERY_K),
+    "checkpoint.metadata": lambda: optaccum.checkpoint.metadata(state, k=EVERY_K),
+    "checkpoint.restore": lambda: optaccum.checkpoint.restore(tmp_path, state, k=EVERY_K),
+  }[call]
+  with pytest.raises(
+    ValueError,
+    match=exactly(
+      f"`{call}({argument}=...)` must hold exactly one optaccum AccumulateState (from "
+      f"`optaccum.accumulate`), found {count} in a state of type tuple."
+    ),
+  ):
+    run()
+  assert os.listdir(tmp_path) == []
+
+
 def test_a_replicated_save_copies_each_distinct_sum_to_the_host_once(tmp_path, run_python):
   result = run_python(
     ["-m", "tests.test_edges_checkpoint", "replicas", str(tmp_path)],
@@ -464,10 +683,23 @@ def replicas(directory):
   return results
 
 
+def failed_save(directory):
+  """The child of test_a_save_that_orbax_fails_leaves_no_unsealed_folder."""
+  state = (*saved_state(), {"nibbles": jnp.zeros(4, jnp.uint4)})  # TensorStore has no uint4
+  try:
+    optaccum.checkpoint.save(os.path.join(directory, "checkpoint"), state, k=EVERY_K)
+    error = "saved"
+  except ValueError as raised:
+    error = f"{type(raised).__name__}: {raised}"
+  return {"error": error, "left": sorted(os.listdir(directory))}
+
+
 if __name__ == "__main__":
   jax.config.update("jax_numpy_dtype_promotion", "strict")
   mode, *arguments = sys.argv[1:]
   if mode == "restore":
     print(json.dumps([outcome(directory) for directory in arguments]))
+  elif mode == "failed_save":
+    print(json.dumps(failed_save(*arguments)))
   else:
     print(json.dumps(replicas(*arguments)))
