@@ -229,19 +229,32 @@ class Accumulation:
   replicas: _replicas.Replicas = _replicas.Replicas()
   # The call that errors in `update` name: `MultiSteps.update` for the drop-in.
   update_name: str = "accumulate(...).update"
+  # The constructor and its name for the skip policy, for the policy's errors.
+  where: str = "accumulate"
+  skip_name: str = "skip"
+
+  @property
+  def init_name(self) -> str:
+    """The call that errors in `init` name: `accumulate(...).init` or `MultiSteps.init`."""
+    return self.update_name.removesuffix(".update") + ".init"
 
   def transformation(self) -> optax.GradientTransformationExtraArgs:
     """The optax transformation: `init` and `update`."""
     return optax.GradientTransformationExtraArgs(self.init, self.update)
 
   def init(self, params: Params) -> AccumulateState:
-    """The state before the first micro-step: an empty window."""
+    """The state before the first micro-step: an empty window.
+
+    Raises a TypeError naming `init(params=...)` where a leaf of `params` is no
+    JAX or NumPy array (a string, a Python number: its dtype would be a guess).
+    """
+    _validation.check_arrays(self.init_name, "params", params)
     gradient_step = jnp.zeros((), jnp.int32)
     acc_grads = jax.tree.map(self._zeros_for, params)
     skip_state = ()
     if self.skip is not None:
       zeros = _gradient_zeros(params, acc_grads)  # as `update` gets them
-      _, skip_state = self.skip(zeros, gradient_step, params)
+      _, skip_state = self._decide(zeros, gradient_step, params)
     return AccumulateState(
       mini_step=jnp.zeros((), jnp.int32),
       gradient_step=gradient_step,
@@ -317,7 +330,11 @@ class Accumulation:
       raise
 
   def _check_inner_state(self, where: str, state: AccumulateState, params: Params) -> None:
-    """Raises naming `where` if `state.inner_opt_state` is not the inner optimizer's."""
+    """Raises naming `where` if `state.inner_opt_state` is not the inner optimizer's.
+
+    `params` reach here only once `_add` has found them of the accumulator's
+    tree and shapes, so a difference found here is the state's, not theirs.
+    """
     like = state.acc_grads if params is None else params
     try:
       expected = jax.tree.structure(jax.eval_shape(self.inner.init, like))
@@ -371,6 +388,11 @@ class Accumulation:
     the parameters: no tree of updates outlives it, and a micro-step that does
     not close the window leaves the parameters in place.
     """
+    if params is None:
+      raise TypeError(
+        "`apply_gradients(params=...)` is required: the fast path writes the window's updates "
+        "into the parameters, got params=None. Pass the parameters opt_state was built for."
+      )
     with jax.named_scope(_spans.WINDOW_ADD):
       state, close_window = self._add("apply_gradients", grads, state, params, weight, flush)
     operand = (params, state.inner_opt_state)
@@ -398,6 +420,8 @@ class Accumulation:
     _validation.check_tree_matches(
       where, "updates", updates, state.acc_grads, "the accumulator built by init(params)"
     )
+    if params is not None:
+      self._check_params_match(where, params, state.acc_grads)
     weighted = weight is not None
     checked = None if weight is None else self.replicas.weight(where, weight)
     flush = _validation.as_flag(where, "flush", flush)
@@ -432,6 +456,23 @@ class Accumulation:
     )
     return state, close_window
 
+  def _check_params_match(self, where: str, params: Params, acc_grads: Updates) -> None:
+    """Checks `params` against the accumulator: tree, leaf kinds and shapes, nothing traced.
+
+    Run before the step is traced, so that parameters unlike those the state
+    was built for are named as `params`, not found deep in the inner
+    optimizer (or blamed on its state). Under mesh axes each accumulator has
+    a leading replica axis before the parameter's shape.
+    """
+    checked = _check_params(where, params, acc_grads)
+    lead = self.replicas.leading_axis
+    wanted = [
+      None if acc is None else (jnp.shape(acc)[:1] if lead else ()) + tuple(jnp.shape(param))
+      for _, param, acc in checked
+    ]
+    note = " (a leading axis of replicas, then the parameter's shape)" if lead else ""
+    _check_param_shapes(where, checked, wanted, note)
+
   def _verdict(
     self,
     where: str,
@@ -443,16 +484,40 @@ class Accumulation:
     """Runs the skip policy and checks the weight: a NaN, inf or negative one skips."""
     should_skip, skip_state = None, state.skip_state
     if self.skip is not None:
-      should_skip, skip_state = self.skip(updates, state.gradient_step, params)
-      should_skip = jnp.asarray(should_skip)
-      if should_skip.shape != () or should_skip.dtype != jnp.bool_:
-        raise ValueError(
-          "The skip policy must return a scalar bool as its first output, got "
-          f"dtype {should_skip.dtype} and shape {should_skip.shape}."
-        )
+      should_skip, skip_state = self._decide(updates, state.gradient_step, params)
     should_skip, weight = _window.admit(weight, should_skip)
     # Each replica's micro-batch weighs in (1 each unweighted).
     return _Verdict(should_skip, self.replicas.spread(where, weight), skip_state)
+
+  def _decide(
+    self, updates: Updates, gradient_step: jax.Array, params: Params
+  ) -> tuple[jax.Array, PyTree]:
+    """Runs the skip policy; raises naming it where it breaks its contract.
+
+    The contract, optax's `ShouldSkipUpdateFunction`: a pair `(should_skip,
+    skip_state)`, `should_skip` a scalar bool.
+    """
+    assert self.skip is not None
+    out = self.skip(updates, gradient_step, params)
+    policy = f"`{self.where}({self.skip_name}=...)`"
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+      raise TypeError(
+        f"{policy}: the skip policy must return a pair (should_skip, skip_state), should_skip a "
+        f"scalar bool and skip_state any pytree, but it returned {_shown(out)}."
+      )
+    should_skip, skip_state = out
+    is_array = isinstance(should_skip, (bool, np.bool_, jax.Array, np.ndarray))
+    if not is_array or jnp.shape(should_skip) != () or jnp.result_type(should_skip) != jnp.bool_:
+      got = (
+        f"dtype {jnp.result_type(should_skip).name} and shape {jnp.shape(should_skip)}"
+        if is_array
+        else _shown(should_skip)
+      )
+      raise ValueError(
+        f"{policy}: the skip policy must return a scalar bool as its first output "
+        f"(should_skip, skip_state), got {got}."
+      )
+    return jnp.asarray(should_skip), skip_state
 
   def _sum_into(
     self, updates: Updates, state: AccumulateState, verdict: _Verdict, weighted: bool
@@ -687,6 +752,8 @@ def build(
     statistics=statistics,
     replicas=replicas,
     update_name="accumulate(...).update" if where == "accumulate" else f"{where}.update",
+    where=where,
+    skip_name=skip_name,
   )
 
 
@@ -773,7 +840,7 @@ def accumulate(
       sums in bfloat16 (half the memory of float32) with unbiased stochastic
       rounding; see docs/precision_and_statistics.md.
     skip: a per-micro-batch skip policy `(grads, gradient_step, params) ->
-      (skip, info)`, e.g. `optaccum.skip.not_finite`; micro-batches it rejects
+      (skip, info)`, `skip` a scalar bool, e.g. `optaccum.skip.not_finite`; micro-batches it rejects
       never enter the window and are counted in `num_skipped`. None (default)
       accumulates every micro-batch, and leaves non-finite values to the
       window guard.
@@ -825,6 +892,20 @@ def accumulate(
     An `optax.GradientTransformationExtraArgs` whose state is an
     `AccumulateState`.
 
+  Raises:
+    ValueError: at the call, for a bad `k` (a schedule whose value at
+      gradient step 0 is no real scalar, NaN, inf or above 2**31 - 1 included),
+      `reduction` or `strategy`.
+    TypeError: at the call, for an `inner` that is no transformation, a
+      `skip` that is not callable or non-bool flags; at `init`, for `params`
+      that are not a pytree of arrays; at `init` or `update`, for a skip
+      policy that returns no pair `(should_skip, skip_state)` (a ValueError
+      where `should_skip` is no scalar bool).
+    ValueError: at `update`, for `updates` or `params` (where given) whose
+      tree or shapes differ from the accumulator `init` built (`params` are
+      named, not the inner state), checked before the step is traced; a
+      TypeError for one whose leaves are not floating-point arrays.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax
@@ -854,6 +935,68 @@ def accumulate(
   ).transformation()
 
 
+def _shown(value: object) -> str:
+  """`value`'s type and repr, the repr cut to 60 characters, for a message."""
+  text, kind = repr(value), type(value).__name__
+  article = "an" if kind[:1].lower() in "aeiou" else "a"
+  return f"{article} {kind}: {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_params(where: str, params: Params, acc_grads: Updates) -> list[tuple[Any, Any, Any]]:
+  """Checks `params` against the accumulator in opt_state, before anything is traced.
+
+  `params` must be the tree of the accumulator (None, where a parameter has no
+  gradient, counts as a leaf on both sides), and each leaf with an
+  accumulator a floating-point array (complex where the accumulator is).
+  Structure and dtypes only: no optimizer is traced. Returns `(path, param,
+  accumulator)` for every leaf, for `_check_param_shapes`.
+
+  Raises:
+    ValueError: naming `where(params=...)` and both trees where they differ.
+    TypeError: where a leaf with an accumulator is not a floating-point array.
+  """
+  entries, given = jax.tree_util.tree_flatten_with_path(params, is_leaf=_IS_NONE)
+  accumulators, expected = jax.tree.flatten(acc_grads, is_leaf=_IS_NONE)
+  if given != expected:  # type: ignore[operator]  # PyTreeDef: no stubs
+    raise ValueError(
+      f"`{where}(params=...)` has a tree structure that does not match the accumulator "
+      f"in opt_state.\n  params: {given}\n  the accumulator: {expected}"
+    )
+  hint = "Pass the parameters that opt_state was built for."
+  for (path, param), acc in zip(entries, accumulators):
+    if acc is None:
+      continue
+    if not isinstance(param, (jax.Array, np.ndarray)):
+      raise _validation.array_error(where, "params", path, param, hint)
+    if not jnp.issubdtype(param.dtype, jnp.inexact) or (
+      jnp.iscomplexobj(param) and not jnp.iscomplexobj(acc)
+    ):
+      raise TypeError(
+        f"`{where}(params=...)` has dtype {param.dtype.name} at "
+        f"{jax.tree_util.keystr(path) or 'the root'}, where the accumulator in opt_state is "
+        f"{acc.dtype.name}. {hint}"
+      )
+  return [(path, param, acc) for (path, param), acc in zip(entries, accumulators)]
+
+
+def _check_param_shapes(
+  where: str, checked: list[tuple[Any, Any, Any]], wanted: list[Any], note: str = ""
+) -> None:
+  """Raises naming `where(params=...)` where an accumulator is not of the shape `wanted`.
+
+  `wanted` holds, for each entry of `_check_params`, the accumulator's shape
+  (a tuple) as the parameter makes it (under mesh axes with a leading replica
+  axis); None where there is no accumulator.
+  """
+  for (path, param, acc), want in zip(checked, wanted):
+    if acc is not None and tuple(want) != tuple(jnp.shape(acc)):
+      raise ValueError(
+        f"`{where}(params=...)` does not match the accumulator in opt_state at "
+        f"{jax.tree_util.keystr(path) or 'the root'}: params has shape {jnp.shape(param)}, "
+        f"the accumulator {jnp.shape(acc)}{note}."
+      )
+
+
 def _check_flush(tx: object, opt_state: OptState, params: Params, acc_grads: Updates) -> None:
   """Checks `flush`'s arguments before anything is traced: `tx`, then `params`.
 
@@ -869,31 +1012,7 @@ def _check_flush(tx: object, opt_state: OptState, params: Params, acc_grads: Upd
       "`flush(tx=...)` must be the optax GradientTransformation whose state is "
       f"opt_state (`optaccum.accumulate(...)` or a chain holding it), got tx={tx!r}."
     )
-  is_none = lambda x: x is None  # noqa: E731
-  entries, given = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
-  accumulators, expected = jax.tree.flatten(acc_grads, is_leaf=is_none)
-  if given != expected:  # type: ignore[operator]  # PyTreeDef: no stubs
-    raise ValueError(
-      "`flush(params=...)` has a tree structure that does not match the accumulator "
-      f"in opt_state.\n  params: {given}\n  the accumulator: {expected}"
-    )
-  for (path, param), acc in zip(entries, accumulators):
-    place = jax.tree_util.keystr(path) or "the root"
-    if acc is None:
-      continue
-    if not isinstance(param, (jax.Array, np.ndarray)):
-      raise TypeError(
-        f"`flush(params=...)` must hold arrays, but the leaf at {place} is a "
-        f"{type(param).__name__}: {param!r}. Pass the parameters that opt_state was built for."
-      )
-    if not jnp.issubdtype(param.dtype, jnp.inexact) or (
-      jnp.iscomplexobj(param) and not jnp.iscomplexobj(acc)
-    ):
-      raise TypeError(
-        f"`flush(params=...)` has dtype {param.dtype.name} at {place}, where the "
-        f"accumulator in opt_state is {acc.dtype.name}: the zero gradients take the "
-        "parameters' dtypes, so pass the parameters that opt_state was built for."
-      )
+  checked = _check_params("flush", params, acc_grads)
   built = jax.eval_shape(tx.init, params)  # type: ignore[attr-defined]  # checked callable above
   built_def, state_def = jax.tree.structure(built), jax.tree.structure(opt_state)
   if built_def != state_def:  # type: ignore[operator]  # PyTreeDef: no stubs
@@ -903,15 +1022,8 @@ def _check_flush(tx: object, opt_state: OptState, params: Params, acc_grads: Upd
     )
   leaves = jax.tree.leaves(built, is_leaf=is_state)
   (wanted,) = [leaf.acc_grads for leaf in leaves if isinstance(leaf, AccumulateState)]
-  for (path, param), want, acc in zip(
-    entries, jax.tree.leaves(wanted, is_leaf=is_none), accumulators
-  ):
-    if acc is not None and jnp.shape(want) != jnp.shape(acc):
-      raise ValueError(
-        f"`flush(params=...)` does not match the accumulator in opt_state at "
-        f"{jax.tree_util.keystr(path) or 'the root'}: params has shape {jnp.shape(param)}, "
-        f"the accumulator {jnp.shape(acc)}."
-      )
+  shapes = [None if w is None else w.shape for w in jax.tree.leaves(wanted, is_leaf=_IS_NONE)]
+  _check_param_shapes("flush", checked, shapes)
 
 
 def flush(

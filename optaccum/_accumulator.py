@@ -169,6 +169,11 @@ def finish(acc: jax.Array, inverse: jax.Array, dtype: DTypeLike) -> jax.Array:
 def _key_from(where: str, value: object) -> jax.Array:
   """A single typed PRNG key from a typed key, a raw uint32[2] key or an int seed."""
   if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    if not -(2**63) <= int(value) < 2**63:
+      raise ValueError(
+        f"`{where}(key=...)` must be an int seed from -2**63 to 2**63 - 1 (what "
+        f"jax.random.key accepts) or a jax.random.key, got key={value!r}."
+      )
     return jax.random.key(int(value))
   if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == ():
     if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):

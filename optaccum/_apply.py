@@ -43,7 +43,9 @@ def apply_gradients(
     `(params, opt_state)` after the micro-step.
 
   Raises:
-    TypeError: if `tx` was not made by `optaccum.accumulate`.
+    TypeError: if `tx` was not made by `optaccum.accumulate`, `params` is None,
+      or a leaf of `params` with an accumulator is not a floating-point array.
+    ValueError: if `params` differs from the accumulator in tree or shapes.
 
   Examples:
     >>> import jax.numpy as jnp

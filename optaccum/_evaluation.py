@@ -400,7 +400,8 @@ def evaluate(
       wrong kind (the first three checked as `plan` checks them), a leaf of
       `params` or of a batch that is not an array (`jax.ShapeDtypeStruct`
       included: this call runs the step), or a `grad_fn` that does not return
-      `(loss, grads)` on the first batch (`jax.grad(loss)`).
+      `(loss, grads)` on the first batch (`jax.grad(loss)`), a loss that is a
+      Python number, or a leaf of `params` that is not floating-point.
     ValueError: for a bad `k`, `form`, `rounds` or `budget`, batches that differ
       from batch 0 in structure, shapes or dtypes or have no examples,
       parameters holding NaN or inf, or a budget no configuration fits.

@@ -441,8 +441,10 @@ def plan(
   Raises:
     TypeError: for a `grad_fn` that does not return `(loss, grads)` (checked
       by `jax.eval_shape` on the first micro-batch, before anything compiles:
-      `jax.grad(loss)` is refused, naming `jax.value_and_grad(loss)`), or a
-      leaf of `params` or `batch` that is not an array or shape.
+      `jax.grad(loss)` is refused, naming `jax.value_and_grad(loss)`; so is a
+      loss that is a Python number, not an array), a leaf of `params` or
+      `batch` that is not an array or shape, or a leaf of `params` that is
+      not floating-point or complex (`grad_fn` differentiates them).
     ValueError: for a bad budget or candidate, a batch with no examples or
       without one shared leading axis, or when no candidate of a planned form
       fits the budget (the message gives the smallest total seen).
@@ -499,22 +501,65 @@ def check_step_arguments(where: str, grad_fn: object, optimizer: object, has_aux
 def check_grad_fn(
   where: str, grad_fn: ValueAndGradFn, params: Params, batch: tuple[PyTree, ...], has_aux: bool
 ) -> None:
-  """Checks, by `jax.eval_shape` on one micro-batch, that `grad_fn` returns `(loss, grads)`.
+  """Checks `params`, and by `jax.eval_shape` on one micro-batch that `grad_fn` suits them.
+
+  `grad_fn` must return `(loss, grads)`.
 
   Run before anything compiles, so that `jax.grad(loss)` in place of
   `jax.value_and_grad(loss)` is named here rather than failing to unpack inside a step.
+  `plan` and `evaluate` share it: both take `params` of floating-point (or
+  complex) leaves, which `grad_fn` differentiates, and both refuse a loss that
+  is a Python number rather than an array computed from the batch (the
+  in-step form sums the micro-batches' losses as arrays).
   """
-  out = jax.eval_shape(grad_fn, abstract(params), *abstract(batch))
+  check_differentiable(where, params)
+  returned: list[object] = []
+
+  def probe(*args: PyTree) -> PyTree:
+    out = grad_fn(*args)
+    returned.append(_loss_in(out, has_aux))
+    return out
+
+  out = jax.eval_shape(probe, abstract(params), *abstract(batch))
   expected, call = ("(loss, grads)", "jax.value_and_grad(loss)")
   if has_aux:
     expected, call = ("((loss, aux), grads)", "jax.value_and_grad(loss, has_aux=True)")
   problem = _grad_fn_problem(out, abstract(params), has_aux, call)
+  if problem is None and not isinstance(returned[0], jax.Array):
+    problem = (
+      f"its loss is {_kind_of(returned[0])} ({returned[0]!r}), not an array computed from the "
+      "batch: return the loss as JAX computes it."
+    )
   if problem is None:
     return
   raise TypeError(
     f"`{where}(grad_fn=...)` must return {expected} like {call}, but on the first "
     f"micro-batch {problem}"
   )
+
+
+def check_differentiable(where: str, params: Params) -> None:
+  """Raises naming `where(params=...)` where a leaf is not floating-point or complex.
+
+  `grad_fn` differentiates the parameters, and `jax.grad` refuses integer and
+  bool inputs from deep inside the trace.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise TypeError(
+        f"`{where}(params=...)` must hold floating-point (or complex) arrays, which grad_fn "
+        f"differentiates, but the leaf at {_where_in(path)} is {leaf_text(leaf)}."
+      )
+
+
+def _loss_in(out: PyTree, has_aux: bool) -> object:
+  """The loss in `grad_fn`'s output `out`, as returned; None where `out` holds none."""
+  if not (isinstance(out, tuple | list) and len(out) == 2):
+    return None
+  value = out[0]
+  if has_aux:
+    value = value[0] if isinstance(value, tuple | list) and len(value) == 2 else None
+  return value
 
 
 def _grad_fn_problem(out: PyTree, params: PyTree, has_aux: bool, call: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,9 @@ def scale_learning_rate(
   rate schedule is probed at step 0 too, where it may be 0 (a warmup).
 
   Args:
-    learning_rate: a positive finite float, or an optax schedule `step ->
-      learning rate`.
+    learning_rate: a positive finite number (a Python or NumPy number, or a
+      concrete 0-d JAX or NumPy array of a real dtype, which scales in its
+      own dtype), or an optax schedule `step -> learning rate`.
     k: the window length: a positive int, or a schedule `step -> k`.
     rule: `"linear"` or `"sqrt"`.
 
@@ -49,9 +51,11 @@ def scale_learning_rate(
 
   Raises:
     ValueError: for a learning rate that is not a positive finite number (a
-      schedule: not a finite non-negative real scalar at step 0), a bad `k`
-      or `k` schedule, a `rule` other than "linear" or "sqrt", or a scaled
-      rate that overflows (at step 0, in float32, for a schedule).
+      bool, a non-scalar array; a schedule: not a finite non-negative real
+      scalar at step 0), a bad `k` or `k` schedule (at step 0: no real
+      scalar, NaN, inf, or above 2**31 - 1), a `rule` other than "linear" or
+      "sqrt", or a scaled rate that overflows (at step 0, in float32, for a
+      schedule).
 
   Examples:
     >>> import optaccum
@@ -65,7 +69,7 @@ def scale_learning_rate(
     Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
     Algorithms".
   """
-  _check_learning_rate(learning_rate)
+  learning_rate = _check_learning_rate(learning_rate)
   _validation.check_k(_WHERE, k)
   _validation.check_choice(_WHERE, "rule", rule, _RULES)
   if callable(k):
@@ -77,7 +81,7 @@ def scale_learning_rate(
     _check_finite(scaled_rate, learning_rate, factor)
     return scaled_rate
 
-  schedule_k = _validation.as_schedule(k)
+  schedule_k = _validation.as_schedule(k, where=_WHERE)
 
   def scaled(step: jax.typing.ArrayLike) -> jax.Array:
     base = learning_rate(step) if callable(learning_rate) else learning_rate
@@ -92,15 +96,19 @@ def scale_learning_rate(
   return scaled
 
 
-def _check_learning_rate(learning_rate: object) -> None:
-  """A constant rate: a positive finite number; a schedule: finite and >= 0 at step 0."""
+def _check_learning_rate(learning_rate: Any) -> Any:
+  """A constant rate: a positive finite number; a schedule: finite and >= 0 at step 0.
+
+  Returns the rate to scale: a concrete 0-d JAX array as the NumPy scalar of its
+  dtype (so a float32 rate scales, and overflows, in float32 as a NumPy one does).
+  """
   if not callable(learning_rate):
-    _validation.check_number(_WHERE, "learning_rate", learning_rate, positive=True)
-    if not math.isfinite(learning_rate):  # type: ignore[arg-type]  # a numbers.Real
+    number = _validation.as_number(_WHERE, "learning_rate", learning_rate, positive=True)
+    if not math.isfinite(number):
       raise ValueError(
         f"`{_WHERE}(learning_rate=...)` must be finite, got learning_rate={learning_rate!r}."
       )
-    return
+    return number
   value = learning_rate(jnp.zeros((), jnp.int32))
   kind = jnp.result_type(value)
   real = jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)
@@ -109,6 +117,7 @@ def _check_learning_rate(learning_rate: object) -> None:
       f"`{_WHERE}(learning_rate=...)` must return a finite, non-negative real scalar, but "
       f"at step 0 it returned {value!r}."
     )
+  return learning_rate
 
 
 def _check_finite(scaled: object, learning_rate: object, factor: float) -> None:

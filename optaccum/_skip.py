@@ -14,6 +14,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from optaccum import _validation
 from optaccum._branching import run_if
 from optaccum._types import Params, PyTree, Updates
 
@@ -28,8 +29,10 @@ class SkipPolicy(Protocol):
     ...
 
 
-def _leaves(tree: Updates) -> list[jax.Array]:
-  return [leaf for leaf in jax.tree.leaves(tree) if leaf is not None]
+def _leaves(where: str, tree: Updates) -> list[jax.Array]:
+  """The array leaves of a policy's `updates`; a TypeError naming `where` for any other leaf."""
+  _validation.check_arrays(where, "updates", tree)
+  return jax.tree.leaves(tree)
 
 
 # Entries counted at once. XLA on CPU materializes the int32 mask of a large
@@ -88,6 +91,10 @@ def skip_not_finite(
     `(should_skip, {"should_skip": ..., "num_not_finite": ...})`, where
     `num_not_finite` is the int32 count of non-finite gradient entries.
 
+  Raises:
+    TypeError: if a leaf of `updates` is not a JAX or NumPy array (a Python
+      number, a list).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import optaccum
@@ -96,7 +103,7 @@ def skip_not_finite(
     (True, 1)
   """
   del gradient_step, params
-  leaves = _leaves(updates)
+  leaves = _leaves("skip.not_finite", updates)
   any_not_finite = any_not_finite_in(leaves)
 
   def count(_: jax.Array) -> jax.Array:
@@ -134,10 +141,19 @@ def skip_large_updates(
     updates: the micro-batch's gradients.
     gradient_step: the current gradient step (unused).
     params: the current parameters (unused).
-    max_squared_norm: the largest accepted squared global norm; required.
+    max_squared_norm: the largest accepted squared global norm; required: a
+      finite positive number (a Python or NumPy number, or a 0-d array of a
+      real dtype; a traced one is checked for its type and shape only).
 
   Returns:
     `(should_skip, {"should_skip": ..., "norm_squared": ...})`.
+
+  Raises:
+    TypeError: if `max_squared_norm` is missing, or a leaf of `updates` is not
+      a JAX or NumPy array.
+    ValueError: if `max_squared_norm` is not a finite positive number (NaN,
+      inf, 0, a negative number, a bool, a string): such a threshold would
+      skip every micro-batch, or read True as 1.0.
 
   Examples:
     >>> import functools
@@ -150,16 +166,35 @@ def skip_large_updates(
     False
   """
   del gradient_step, params
-  if max_squared_norm is None:
-    raise TypeError(
-      "`skip.large_updates(max_squared_norm=...)` is required: the largest accepted "
-      "squared global norm, e.g. "
-      "functools.partial(optaccum.skip.large_updates, max_squared_norm=1e4)."
-    )
+  threshold = _threshold(max_squared_norm)
   norm_squared = jnp.zeros((), jnp.float32)
-  for leaf in _leaves(updates):
+  for leaf in _leaves(_LARGE_UPDATES, updates):
     magnitude = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
     norm_squared += jnp.sum(jnp.square(magnitude.astype(jnp.float32)))
   # `not (x < max)` is also True where the norm is NaN.
-  should_skip = ~(norm_squared < jnp.float32(max_squared_norm))
+  should_skip = ~(norm_squared < threshold)
   return should_skip, {"should_skip": should_skip, "norm_squared": norm_squared}
+
+
+_LARGE_UPDATES = "skip.large_updates"
+
+
+def _threshold(max_squared_norm: object) -> jax.Array:
+  """`max_squared_norm` as a float32 scalar, checked: a finite positive real number.
+
+  A traced threshold (a jitted argument) has no value to check here: its
+  dtype and shape are.
+  """
+  if max_squared_norm is None:
+    raise TypeError(
+      f"`{_LARGE_UPDATES}(max_squared_norm=...)` is required: the largest accepted "
+      "squared global norm, e.g. "
+      "functools.partial(optaccum.skip.large_updates, max_squared_norm=1e4)."
+    )
+  if isinstance(max_squared_norm, jax.core.Tracer):
+    _validation.as_scalar(_LARGE_UPDATES, "max_squared_norm", max_squared_norm, jnp.float32)
+    return jnp.asarray(max_squared_norm).astype(jnp.float32)
+  number = _validation.as_number(
+    _LARGE_UPDATES, "max_squared_norm", max_squared_norm, positive=True, finite=True
+  )
+  return jnp.float32(number)

@@ -37,25 +37,40 @@ def check_k(where: str, k: object, name: str = "k") -> None:
     )
 
 
+def _is_real_scalar(value: object) -> bool:
+  """Whether `value` is one real number: a Python or NumPy number, or a 0-d integer or
+  floating array (no bool, complex or str)."""
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    kind = value.dtype
+    real = jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)
+    return real and np.shape(value) == ()
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_schedule_value(where: str, name: str, schedule: Callable[[jax.Array], Any]) -> None:
-  """Checks a schedule's value at gradient step 0: a finite real scalar.
+  """Checks a schedule's value at gradient step 0: a finite real scalar within int32.
 
   Inside a compiled step a bad value cannot raise, so the schedule is probed
   once here, where it can: a NaN or inf would otherwise be clamped to a window
-  of one micro-step without a word.
+  of one micro-step without a word, and a Python int beyond int32 would
+  overflow in the step's first trace.
   """
   value = schedule(jnp.zeros((), jnp.int32))
-  shape = jnp.shape(value)
-  kind = jnp.result_type(value)
-  if shape != () or not (jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)):
+  if not _is_real_scalar(value):
     raise ValueError(
       f"`{where}({name}=...)` must return a real scalar, but at gradient step 0 it "
       f"returned {value!r}."
     )
-  if not np.isfinite(float(value)):
+  number = cast(float, value)
+  if not np.isfinite(float(number)):
     raise ValueError(
       f"`{where}({name}=...)` must return a finite number of micro-steps, but at gradient "
       f"step 0 it returned {value!r}."
+    )
+  if (number > MAX_INT32) if isinstance(number, int) else float(number) >= 2.0**31:
+    raise ValueError(
+      f"`{where}({name}=...)` must return at most 2**31 - 1 micro-steps (the largest int32 "
+      f"counter), but at gradient step 0 it returned {value!r}."
     )
 
 
@@ -94,14 +109,60 @@ def as_argnums(where: str, name: str, value: object) -> tuple[int, ...]:
   return tuple(int(n) for n in cast(Sequence[int], numbers))
 
 
-def check_number(where: str, name: str, value: object, *, positive: bool) -> None:
-  """Checks that `value` is a real number (and > 0 where asked)."""
-  ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+def as_number(where: str, name: str, value: object, *, positive: bool, finite: bool = False) -> Any:
+  """Returns `value`, a real number (> 0 where `positive`, finite where `finite`), checked.
+
+  A Python or NumPy number is returned as it is; a concrete 0-d JAX or NumPy
+  array of an integer or floating dtype as the NumPy scalar of its dtype, so
+  that arithmetic on it stays in that dtype. Bools, complex numbers, strings,
+  non-scalars and traced values are refused with a ValueError naming the call.
+  """
+  number = value
+  if isinstance(value, (jax.Array, np.ndarray)) and _is_real_scalar(value):
+    try:
+      number = np.asarray(value)[()]
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+      number = None  # traced: no value to check
+  ok = number is not None and _is_real_scalar(number)
   if ok and positive:
-    ok = cast(float, value) > 0  # a numbers.Real, which typeshed cannot compare
+    ok = cast(float, number) > 0  # a real number, which typeshed cannot compare
+  if ok and finite:
+    ok = bool(np.isfinite(float(cast(float, number))))
   if not ok:
     kind = "a positive number" if positive else "a real number"
+    kind = f"a finite {kind[2:]}" if finite else kind
     raise ValueError(f"`{where}({name}=...)` must be {kind}, got {name}={value!r}.")
+  return number
+
+
+def array_error(
+  where: str,
+  name: str,
+  path: tuple,
+  leaf: object,
+  hint: str = "Pass jnp.asarray(...) of the dtype you mean.",
+) -> TypeError:
+  """The TypeError for a leaf of `where`'s argument `name` that is not an array.
+
+  A leaf at the root means the argument is no pytree of arrays at all (a
+  string, a number).
+  """
+  text, kind = repr(leaf), type(leaf).__name__
+  text = text if len(text) <= 60 else text[:57] + "..."
+  shown = f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}: {text}"
+  if not path:
+    return TypeError(f"`{where}({name}=...)` must be a pytree of arrays, got {shown}. {hint}")
+  return TypeError(
+    f"`{where}({name}=...)` must hold arrays, but the leaf at {jax.tree_util.keystr(path)} is "
+    f"{shown}. {hint}"
+  )
+
+
+def check_arrays(where: str, name: str, tree: PyTree) -> None:
+  """Raises `array_error` for the first leaf of `tree` that is not a JAX or NumPy array."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(leaf, (jax.Array, np.ndarray)):
+      raise array_error(where, name, path, leaf)
 
 
 def _describe(leaf: jax.Array | np.ndarray | None) -> str:
@@ -138,11 +199,7 @@ def check_tree_matches(
     if leaf is None and ref is None:
       continue
     if leaf is not None and not isinstance(leaf, (jax.Array, np.ndarray)):
-      raise TypeError(
-        f"`{where}({name}=...)` must hold arrays, but the leaf at "
-        f"{jax.tree_util.keystr(path) or 'the root'} is a {type(leaf).__name__}: "
-        f"{leaf!r}. Pass jnp.asarray(...) of the dtype you mean."
-      )
+      raise array_error(where, name, path, leaf)
     if ref is None or leaf is None or jnp.shape(leaf) != jnp.shape(ref):
       raise ValueError(
         f"`{where}({name}=...)` does not match {reference_name} at "
@@ -197,9 +254,11 @@ def as_flag(where: str, name: str, value: ArrayLike) -> jax.Array:
   return jnp.asarray(value)
 
 
-def as_schedule(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
+def as_schedule(
+  k: KSchedule, *, where: str | None = None, name: str = "k"
+) -> Callable[[jax.Array], jax.Array]:
   """Returns `k` as a schedule `gradient_step -> k` (int32, >= 1); see `window_length`."""
-  length = window_length(k)
+  length = window_length(k, where=where, name=name)
   return lambda step: length(step)[0]
 
 
@@ -208,13 +267,19 @@ def as_schedule(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
 _LARGEST_K = 2.0**31 - 128.0
 
 
-def window_length(k: KSchedule) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+def window_length(
+  k: KSchedule, *, where: str | None = None, name: str = "k"
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
   """Returns `gradient_step -> (window length, whether the schedule's value was clamped)`.
 
   The rule every form shares: float values are floored; a value that is NaN,
   infinite or below 1 gives a window of one micro-step (every micro-step
   emits), and the caller counts it (`Status.num_clamped_windows`). A traced
-  value cannot raise, so it is clamped and counted, never silently kept.
+  value cannot raise, so it is clamped and counted, never silently kept. A
+  value above the int32 range is kept at 2**31 - 1 (about 2**31 for a float),
+  a Python int included (`jnp.asarray` would overflow on it). A value that is
+  no real scalar raises a ValueError naming `where(name=...)` (the schedule)
+  while the step is traced; `check_schedule_value` refuses it at step 0.
   """
   if callable(k):
     schedule = k
@@ -223,9 +288,16 @@ def window_length(k: KSchedule) -> Callable[[jax.Array], tuple[jax.Array, jax.Ar
     schedule = lambda step: constant  # noqa: E731
 
   def length(step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    value = jnp.asarray(schedule(step))
-    if jnp.shape(value) != ():
-      raise ValueError(f"The `k` schedule must return a scalar, got shape {jnp.shape(value)}.")
+    raw = schedule(step)
+    if not _is_real_scalar(raw):
+      shown = _describe(raw) if isinstance(raw, (jax.Array, np.ndarray)) else repr(raw)
+      named = f"`{where}({name}=...)`" if where else f"The `{name}` schedule"
+      raise ValueError(f"{named} must return a real scalar, got {shown}.")
+    if isinstance(raw, (int, np.integer)) or isinstance(raw, np.ndarray) and raw.dtype.kind in "iu":
+      # Clamped in Python: jnp.asarray overflows on an int beyond int32. One
+      # below 1 stays below 1, to be clamped and counted as such.
+      raw = min(max(int(raw), 0), MAX_INT32)
+    value = jnp.asarray(raw)
     if jnp.issubdtype(value.dtype, jnp.floating):
       value = jnp.floor(value.astype(jnp.float32))
       clamped = ~jnp.isfinite(value) | (value < 1.0)
