@@ -253,12 +253,13 @@ def _init_carry(
   grads: PyTree,
   aux: _aux.Layout,
   weight: jax.ShapeDtypeStruct | None,
-) -> tuple[Any, Any, list, jax.Array]:
-  """The scan's carry, all zeros: the sums of loss, grads, summed aux leaves and weights."""
+) -> tuple[Any, Any, list, jax.Array | None]:
+  """The scan's carry, all zeros: the sums of loss, grads, summed aux leaves and weights.
+
+  Unweighted, the weights sum to k: no carry (no temporary) for it.
+  """
   zeros = functools.partial(accumulator.zeros_like, _WHERE)
-  zero_weight = (
-    jnp.zeros((), jnp.float32) if weight is None else _WEIGHTS.zeros_like(_WHERE, weight)
-  )
+  zero_weight = None if weight is None else _WEIGHTS.zeros_like(_WHERE, weight)
   return (
     zeros(loss),
     jax.tree.map(zeros, grads),
@@ -272,9 +273,9 @@ def _scan_body(
 ) -> Callable[[Any, Any], tuple[Any, list]]:
   """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
 
-  def body(carry: PyTree, xs: PyTree) -> tuple[Any, list]:
-    (acc_loss, acc_grads, acc_aux, acc_weight), state = carry
-    index, key = xs
+  def body(carry: PyTree, key: jax.Array | None) -> tuple[Any, list]:
+    # Carried, XLA merges the index with the loop's counter; an arange(k) is a temporary.
+    (acc_loss, acc_grads, acc_aux, acc_weight), state, index = carry
     (loss, aux_out, grads), weight, state = call(index, key, state)
     leaves = aux.flatten(aux_out)
     with jax.named_scope(_spans.WINDOW_ADD):
@@ -290,9 +291,9 @@ def _scan_body(
         add(acc_loss, loss, weight),
         jax.tree.map(lambda acc, g: add(acc, g, weight), acc_grads, grads),
         acc_aux,
-        acc_weight + admitted,
+        None if acc_weight is None else acc_weight + admitted,
       )
-    return (sums, state), [leaves[i] for i in aux.stacked]
+    return (sums, state, index + 1), [leaves[i] for i in aux.stacked]
 
   return body
 
@@ -365,8 +366,11 @@ def _local_sums(
   aux = _aux.layout(aux_shape, settings.aux_reduction)
   carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)
   body = _scan_body(settings.accumulator, call, aux)
-  xs = (jnp.arange(settings.k, dtype=jnp.int32), keys)
-  (carry, state), stacks = jax.lax.scan(body, (carry, state), xs)
+  (carry, state, _), stacks = jax.lax.scan(
+    body, (carry, state, jnp.zeros((), jnp.int32)), keys, length=settings.k
+  )
+  if carry[3] is None:
+    carry = (*carry[:3], jnp.full((), settings.k, jnp.float32))
   if graph is not None:
     graph.write_back(state)
   combined = [_aux.combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
