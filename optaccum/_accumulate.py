@@ -503,7 +503,7 @@ class Accumulation:
     if not (isinstance(out, tuple | list) and len(out) == 2):
       raise TypeError(
         f"{policy}: the skip policy must return a pair (should_skip, skip_state), should_skip a "
-        f"scalar bool and skip_state any pytree, but it returned {_shown(out)}."
+        f"scalar bool and skip_state any pytree, but it returned {_validation.shown(out)}."
       )
     should_skip, skip_state = out
     is_array = isinstance(should_skip, (bool, np.bool_, jax.Array, np.ndarray))
@@ -511,7 +511,7 @@ class Accumulation:
       got = (
         f"dtype {jnp.result_type(should_skip).name} and shape {jnp.shape(should_skip)}"
         if is_array
-        else _shown(should_skip)
+        else _validation.shown(should_skip)
       )
       raise ValueError(
         f"{policy}: the skip policy must return a scalar bool as its first output "
@@ -935,13 +935,6 @@ def accumulate(
   ).transformation()
 
 
-def _shown(value: object) -> str:
-  """`value`'s type and repr, the repr cut to 60 characters, for a message."""
-  text, kind = repr(value), type(value).__name__
-  article = "an" if kind[:1].lower() in "aeiou" else "a"
-  return f"{article} {kind}: {text if len(text) <= 60 else text[:57] + '...'}"
-
-
 def _check_params(where: str, params: Params, acc_grads: Updates) -> list[tuple[Any, Any, Any]]:
   """Checks `params` against the accumulator in opt_state, before anything is traced.
 
@@ -973,7 +966,7 @@ def _check_params(where: str, params: Params, acc_grads: Updates) -> list[tuple[
     ):
       raise TypeError(
         f"`{where}(params=...)` has dtype {param.dtype.name} at "
-        f"{jax.tree_util.keystr(path) or 'the root'}, where the accumulator in opt_state is "
+        f"{_validation.place(path)}, where the accumulator in opt_state is "
         f"{acc.dtype.name}. {hint}"
       )
   return [(path, param, acc) for (path, param), acc in zip(entries, accumulators)]
@@ -992,7 +985,7 @@ def _check_param_shapes(
     if acc is not None and tuple(want) != tuple(jnp.shape(acc)):
       raise ValueError(
         f"`{where}(params=...)` does not match the accumulator in opt_state at "
-        f"{jax.tree_util.keystr(path) or 'the root'}: params has shape {jnp.shape(param)}, "
+        f"{_validation.place(path)}: params has shape {jnp.shape(param)}, "
         f"the accumulator {jnp.shape(acc)}{note}."
       )
 

@@ -79,7 +79,7 @@ def _check_layers(where: str, name: str, batch_stats: BatchStats, *, stacked: bo
   if not layers:
     raise ValueError(f"`{where}({name}=...)` holds no BatchNorm statistics, got {batch_stats!r}.")
   for path, layer in layers:
-    place = jax.tree_util.keystr(path) or "the root"
+    place = _validation.place(path)
     if not _is_layer(layer):
       raise ValueError(
         f"`{where}({name}=...)` must hold only BatchNorm statistics, dicts "

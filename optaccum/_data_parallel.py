@@ -77,7 +77,7 @@ def _check_batches(
       raise ValueError(
         f"`data_parallel(batch_argnums=...)` splits argument {n} along axis 0 among the "
         f"{replicas} replicas of mesh axis {axis_name!r}, but its leaf at "
-        f"{jax.tree_util.keystr(path) or 'the root'} is {found}."
+        f"{_validation.place(path)} is {found}."
       )
 
 
@@ -109,7 +109,7 @@ def _check_replicated(
       if spec is not None and axis_name in _names_in(spec):
         raise ValueError(
           f"`data_parallel(axis_name={axis_name!r})` got argument {n} at "
-          f"{jax.tree_util.keystr(path) or 'the root'} sharded as {spec}, over the replica "
+          f"{_validation.place(path)} sharded as {spec}, over the replica "
           "axis; it replicates every argument but the batches and the accumulators over "
           "that axis, so these shards would be gathered onto every replica. For parameters "
           "sharded over the batch axis, use plain `jax.jit` with "

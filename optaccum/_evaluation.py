@@ -281,7 +281,7 @@ def _check_params(params: Params) -> None:
     bad = int(jnp.size(leaf) - jnp.count_nonzero(jnp.isfinite(leaf)))
     if bad:
       raise ValueError(
-        f"{label} must be finite: the leaf at {jax.tree_util.keystr(path) or 'the root'} "
+        f"{label} must be finite: the leaf at {_validation.place(path)} "
         f"holds {bad} NaN or inf of {jnp.size(leaf)} values, and every run would start from them."
       )
 

@@ -401,7 +401,7 @@ def _check_model(params: Params, acc_grads: Updates, leading_axis: bool) -> None
     if expected is not None and shape != expected:
       raise ValueError(
         f"`{_NNX}(model=...)` does not hold the parameters `optimizer` was made for: "
-        f"the parameter at {jax.tree_util.keystr(path) or 'the root'} has shape {shape}, "
+        f"the parameter at {_validation.place(path)} has shape {shape}, "
         f"the accumulator's has {expected}."
       )
 

@@ -92,7 +92,7 @@ def _split(tree: PyTree, k: int, argument: str) -> Any:
     if size is not None:
       raise ValueError(
         f"`{_WHERE}(k=...)` must divide the batch: {argument} at "
-        f"{jax.tree_util.keystr(path) or 'the root'} has {size}, which does not split "
+        f"{_validation.place(path)} has {size}, which does not split "
         f"into k={k} equal micro-batches."
       )
     shape = jnp.shape(x)
@@ -118,7 +118,7 @@ def _check_not_empty(batches: dict[int | str, Any]) -> None:
       if shape and shape[0] == 0:
         raise ValueError(
           f"`{_WHERE}(...)` got a batch of 0 rows: {_label(name)} at "
-          f"{jax.tree_util.keystr(path) or 'the root'} has shape {shape}, and an empty "
+          f"{_validation.place(path)} has shape {shape}, and an empty "
           "batch has no micro-batch to take a loss or gradients of. Skip the call, or pass "
           "at least one row per micro-batch."
         )
@@ -415,7 +415,7 @@ def _check_rows_per_replica(
       held = "the 1 replica holds" if replicas == 1 else f"the {replicas} replicas hold"
       raise ValueError(
         f"`{_WHERE}(k={k}, reduce_axes={axes!r})` splits each replica's rows into k "
-        f"micro-batches, but {_label(name)} at {jax.tree_util.keystr(path) or 'the root'} "
+        f"micro-batches, but {_label(name)} at {_validation.place(path)} "
         f"has a batch of {rows} rows, which {held} as {share} rows each, and {share} "
         f"does not split into k={k} equal micro-batches. Pass a batch whose size is a "
         f"multiple of {replicas * k} ({replicas} replicas x k={k}), or a k that divides "

@@ -167,7 +167,7 @@ def batch_size_of(
   for path, leaf in leaves:
     if not leaf.shape:
       raise ValueError(
-        f"{label} leaves need a leading batch axis, but the leaf at {_where_in(path)} is a "
+        f"{label} leaves need a leading batch axis, but the leaf at {_validation.place(path)} is a "
         f"scalar ({leaf_text(leaf)})."
       )
   sizes = sorted({int(leaf.shape[0]) for _, leaf in leaves})
@@ -190,10 +190,6 @@ def _kind_of(value: object) -> str:
   shape = getattr(value, "shape", None)
   article = "an" if kind[:1].lower() in "aeiou" else "a"
   return f"{article} {kind}" + ("" if shape is None else f" of shape {tuple(shape)}")
-
-
-def _where_in(path: tuple) -> str:
-  return jax.tree_util.keystr(path) or "the root"
 
 
 class _Text(str):
@@ -238,7 +234,7 @@ def check_array_leaves(label: str, tree: PyTree, *, shapes: bool) -> None:
       hint = ". Pass jnp.asarray(...) of the dtype you mean."
     raise TypeError(
       f"{label} must hold arrays{' or jax.ShapeDtypeStruct' if shapes else ''} of numbers, but "
-      f"the leaf at {_where_in(path)} is {shown}{hint}"
+      f"the leaf at {_validation.place(path)} is {shown}{hint}"
     )
 
 
@@ -548,7 +544,7 @@ def check_differentiable(where: str, params: Params) -> None:
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise TypeError(
         f"`{where}(params=...)` must hold floating-point (or complex) arrays, which grad_fn "
-        f"differentiates, but the leaf at {_where_in(path)} is {leaf_text(leaf)}."
+        f"differentiates, but the leaf at {_validation.place(path)} is {leaf_text(leaf)}."
       )
 
 

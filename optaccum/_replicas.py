@@ -163,9 +163,7 @@ def split_batches(
   def split_argument(name: int | str, batch: PyTree) -> Any:
     label = f"argument {name!r}" if isinstance(name, str) else f"argument {name}"
     return jax.tree_util.tree_map_with_path(
-      lambda path, x: split(
-        where, x, axes, replicas, f"{label} at {jax.tree_util.keystr(path) or 'the root'}"
-      ),
+      lambda path, x: split(where, x, axes, replicas, f"{label} at {_validation.place(path)}"),
       batch,
     )
 
@@ -262,7 +260,7 @@ def check_not_sharded_over(
       if used & set(axes):
         raise ValueError(
           f"`{where}(reduce_axes={axes!r})`: argument {name!r} at "
-          f"{jax.tree_util.keystr(path) or 'the root'} is sharded over "
+          f"{_validation.place(path)} is sharded over "
           f"{sorted(used & set(axes))} (spec {P(*spec or ())}), a replica axis. With "
           "parameters sharded over the batch axis itself (pure FSDP), deferring the "
           "reduction would keep a full-size gradient per device: use accumulate or "
@@ -282,7 +280,7 @@ def check_leading(
         f"`{where}({name}=...)` must hold per-replica gradients under "
         f"reduce_axes={axes!r}: every leaf with a leading axis of {replicas} replicas, as "
         f"`optaccum.parallel.per_replica(grad_fn, reduce_axes={axes!r})` returns them; the leaf at "
-        f"{jax.tree_util.keystr(path) or 'the root'} has shape {shape}."
+        f"{_validation.place(path)} has shape {shape}."
       )
 
 

@@ -110,9 +110,7 @@ def _check_learning_rate(learning_rate: Any) -> Any:
       )
     return number
   value = learning_rate(jnp.zeros((), jnp.int32))
-  kind = jnp.result_type(value)
-  real = jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)
-  if jnp.shape(value) != () or not real or not 0 <= float(value) < math.inf:
+  if not _validation.is_real_scalar(value) or not 0 <= float(value) < math.inf:
     raise ValueError(
       f"`{_WHERE}(learning_rate=...)` must return a finite, non-negative real scalar, but "
       f"at step 0 it returned {value!r}."

@@ -37,7 +37,7 @@ def check_k(where: str, k: object, name: str = "k") -> None:
     )
 
 
-def _is_real_scalar(value: object) -> bool:
+def is_real_scalar(value: object) -> bool:
   """Whether `value` is one real number: a Python or NumPy number, or a 0-d integer or
   floating array (no bool, complex or str)."""
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
@@ -56,7 +56,7 @@ def check_schedule_value(where: str, name: str, schedule: Callable[[jax.Array], 
   overflow in the step's first trace.
   """
   value = schedule(jnp.zeros((), jnp.int32))
-  if not _is_real_scalar(value):
+  if not is_real_scalar(value):
     raise ValueError(
       f"`{where}({name}=...)` must return a real scalar, but at gradient step 0 it "
       f"returned {value!r}."
@@ -118,12 +118,12 @@ def as_number(where: str, name: str, value: object, *, positive: bool, finite: b
   non-scalars and traced values are refused with a ValueError naming the call.
   """
   number = value
-  if isinstance(value, (jax.Array, np.ndarray)) and _is_real_scalar(value):
+  if isinstance(value, (jax.Array, np.ndarray)) and is_real_scalar(value):
     try:
       number = np.asarray(value)[()]
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
       number = None  # traced: no value to check
-  ok = number is not None and _is_real_scalar(number)
+  ok = number is not None and is_real_scalar(number)
   if ok and positive:
     ok = cast(float, number) > 0  # a real number, which typeshed cannot compare
   if ok and finite:
@@ -133,6 +133,18 @@ def as_number(where: str, name: str, value: object, *, positive: bool, finite: b
     kind = f"a finite {kind[2:]}" if finite else kind
     raise ValueError(f"`{where}({name}=...)` must be {kind}, got {name}={value!r}.")
   return number
+
+
+def shown(value: object) -> str:
+  """`value` for a message: its type with an article, and its repr cut to 60 characters."""
+  text, kind = repr(value), type(value).__name__
+  text = text if len(text) <= 60 else text[:57] + "..."
+  return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}: {text}"
+
+
+def place(path: tuple) -> str:
+  """Where a leaf sits in its tree, for a message: its key path, or "the root"."""
+  return jax.tree_util.keystr(path) or "the root"
 
 
 def array_error(
@@ -147,14 +159,11 @@ def array_error(
   A leaf at the root means the argument is no pytree of arrays at all (a
   string, a number).
   """
-  text, kind = repr(leaf), type(leaf).__name__
-  text = text if len(text) <= 60 else text[:57] + "..."
-  shown = f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}: {text}"
   if not path:
-    return TypeError(f"`{where}({name}=...)` must be a pytree of arrays, got {shown}. {hint}")
+    return TypeError(f"`{where}({name}=...)` must be a pytree of arrays, got {shown(leaf)}. {hint}")
   return TypeError(
     f"`{where}({name}=...)` must hold arrays, but the leaf at {jax.tree_util.keystr(path)} is "
-    f"{shown}. {hint}"
+    f"{shown(leaf)}. {hint}"
   )
 
 
@@ -203,19 +212,19 @@ def check_tree_matches(
     if ref is None or leaf is None or jnp.shape(leaf) != jnp.shape(ref):
       raise ValueError(
         f"`{where}({name}=...)` does not match {reference_name} at "
-        f"{jax.tree_util.keystr(path) or 'the root'}: {name} has "
+        f"{place(path)}: {name} has "
         f"{_describe(leaf)}, {reference_name} has {_describe(ref)}."
       )
     if jnp.iscomplexobj(leaf) and not jnp.iscomplexobj(ref):
       raise TypeError(
         f"`{where}({name}=...)` has a complex leaf at "
-        f"{jax.tree_util.keystr(path) or 'the root'} ({_describe(leaf)}) where "
+        f"{place(path)} ({_describe(leaf)}) where "
         f"{reference_name} is real ({_describe(ref)}): its imaginary part would be lost."
       )
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       raise TypeError(
         f"`{where}({name}=...)` must hold floating-point arrays, but the leaf at "
-        f"{jax.tree_util.keystr(path) or 'the root'} has dtype "
+        f"{place(path)} has dtype "
         f"{jnp.result_type(leaf).name}."
       )
 
@@ -289,7 +298,7 @@ def window_length(
 
   def length(step: jax.Array) -> tuple[jax.Array, jax.Array]:
     raw = schedule(step)
-    if not _is_real_scalar(raw):
+    if not is_real_scalar(raw):
       shown = _describe(raw) if isinstance(raw, (jax.Array, np.ndarray)) else repr(raw)
       named = f"`{where}({name}=...)`" if where else f"The `{name}` schedule"
       raise ValueError(f"{named} must return a real scalar, got {shown}.")
