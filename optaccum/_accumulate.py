@@ -732,8 +732,6 @@ def build(
       f"got {inner_name}={inner!r}."
     )
   _validation.check_k(where, k, every_k_name)
-  if callable(k):
-    _validation.check_schedule_value(where, every_k_name, k)
   for name, flag in (("window_guard", window_guard), ("statistics", statistics)):
     if not isinstance(flag, bool):
       raise TypeError(f"`{where}({name}=...)` must be a bool, got {name}={flag!r}.")

@@ -303,7 +303,7 @@ def _metadata(where: str, state: PyTree, k: KSchedule, *, sealed: bool) -> dict[
   """
   import orbax.checkpoint as ocp
 
-  _check_k(where, k)
+  _validation.check_k(where, k)
   fields = _fields(where, "state", state)
   mini_step, gradient_step = counters(fields)
   if mini_step > 0:
@@ -317,13 +317,6 @@ def _metadata(where: str, state: PyTree, k: KSchedule, *, sealed: bool) -> dict[
   }
   record[_RECORD_DIGEST_FIELD] = _digest_of(record)
   return {_METADATA_KEY: record}
-
-
-def _check_k(where: str, k: object) -> None:
-  """Checks `k` as `accumulate` does: a schedule's value at gradient step 0 too."""
-  _validation.check_k(where, k)
-  if callable(k):
-    _validation.check_schedule_value(where, "k", k)
 
 
 def _fields(where: str, name: str, state: PyTree) -> dict[str, list]:
@@ -410,7 +403,7 @@ def restore_checkpoint(
 
   where = "checkpoint.restore"
   directory = _local_path(where, directory)
-  _check_k(where, k)
+  _validation.check_k(where, k)
   _fields(where, "target", target)
   if not os.path.isdir(directory):
     raise FileNotFoundError(

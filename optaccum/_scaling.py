@@ -72,8 +72,6 @@ def scale_learning_rate(
   learning_rate = _check_learning_rate(learning_rate)
   _validation.check_k(_WHERE, k)
   _validation.check_choice(_WHERE, "rule", rule, _RULES)
-  if callable(k):
-    _validation.check_schedule_value(_WHERE, "k", k)
   if not callable(learning_rate) and not callable(k):
     factor = k if rule == "linear" else math.sqrt(k)
     with np.errstate(over="ignore"):  # a NumPy float overflows to inf, checked below

@@ -27,8 +27,13 @@ def _is_int(value: object) -> TypeGuard[int | np.integer]:
 
 
 def check_k(where: str, k: object, name: str = "k") -> None:
-  """Checks that `k` is a positive int or a callable schedule."""
+  """Checks that `k` is a positive int, or a schedule whose value at step 0 is good.
+
+  A schedule is probed once, here (`check_schedule_value`): inside a compiled
+  step its value cannot raise.
+  """
   if callable(k):
+    check_schedule_value(where, name, k)
     return
   if not _is_int(k) or not 1 <= int(k) <= MAX_INT32:
     raise ValueError(
