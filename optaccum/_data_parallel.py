@@ -7,7 +7,6 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec
 from jax.tree_util import PyTreeDef
 
@@ -66,13 +65,13 @@ def _check_batches(
   """
   for n in batch_argnums:
     for path, leaf in jax.tree_util.tree_leaves_with_path(args[n]):
-      shape = np.shape(leaf)
-      if shape and not shape[0] % replicas:
+      size = _validation.unsplittable(leaf, replicas)
+      if size is None:
         continue
       found = (
         "a scalar, with no batch axis to split (pass it outside batch_argnums)"
-        if not shape
-        else f"a batch of {shape[0]} rows, which does not divide by {replicas}"
+        if size == "no batch axis"
+        else f"{size} rows, which does not divide by {replicas}"
       )
       raise ValueError(
         f"`data_parallel(batch_argnums=...)` splits argument {n} along axis 0 among the "
