@@ -45,36 +45,44 @@ def test_apply_gradients_without_params_is_refused_by_name():
     optaccum.apply_gradients(tx, GRADS[0], tx.init(PARAMS), None)
 
 
-@pytest.mark.parametrize("form", ["update", "apply_gradients"])
+@pytest.mark.parametrize("form", ["update", "apply_gradients", "MultiSteps"])
 def test_params_of_another_structure_are_named_not_the_inner_state(form):
   # Before: "`accumulate(...).update(state=...)` holds an inner_opt_state that is
   # not the state of this accumulation's inner optimizer" for adamw.
   tx = optaccum.accumulate(optax.adamw(0.1), 1)
+  if form == "MultiSteps":
+    tx = optaccum.compat.MultiSteps(optax.adamw(0.1), 1)
   state, other = tx.init(PARAMS), {"v": jnp.ones(3)}
-  where = "accumulate(...).update" if form == "update" else "apply_gradients"
+  where = {"update": "accumulate(...).update", "MultiSteps": "MultiSteps.update"}.get(
+    form, "apply_gradients"
+  )
   message = (
     f"`{where}(params=...)` has a tree structure that does not match the accumulator in "
     "opt_state.\n  params: PyTreeDef({'v': *})\n  the accumulator: PyTreeDef({'w': *})"
   )
   with pytest.raises(ValueError, match=re.escape(message)):
-    if form == "update":
+    if form != "apply_gradients":
       tx.update(GRADS[0], state, other)
     else:
       optaccum.apply_gradients(tx, GRADS[0], state, other)
 
 
-@pytest.mark.parametrize("form", ["update", "apply_gradients"])
+@pytest.mark.parametrize("form", ["update", "apply_gradients", "MultiSteps"])
 def test_params_of_another_shape_are_named_with_both_shapes(form):
   # Before: the fast path failed in XLA's add ("incompatible shapes for broadcasting").
   tx = optaccum.accumulate(sgd_with_decay(), 2)
+  if form == "MultiSteps":
+    tx = optaccum.compat.MultiSteps(sgd_with_decay(), 2)
   state, other = tx.init(PARAMS), {"w": jnp.ones(4)}
-  where = "accumulate(...).update" if form == "update" else "apply_gradients"
+  where = {"update": "accumulate(...).update", "MultiSteps": "MultiSteps.update"}.get(
+    form, "apply_gradients"
+  )
   message = (
     f"`{where}(params=...)` does not match the accumulator in opt_state at ['w']: params has "
     "shape (4,), the accumulator (3,)."
   )
   with pytest.raises(ValueError, match=re.escape(message)):
-    if form == "update":
+    if form != "apply_gradients":
       tx.update(GRADS[0], state, other)
     else:
       optaccum.apply_gradients(tx, GRADS[0], state, other)
