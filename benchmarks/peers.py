@@ -668,17 +668,17 @@ def all_reduces(k: int = 4) -> dict[str, int]:
   grad_fn = jax.value_and_grad(loss)
   in_step = {
     "large batch": grad_fn,
-    "optaccum.microbatch(reduce_axes=('data',))": optaccum.microbatch(
-      grad_fn, k, reduce_axes=("data",)
+    "optaccum.microbatch(axis_name=('data',))": optaccum.microbatch(
+      grad_fn, k, axis_name=("data",)
     ),
     "optaccum.microbatch": optaccum.microbatch(grad_fn, k),
     "optax.microbatching.microbatch": microbatching.microbatch(
       grad_fn, argnums=(1, 2), microbatch_size=16, accumulator=MEAN
     ),
   }
-  ours = optaccum.accumulate(optax.sgd(0.1), k, reduce_axes=("data",))
+  ours = optaccum.accumulate(optax.sgd(0.1), k, axis_name=("data",))
   ours_without = optaccum.accumulate(optax.sgd(0.1), k)
-  per_replica = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=("data",))
+  per_replica = optaccum.parallel.per_replica(jax.grad(loss), axis_name=("data",))
   multisteps = optax.MultiSteps(optax.sgd(0.1), k)
 
   def step(tx: Any, grads_of: Any) -> Any:
@@ -694,7 +694,7 @@ def all_reduces(k: int = 4) -> dict[str, int]:
       text = jax.jit(fn).lower(params, *batch).compile().as_text()
       counts[name] = plain_jit.per_window(text, (8,), 0, 1)[0]
     for name, tx, grads_of in (
-      ("optaccum.accumulate(reduce_axes=('data',)) + per_replica", ours, per_replica),
+      ("optaccum.accumulate(axis_name=('data',)) + per_replica", ours, per_replica),
       ("optaccum.accumulate", ours_without, jax.grad(loss)),
       ("optax.MultiSteps", multisteps, jax.grad(loss)),
     ):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -105,7 +105,7 @@ class _OtherShapes(Exception):
 def _gradient_zeros(params: Params, acc_grads: Updates) -> Any:
   """Zero gradients: the parameters' dtypes, the accumulator's shapes and placement.
 
-  Under `reduce_axes` that is one zero gradient per replica.
+  Under mesh axes that is one zero gradient per replica.
   """
   return _map(lambda acc, p: jnp.zeros_like(acc, jnp.result_type(p)), acc_grads, params)
 
@@ -119,7 +119,7 @@ class _Verdict(NamedTuple):
   """What one micro-step does: whether it enters the window, and its weight there."""
 
   skip: jax.Array | None  # scalar bool; None when nothing can be skipped
-  weight: jax.Array  # float32, scalar (under reduce_axes one per replica, [R]): 0 when skipped
+  weight: jax.Array  # float32, scalar (under mesh axes one per replica, [R]): 0 when skipped
   skip_state: Any
 
 
@@ -445,7 +445,7 @@ class Accumulation:
       mini_step=mini_step,
       acc_grads=acc_grads,
       skip_state=verdict.skip_state,
-      # Summed over replicas under reduce_axes; a plain scalar add otherwise.
+      # Summed over replicas under mesh axes; a plain scalar add otherwise.
       acc_weight=state.acc_weight
       + (jnp.sum(verdict.weight) if verdict.weight.ndim else verdict.weight),
       num_skipped=_increment_where(~accepted, state.num_skipped),
@@ -718,7 +718,6 @@ def build(
   axis_name: Hashable | None = None,
   strategy: str = "cond",
   statistics: bool = False,
-  reduce_axes: str | Sequence[str] | None = None,
 ) -> Accumulation:
   """Validates an accumulation's arguments, with errors naming `where` and `names`.
 
@@ -738,7 +737,7 @@ def build(
   _validation.check_choice(where, "reduction", reduction, REDUCTIONS)
   _validation.check_callable_or_none(where, skip_name, skip)
   _validation.check_choice(where, "strategy", strategy, _branching.STRATEGIES)
-  replicas = _replicas.Replicas.of(where, axis_name, reduce_axes)
+  replicas = _replicas.Replicas.of(where, axis_name)
   return Accumulation(
     inner=optax.with_extra_args_support(inner),
     window_length=_validation.window_length(k),
@@ -772,7 +771,6 @@ def accumulate(
   axis_name: Hashable | None = None,
   strategy: str = "cond",
   statistics: bool = False,
-  reduce_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Accumulates gradients over a window of micro-steps, then runs `inner` once.
 
@@ -845,33 +843,24 @@ def accumulate(
     window_guard: check the window's gradient once per window and drop the
       window whole if it holds a NaN or inf (default True). False lets such a
       gradient reach the inner optimizer.
-    axis_name: for data-parallel training under `shard_map` or `pmap`: the
-      mapped axis over which replicas hold different micro-batches. Micro-steps
-      accumulate the local gradient with no communication; the step that closes
-      the window reduces the accumulators (and weights) across the axis once,
-      then runs `inner`. Across replicas a skipped micro-batch adds nothing but
-      still counts towards the window length, so that replicas stay in step.
-    reduce_axes: for data-parallel training under plain `jax.jit` over a
-      mesh (Auto or Explicit axes, the mesh in context: `with
-      jax.set_mesh(mesh):`, for `init` too): the mesh axes over which replicas
-      hold different micro-batches, e.g. `("data",)`. `update` then takes
-      per-replica gradients, every leaf with a leading axis of R replicas (R
-      the product of the axes' sizes), as `optaccum.parallel.per_replica(grad_fn,
-      reduce_axes)` returns them; the accumulator holds one sum per replica,
-      sharded over `reduce_axes` and otherwise like the parameters, and the
-      window-closing step sums the replicas once: one all-reduce of the
-      gradients per window, where plain `jax.jit` reduces every micro-batch.
-      The emitted updates have the parameters' shapes. `weight` may then be
-      one weight per replica, `[R]`, or a scalar, which is each replica's
-      weight (the window's total weight, which the statistics' `batch_size`
-      reports, is then R times it); the mean is over every replica's
-      micro-batches. A skip policy sees the per-replica gradients
-      and decides for all replicas at once (`skip.not_finite` skips the
-      micro-step if any replica's gradient is not finite;
-      `skip.large_updates` measures the norm of all replicas' gradients
-      together). The statistics count each replica's micro-batch (B / R rows)
-      as one micro-batch: pass that as `optaccum.status(...,
-      micro_batch_size=)`. See docs/distributed.md.
+    axis_name: for data-parallel training: the axis (a name, or a tuple of
+      names) over which replicas hold different micro-batches. Micro-steps
+      accumulate each replica's gradient with no communication; the step that
+      closes the window reduces the replicas once, then runs `inner`: one
+      all-reduce of the gradients per window. Where `init` and `update` run
+      decides how. Inside `jax.shard_map` or `pmap` over the axis, each
+      replica holds its own accumulator and a `psum` reduces them; a skipped
+      micro-batch adds nothing but still counts towards the window length, so
+      that replicas stay in step. Under plain `jax.jit` with a mesh in context
+      (`with jax.set_mesh(mesh):`, for `init` too) whose axes of that name are
+      Auto or Explicit, `update` takes per-replica gradients, every leaf with a
+      leading axis of R replicas (R the product of the axes' sizes), as
+      `optaccum.parallel.per_replica(grad_fn, axis_name)` returns them; the
+      accumulator holds one sum per replica, sharded over the axes and
+      otherwise like the parameters; the emitted updates have the parameters'
+      shapes; `weight` may be one weight per replica, `[R]`, or a scalar
+      (each replica's); and a skip policy decides for all replicas at once.
+      See docs/distributed.md.
     strategy: how the window-closing step is made conditional: `"cond"`
       (default: `lax.cond`, reverse-differentiable), `"loop"` (a while loop
       of zero or one trips, which keeps the state in place; not
@@ -929,7 +918,6 @@ def accumulate(
     axis_name=axis_name,
     strategy=strategy,
     statistics=statistics,
-    reduce_axes=reduce_axes,
   ).transformation()
 
 

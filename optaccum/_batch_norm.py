@@ -234,8 +234,9 @@ def merge_batch_stats(
   skipped micro-batches are also counted, as `BatchStatsWindow.num_skipped`
   and `accumulate`'s `num_skipped` count them.
 
-  Under `optaccum.microbatch(reduce_axes=...)`, the stack has a leading replica
-  axis first, `[R, k, ...]`; reshape each leaf to `[R * k, ...]` before merging.
+  Under `optaccum.microbatch(axis_name=...)` with plain `jax.jit`, the stack
+  has a leading replica axis first, `[R, k, ...]`; reshape each leaf to
+  `[R * k, ...]` before merging.
 
   Args:
     stacked: the `batch_stats` collection (any nesting of flax.linen.BatchNorm

@@ -112,8 +112,8 @@ def _check_replicated(
           "axis; it replicates every argument but the batches and the accumulators over "
           "that axis, so these shards would be gathered onto every replica. For parameters "
           "sharded over the batch axis, use plain `jax.jit` with "
-          "`optaccum.parallel.per_replica(grad_fn, reduce_axes=...)` and "
-          "`optaccum.accumulate(..., reduce_axes=...)` (docs/distributed.md)."
+          "`optaccum.parallel.per_replica(grad_fn, axis_name=...)` and "
+          "`optaccum.accumulate(..., axis_name=...)` (docs/distributed.md)."
         )
 
 
@@ -209,7 +209,7 @@ def data_parallel(
   Explicit mesh) is refused, since `shard_map` would gather it onto every
   replica; sharding over other mesh axes (HSDP's 'fsdp') is kept. For
   parameters sharded over the batch axis use plain `jax.jit` with
-  `optaccum.parallel.per_replica` and `reduce_axes=` instead.
+  `optaccum.parallel.per_replica` and `accumulate(..., axis_name=...)` instead.
 
   For in-step micro-batching, use `optaccum.microbatch(..., axis_name=...)`
   inside `fn` with any optax optimizer: its state holds no accumulator and

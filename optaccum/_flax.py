@@ -135,7 +135,7 @@ def apply_train_state_gradients(
       `grads` holds a leaf that is not a floating-point array.
     ValueError: where `tx` is the accumulation itself, if `grads` does not
       match its accumulator (the structure, or a leaf's shape) or `weight`
-      is neither a scalar nor, under `reduce_axes`, one weight per replica.
+      is neither a scalar nor, under mesh axes, one weight per replica.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -301,7 +301,7 @@ def apply_nnx_gradients(
       that is not a floating-point array.
     ValueError: where `tx` is the accumulation itself, if `grads` or the
       parameters of `model` do not match its accumulator (the structure, or a
-      leaf's shape) or `weight` is neither a scalar nor, under `reduce_axes`,
+      leaf's shape) or `weight` is neither a scalar nor, under mesh axes,
       one weight per replica.
 
   Examples:

@@ -49,7 +49,6 @@ def _check_arguments(
   accumulator: _accumulator.Accumulator | DTypeLike | None,
   aux_reduction: PyTree,
   axis_name: Hashable | None,
-  reduce_axes: str | Sequence[str] | None,
 ) -> _Settings:
   """`microbatch`'s arguments as `_Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
@@ -62,7 +61,7 @@ def _check_arguments(
   _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
   accumulator = _accumulator.as_accumulator(_WHERE, accumulator, stochastic=False)
   _aux.check_reduction(aux_reduction)
-  replicas = _replicas.Replicas.of(_WHERE, axis_name, reduce_axes)
+  replicas = _replicas.Replicas.of(_WHERE, axis_name)
   return _Settings(
     fn=fn,
     k=int(k),
@@ -138,7 +137,7 @@ def _microbatch_keys(
 ) -> Any:
   """The key argument split into one key per micro-batch, or None without one.
 
-  Each replica (`replica`: its index under `reduce_axes`) draws its own
+  Each replica (`replica`: its index under mesh axes) draws its own
   dropout masks.
   """
   key = _arguments.key(_WHERE, plan, args, kwargs)
@@ -348,7 +347,7 @@ def _local_sums(
   replica: jax.Array | None = None,
   graph: _nnx.Graph | None = None,
 ) -> tuple[Any, list, _Shapes]:
-  """The scan over this call's micro-batches (one replica's, under `reduce_axes`).
+  """The scan over this call's micro-batches (one replica's, under mesh axes).
 
   Returns the final carry (the sums), the stacked aux leaves combined, and the
   shapes. With NNX objects among the arguments (`graph`), it writes back into
@@ -386,9 +385,9 @@ def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
   elif graph is not None:
     # nnx.Rngs would draw the same dropout masks on every replica.
     raise ValueError(
-      f"`{_WHERE}(reduce_axes=...)` does not take NNX modules as arguments, got "
-      f"reduce_axes={axes!r} with one at argument {graph.names[0]!r}; "
-      "pass `nnx.split(model)`'s state and merge it in `fn`, or use axis_name= in shard_map."
+      f"`{_WHERE}(axis_name=...)` under plain `jax.jit` does not take NNX modules as "
+      f"arguments, got axis_name={axes!r} with one at argument {graph.names[0]!r}; pass "
+      "`nnx.split(model)`'s state and merge it in `fn`, or call it inside `shard_map`."
     )
   else:
     carry, combined, shapes = _per_replica_sums(settings, axes, args, kwargs)
@@ -414,7 +413,7 @@ def _check_rows_per_replica(
       rows, share = shape[0], shape[0] // replicas
       held = "the 1 replica holds" if replicas == 1 else f"the {replicas} replicas hold"
       raise ValueError(
-        f"`{_WHERE}(k={k}, reduce_axes={axes!r})` splits each replica's rows into k "
+        f"`{_WHERE}(k={k}, axis_name={axes!r})` splits each replica's rows into k "
         f"micro-batches, but {_label(name)} at {_validation.place(path)} "
         f"has a batch of {rows} rows, which {held} as {share} rows each, and {share} "
         f"does not split into k={k} equal micro-batches. Pass a batch whose size is a "
@@ -426,7 +425,7 @@ def _check_rows_per_replica(
 def _per_replica_sums(
   settings: _Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
 ) -> tuple[Any, list, _Shapes]:
-  """Under `reduce_axes`: each replica scans its own rows; its sums, not yet reduced.
+  """Under mesh axes: each replica scans its own rows; its sums, not yet reduced.
 
   See `optaccum/_replicas.py`. "concat" aux leaves are joined back into the
   batch's row order; "stack" and callable ones keep a leading replica axis.
@@ -472,7 +471,6 @@ def microbatch(
   accumulator: _accumulator.Accumulator | DTypeLike | None = None,
   aux_reduction: PyTree = "mean",
   axis_name: Hashable | None = None,
-  reduce_axes: str | Sequence[str] | None = None,
 ) -> Callable[..., Any]:
   """Splits a gradient function's batch into micro-batches and scans over them.
 
@@ -504,8 +502,8 @@ def microbatch(
   micro-batch's statistics (a large batch would update them once). The
   gradients are the `nnx.State` that `nnx.value_and_grad` returns. What `fn`
   writes to a Param is not kept (the Params are the same for every
-  micro-batch); `fn` may be wrapped in `nnx.jit`; `reduce_axes` does not take
-  modules.
+  micro-batch); `fn` may be wrapped in `nnx.jit`; under plain `jax.jit`,
+  `axis_name` does not take modules.
 
   Reductions, with `w_i` the weight of micro-batch i (1 without `weight_fn`):
 
@@ -555,28 +553,21 @@ def microbatch(
       `optaccum.stochastic_bfloat16(...)` is refused: a sum within one step
       has no window over which its rounding would be unbiased.
     aux_reduction: how aux leaves are combined, see above.
-    axis_name: for data-parallel training inside `jax.shard_map` (or
-      `optaccum.parallel.data_parallel`): the mapped axis over which replicas hold
-      different batches. Each replica scans its own micro-batches without
-      communication, then the sums of loss, grads, weights and mean/sum aux
-      leaves are reduced across the axis once, in one `psum`: one all-reduce per
-      step rather than one per micro-batch. Results are then those of the
-      global batch. The PRNG key is folded with the replica index first, so
-      replicas draw different dropout masks. `"stack"`, `"concat"` and
-      callable aux leaves stay per replica.
-    reduce_axes: for data-parallel training under plain `jax.jit` over a
-      mesh, with the mesh in context (`with jax.set_mesh(mesh):`, an Auto or
-      Explicit mesh): the mesh axes over which the batch is split among
-      replicas, e.g. `("data",)`. Each replica (R of them, the product of the
-      axes' sizes) scans the micro-batches of its own contiguous block of
-      `B / R` rows, summing its gradients locally, and the sums are reduced
-      over `reduce_axes` once per call: one all-reduce of the gradients per
-      step where XLA would otherwise insert one per micro-batch. Other mesh
-      axes (FSDP's) are left to XLA, so their per-micro-batch reduce-scatter
-      stays. The key is folded with the replica index. Results equal the
-      unsplit call's; `"concat"` aux leaves come back in the batch's row
-      order, `"stack"` and callable ones with a leading axis of R replicas.
-      See docs/distributed.md.
+    axis_name: for data-parallel training: the axis (a name, or a tuple of
+      names) over which replicas hold different rows. Each replica scans its
+      own micro-batches without communication, then the sums of loss, grads,
+      weights and mean/sum aux leaves are reduced across the replicas once:
+      one all-reduce per step rather than one per micro-batch. Results are
+      those of the global batch; the PRNG key is folded with the replica
+      index. Inside `jax.shard_map` (or `optaccum.parallel.data_parallel`)
+      the reduction is a `psum` over the mapped axis, and `"stack"`,
+      `"concat"` and callable aux leaves stay per replica. Under plain
+      `jax.jit` with a mesh in context (`with jax.set_mesh(mesh):`) whose axes
+      of that name are Auto or Explicit, each of the R replicas scans its own
+      contiguous block of `B / R` rows; other mesh axes (FSDP's) are left to
+      XLA; `"concat"` aux leaves come back in the batch's row order, `"stack"`
+      and callable ones with a leading axis of R replicas. See
+      docs/distributed.md.
 
   Returns:
     A function with the signature and output structure of `fn`.
@@ -586,8 +577,8 @@ def microbatch(
       callable, `has_aux` not a bool, ...).
     ValueError: if an argument has a bad value (`k` not a positive int, an
       unknown `reduction`, ...); and at the call, if a batch argument has 0
-      rows (refused alike on one device and under `reduce_axes`), or its rows
-      do not split into k micro-batches (under `reduce_axes`, among the
+      rows (refused alike on one device and under mesh axes), or its rows
+      do not split into k micro-batches (under mesh axes, among the
       replicas and then into k).
 
   Examples:
@@ -616,7 +607,6 @@ def microbatch(
     accumulator=accumulator,
     aux_reduction=aux_reduction,
     axis_name=axis_name,
-    reduce_axes=reduce_axes,
   )
 
   @_arguments.named_like(fn)

@@ -18,7 +18,7 @@ Output = TypeVar("Output")
 
 def per_replica(
   fn: Callable[..., Output],
-  reduce_axes: str | Sequence[str] = ("data",),
+  axis_name: str | Sequence[str] = "data",
   *,
   batch_argnums: int | Sequence[int] | None = None,
   batch_argnames: str | Sequence[str] = (),
@@ -30,16 +30,16 @@ def per_replica(
   the gradients over the batch's devices inside every gradient computation:
   with `optaccum.accumulate`, one all-reduce per micro-step. `per_replica`
   splits each batch `[B, ...]` into R contiguous blocks of `B / R` rows, one
-  per replica (R is the product of the sizes of `reduce_axes` in the mesh in
+  per replica (R is the product of the sizes of `axis_name` in the mesh in
   context), and runs `fn` on each block with `jax.vmap(...,
-  spmd_axis_name=reduce_axes)`: every replica computes the gradient of its own
-  rows, with no communication over `reduce_axes`. Feed the result to
-  `optaccum.accumulate(..., reduce_axes=reduce_axes)` (or
+  spmd_axis_name=axis_name)`: every replica computes the gradient of its own
+  rows, with no communication over `axis_name`. Feed the result to
+  `optaccum.accumulate(..., axis_name=axis_name)` (or
   `optaccum.apply_gradients` with it), which sums the replicas once, when the
   window closes: one all-reduce of the gradients per window.
 
   Every output leaf of `fn` (loss, aux, gradients) gains a leading axis of
-  size R, sharded over `reduce_axes`: replica r's value, as `fn` would return
+  size R, sharded over `axis_name`: replica r's value, as `fn` would return
   it for its rows alone (a mean loss is the mean over those rows; take
   `jnp.mean(loss)` for the batch's). Other mesh axes (FSDP's) are left to XLA.
   The model is unchanged; it sees a batch of `B / R` rows. Call it with the
@@ -48,8 +48,8 @@ def per_replica(
   Args:
     fn: a function like `jax.grad(loss)` or `jax.value_and_grad(loss)`; its
       first argument is the parameters.
-    reduce_axes: the mesh axes over which the batch is split among replicas
-      (default `("data",)`).
+    axis_name: the mesh axis (or a tuple of axes) over which the batch is
+      split among replicas (default `"data"`).
     batch_argnums: positional arguments that are batches, split along axis 0;
       None (default) means every one after the first, except the key.
     batch_argnames: keyword arguments that are batches.
@@ -69,8 +69,8 @@ def per_replica(
     >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     >>> def loss(w, x):
     ...   return jnp.mean((x @ w) ** 2)
-    >>> grad_fn = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=("data",))
-    >>> tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("data",))
+    >>> grad_fn = optaccum.parallel.per_replica(jax.grad(loss), axis_name="data")
+    >>> tx = optaccum.accumulate(optax.sgd(0.1), 2, axis_name="data")
     >>> with jax.set_mesh(mesh):
     ...   w, x = jnp.ones(3), jnp.ones((4, 3))
     ...   state = tx.init(w)
@@ -81,12 +81,7 @@ def per_replica(
   """
   if not callable(fn):
     raise TypeError(f"`{_WHERE}(fn=...)` must be callable, got fn={fn!r}.")
-  axes = _replicas.check_axes(_WHERE, reduce_axes)
-  if axes is None:
-    raise TypeError(
-      f"`{_WHERE}(reduce_axes=...)` must name the mesh axes of the replicas, such as "
-      "('data',), got reduce_axes=None."
-    )
+  axes = _replicas.check_axes(_WHERE, axis_name)
   arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
 
   @_arguments.named_like(fn)

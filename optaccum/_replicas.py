@@ -5,8 +5,8 @@ gradient of a mean loss comes back summed over the batch, so XLA (GSPMD)
 inserts an all-reduce of the gradients into every gradient computation. To
 defer it, optaccum gives the computation an explicit replica axis: each batch
 `[B, ...]` is reshaped to `[R, B / R, ...]`, its leading axis sharded over the
-replica axes (`reduce_axes`, R the product of their sizes), and the gradient
-function is `jax.vmap`-ed over it with `spmd_axis_name=reduce_axes`. Every
+replica axes (`axis_name`, R the product of their sizes), and the gradient
+function is `jax.vmap`-ed over it with `spmd_axis_name=axis_name`. Every
 replica then computes the gradient of its own rows, a leaf `[R, ...]` sharded
 over the replica axes: nothing to communicate. Summing that leading axis is the
 one all-reduce, which optaccum does once per window.
@@ -34,21 +34,8 @@ from optaccum._sharding import vary
 from optaccum._types import DTypeLike, PyTree, Scalar
 
 
-def check_axes(
-  where: str, value: str | Sequence[str] | None, axis_name: Hashable | None = None
-) -> tuple[str, ...] | None:
-  """`reduce_axes=` as a tuple of mesh axis names, or None; raises naming `where`.
-
-  Also refuses it beside an `axis_name` (the `shard_map` form).
-  """
-  if value is None:
-    return None
-  if axis_name is not None:
-    raise ValueError(
-      f"`{where}(axis_name=..., reduce_axes=...)`: pass one. `axis_name` names the "
-      "mapped axis inside `shard_map` (or `pmap`); `reduce_axes` the mesh axes under plain "
-      f"`jax.jit`, got axis_name={axis_name!r} and reduce_axes={value!r}."
-    )
+def check_axes(where: str, value: object) -> tuple[str, ...]:
+  """`axis_name=` as a tuple of mesh axis names; raises naming `where`."""
   axes = (value,) if isinstance(value, str) else value
   if (
     not isinstance(axes, Sequence)
@@ -57,8 +44,8 @@ def check_axes(
     or len(set(axes)) != len(axes)
   ):
     raise TypeError(
-      f"`{where}(reduce_axes=...)` must be a mesh axis name or a non-empty sequence of "
-      f"distinct names, such as ('data',), got reduce_axes={value!r}."
+      f"`{where}(axis_name=...)` must be a mesh axis name or a non-empty sequence of "
+      f"distinct names, such as 'data' or ('replica', 'data'), got axis_name={value!r}."
     )
   return tuple(axes)
 
@@ -68,20 +55,21 @@ def _context_mesh(where: str, axes: tuple[str, ...]) -> Any:
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.shape:
     raise ValueError(
-      f"`{where}(reduce_axes={axes!r})` needs the mesh in context: call it under "
+      f"`{where}(axis_name={axes!r})` needs the mesh in context: call it under "
       "`with jax.set_mesh(mesh):` (inside and outside `jax.jit`)."
     )
   missing = [a for a in axes if a not in mesh.shape]
   if missing:
     raise ValueError(
-      f"`{where}(reduce_axes={axes!r})` names axes {missing} that the mesh in context "
+      f"`{where}(axis_name={axes!r})` names axes {missing} that the mesh in context "
       f"does not have; its axes are {tuple(mesh.axis_names)}."
     )
   types = {mesh.axis_types[mesh.axis_names.index(a)] for a in axes}
   if len(types) != 1 or AxisType.Manual in types:
     raise ValueError(
-      f"`{where}(reduce_axes={axes!r})` needs axes that are all Auto or all Explicit, "
-      f"got {sorted(str(t) for t in types)}; inside `shard_map`, use `axis_name=`."
+      f"`{where}(axis_name={axes!r})` needs axes that are all Auto or all Explicit "
+      f"(plain `jax.jit`) or all Manual (inside `shard_map`), got "
+      f"{sorted(str(t) for t in types)}."
     )
   return mesh
 
@@ -145,7 +133,7 @@ def split(
   size = _validation.unsplittable(x, replicas)
   if size is not None:
     raise ValueError(
-      f"`{where}(reduce_axes={axes!r})` splits every batch into {replicas} replicas, "
+      f"`{where}(axis_name={axes!r})` splits every batch into {replicas} replicas, "
       f"but {argument} has {size}, which does not divide by {replicas}."
     )
   spec = _spec_of(x)
@@ -259,12 +247,12 @@ def check_not_sharded_over(
       used = {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
       if used & set(axes):
         raise ValueError(
-          f"`{where}(reduce_axes={axes!r})`: argument {name!r} at "
+          f"`{where}(axis_name={axes!r})`: argument {name!r} at "
           f"{_validation.place(path)} is sharded over "
           f"{sorted(used & set(axes))} (spec {P(*spec or ())}), a replica axis. With "
           "parameters sharded over the batch axis itself (pure FSDP), deferring the "
           "reduction would keep a full-size gradient per device: use accumulate or "
-          "microbatch without reduce_axes, or an HSDP mesh whose replica axis does not "
+          "microbatch without axis_name, or an HSDP mesh whose replica axis does not "
           "shard the parameters."
         )
 
@@ -278,8 +266,9 @@ def check_leading(
     if not shape or shape[0] != replicas:
       raise ValueError(
         f"`{where}({name}=...)` must hold per-replica gradients under "
-        f"reduce_axes={axes!r}: every leaf with a leading axis of {replicas} replicas, as "
-        f"`optaccum.parallel.per_replica(grad_fn, reduce_axes={axes!r})` returns them; the leaf at "
+        f"axis_name={axes!r} under plain `jax.jit`: every leaf with a leading axis of "
+        f"{replicas} replicas, as `optaccum.parallel.per_replica(grad_fn, axis_name={axes!r})` "
+        f"returns them; the leaf at "
         f"{_validation.place(path)} has shape {shape}."
       )
 
@@ -303,41 +292,77 @@ _is_none = lambda x: x is None  # noqa: E731
 class Replicas:
   """How an accumulation's replicas are handled: one policy that every form uses.
 
-  Three modes, from the two keywords of `accumulate` and `microbatch`:
+  One keyword, `axis_name=`, names the replicas' axis; where the call runs
+  decides how they are reduced:
 
-  * alone (neither): one replica, nothing to reduce;
-  * a named axis (`axis_name=`, inside `jax.shard_map` or `pmap`): each replica
+  * no axis: one replica, nothing to reduce;
+  * inside `jax.shard_map` or `pmap` (the axis is Manual or bound): each replica
     holds its own sums, which one `psum` over the axis reduces;
-  * mesh axes (`reduce_axes=`, under plain `jax.jit` over a mesh): per-replica
-    values carry a leading axis of R replicas, which one sum reduces.
+  * under plain `jax.jit` with a mesh in context whose axes of that name are
+    Auto or Explicit: per-replica values carry a leading axis of R replicas,
+    which one sum reduces.
 
   Attributes:
-    axis_name: the mapped axis, in the named-axis mode.
-    axes: the mesh axes, in the mesh mode.
+    name: the `axis_name` the user gave (a name or a tuple of names), or None.
+    where: the call that took it, for error messages.
   """
 
-  axis_name: Hashable | None = None
-  axes: tuple[str, ...] | None = None
+  name: Hashable | None = None
+  where: str = "accumulate"
 
   @classmethod
-  def of(
-    cls, where: str, axis_name: Hashable | None, reduce_axes: str | Sequence[str] | None
-  ) -> Replicas:
-    """The policy for a call's `axis_name=` and `reduce_axes=`; raises naming `where`."""
+  def of(cls, where: str, axis_name: Hashable | None) -> Replicas:
+    """The policy for a call's `axis_name=`; raises naming `where`."""
     if axis_name is not None and not isinstance(axis_name, Hashable):
       raise TypeError(f"`{where}(axis_name=...)` must be hashable, got axis_name={axis_name!r}.")
-    if axis_name == ():
+    if isinstance(axis_name, tuple) and (not axis_name or len(set(axis_name)) != len(axis_name)):
       # A reduction over no axes is the identity: each replica would step on its own.
       raise ValueError(
-        f"`{where}(axis_name=...)` must name a mapped axis (or a non-empty tuple of them), "
-        f"got axis_name=()."
+        f"`{where}(axis_name=...)` must name an axis or a non-empty tuple of distinct axes, "
+        f"got axis_name={axis_name!r}."
       )
-    return cls(axis_name, check_axes(where, reduce_axes, axis_name))
+    return cls(axis_name, where)
+
+  @property
+  def axes(self) -> tuple[str, ...] | None:
+    """The mesh axes, where the call runs under plain `jax.jit` over a mesh holding them."""
+    if self.name is None:
+      return None
+    names = self.name if isinstance(self.name, tuple) else (self.name,)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.shape or not all(isinstance(n, str) and n in mesh.shape for n in names):
+      return None  # a pmap axis, or no mesh: the named-axis mode
+    types = {mesh.axis_types[mesh.axis_names.index(n)] for n in names}
+    if types == {AxisType.Manual}:
+      return None  # inside shard_map
+    _context_mesh(self.where, names)  # raises where the axes mix Manual with others
+    return names
+
+  @property
+  def axis_name(self) -> Hashable | None:
+    """The mapped axis, inside `shard_map` or `pmap` (the named-axis mode).
+
+    Raises:
+      ValueError: where the axis is neither bound here (inside `shard_map` or
+        `pmap`) nor an axis of the mesh in context.
+    """
+    if self.name is None or self.axes is not None:
+      return None
+    for name in self.name if isinstance(self.name, tuple) else (self.name,):
+      try:
+        jax.lax.axis_size(name)
+      except NameError:
+        raise ValueError(
+          f"`{self.where}(axis_name={self.name!r})`: no axis {name!r} here. Call it inside "
+          "`jax.shard_map` (or `pmap`, `optaccum.parallel.data_parallel`) over that axis, "
+          "or under plain `jax.jit` with `jax.set_mesh(mesh)` of a mesh that has it."
+        ) from None
+    return self.name
 
   @property
   def alone(self) -> bool:
     """Whether there is a single replica (no reduction at all)."""
-    return self.axis_name is None and self.axes is None
+    return self.name is None
 
   @property
   def decide_apart(self) -> bool:
@@ -348,7 +373,7 @@ class Replicas:
     replicas must close their windows together. Under mesh axes one program
     decides for all replicas at once.
     """
-    return self.axis_name is not None
+    return self.name is not None and self.axes is None
 
   def count(self, where: str) -> int:
     """R under mesh axes (from the mesh in context); 1 otherwise."""
@@ -404,7 +429,7 @@ class Replicas:
     replicas = count(where, self.axes)
     if jnp.shape(weight) != (replicas,):
       raise ValueError(
-        f"`{where}(weight=...)` must be a scalar or, under reduce_axes={self.axes!r}, "
+        f"`{where}(weight=...)` must be a scalar or, under axis_name={self.axes!r}, "
         f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
       )
     _validation.check_real(where, "weight", weight)

@@ -137,7 +137,7 @@ def add(
 ) -> StatisticsState:
   """Counts one micro-batch of gradients `updates` and weight `weight` (0 if skipped).
 
-  With `per_replica` (under `reduce_axes`) `updates` has a leading replica
+  With `per_replica` (under mesh axes) `updates` has a leading replica
   axis and `weight` is `[R]`: each replica's micro-batch counts as one, as
   under `shard_map`.
   """

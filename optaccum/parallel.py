@@ -1,7 +1,7 @@
 """Data-parallel accumulation: one cross-replica reduction per window.
 
-`accumulate` and `microbatch` take the replicas themselves (`axis_name=` under
-`jax.shard_map`/`pmap`, `reduce_axes=` under plain `jax.jit` over a mesh); the
+`accumulate` and `microbatch` take the replicas' axis themselves (`axis_name=`,
+inside `jax.shard_map`/`pmap` or under plain `jax.jit` over a mesh); the
 functions here prepare what they take.
 """
 

@@ -488,7 +488,7 @@ def test_state_of_another_inner_optimizer_is_rejected_by_the_fast_path_too():
 
 def test_empty_axis_name_fails_at_construction():
   with pytest.raises(
-    ValueError, match=r"`accumulate\(axis_name=...\)` must name a mapped axis .*got axis_name=\(\)"
+    ValueError, match=r"`accumulate\(axis_name=...\)` must name an axis or a non-empty.*=\(\)"
   ):
     optaccum.accumulate(optax.sgd(0.1), 2, axis_name=())
 

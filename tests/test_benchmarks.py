@@ -187,10 +187,10 @@ def test_quick_run_of_peers_measures_every_form_and_runs_every_check():
   assert "| behaviour | optaccum | Optax |" in completed.stdout
   assert report["all_reduces"] == {
     "large batch": 1,
-    "optaccum.microbatch(reduce_axes=('data',))": 1,
+    "optaccum.microbatch(axis_name=('data',))": 1,
     "optaccum.microbatch": 4,
     "optax.microbatching.microbatch": 4,
-    "optaccum.accumulate(reduce_axes=('data',)) + per_replica": 1,
+    "optaccum.accumulate(axis_name=('data',)) + per_replica": 1,
     "optaccum.accumulate": 4,
     "optax.MultiSteps": 4,
   }

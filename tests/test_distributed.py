@@ -2,7 +2,7 @@
 
 tests/checks/multiprocess.py is started three times at once: two workers that
 join over 127.0.0.1 (gloo CPU collectives, 2 devices each) and train with
-optaccum (inside `data_parallel`, then under plain `jax.jit` with `reduce_axes`),
+optaccum (inside `data_parallel`, then under plain `jax.jit` with `axis_name`),
 and one single-process large-batch optax run on the same global data.
 """
 

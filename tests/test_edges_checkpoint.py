@@ -575,7 +575,7 @@ def test_a_replicated_save_copies_each_distinct_sum_to_the_host_once(tmp_path, r
   # each, not one per device (the replicas are compared by their checksums).
   assert result["replicated"]["host_bytes"] == 2 * leaf_bytes
   assert result["replicated"]["restored"] == "bit-identical"
-  # reduce_axes: each replica holds its own partial sum, and each is saved once.
+  # axis_name: each replica holds its own partial sum, and each is saved once.
   assert result["per_replica"]["replicas_differ"]
   assert result["per_replica"]["host_bytes"] == (DEVICES + 1) * leaf_bytes
   assert result["per_replica"]["restored"] == "bit-identical"
@@ -640,8 +640,8 @@ def replicas(directory):
       ("replicated", optaccum.accumulate(optax.sgd(0.1), EVERY_K), jax.grad(loss)),
       (
         "per_replica",
-        optaccum.accumulate(optax.sgd(0.1), EVERY_K, reduce_axes=("data",)),
-        optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=("data",)),
+        optaccum.accumulate(optax.sgd(0.1), EVERY_K, axis_name=("data",)),
+        optaccum.parallel.per_replica(jax.grad(loss), axis_name=("data",)),
       ),
     ]:
       opt_state = tx.init(params)

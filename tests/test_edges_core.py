@@ -102,7 +102,7 @@ def test_matching_params_still_reach_the_inner_optimizer_under_jit():
 
 def test_params_under_mesh_axes_are_compared_past_the_replica_axis():
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-  tx = optaccum.accumulate(sgd_with_decay(), 2, reduce_axes=("data",))
+  tx = optaccum.accumulate(sgd_with_decay(), 2, axis_name=("data",))
   with jax.set_mesh(mesh):
     state = tx.init(PARAMS)
     per_replica = [jax.tree.map(lambda x: x[None], g) for g in GRADS]

@@ -59,8 +59,8 @@ messages = {
   ),
   "data_parallel float leaf": message(lambda: scaled(w, jnp.ones((16, 3)), 2.0)),
 }
-split = jax.jit(optaccum.microbatch(jax.value_and_grad(loss), 2, reduce_axes=("data",)))
-per_replica = jax.jit(optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=("data",)))
+split = jax.jit(optaccum.microbatch(jax.value_and_grad(loss), 2, axis_name=("data",)))
+per_replica = jax.jit(optaccum.parallel.per_replica(jax.grad(loss), axis_name=("data",)))
 with jax.set_mesh(explicit):
   messages["microbatch 0 rows"] = message(lambda: split(w, jnp.ones((0, 3))))
   messages["per_replica 12 rows"] = message(lambda: per_replica(w, jnp.ones((12, 3))))
@@ -107,7 +107,7 @@ def test_data_parallel_still_splits_a_batch_that_divides(results):
 
 def test_per_replica_names_a_batch_that_does_not_divide_among_the_replicas(results):
   assert results["messages"]["per_replica 12 rows"] == (
-    "`per_replica(reduce_axes=('data',))` splits every batch into 8 replicas, but "
+    "`per_replica(axis_name=('data',))` splits every batch into 8 replicas, but "
     "argument 1 at the root has a batch of 12, which does not divide by 8."
   )
 

@@ -311,12 +311,12 @@ def test_microbatch_refuses_a_forward_pass_that_changes_the_state_structure():
     split(Sowing(), jnp.ones((4, 2)))
 
 
-def test_microbatch_refuses_a_module_with_reduce_axes():
+def test_microbatch_refuses_a_module_with_mesh_axis_name():
   model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-  split = optaccum.microbatch(
-    nnx.value_and_grad(lambda m, x: jnp.mean(m(x))), 2, reduce_axes="data"
-  )
-  with pytest.raises(ValueError, match=r"reduce_axes=...\)` does not take NNX modules .*'data'"):
+  split = optaccum.microbatch(nnx.value_and_grad(lambda m, x: jnp.mean(m(x))), 2, axis_name="data")
+  one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  refusal = r"axis_name=...\)` under plain `jax.jit` does not take NNX modules .*'data'"
+  with jax.set_mesh(one), pytest.raises(ValueError, match=refusal):
     split(model, jnp.ones((4, 2)))
 
 

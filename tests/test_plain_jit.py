@@ -16,9 +16,9 @@ import optaccum
 
 CASES = ["dp/auto", "dp/explicit", "hsdp/auto", "hsdp/explicit"]
 DEFERRED = [
-  "accumulate(reduce_axes) + per_replica",
-  "apply_gradients(reduce_axes) + per_replica",
-  "microbatch(reduce_axes)",
+  "accumulate(axis_name) + per_replica",
+  "apply_gradients(axis_name) + per_replica",
+  "microbatch(axis_name)",
 ]
 PER_MICRO_BATCH = ["accumulate, plain jit"]  # the others of docs/distributed.md: --full
 GRADIENT_BYTES = 91200  # the MLP's float32 gradients
@@ -49,7 +49,7 @@ def test_the_deferred_reduction_is_named_in_the_profiler(results, case, method):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("method", PER_MICRO_BATCH)
-def test_without_reduce_axes_plain_jit_reduces_every_micro_batch(results, case, method):
+def test_without_axis_name_plain_jit_reduces_every_micro_batch(results, case, method):
   # The measured baseline the docs quote: XLA reduces each micro-batch's gradients.
   result = results[case][method]
   assert result["data_all_reduces"] >= K, result
@@ -78,12 +78,12 @@ def test_parameters_keep_their_shardings_and_the_accumulator_lies_like_them(resu
 def test_hsdp_keeps_the_per_micro_batch_fsdp_reduction(results, case):
   # Only the replica axis is deferred: each micro-batch's gradient is still
   # reduced over 'fsdp', within its replica, as without accumulation.
-  result = results[case]["accumulate(reduce_axes) + per_replica"]
+  result = results[case]["accumulate(axis_name) + per_replica"]
   assert result["fsdp_all_reduces"] >= K
 
 
 def test_pure_fsdp_defers_at_the_price_of_a_full_accumulator(results):
-  result = results["fsdp/auto"]["accumulate(reduce_axes) + per_replica"]
+  result = results["fsdp/auto"]["accumulate(axis_name) + per_replica"]
   assert result["max_abs_diff"] < 1e-6
   assert result["acc_local_bytes"] == GRADIENT_BYTES  # a full gradient per device
   assert result["param_local_bytes"] < GRADIENT_BYTES / 4
@@ -126,9 +126,9 @@ def _loss(w, x):
   return jnp.mean((x @ w) ** 2)
 
 
-def test_reduce_axes_on_one_replica_equals_plain_accumulation():
+def test_mesh_axis_name_on_one_replica_equals_plain_accumulation():
   # Not Adam: optax's bias correction fails the suite's strict dtype promotion.
-  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2, reduce_axes="data")
+  tx = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2, axis_name="data")
   plain = optaccum.accumulate(optax.sgd(0.1, momentum=0.9), 2)
   grad_fn = optaccum.parallel.per_replica(jax.grad(_loss))
   w = jnp.ones(3)
@@ -145,40 +145,55 @@ def test_reduce_axes_on_one_replica_equals_plain_accumulation():
   assert not jnp.allclose(w1, w)
 
 
-def test_reduce_axes_needs_the_mesh_in_context():
-  tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("data",))
-  with pytest.raises(ValueError, match=r"reduce_axes=\('data',\)\)` needs the mesh in context"):
-    tx.init(jnp.ones(3))
+def test_axis_name_outside_shard_map_needs_the_mesh_in_context():
+  # Neither bound (shard_map, pmap) nor an axis of a mesh in context: refused
+  # where the reduction would run, naming the call, the argument and the value.
+  tx = optaccum.accumulate(optax.sgd(0.1), 1, axis_name=("data",))
+  state = tx.init(jnp.ones(3))
+  with pytest.raises(
+    ValueError, match=r"`accumulate\(axis_name=\('data',\)\)`: no axis 'data' here"
+  ):
+    tx.update(jnp.ones(3), state, jnp.ones(3))
+  split = optaccum.microbatch(jax.value_and_grad(_loss), 2, axis_name="data")
+  with pytest.raises(ValueError, match=r"`microbatch\(axis_name='data'\)`: no axis 'data' here"):
+    split(jnp.ones(3), jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="jax.set_mesh"):
     optaccum.parallel.per_replica(jax.grad(_loss))(jnp.ones(3), jnp.ones((4, 3)))
+  # A mesh in context without that axis: not the mesh mode either.
+  other = optaccum.accumulate(optax.sgd(0.1), 1, axis_name="batch")
+  with jax.set_mesh(_mesh()), pytest.raises(ValueError, match=r"no axis 'batch' here"):
+    other.update(jnp.ones(3), other.init(jnp.ones(3)), jnp.ones(3))
 
 
-def test_reduce_axes_names_axes_of_the_mesh():
-  tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=("batch",))
-  with jax.set_mesh(_mesh()), pytest.raises(ValueError, match=r"axes \['batch'\].*\('data',\)"):
+def test_mesh_axis_name_mixing_axis_types_is_refused():
+  mesh = jax.make_mesh(
+    (1, 1),
+    ("data", "model"),
+    axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit),
+  )
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, axis_name=("data", "model"))
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"all Auto or all Explicit"):
     tx.init(jnp.ones(3))
 
 
-@pytest.mark.parametrize("bad", [(), ("data", "data"), 3, ("data", None)])
-def test_bad_reduce_axes_are_refused_naming_the_value(bad):
+@pytest.mark.parametrize("bad", [(), ("data", "data")])
+def test_bad_axis_name_is_refused_naming_the_value(bad):
   for make in (
-    lambda: optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes=bad),
-    lambda: optaccum.microbatch(jax.value_and_grad(_loss), 2, reduce_axes=bad),
-    lambda: optaccum.parallel.per_replica(jax.grad(_loss), reduce_axes=bad),
+    lambda: optaccum.accumulate(optax.sgd(0.1), 2, axis_name=bad),
+    lambda: optaccum.microbatch(jax.value_and_grad(_loss), 2, axis_name=bad),
   ):
-    with pytest.raises(TypeError, match=r"reduce_axes=\.\.\.\)` must be a mesh axis name"):
+    with pytest.raises(ValueError, match=r"axis_name=\.\.\.\)` must name an axis or a non-empty"):
       make()
 
 
-def test_axis_name_and_reduce_axes_together_are_refused():
-  with pytest.raises(ValueError, match="pass one"):
-    optaccum.accumulate(optax.sgd(0.1), 2, axis_name="batch", reduce_axes="data")
-  with pytest.raises(ValueError, match="pass one"):
-    optaccum.microbatch(jax.value_and_grad(_loss), 2, axis_name="batch", reduce_axes="data")
+@pytest.mark.parametrize("bad", [(), ("data", "data"), 3, ("data", None)])
+def test_per_replica_refuses_a_bad_axis_name_naming_the_value(bad):
+  with pytest.raises(TypeError, match=r"per_replica\(axis_name=\.\.\.\)` must be a mesh axis name"):
+    optaccum.parallel.per_replica(jax.grad(_loss), axis_name=bad)
 
 
 def test_update_refuses_gradients_that_are_not_per_replica():
-  tx = optaccum.accumulate(optax.sgd(0.1), 2, reduce_axes="data")
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, axis_name="data")
   with jax.set_mesh(_mesh()):
     state = tx.init({"w": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"per-replica gradients.*\['w'\] has shape \(3,\)"):
@@ -205,7 +220,7 @@ def test_per_replica_gives_every_output_a_replica_axis():
   assert jnp.allclose(value[0], ref_value) and jnp.allclose(grads[0], ref_grads)
 
 
-def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
+def test_data_parallel_refuses_sharded_parameters_pointing_to_per_replica():
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   tx = optaccum.accumulate(optax.sgd(0.1), 2, axis_name="data")
 
@@ -219,7 +234,7 @@ def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
     opt_state = jax.jit(init)(params)
     sharded = jax.sharding.reshard(params, jax.sharding.PartitionSpec("data"))
     parallel = optaccum.parallel.data_parallel(step, mesh, axis_name="data", batch_argnums=2)
-    with pytest.raises(ValueError, match=r"argument 0 at the root sharded as .*reduce_axes"):
+    with pytest.raises(ValueError, match=r"argument 0 at the root sharded as .*per_replica"):
       parallel(sharded, opt_state, jnp.ones((4, 3)))
     with pytest.raises(ValueError, match=r"argument 0 .*per_replica"):
       jax.jit(parallel)(sharded, opt_state, jnp.ones((4, 3)))
@@ -230,7 +245,7 @@ def test_data_parallel_refuses_sharded_parameters_pointing_to_reduce_axes():
 
 
 def test_flush_closes_a_partial_window_of_per_replica_gradients():
-  tx = optaccum.accumulate(optax.sgd(1.0), 4, reduce_axes="data")
+  tx = optaccum.accumulate(optax.sgd(1.0), 4, axis_name="data")
   grad_fn = optaccum.parallel.per_replica(jax.grad(_loss))
   w, x = jnp.ones(3), jnp.arange(12.0).reshape(4, 3)
   with jax.set_mesh(_mesh()):

@@ -5,7 +5,7 @@ Each process is one host: `jax.distributed.initialize` joins them over
 devices of the mesh. They train three windows of two micro-steps
 (`accumulate(axis_name=...)` inside `data_parallel`), each micro-step itself
 split in two by `microbatch`, then again under plain `jax.jit` (`per_replica`
-around the same `microbatch`, `apply_gradients` with `reduce_axes`), and print
+around the same `microbatch`, `apply_gradients` with `axis_name`), and print
 their parameters. `--reference` instead
 trains large-batch optax on one device on the same global data.
 
@@ -118,10 +118,10 @@ def train(process_id, port):
 
 
 def train_plain_jit(mesh, global_array, data):
-  """The same training under plain `jax.jit`: per_replica gradients, reduce_axes."""
-  tx = optaccum.accumulate(optimizer(), K, reduce_axes=("data",))
+  """The same training under plain `jax.jit`: per_replica gradients, axis_name."""
+  tx = optaccum.accumulate(optimizer(), K, axis_name=("data",))
   grad_fn = optaccum.parallel.per_replica(
-    optaccum.microbatch(jax.value_and_grad(loss), MICROBATCHES), reduce_axes=("data",)
+    optaccum.microbatch(jax.value_and_grad(loss), MICROBATCHES), axis_name=("data",)
   )
 
   def step(params, opt_state, batch):

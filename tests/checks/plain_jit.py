@@ -11,7 +11,7 @@ structure: loop trip counts, conditional branches, device groups), their
 bytes, the per-device bytes of the accumulator, and the largest difference
 from large-batch Optax (SGD with momentum and weight decay) on the same data
 after two windows. `features` checks the window guard, skip policies, weights,
-statistics, stochastic rounding, aux outputs and keys under `reduce_axes`. The
+statistics, stochastic rounding, aux outputs and keys under `axis_name`. The
 numbers in docs/distributed.md come from `--full`; the test runs the methods it
 asserts on (and one baseline) and the features on one mesh.
 """
@@ -120,11 +120,11 @@ def local_bytes(tree):
 
 def methods(loss):
   """Name -> (init, step, calls per window). A step is (params, state, x, y) -> (params, state)."""
-  tx = optaccum.accumulate(optimizer(), K, reduce_axes=AXES)
+  tx = optaccum.accumulate(optimizer(), K, axis_name=AXES)
   plain_tx = optaccum.accumulate(optimizer(), K)
   multisteps = optax.MultiSteps(optimizer(), K)
-  grad_fn = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=AXES)
-  split = optaccum.microbatch(jax.value_and_grad(loss), K, reduce_axes=AXES)
+  grad_fn = optaccum.parallel.per_replica(jax.grad(loss), axis_name=AXES)
+  split = optaccum.microbatch(jax.value_and_grad(loss), K, axis_name=AXES)
   plain_split = optaccum.microbatch(jax.value_and_grad(loss), K)
 
   def transformation(tx, grads_of):
@@ -146,9 +146,9 @@ def methods(loss):
     return step
 
   return {
-    "accumulate(reduce_axes) + per_replica": (tx.init, transformation(tx, grad_fn), K),
-    "apply_gradients(reduce_axes) + per_replica": (tx.init, fast, K),
-    "microbatch(reduce_axes)": (optimizer().init, in_step(split), 1),
+    "accumulate(axis_name) + per_replica": (tx.init, transformation(tx, grad_fn), K),
+    "apply_gradients(axis_name) + per_replica": (tx.init, fast, K),
+    "microbatch(axis_name)": (optimizer().init, in_step(split), 1),
     "accumulate, plain jit": (plain_tx.init, transformation(plain_tx, jax.grad(loss)), K),
     "microbatch, plain jit": (optimizer().init, in_step(plain_split), 1),
     "optax.MultiSteps": (multisteps.init, transformation(multisteps, jax.grad(loss)), K),
@@ -168,9 +168,9 @@ def joined(data, calls):
 
 # Without --full: the methods the test asserts on, and one baseline (the suite's time).
 ASSERTED = (
-  "accumulate(reduce_axes) + per_replica",
-  "apply_gradients(reduce_axes) + per_replica",
-  "microbatch(reduce_axes)",
+  "accumulate(axis_name) + per_replica",
+  "apply_gradients(axis_name) + per_replica",
+  "microbatch(axis_name)",
   "accumulate, plain jit",
 )
 
@@ -263,7 +263,7 @@ def mean_of(trees, weights=None):
 
 def run_window(tx, loss, params, data, weights=None, fast=False, steps=K):
   """`steps` micro-steps (one window) through `tx` (or the fast path), jitted."""
-  grad_fn = optaccum.parallel.per_replica(jax.grad(loss), reduce_axes=AXES)
+  grad_fn = optaccum.parallel.per_replica(jax.grad(loss), axis_name=AXES)
 
   def step(params, state, x, y, weight):
     grads = grad_fn(params, x, y)
@@ -299,14 +299,14 @@ def features(kind, axis_type):
     x_bad[ROWS - 1, 3] = np.nan
     bad[1][0] = jax.device_put(x_bad, data[1][0].sharding)
     bad = [tuple(d) for d in bad]
-    tx = optaccum.accumulate(optimizer(), K, reduce_axes=AXES)
+    tx = optaccum.accumulate(optimizer(), K, axis_name=AXES)
     for form in ("transformation", "fast path"):
       new, state = run_window(tx, loss, params, bad, fast=form == "fast path")
       out[f"guard/{form}"] = {
         "unchanged": max_diff(new, params),
         "skipped_windows": int(optaccum.status(state).num_skipped_windows),
       }
-    skipping = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, skip=optaccum.skip.not_finite)
+    skipping = optaccum.accumulate(optimizer(), K, axis_name=AXES, skip=optaccum.skip.not_finite)
     # The skipped micro-step is as if it never happened: the window takes a fifth.
     new, state = run_window(skipping, loss, params, bad, steps=K + 1)
     kept = [g for t, gs in enumerate(grads) if t != 1 for g in gs]
@@ -320,7 +320,7 @@ def features(kind, axis_type):
     flat = [g for gs in grads[:K] for g in gs]
     out["replica_weights"] = max_diff(new, sgd_reference(params, mean_of(flat, weights.ravel())))
 
-    with_stats = optaccum.accumulate(optimizer(), K, reduce_axes=AXES, statistics=True)
+    with_stats = optaccum.accumulate(optimizer(), K, axis_name=AXES, statistics=True)
     _, state = run_window(with_stats, loss, params, data)
     stats = optaccum.status(state).statistics
     squared = np.mean(
@@ -333,7 +333,7 @@ def features(kind, axis_type):
     }
 
     rounding = optaccum.accumulate(
-      optimizer(), K, reduce_axes=AXES, accumulator=optaccum.stochastic_bfloat16(0)
+      optimizer(), K, axis_name=AXES, accumulator=optaccum.stochastic_bfloat16(0)
     )
     new, state = run_window(rounding, loss, params, data)
     out["stochastic_bfloat16"] = {
@@ -350,7 +350,7 @@ def features(kind, axis_type):
       jax.value_and_grad(with_aux, has_aux=True),
       K,
       has_aux=True,
-      reduce_axes=AXES,
+      axis_name=AXES,
       aux_reduction={"pred": "concat", "rows": "sum"},
     )
     (value, aux), _ = jax.jit(split)(params, *data[0])
@@ -365,11 +365,11 @@ def features(kind, axis_type):
     # Updates in another dtype than the gradients' (bfloat16 parameters, a
     # float32-emitting optimizer): the fallback carry keeps the Explicit shardings.
     to_float32 = optax.stateless(lambda u, p: jax.tree.map(lambda a: a.astype(jnp.float32), u))
-    casting = optaccum.accumulate(optax.chain(optimizer(), to_float32), K, reduce_axes=AXES)
+    casting = optaccum.accumulate(optax.chain(optimizer(), to_float32), K, axis_name=AXES)
     low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     low_loss = lambda p, x, y: loss(jax.tree.map(lambda a: a.astype(jnp.float32), p), x, y)  # noqa: E731
     updates, _ = jax.jit(casting.update)(
-      optaccum.parallel.per_replica(jax.grad(low_loss), reduce_axes=AXES)(low, *data[0]),
+      optaccum.parallel.per_replica(jax.grad(low_loss), axis_name=AXES)(low, *data[0]),
       casting.init(low),
       low,
     )
@@ -406,7 +406,7 @@ def features(kind, axis_type):
     out["large_leaf"] = max_diff(new, sgd_reference(big, gradient))
 
     draws = optaccum.parallel.per_replica(
-      lambda params, x, key: jax.random.uniform(key, ()), reduce_axes=AXES, key_arg=2
+      lambda params, x, key: jax.random.uniform(key, ()), axis_name=AXES, key_arg=2
     )
     values = np.asarray(jax.jit(draws)(params, data[0][0], jax.random.key(0)))
     out["per_replica_keys"] = {"shape": list(values.shape), "distinct": len(set(values.tolist()))}
@@ -420,7 +420,7 @@ def pure_fsdp_refusal():
     params = make_params(mesh, "fsdp")
     x, y = make_data(mesh, "fsdp")[0]
     try:
-      jax.jit(optaccum.parallel.per_replica(jax.grad(make_loss(True)), reduce_axes=AXES))(
+      jax.jit(optaccum.parallel.per_replica(jax.grad(make_loss(True)), axis_name=AXES))(
         params, x, y
       )
     except ValueError as error:
