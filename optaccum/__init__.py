@@ -13,17 +13,17 @@ from optaccum import parallel as parallel
 from optaccum import planning as planning
 from optaccum import skip as skip
 from optaccum._accumulate import accumulate as accumulate
-from optaccum._accumulate import flush as flush
 from optaccum._accumulator import stochastic_bfloat16 as stochastic_bfloat16
 from optaccum._apply import apply_gradients as apply_gradients
 from optaccum._closure import batch_as_argument as batch_as_argument
+from optaccum._flush import flush as flush
 from optaccum._inspect import Status as Status
 from optaccum._inspect import status as status
 from optaccum._microbatch import microbatch as microbatch
 from optaccum._state import AccumulateState as AccumulateState
 from optaccum._statistics import WindowStatistics as WindowStatistics
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = [
   "AccumulateState",

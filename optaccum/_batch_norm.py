@@ -216,14 +216,10 @@ def merge_batch_stats(
   `optaccum.microbatch(..., aux_reduction="stack")` gives for an aux output),
   they merge into what one `apply` on the whole batch writes: the running mean
   is the micro-batch results' mean, the running variance their mean plus the
-  spread of the micro-batch means (see `optaccum/_batch_norm.py`). The running
-  statistics then advance once per optimizer step, as the large batch's do,
-  not k times. Equal in exact arithmetic; in float32 within a few units of
-  rounding.
-
-  The micro-batches' training-mode outputs, and so the gradients, stay those
-  of batches of their own size ("ghost batch norm"): only the running
-  statistics, used in evaluation, can equal the large batch's.
+  spread of the micro-batch means. The running statistics then advance once per
+  optimizer step, as the large batch's do, not k times. Equal in exact
+  arithmetic; in float32 within a few units of rounding. Only the running
+  statistics can equal the large batch's: guide, [BatchNorm][batchnorm].
 
   A micro-batch is admitted as `optaccum.accumulate` admits one: a weight
   that is NaN, infinite or negative skips it, and so do statistics holding a
@@ -233,10 +229,6 @@ def merge_batch_stats(
   unchanged, as an empty window leaves them. With `count_skipped=True` the
   skipped micro-batches are also counted, as `BatchStatsWindow.num_skipped`
   and `accumulate`'s `num_skipped` count them.
-
-  Under `optaccum.microbatch(axis_name=...)` with plain `jax.jit`, the stack
-  has a leading replica axis first, `[R, k, ...]`; reshape each leaf to
-  `[R * k, ...]` before merging.
 
   Args:
     stacked: the `batch_stats` collection (any nesting of flax.linen.BatchNorm
@@ -362,10 +354,8 @@ class BatchStatsWindow(NamedTuple):
   infinite or negative weight skips it, and so do statistics that hold a NaN
   or inf; a skipped micro-batch adds nothing and is counted in `num_skipped`.
   A window that `accumulate`'s window guard drops is discarded by `close(...,
-  reset=...)`, so its statistics never reach `batch_stats`.
-
-  The sums are updated as in Welford's algorithm, in float32 (or wider):
-  no sum of squares is subtracted from another.
+  reset=...)`, so its statistics never reach `batch_stats`. Guide:
+  [BatchNorm][batchnorm].
 
   Attributes:
     weight: the window's total weight so far (micro-batches added, when

@@ -98,18 +98,11 @@ def save_checkpoint(
 
   Save at any micro-step, in the middle of a window too: the window's partial
   sums are part of the state. The state is written by
-  `orbax.checkpoint.StandardCheckpointer`; the window length in force (k, or
-  `k(gradient_step)` for a schedule), the counters and a checksum of each
-  array (computed on its device, in one dispatch) go into the checkpoint's
-  custom metadata, where `checkpoint.restore` checks them. Orbax writes into a
-  temporary directory beside `directory`; once it has finished, a file
-  `_OPTACCUM_DIGESTS` recording the size and SHA-256 of each of its files is
-  added, and the directory renamed to `directory`, so `directory` appears
-  complete or not at all. A replicated array is copied to the host once,
-  whatever the number of its replicas. Saves from several threads at once are
-  safe: they take turns.
-
-  Whatever fails during the save, nothing of it is left beside `directory`.
+  `orbax.checkpoint.StandardCheckpointer`; the window length in force, the
+  counters and each array's checksum go into its metadata, and the size and
+  SHA-256 of each file into a file `_OPTACCUM_DIGESTS`, for `checkpoint.restore`
+  to check. `directory` appears complete or not at all; saves from several
+  threads take turns. Guide: [checkpoints][save-and-restore].
 
   Args:
     directory: a local directory that does not exist yet (a str or
@@ -252,15 +245,12 @@ def _digest_of(value: object) -> str:
 def checkpoint_metadata(state: PyTree, *, k: KSchedule) -> dict[str, Any]:
   """What `checkpoint.restore` checks, for a save through Orbax's `CheckpointManager`.
 
-  `checkpoint.save` writes one checkpoint directory; a training loop that keeps
-  several with `orbax.checkpoint.CheckpointManager` passes this as the save's
+  A training loop that keeps several checkpoints with
+  `orbax.checkpoint.CheckpointManager` passes this as the save's
   `custom_metadata`, and restores a step with `checkpoint.restore` pointed at
   that step's directory: the window length, the counters and each array's
-  checksum are checked as for `checkpoint.save`'s own. Orbax writes the step
-  without the digests of each file that `checkpoint.save` adds, so damage to a
-  file that Orbax still reads without complaint (a file it does not read, a
-  flipped bit in an array's data) is found by the arrays' checksums, or not at
-  all where the state restores bit for bit anyway.
+  checksum are checked as for `checkpoint.save`'s own (without its per-file
+  digests). Guide: [with Orbax's CheckpointManager][with-orbaxs-checkpointmanager].
 
   Args:
     state: the whole training state the manager saves (one item).
@@ -340,25 +330,14 @@ def restore_checkpoint(
   """Restores a state saved by `checkpoint.save`, after checking that it fits.
 
   Before reading any array it compares the checkpoint with `target` (the state
-  a fresh run builds: same model, same optimizer) and with `k`, and
-  raises a `ValueError` that shows both sides where they differ: leaves present
-  on one side only or with other shapes or dtypes (another model, another
-  optimizer, another precision), or another window length.
-
-  Damage of any kind to any file of the checkpoint (a flipped bit, a
-  truncated or missing file) raises a `ValueError` that names the file:
-  first each file is checked against the size and SHA-256 that
-  `checkpoint.save` recorded (which reads the whole checkpoint once more);
-  then what Orbax fails to read is named with the file it failed on; last,
-  each restored array is checked against the checksum taken at save.
-
-  It also restores one step of an `orbax.checkpoint.CheckpointManager` saved
-  with `custom_metadata=optaccum.checkpoint.metadata(state, k=...)`:
-  point `directory` at the step's directory (`f"{manager.directory}/{step}"`).
-  Orbax writes such a step without `checkpoint.save`'s digests, so damage is
-  found where Orbax fails or by the arrays' checksums; the step's
-  `_CHECKPOINT_METADATA` holds the window length and the checksums, so a step
-  that lost it is refused (its arrays unchecked), naming that file.
+  a fresh run builds: same model, same optimizer) and with `k`, and raises a
+  `ValueError` that shows both sides where they differ: leaves present on one
+  side only or with other shapes or dtypes, or another window length. Damage to
+  any file (a flipped bit, a truncated or missing file) raises a `ValueError`
+  that names the file. It also restores one step of an
+  `orbax.checkpoint.CheckpointManager` saved with
+  `custom_metadata=optaccum.checkpoint.metadata(state, k=...)`: point
+  `directory` at the step's directory. Guide: [what restore checks][what-restore-checks].
 
   Args:
     directory: the checkpoint directory, or a CheckpointManager step's (a str

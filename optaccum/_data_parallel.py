@@ -182,38 +182,18 @@ def data_parallel(
 ) -> Callable[..., Output]:
   """Runs `fn` on every replica of `mesh`'s `axis_name`, each on its slice of the batch.
 
-  The data-parallel pattern for `optaccum.accumulate(..., axis_name=...)`, the
-  cross-step transformation: each replica adds its *local* gradient into its
-  own accumulator, with no communication, and the step that closes a window
-  all-reduces the accumulators once before the inner optimizer runs (the
-  `no_sync` idea of PyTorch DDP). Parameters and the inner optimizer's state
-  stay replicated and equal on every replica; only the accumulator is
-  per-replica, so the global state gives it (and the window's weight and skip
-  counters) a leading axis of one entry per replica, sharded over `axis_name`.
-  `data_parallel` adds and strips that axis, so `fn` is written for one
-  replica and sees the shapes `tx.init` gives. Every device stores what it
-  would store with a replicated state.
-
-  It is `jax.shard_map` over `axis_name` with these specs: arguments in
-  `batch_argnums` are split along axis 0 across replicas; every other argument
-  and every output is replicated, except the per-replica fields of each
-  `AccumulateState` it holds. As under `jax.pmap`, gradients are per replica
-  (no automatic all-reduce, `check_vma=False`): every output but the
-  accumulators must be equal across replicas, so reduce other per-replica
-  values yourself (e.g. `jax.lax.pmean(loss, axis_name)`), and give
-  `accumulate` the same `axis_name`. Wrap `tx.init` in it too, so the state
-  starts with its per-replica axis. Other mesh axes stay automatic.
-
-  Parameters and state must be replicated over `axis_name`: an argument known
-  to be sharded over it (a concrete array's sharding, or its type on an
-  Explicit mesh) is refused, since `shard_map` would gather it onto every
-  replica; sharding over other mesh axes (HSDP's 'fsdp') is kept. For
-  parameters sharded over the batch axis use plain `jax.jit` with
-  `optaccum.parallel.per_replica` and `accumulate(..., axis_name=...)` instead.
-
-  For in-step micro-batching, use `optaccum.microbatch(..., axis_name=...)`
-  inside `fn` with any optax optimizer: its state holds no accumulator and
-  stays replicated.
+  The layout for `optaccum.accumulate(..., axis_name=...)` inside `shard_map`:
+  `jax.shard_map` over `axis_name`, with the arguments in `batch_argnums` split
+  along axis 0 across replicas and every other argument and output replicated,
+  except the per-replica fields of each `AccumulateState` (the accumulator, the
+  window's weight, the skip counters), which get a leading axis of one entry per
+  replica, sharded over `axis_name`. `fn` is written for one replica and sees the
+  shapes `tx.init` gives; wrap `tx.init` in it too. As under `jax.pmap`,
+  gradients stay per replica (`check_vma=False`): every output but the
+  accumulators must be equal across replicas (reduce a loss with
+  `jax.lax.pmean`). Parameters and state must be replicated over `axis_name`;
+  other mesh axes stay automatic. Guide:
+  [cross-step accumulate][cross-step-accumulate-axis_namedata].
 
   Args:
     fn: the per-replica function; its arguments and outputs are pytrees of

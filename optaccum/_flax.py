@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum import _replicas, _validation
+from optaccum import _validation
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import status
 from optaccum._state import holds_state, is_state
-from optaccum._types import OptState, Params, Scalar, Updates
+from optaccum._types import OptState, Scalar, Updates
 
 if TYPE_CHECKING:
   from flax import nnx
@@ -219,9 +219,7 @@ def _check_micro_step(
   _validation.as_flag(where, "flush", flush)
   if accumulation is None or not is_state(opt_state):
     return
-  axes = accumulation.replicas.axes
-  if axes is not None:
-    _replicas.check_leading(where, "grads", grads, axes, _replicas.count(where, axes))
+  accumulation.replicas.check_updates(where, grads, "grads")
   _validation.check_tree_matches(
     where, "grads", grads, opt_state.acc_grads, "the accumulator built by tx.init(params)"
   )
@@ -341,7 +339,7 @@ def apply_nnx_gradients(
     optimizer.update(model, grads, weight=weight, flush=flush, **extra_args)
     return
   params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
-  _check_model(params, opt_state.acc_grads, accumulation.replicas.leading_axis)
+  accumulation.check_params(_NNX, params, opt_state.acc_grads, "model")
   params, opt_state = apply_gradients(
     optimizer.tx,
     grad_arrays,
@@ -378,32 +376,6 @@ def _short(value: object) -> str:
   """`value` for a message: its repr where short, else its type."""
   text = repr(value)
   return text if len(text) <= 80 else f"an object of type {type(value).__name__}"
-
-
-def _check_model(params: Params, acc_grads: Updates, leading_axis: bool) -> None:
-  """Raises a ValueError unless `params` (the model's) match the accumulator `acc_grads`.
-
-  A None accumulator leaf stands for a parameter with no gradient (an int);
-  under mesh axes each accumulator leaf has a leading replica axis.
-  """
-  is_none = lambda x: x is None  # noqa: E731
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  acc_leaves, acc_treedef = jax.tree_util.tree_flatten_with_path(acc_grads, is_leaf=is_none)
-  if treedef != acc_treedef:  # type: ignore[operator]  # PyTreeDef: no stubs
-    raise ValueError(
-      f"`{_NNX}(model=...)` does not hold the parameters `optimizer` was made for: "
-      f"`optimizer.wrt` selects another tree in it than the accumulator's.\n"
-      f"  model: {treedef}\n  the accumulator: {acc_treedef}"
-    )
-  for (path, param), (_, acc) in zip(leaves, acc_leaves):
-    shape = jnp.shape(param)
-    expected = None if acc is None else jnp.shape(acc)[1:] if leading_axis else jnp.shape(acc)
-    if expected is not None and shape != expected:
-      raise ValueError(
-        f"`{_NNX}(model=...)` does not hold the parameters `optimizer` was made for: "
-        f"the parameter at {_validation.place(path)} has shape {shape}, "
-        f"the accumulator's has {expected}."
-      )
 
 
 def _check_optimizer(nnx: ModuleType, optimizer: object, update_args: object) -> None:

@@ -23,9 +23,8 @@ class Status(NamedTuple):
       `TrainState.step` counts micro-steps; this counts what the inner
       optimizer saw, so it is what to log against and schedule by.
     has_updated: scalar bool, whether the last update call ran the inner
-      optimizer (closed a window). Unlike optax's `MultiSteps.has_updated`,
-      it stays exact after a skipped micro-batch and after a window of zero
-      total weight.
+      optimizer (closed a window); exact also after a skipped micro-batch and
+      after a window of zero total weight.
     num_skipped: micro-batches dropped: by the skip policy, or for a NaN,
       infinite or negative weight.
     num_skipped_windows: windows dropped whole by the window guard (their
@@ -59,9 +58,8 @@ def status(opt_state: OptState, *, micro_batch_size: int | None = None) -> Statu
   under `jax.jit` as outside.
 
   Window statistics (with `accumulate(..., statistics=True)`) are those of the
-  last closed window; see docs/precision_and_statistics.md for what they
-  estimate. With `weight=` passed to `update`, the estimators take the weights
-  as the micro-batches' sizes.
+  last closed window ([what they estimate][window-statistics]). With `weight=`
+  passed to `update`, the estimators take the weights as the micro-batches' sizes.
 
   Args:
     opt_state: an optimizer state that holds exactly one `AccumulateState`.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
@@ -10,237 +9,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _arguments, _aux, _nnx, _replicas, _spans, _validation, _window
-from optaccum._types import DTypeLike, PyTree, Scalar
+from optaccum import (
+  _accumulator,
+  _arguments,
+  _aux,
+  _nnx,
+  _replicas,
+  _slicing,
+  _spans,
+  _validation,
+  _window,
+)
+from optaccum._types import DTypeLike, PyTree
 
-_WHERE = "microbatch"
+_WHERE = _slicing.WHERE
 # The micro-batch weights sum in float32, whatever `accumulator=` says.
 _WEIGHTS = _accumulator.Accumulator()
-
-
-# --- Arguments --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-  """`microbatch`'s arguments, checked: what every call of the split function reads."""
-
-  fn: Callable[..., Any]
-  k: int
-  has_aux: bool
-  arguments: _arguments.Arguments
-  reduction: str
-  weight_fn: Callable[..., Any] | None
-  accumulator: _accumulator.Accumulator
-  aux_reduction: PyTree
-  replicas: _replicas.Replicas
-
-
-def _check_arguments(
-  fn: object,
-  k: int,
-  *,
-  has_aux: bool,
-  batch_argnums: int | Sequence[int] | None,
-  batch_argnames: str | Sequence[str],
-  key_arg: int | str | None,
-  reduction: str,
-  weight_fn: Callable[..., Scalar] | None,
-  accumulator: _accumulator.Accumulator | DTypeLike | None,
-  aux_reduction: PyTree,
-  axis_name: Hashable | None,
-) -> _Settings:
-  """`microbatch`'s arguments as `_Settings`; raises, naming the argument, at the first bad one."""
-  if not callable(fn):
-    raise TypeError(f"`{_WHERE}(fn=...)` must be callable, got fn={fn!r}.")
-  _validation.check_positive_int(_WHERE, "k", k)
-  if not isinstance(has_aux, bool):
-    raise TypeError(f"`{_WHERE}(has_aux=...)` must be a bool, got has_aux={has_aux!r}.")
-  arguments = _arguments.check(_WHERE, batch_argnums, batch_argnames, key_arg)
-  _validation.check_choice(_WHERE, "reduction", reduction, _accumulator.REDUCTIONS)
-  _validation.check_callable_or_none(_WHERE, "weight_fn", weight_fn)
-  accumulator = _accumulator.as_accumulator(_WHERE, accumulator, stochastic=False)
-  _aux.check_reduction(aux_reduction)
-  replicas = _replicas.Replicas.of(_WHERE, axis_name)
-  return _Settings(
-    fn=fn,
-    k=int(k),
-    has_aux=has_aux,
-    arguments=arguments,
-    reduction=reduction,
-    weight_fn=weight_fn,
-    accumulator=accumulator,
-    aux_reduction=aux_reduction,
-    replicas=replicas,
-  )
-
-
-# --- Slicing one call into micro-batch calls --------------------------------------------
-
-
-def _split(tree: PyTree, k: int, argument: str) -> Any:
-  """Reshapes each leaf `[B, ...]` to `[B / k, k, ...]`: micro-batch i is column i.
-
-  Micro-batch i holds rows i, i + k, i + 2k, ... rather than a contiguous block,
-  so that a batch sharded along its first axis splits where it lies: every
-  device keeps its own rows in every micro-batch and no data moves.
-  """
-
-  def split_leaf(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
-    size = _validation.unsplittable(x, k)
-    if size is not None:
-      raise ValueError(
-        f"`{_WHERE}(k=...)` must divide the batch: {argument} at "
-        f"{_validation.place(path)} has {size}, which does not split "
-        f"into k={k} equal micro-batches."
-      )
-    shape = jnp.shape(x)
-    return jnp.reshape(x, (shape[0] // k, k, *shape[1:]))
-
-  return jax.tree_util.tree_map_with_path(split_leaf, tree)
-
-
-def _label(name: int | str) -> str:
-  return f"argument {name!r}" if isinstance(name, str) else f"argument {name}"
-
-
-def _check_not_empty(batches: dict[int | str, Any]) -> None:
-  """Raises where a batch leaf has 0 rows: an empty batch has no mean loss or gradient.
-
-  Refused whether or not the batch is split among replicas, so that one device
-  and a mesh agree (a mean over no rows would be NaN; a split of 0 rows among
-  replicas is not even a program).
-  """
-  for name, batch in batches.items():
-    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-      shape = jnp.shape(x)
-      if shape and shape[0] == 0:
-        raise ValueError(
-          f"`{_WHERE}(...)` got a batch of 0 rows: {_label(name)} at "
-          f"{_validation.place(path)} has shape {shape}, and an empty "
-          "batch has no micro-batch to take a loss or gradients of. Skip the call, or pass "
-          "at least one row per micro-batch."
-        )
-
-
-def _split_batches(
-  plan: _arguments.Plan, args: tuple, kwargs: dict, k: int
-) -> dict[int | str, Any]:
-  """Each batch argument, by position or keyword, split by `_split`."""
-  batches = _arguments.batches(plan, args, kwargs)
-  _check_not_empty(batches)
-  return {name: _split(batch, k, _label(name)) for name, batch in batches.items()}
-
-
-def _microbatch_keys(
-  settings: _Settings, plan: _arguments.Plan, args: tuple, kwargs: dict, replica: jax.Array | None
-) -> Any:
-  """The key argument split into one key per micro-batch, or None without one.
-
-  Each replica (`replica`: its index under mesh axes) draws its own
-  dropout masks.
-  """
-  key = _arguments.key(_WHERE, plan, args, kwargs)
-  if key is None:
-    return None
-  key = settings.replicas.fold_key(key, replica)
-  return jax.random.split(key, settings.k)
-
-
-def _vary_whole_arguments(
-  plan: _arguments.Plan, args: tuple, kwargs: dict, replicas: _replicas.Replicas
-) -> tuple[tuple, dict]:
-  """The arguments passed whole to every micro-batch, marked as varying over a named axis.
-
-  Under shard_map with check_vma, gradients with respect to a replicated
-  argument come back summed across replicas: one all-reduce per micro-batch.
-  Marked per replica, they stay local until the one psum.
-  """
-  args = tuple(replicas.vary(a) if plan.passes_whole(i) else a for i, a in enumerate(args))
-  kwargs = {n: replicas.vary(v) if plan.passes_whole(n) else v for n, v in kwargs.items()}
-  return args, kwargs
-
-
-def _microbatch_arguments(
-  plan: _arguments.Plan,
-  args: tuple,
-  kwargs: dict,
-  batches: dict,
-  index: jax.Array,
-  key: jax.Array | None,
-) -> tuple[list, dict]:
-  """The arguments of micro-batch `index`: column `index` of each batch, and its key."""
-  column = lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)  # noqa: E731
-  values = {name: jax.tree.map(column, batch) for name, batch in batches.items()}
-  if plan.key_arg is not None:
-    values[plan.key_arg] = key
-  return _arguments.replaced(args, kwargs, values)
-
-
-def _unpack(out: object, has_aux: bool) -> tuple[Any, Any, Any]:
-  """`(loss, aux, grads)` from what `fn` returned, checked against `has_aux`."""
-  if not (isinstance(out, tuple) and len(out) == 2):
-    raise TypeError(
-      f"`{_WHERE}(fn=...)` must return `(loss, grads)` as `jax.value_and_grad` does, "
-      f"got {type(out).__name__}."
-    )
-  value, grads = out
-  if not has_aux:
-    if isinstance(value, tuple):
-      raise TypeError(
-        f"`{_WHERE}(fn=...)` returned a tuple as its loss; pass has_aux=True if it "
-        "is `(loss, aux)`."
-      )
-    return value, None, grads
-  if not (isinstance(value, tuple) and len(value) == 2):
-    raise TypeError(
-      f"`{_WHERE}(has_aux=True)` needs `fn` to return `((loss, aux), grads)`, got a "
-      f"first output of type {type(value).__name__}."
-    )
-  loss, aux = value
-  return loss, aux, grads
-
-
-_Call = Callable[[Any, Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
-
-
-def _microbatch_call(
-  settings: _Settings,
-  args: tuple,
-  kwargs: dict,
-  replica: jax.Array | None,
-  graph: _nnx.Graph | None,
-) -> tuple[_Call, Any]:
-  """`call(index, key, state)`, which runs `fn` on micro-batch `index`, and the keys.
-
-  `call` returns `(loss, aux, grads)`, the micro-batch's weight (None without
-  `weight_fn`) and the state of the NNX objects in the arguments (`graph`)
-  after the call, which the next micro-batch starts from (None without).
-  """
-  plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
-  batches = _split_batches(plan, args, kwargs, settings.k)
-  keys = _microbatch_keys(settings, plan, args, kwargs, replica)
-  args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas)
-
-  def call(
-    index: jax.Array, key: jax.Array | None, state: PyTree
-  ) -> tuple[tuple[Any, Any, Any], Any, Any]:
-    micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
-    if graph is not None:
-      micro_args, micro_kwargs, objects = graph.merged(micro_args, micro_kwargs, state)
-    with jax.named_scope(_spans.MICRO_BATCH):
-      out = settings.fn(*micro_args, **micro_kwargs)
-    loss, aux, grads = _unpack(out, settings.has_aux)
-    weight = None
-    if settings.weight_fn is not None:
-      weight = _validation.as_scalar(
-        _WHERE, "weight_fn", settings.weight_fn(*micro_args, **micro_kwargs), jnp.float32
-      )
-    if graph is not None:
-      state = graph.state_of(objects, state)
-    return (loss, aux, grads), weight, state
-
-  return call, keys
 
 
 # --- The scan ---------------------------------------------------------------------------
@@ -268,7 +52,7 @@ def _init_carry(
 
 
 def _scan_body(
-  accumulator: _accumulator.Accumulator, call: _Call, aux: _aux.Layout
+  accumulator: _accumulator.Accumulator, call: _slicing.Call, aux: _aux.Layout
 ) -> Callable[[Any, Any], tuple[Any, list]]:
   """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
 
@@ -323,7 +107,7 @@ class _Shapes(NamedTuple):
   aux: _aux.Layout
 
 
-def _finish(settings: _Settings, carry: PyTree, combined: list, shapes: _Shapes) -> Any:
+def _finish(settings: _slicing.Settings, carry: PyTree, combined: list, shapes: _Shapes) -> Any:
   """What the split function returns, from the final sums and the combined stacked aux."""
   acc_loss, acc_grads, acc_aux, total_weight = carry
   finish = _finisher(total_weight, weighted=settings.weight_fn is not None)
@@ -341,7 +125,7 @@ def _finish(settings: _Settings, carry: PyTree, combined: list, shapes: _Shapes)
 
 
 def _local_sums(
-  settings: _Settings,
+  settings: _slicing.Settings,
   args: tuple,
   kwargs: dict,
   replica: jax.Array | None = None,
@@ -349,11 +133,9 @@ def _local_sums(
 ) -> tuple[Any, list, _Shapes]:
   """The scan over this call's micro-batches (one replica's, under mesh axes).
 
-  Returns the final carry (the sums), the stacked aux leaves combined, and the
-  shapes. With NNX objects among the arguments (`graph`), it writes back into
-  them the state the last micro-batch left.
+  Returns the sums, the combined stacked aux and the shapes; writes back NNX state.
   """
-  call, keys = _microbatch_call(settings, args, kwargs, replica, graph)
+  call, keys = _slicing.microbatch_call(settings, args, kwargs, replica, graph)
   first_key = None if keys is None else keys[0]
   state = None if graph is None else graph.state
   if graph is not None:
@@ -376,7 +158,7 @@ def _local_sums(
   return carry, combined, _Shapes(loss_shape, grads_shape, aux)
 
 
-def _split_call(settings: _Settings, args: tuple, kwargs: dict) -> Any:
+def _split_call(settings: _slicing.Settings, args: tuple, kwargs: dict) -> Any:
   """One call of the split function: slice, scan over the micro-batches, reduce, finish."""
   args, kwargs, graph = _nnx.split_graph(_WHERE, args, kwargs)
   axes = settings.replicas.axes
@@ -414,7 +196,7 @@ def _check_rows_per_replica(
       held = "the 1 replica holds" if replicas == 1 else f"the {replicas} replicas hold"
       raise ValueError(
         f"`{_WHERE}(k={k}, axis_name={axes!r})` splits each replica's rows into k "
-        f"micro-batches, but {_label(name)} at {_validation.place(path)} "
+        f"micro-batches, but {_slicing.label(name)} at {_validation.place(path)} "
         f"has a batch of {rows} rows, which {held} as {share} rows each, and {share} "
         f"does not split into k={k} equal micro-batches. Pass a batch whose size is a "
         f"multiple of {replicas * k} ({replicas} replicas x k={k}), or a k that divides "
@@ -423,7 +205,7 @@ def _check_rows_per_replica(
 
 
 def _per_replica_sums(
-  settings: _Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
+  settings: _slicing.Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
 ) -> tuple[Any, list, _Shapes]:
   """Under mesh axes: each replica scans its own rows; its sums, not yet reduced.
 
@@ -434,7 +216,7 @@ def _per_replica_sums(
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
   batches = _arguments.batches(plan, args, kwargs)
-  _check_not_empty(batches)
+  _slicing.check_not_empty(batches)
   _check_rows_per_replica(settings.k, batches, axes, replicas)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
   found: list[_Shapes] = []
@@ -474,112 +256,47 @@ def microbatch(
 ) -> Callable[..., Any]:
   """Splits a gradient function's batch into micro-batches and scans over them.
 
-  `fn` is a function like `jax.value_and_grad(loss)`: it returns `(loss, grads)`,
+  `fn` is a function like `jax.value_and_grad(loss)`, returning `(loss, grads)`,
   or `((loss, aux), grads)` with `has_aux=True`. The returned function has the
-  same signature and returns the same structure, with the values of the whole
-  batch, but runs `fn` on one micro-batch at a time inside a `jax.lax.scan`,
-  summing the gradients into a carry: the activations of only one micro-batch
-  are alive at once. The optimizer then runs once per step, on the gradient of
-  the whole batch, so a train state's `step` stays the optimizer step (unlike
-  `optaccum.accumulate`, which spreads a window over several steps).
-
-  Arguments: the first is the parameters and is passed whole to every
-  micro-batch; by default every other positional argument is a batch, a pytree
-  of arrays split along axis 0 (`batch_argnums` and `batch_argnames` choose
-  others); keyword arguments are passed whole unless named in `batch_argnames`.
-  Micro-batch i holds rows i, i + k, i + 2k, ... of each batch (not a
-  contiguous block), so a batch sharded along its first axis splits without
-  moving data between devices.
-
-  Flax NNX modules may be passed as they are, e.g.
-  `microbatch(nnx.value_and_grad(loss), k)(model, x, y)`: an argument that
-  holds a module (or another NNX graph node) is split outside the scan; its
-  `nnx.Param`s are passed whole to every micro-batch and every other Variable
-  is carried from one micro-batch to the next. The module then ends as k calls
-  of `fn`, one per micro-batch in turn, would leave it: its `nnx.Rngs` counts
-  advanced once per micro-batch (each draws its own dropout masks), its
-  BatchNorm running statistics updated once per micro-batch, from that
-  micro-batch's statistics (a large batch would update them once). The
-  gradients are the `nnx.State` that `nnx.value_and_grad` returns. What `fn`
-  writes to a Param is not kept (the Params are the same for every
-  micro-batch); `fn` may be wrapped in `nnx.jit`; under plain `jax.jit`,
-  `axis_name` does not take modules.
-
-  Reductions, with `w_i` the weight of micro-batch i (1 without `weight_fn`):
-
-  * `reduction="mean"` (default): loss and grads are `sum(w_i x_i) / sum(w_i)`.
-    Unweighted, that is the plain mean, equal to the unsplit call for a loss
-    that is a mean over the batch. With `weight_fn` returning the micro-batch's
-    number of valid tokens and a loss that is the mean over its valid tokens,
-    it equals the mean over all valid tokens of the batch. A batch whose
-    weights sum to zero gives zeros.
-  * `reduction="sum"`: `sum(w_i x_i)`, for a loss that is a sum over examples.
-
-  A weight that is NaN, infinite or negative skips its micro-batch, as in
-  `optaccum.accumulate`: its loss, gradients and mean/sum aux leaves add
-  nothing (not even their own NaN) and its weight counts as 0; its "stack" and
-  "concat" aux leaves are kept as returned.
-
-  Aux outputs (metrics) are combined per leaf by `aux_reduction`: `"mean"`
-  (default; weighted like the loss, for floating leaves), `"sum"` (e.g. counts),
-  `"stack"` (a new leading axis of length k, in micro-batch order), `"concat"`
-  (per-example leaves, joined back into the batch's row order), or a callable
-  given the stacked leaf, `[k, ...]`. Pass one choice for every leaf or a tree
-  prefix of the aux output, e.g. `{"accuracy": "mean", "logits": "concat"}`.
-  Mean and sum are accumulated in the carry; the others keep every micro-batch's
-  leaf until the end of the step, so keep those small.
+  same signature and output structure, with the values of the whole batch, but
+  runs `fn` on one micro-batch at a time inside a `jax.lax.scan`, summing into a
+  carry: only one micro-batch's activations are alive. The first argument (the
+  parameters) goes whole to every micro-batch; batch arguments are split along
+  axis 0, micro-batch i holding rows i, i + k, i + 2k, ... With `w_i` the weight
+  of micro-batch i (1 without `weight_fn`; a NaN, infinite or negative one skips
+  it), `"mean"` gives `sum(w_i x_i) / sum(w_i)` (zeros where the weights sum to
+  zero) and `"sum"` gives `sum(w_i x_i)`. Flax NNX modules may be passed as they
+  are. Guide: [in-step micro-batching][1-in-step-micro-batching-optaccummicrobatch].
 
   Args:
-    fn: the function to split, returning `(loss, grads)` or
-      `((loss, aux), grads)`.
-    k: the number of micro-batches; must divide the batch, which must not
-      be empty.
+    fn: the function to split, returning `(loss, grads)` or `((loss, aux), grads)`.
+    k: the number of micro-batches; must divide the batch, which must not be empty.
     has_aux: whether `fn` returns aux outputs, as for `jax.value_and_grad`.
-    batch_argnums: positional arguments to split; None (default) means every
-      one after the first, except the key.
-    batch_argnames: keyword arguments to split.
-    key_arg: the position (int) or keyword (str) of a PRNG key argument, if
-      any. It is split into k keys, one per micro-batch, so that dropout
-      differs between micro-batches and is reproducible from the one key.
-    reduction: `"mean"` or `"sum"`, see above.
-    weight_fn: called with each micro-batch's arguments exactly as `fn` is, it
-      returns the micro-batch's scalar weight (e.g. its number of valid tokens).
-    accumulator: dtype in which loss, grads and mean/sum aux leaves are
-      summed. None (default) widens each leaf's dtype to at least 32 bits
-      (float32 for bfloat16, so bfloat16 gradients lose nothing across
-      micro-batches; float64 and complex kept); a dtype sets the precision and
-      each leaf keeps its kind (complex stays complex), as in
-      `optaccum.accumulate`. Results come back in the dtypes `fn` returns.
-      `optaccum.stochastic_bfloat16(...)` is refused: a sum within one step
-      has no window over which its rounding would be unbiased.
-    aux_reduction: how aux leaves are combined, see above.
-    axis_name: for data-parallel training: the axis (a name, or a tuple of
-      names) over which replicas hold different rows. Each replica scans its
-      own micro-batches without communication, then the sums of loss, grads,
-      weights and mean/sum aux leaves are reduced across the replicas once:
-      one all-reduce per step rather than one per micro-batch. Results are
-      those of the global batch; the PRNG key is folded with the replica
-      index. Inside `jax.shard_map` (or `optaccum.parallel.data_parallel`)
-      the reduction is a `psum` over the mapped axis, and `"stack"`,
-      `"concat"` and callable aux leaves stay per replica. Under plain
-      `jax.jit` with a mesh in context (`with jax.set_mesh(mesh):`) whose axes
-      of that name are Auto or Explicit, each of the R replicas scans its own
-      contiguous block of `B / R` rows; other mesh axes (FSDP's) are left to
-      XLA; `"concat"` aux leaves come back in the batch's row order, `"stack"`
-      and callable ones with a leading axis of R replicas. See
-      docs/distributed.md.
+    batch_argnums: positional arguments to split; None (default) means every one
+      after the first, except the key.
+    batch_argnames: keyword arguments to split (others are passed whole).
+    key_arg: the position (int) or keyword (str) of a PRNG key argument, split
+      into one key per micro-batch.
+    reduction: `"mean"` (default) or `"sum"`.
+    weight_fn: called with each micro-batch's arguments as `fn` is, it returns
+      the micro-batch's scalar weight (e.g. its number of valid tokens).
+    accumulator: the dtype of the sums; None (default) widens each leaf's dtype to
+      at least 32 bits. Results come back in the dtypes `fn` returns.
+    aux_reduction: how each aux leaf is combined: `"mean"` (default), `"sum"`,
+      `"stack"`, `"concat"`, a callable given the stacked leaf, or a tree prefix
+      of the aux output holding these.
+    axis_name: the replicas' axis (a name or a tuple), inside `jax.shard_map` or
+      under plain `jax.jit` with a mesh in context: each replica scans its own
+      rows, then the sums are reduced across replicas once.
 
   Returns:
     A function with the signature and output structure of `fn`.
 
   Raises:
-    TypeError: if an argument has the wrong type (`fn` or `weight_fn` not
-      callable, `has_aux` not a bool, ...).
-    ValueError: if an argument has a bad value (`k` not a positive int, an
-      unknown `reduction`, ...); and at the call, if a batch argument has 0
-      rows (refused alike on one device and under mesh axes), or its rows
-      do not split into k micro-batches (under mesh axes, among the
-      replicas and then into k).
+    TypeError: for an argument of the wrong type (`fn` not callable, ...).
+    ValueError: for a bad value (`k`, `reduction`, a stochastic accumulator, ...);
+      at the call, for a batch argument with 0 rows or rows that do not split into
+      k micro-batches (under mesh axes, among the replicas and then into k).
 
   Examples:
     >>> import jax
@@ -595,7 +312,7 @@ def microbatch(
     >>> bool(jnp.allclose(grads, grad_fn(w, x)[1]))
     True
   """
-  settings = _check_arguments(
+  settings = _slicing.check_arguments(
     fn,
     k,
     has_aux=has_aux,

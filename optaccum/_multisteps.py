@@ -130,27 +130,12 @@ class MultiSteps:
   the same constructor, `init`, `update`, `has_updated`,
   `gradient_transformation()`, `inner_opt`, and a `MultiStepsState` whose
   first five fields mean what optax's mean (`acc_grads` is the window's
-  running mean, zeros between windows). What differs is underneath and at the
-  edges:
-
-  * the inner optimizer runs only on the micro-step that closes a window,
-    inside a `lax.cond` (optax runs it on every micro-step and masks the
-    result);
-  * `every_k_schedule=0` (or a float, or a bool) is rejected;
-  * bfloat16 and float16 gradients pass strict dtype promotion;
-  * the window guard is on: a window whose gradient holds a NaN or inf is
-    dropped whole rather than reaching the parameters (`window_guard=False`
-    lets it through, as optax does); pass
-    `should_skip_update_fn=optaccum.skip.not_finite` to drop only the bad
-    micro-batch;
-  * `has_updated` says whether the last `update` ran the inner optimizer,
-    also after a skipped micro-batch (optax's then repeats the previous
-    answer);
-  * `update` takes optaccum's `weight=` and `flush=` keywords (see
-    `optaccum.accumulate`);
-  * the state is optax's form, not an `AccumulateState`: `optaccum.status`,
-    `optaccum.flush`, `optaccum.apply_gradients` and `optaccum.checkpoint`
-    read `optaccum.accumulate`'s.
+  running mean, zeros between windows). The inner optimizer runs only on the
+  micro-step that closes a window; a window whose gradient holds a NaN or inf
+  is dropped whole; `update` also takes optaccum's `weight=` and `flush=`. The
+  state is optax's form, not an `AccumulateState`, which `optaccum.status`,
+  `flush`, `apply_gradients` and `checkpoint` read. Guide, with all that
+  differs from optax: [migrating][migrating-from-optaxmultisteps].
 
   Args:
     opt: the wrapped optimizer.
@@ -161,10 +146,7 @@ class MultiSteps:
       `skip_not_finite`; None (default) accumulates every micro-batch.
     accumulator_dtype: the dtype of `acc_grads`, as in optax (a complex
       parameter keeps a complex accumulator of that precision). None
-      (default) widens each parameter's dtype to at least 32 bits: float32,
-      optax's default, for 16- and 32-bit parameters. (A stochastically
-      rounded bfloat16 sum, `optaccum.stochastic_bfloat16`, is
-      `optaccum.accumulate`'s: a running mean would round it to nearest.)
+      (default) widens each parameter's dtype to at least 32 bits.
     window_guard: drop a window whose gradient is not finite (default True).
 
   Raises:
@@ -241,9 +223,8 @@ class MultiSteps:
     """Adds `updates` to the window; emits the inner optimizer's updates when it closes.
 
     Called outside a trace with array arguments only, the micro-step runs as
-    one compiled program, cached for the arguments' shapes (eagerly, optax's
-    conditionals compile on every call): the skip policy and the inner
-    optimizer must then be traceable, as under `jax.jit`.
+    one compiled program: the skip policy and the inner optimizer must then be
+    traceable, as under `jax.jit`.
 
     Args:
       updates: the micro-batch's gradients.

@@ -26,24 +26,17 @@ def per_replica(
 ) -> Callable[..., Output]:
   """Wraps a gradient function so that its outputs come out per replica, not yet reduced.
 
-  Under plain `jax.jit` over a mesh whose batch axis is sharded, XLA reduces
-  the gradients over the batch's devices inside every gradient computation:
-  with `optaccum.accumulate`, one all-reduce per micro-step. `per_replica`
-  splits each batch `[B, ...]` into R contiguous blocks of `B / R` rows, one
-  per replica (R is the product of the sizes of `axis_name` in the mesh in
-  context), and runs `fn` on each block with `jax.vmap(...,
-  spmd_axis_name=axis_name)`: every replica computes the gradient of its own
-  rows, with no communication over `axis_name`. Feed the result to
-  `optaccum.accumulate(..., axis_name=axis_name)` (or
-  `optaccum.apply_gradients` with it), which sums the replicas once, when the
-  window closes: one all-reduce of the gradients per window.
-
-  Every output leaf of `fn` (loss, aux, gradients) gains a leading axis of
-  size R, sharded over `axis_name`: replica r's value, as `fn` would return
-  it for its rows alone (a mean loss is the mean over those rows; take
-  `jnp.mean(loss)` for the batch's). Other mesh axes (FSDP's) are left to XLA.
-  The model is unchanged; it sees a batch of `B / R` rows. Call it with the
-  mesh in context: `with jax.set_mesh(mesh):` (Auto or Explicit axes).
+  For plain `jax.jit` over a mesh: each batch `[B, ...]` is split into R
+  contiguous blocks of `B / R` rows, one per replica (R is the product of the
+  sizes of `axis_name` in the mesh in context), and `fn` runs on each block with
+  `jax.vmap(..., spmd_axis_name=axis_name)`, with no communication over
+  `axis_name`. Every output leaf (loss, aux, gradients) gains a leading axis of
+  size R, sharded over `axis_name`: replica r's value for its rows alone (take
+  `jnp.mean(loss)` for the batch's mean loss). Feed the gradients to
+  `optaccum.accumulate(..., axis_name=axis_name)` or `apply_gradients` with it,
+  which sums the replicas once per window. Call it with the mesh in context,
+  `with jax.set_mesh(mesh):` (Auto or Explicit axes). Guide:
+  [under plain jax.jit][under-plain-jaxjit-axis_name-and-optaccumparallelper_replica].
 
   Args:
     fn: a function like `jax.grad(loss)` or `jax.value_and_grad(loss)`; its
@@ -60,6 +53,14 @@ def per_replica(
   Returns:
     A function with `fn`'s signature whose every output leaf has a leading
     replica axis.
+
+  Raises:
+    TypeError: if `fn` is not callable, `axis_name` is no axis name or sequence
+      of distinct names, or the batch arguments are named by a bad type.
+    ValueError: at the call, if no mesh is in context, it lacks an axis of
+      `axis_name` or its axes are not all Auto or all Explicit, a batch does not
+      divide among the replicas, or (on an Explicit mesh) an argument passed
+      whole is sharded over `axis_name`.
 
   Examples:
     >>> import jax

@@ -450,7 +450,27 @@ class Replicas:
     """`tree` typed as varying over a named axis (under `shard_map`), else as it is."""
     return tree if self.axis_name is None else vary(tree, self.axis_name)
 
-  def check_updates(self, where: str, updates: PyTree) -> None:
+  def check_updates(self, where: str, updates: PyTree, name: str = "updates") -> None:
     """Raises where mesh axes expect per-replica gradients and `updates` are not."""
     if self.axes is not None:
-      check_leading(where, "updates", updates, self.axes, count(where, self.axes))
+      check_leading(where, name, updates, self.axes, count(where, self.axes))
+
+  def counts(self, accepted: jax.Array) -> jax.Array:
+    """Whether a micro-step counts towards the window's length.
+
+    Under a named axis every micro-step counts, skipped or not, so that all
+    replicas close their windows together; otherwise a skipped micro-batch is
+    as if it never happened.
+    """
+    return jnp.ones((), jnp.bool_) if self.decide_apart else accepted
+
+  def next_key(self, skip: jax.Array | None, old: jax.Array, new: jax.Array) -> jax.Array:
+    """The rounding key after a micro-step: a skipped micro-batch draws no bits.
+
+    Under a named axis the key is shared and advances on every replica.
+    """
+    return new if skip is None or self.decide_apart else jnp.where(skip, old, new)
+
+  def accumulator_shape(self, acc: jax.Array, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `acc` must have for a parameter of `param_shape` (mesh axes: R first)."""
+    return (jnp.shape(acc)[:1] if self.leading_axis else ()) + tuple(param_shape)

@@ -65,9 +65,9 @@ def scale_learning_rate(
     0.2
 
   References:
-    Goyal et al., 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour".
-    Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
-    Algorithms".
+    - Goyal et al., 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour".
+    - Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+      Algorithms".
   """
   learning_rate = _check_learning_rate(learning_rate)
   _validation.check_k(_WHERE, k)

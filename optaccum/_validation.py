@@ -185,6 +185,24 @@ def _describe(leaf: jax.Array | np.ndarray | None) -> str:
   return f"{jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}"
 
 
+def same_structure(
+  where: str, name: str, tree: PyTree, reference: PyTree, reference_name: str
+) -> list[tuple[tuple[Any, Any], Any]]:
+  """`((path, leaf), reference leaf)` pairs; raises where the two trees differ.
+
+  None leaves count on both sides (Optax's marker for "no gradient here").
+  """
+  is_none = lambda x: x is None  # noqa: E731
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
+  ref_leaves, ref_treedef = jax.tree.flatten(reference, is_leaf=is_none)
+  if treedef != ref_treedef:  # type: ignore[operator]  # PyTreeDef: no stubs
+    raise ValueError(
+      f"`{where}({name}=...)` has a tree structure that does not match "
+      f"{reference_name}.\n  {name}: {treedef}\n  {reference_name}: {ref_treedef}"
+    )
+  return list(zip(leaves, ref_leaves))
+
+
 def check_tree_matches(
   where: str,
   name: str,
@@ -201,15 +219,8 @@ def check_tree_matches(
     ValueError: naming both sides where structure or shapes differ.
     TypeError: where a leaf of `tree` is not floating point.
   """
-  is_none = lambda x: x is None  # noqa: E731
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
-  ref_leaves, ref_treedef = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
-  if treedef != ref_treedef:  # type: ignore[operator]  # PyTreeDef: no stubs
-    raise ValueError(
-      f"`{where}({name}=...)` has a tree structure that does not match "
-      f"{reference_name}.\n  {name}: {treedef}\n  {reference_name}: {ref_treedef}"
-    )
-  for (path, leaf), (_, ref) in zip(leaves, ref_leaves):
+  leaves = same_structure(where, name, tree, reference, reference_name)
+  for (path, leaf), ref in leaves:
     if leaf is None and ref is None:
       continue
     if leaf is not None and not isinstance(leaf, (jax.Array, np.ndarray)):

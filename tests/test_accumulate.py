@@ -540,7 +540,7 @@ def test_flush_refuses_params_of_another_structure():
   with pytest.raises(
     ValueError,
     match=r"`flush\(params=...\)` has a tree structure that does not match the accumulator"
-    r".*\n  params: .*'v'.*\n  the accumulator: .*'w'",
+    r".*\n  params: .*'v'.*\n  the accumulator in opt_state: .*'w'",
   ):
     optaccum.flush(tx, state, {"v": jnp.zeros(3)})
 

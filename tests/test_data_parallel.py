@@ -11,7 +11,7 @@ import pytest
 
 import optaccum
 
-# The docs (README, docs/distributed.md) claim 1.2e-7; allow two float32 ulps of 1.
+# docs/distributed.md claims 1.2e-7; allow two float32 ulps of 1.
 TOLERANCE = 2.5e-7
 
 

@@ -58,7 +58,7 @@ def test_params_of_another_structure_are_named_not_the_inner_state(form):
   )
   message = (
     f"`{where}(params=...)` has a tree structure that does not match the accumulator in "
-    "opt_state.\n  params: PyTreeDef({'v': *})\n  the accumulator: PyTreeDef({'w': *})"
+    "opt_state.\n  params: PyTreeDef({'v': *})\n  the accumulator in opt_state: PyTreeDef({'w': *})"
   )
   with pytest.raises(ValueError, match=re.escape(message)):
     if form != "apply_gradients":

@@ -192,13 +192,13 @@ def test_nnx_grads_of_another_shape_are_named_grads():
   [
     (
       Model(4),
-      "`apply_nnx_gradients(model=...)` does not hold the parameters `optimizer` was made "
-      "for: the parameter at ['w'] has shape (4,), the accumulator's has (3,).",
+      "`apply_nnx_gradients(model=...)` does not match the accumulator in opt_state at "
+      "['w']: model has shape (4,), the accumulator (3,).",
     ),
     (
       Model(name="v"),
-      "`apply_nnx_gradients(model=...)` does not hold the parameters `optimizer` was made "
-      "for: `optimizer.wrt` selects another tree in it than the accumulator's.",
+      "`apply_nnx_gradients(model=...)` has a tree structure that does not match the "
+      "accumulator in opt_state.\n  model: PyTreeDef(",
     ),
   ],
 )

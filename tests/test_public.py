@@ -69,3 +69,31 @@ def test_importing_the_package_imports_neither_flax_nor_orbax():
     "assert 'flax' not in sys.modules and 'orbax' not in sys.modules, sorted(sys.modules)"
   )
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+PACKAGE = __import__("pathlib").Path(optaccum.__file__).parent
+# The window core and the two forms built on it: across steps (the transformation
+# and its fast path) and within one step (microbatch's scan).
+CORE = ["_window.py", "_accumulate.py", "_microbatch.py"]
+
+
+def test_the_window_core_and_its_two_forms_fit_in_1100_lines():
+  lines = {name: len((PACKAGE / name).read_text().splitlines()) for name in CORE}
+  assert sum(lines.values()) <= 1100, lines
+
+
+def test_one_place_reduces_across_replicas_and_three_lines_branch_on_the_mode():
+  # The replica policy owns the reduction (one psum, one sum over the replica
+  # axis); outside it, at most three lines ask which mode is in force.
+  mode = ("replicas.alone", "replicas.axes", "replicas.axis_name", "decide_apart")
+  branching, reducing = [], []
+  for path in sorted(PACKAGE.glob("*.py")):
+    if path.name == "_replicas.py":
+      continue
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      if any(word in line for word in mode):
+        branching.append(f"{path.name}:{number}: {line.strip()}")
+      if "lax.psum(" in line or "psum_scatter(" in line:
+        reducing.append(f"{path.name}:{number}: {line.strip()}")
+  assert len(branching) <= 3, branching
+  assert reducing == [], reducing
