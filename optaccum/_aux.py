@@ -33,6 +33,17 @@ def check_reduction(value: PyTree) -> None:
       )
 
 
+def check_unequal(aux: Layout, k: int, tail: int) -> None:
+  """Raises where an aux leaf needs equal micro-batches ("stack", a callable) and has a tail."""
+  for i in aux.stacked:
+    if aux.modes[i] != "concat":
+      raise ValueError(
+        f"`{_WHERE}(aux_reduction=...)` stacks an aux leaf ({aux.modes[i]!r}), which needs "
+        f"micro-batches of equal rows, but the batch does not split into k={k} of them (its "
+        f"last micro-batch has {tail} rows); use 'concat', or a batch that k divides."
+      )
+
+
 def _modes(aux: PyTree, aux_reduction: PyTree) -> list[Any]:
   """One reduction per aux leaf, from a single choice or a tree prefix of `aux`."""
   try:

@@ -17,7 +17,6 @@ from optaccum import (
   _replicas,
   _slicing,
   _spans,
-  _validation,
   _window,
 )
 from optaccum._types import DTypeLike, PyTree
@@ -51,32 +50,55 @@ def _init_carry(
   )
 
 
+def _add(accumulator: _accumulator.Accumulator, aux: _aux.Layout, sums: Any, out: Any) -> Any:
+  """`sums` with one micro-batch's `((loss, aux, grads), weight)` added; its stacked aux."""
+  acc_loss, acc_grads, acc_aux, acc_weight = sums
+  (loss, aux_out, grads), weight = out
+  leaves = aux.flatten(aux_out)
+  with jax.named_scope(_spans.WINDOW_ADD):
+    # The weight rule of every form: a NaN, infinite or negative weight skips.
+    skip, admitted = _window.admit(weight)
+    weight = None if weight is None else admitted
+    add = lambda acc, x, w: _window.add(accumulator, acc, x, w, skip)  # noqa: E731
+    acc_aux = [
+      add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
+      for acc, i in zip(acc_aux, aux.summed)
+    ]
+    sums = (
+      add(acc_loss, loss, weight),
+      jax.tree.map(lambda acc, g: add(acc, g, weight), acc_grads, grads),
+      acc_aux,
+      None if acc_weight is None else acc_weight + admitted,
+    )
+  return sums, [leaves[i] for i in aux.stacked]
+
+
 def _scan_body(
-  accumulator: _accumulator.Accumulator, call: _slicing.Call, aux: _aux.Layout
+  settings: _slicing.Settings, call: _slicing.Call, aux: _aux.Layout, count: int
 ) -> Callable[[Any, Any], tuple[Any, list]]:
-  """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux."""
+  """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux.
+
+  Under `num_real`, a micro-batch past the real ones runs nothing and emits zeros.
+  """
+
+  def run(operand: tuple, index: jax.Array, key: jax.Array | None) -> tuple[Any, list]:
+    sums, state = operand
+    out, weight, state = call(index, key, state)
+    sums, stacked = _add(settings.accumulator, aux, sums, (out, weight))
+    return (sums, state), stacked
 
   def body(carry: PyTree, key: jax.Array | None) -> tuple[Any, list]:
     # Carried, XLA merges the index with the loop's counter; an arange(k) is a temporary.
-    (acc_loss, acc_grads, acc_aux, acc_weight), state, index = carry
-    (loss, aux_out, grads), weight, state = call(index, key, state)
-    leaves = aux.flatten(aux_out)
-    with jax.named_scope(_spans.WINDOW_ADD):
-      # The weight rule of every form: a NaN, infinite or negative weight skips.
-      skip, admitted = _window.admit(weight)
-      weight = None if weight is None else admitted
-      add = lambda acc, x, w: _window.add(accumulator, acc, x, w, skip)  # noqa: E731
-      acc_aux = [
-        add(acc, leaves[i], weight if aux.modes[i] == "mean" else None)
-        for acc, i in zip(acc_aux, aux.summed)
-      ]
-      sums = (
-        add(acc_loss, loss, weight),
-        jax.tree.map(lambda acc, g: add(acc, g, weight), acc_grads, grads),
-        acc_aux,
-        None if acc_weight is None else acc_weight + admitted,
+    sums, state, index = carry
+    if settings.num_real is None:
+      operand, stacked = run((sums, state), index, key)
+    else:
+      real = index < jnp.clip(jnp.asarray(settings.num_real, jnp.int32), 0, count)
+      empty = [jnp.zeros(aux.leaves[i].shape, aux.leaves[i].dtype) for i in aux.stacked]
+      operand, stacked = jax.lax.cond(
+        real, lambda o: run(o, index, key), lambda o: (o, empty), (sums, state)
       )
-    return (sums, state, index + 1), [leaves[i] for i in aux.stacked]
+    return (*operand, index + 1), stacked
 
   return body
 
@@ -110,7 +132,8 @@ class _Shapes(NamedTuple):
 def _finish(settings: _slicing.Settings, carry: PyTree, combined: list, shapes: _Shapes) -> Any:
   """What the split function returns, from the final sums and the combined stacked aux."""
   acc_loss, acc_grads, acc_aux, total_weight = carry
-  finish = _finisher(total_weight, weighted=settings.weight_fn is not None)
+  weighted = settings.weight_fn is not None or settings.num_real is not None
+  finish = _finisher(total_weight, weighted)
   loss = finish(settings.reduction, acc_loss, shapes.loss)
   grads = jax.tree.map(lambda acc, g: finish(settings.reduction, acc, g), acc_grads, shapes.grads)
   if not settings.has_aux:
@@ -135,7 +158,7 @@ def _local_sums(
 
   Returns the sums, the combined stacked aux and the shapes; writes back NNX state.
   """
-  call, keys = _slicing.microbatch_call(settings, args, kwargs, replica, graph)
+  call, keys, tail, cut = _slicing.microbatch_call(settings, args, kwargs, replica, graph)
   first_key = None if keys is None else keys[0]
   state = None if graph is None else graph.state
   if graph is not None:
@@ -145,16 +168,23 @@ def _local_sums(
     call, jnp.int32(0), first_key, state
   )
   aux = _aux.layout(aux_shape, settings.aux_reduction)
+  if tail is not None:
+    _aux.check_unequal(aux, settings.k, cut.tail)
   carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)
-  body = _scan_body(settings.accumulator, call, aux)
+  body = _scan_body(settings, call, aux, cut.parts)
+  scan_keys = None if keys is None else keys[: cut.parts]
   (carry, state, _), stacks = jax.lax.scan(
-    body, (carry, state, jnp.zeros((), jnp.int32)), keys, length=settings.k
+    body, (carry, state, jnp.zeros((), jnp.int32)), scan_keys, length=cut.parts
   )
+  combined = [_aux.combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
+  if tail is not None:  # the shorter last micro-batch; its "concat" rows come last
+    out, weight, state = tail(None if keys is None else keys[cut.parts], state)
+    carry, ends = _add(settings.accumulator, aux, carry, (out, weight))
+    combined = [jnp.concatenate([rows, end]) for rows, end in zip(combined, ends)]
   if carry[3] is None:
-    carry = (*carry[:3], jnp.full((), settings.k, jnp.float32))
+    carry = (*carry[:3], jnp.full((), cut.parts + (tail is not None), jnp.float32))
   if graph is not None:
     graph.write_back(state)
-  combined = [_aux.combine_stacked(aux.modes[i], stack) for stack, i in zip(stacks, aux.stacked)]
   return carry, combined, _Shapes(loss_shape, grads_shape, aux)
 
 
@@ -178,32 +208,6 @@ def _split_call(settings: _slicing.Settings, args: tuple, kwargs: dict) -> Any:
     return _finish(settings, carry, combined, shapes)
 
 
-def _check_rows_per_replica(
-  k: int, batches: dict[int | str, Any], axes: tuple[str, ...], replicas: int
-) -> None:
-  """Checks that each replica's rows split into k micro-batches, naming the whole batch.
-
-  Checked before the split among replicas, so that the message gives the batch
-  size the caller passed, not one replica's share of it. A batch that does not
-  divide among the replicas is left to `_replicas.split`'s message.
-  """
-  for name, batch in batches.items():
-    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-      shape = jnp.shape(x)
-      if not shape or shape[0] % replicas or not (shape[0] // replicas) % k:
-        continue
-      rows, share = shape[0], shape[0] // replicas
-      held = "the 1 replica holds" if replicas == 1 else f"the {replicas} replicas hold"
-      raise ValueError(
-        f"`{_WHERE}(k={k}, axis_name={axes!r})` splits each replica's rows into k "
-        f"micro-batches, but {_slicing.label(name)} at {_validation.place(path)} "
-        f"has a batch of {rows} rows, which {held} as {share} rows each, and {share} "
-        f"does not split into k={k} equal micro-batches. Pass a batch whose size is a "
-        f"multiple of {replicas * k} ({replicas} replicas x k={k}), or a k that divides "
-        f"{share}."
-      )
-
-
 def _per_replica_sums(
   settings: _slicing.Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
 ) -> tuple[Any, list, _Shapes]:
@@ -217,7 +221,6 @@ def _per_replica_sums(
   _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
   batches = _arguments.batches(plan, args, kwargs)
   _slicing.check_not_empty(batches)
-  _check_rows_per_replica(settings.k, batches, axes, replicas)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
   found: list[_Shapes] = []
 
@@ -253,6 +256,7 @@ def microbatch(
   accumulator: _accumulator.Accumulator | DTypeLike | None = None,
   aux_reduction: PyTree = "mean",
   axis_name: Hashable | None = None,
+  num_real: int | jax.Array | None = None,
 ) -> Callable[..., Any]:
   """Splits a gradient function's batch into micro-batches and scans over them.
 
@@ -270,7 +274,10 @@ def microbatch(
 
   Args:
     fn: the function to split, returning `(loss, grads)` or `((loss, aux), grads)`.
-    k: the number of micro-batches; must divide the batch, which must not be empty.
+    k: the number of micro-batches. A batch of B rows that k does not divide is
+      cut into micro-batches of ceil(B / k) rows and a shorter last one, each
+      weighted by its rows for `"mean"`, so the result is the unsplit batch's.
+      The batch must not be empty.
     has_aux: whether `fn` returns aux outputs, as for `jax.value_and_grad`.
     batch_argnums: positional arguments to split; None (default) means every one
       after the first, except the key.
@@ -288,6 +295,11 @@ def microbatch(
     axis_name: the replicas' axis (a name or a tuple), inside `jax.shard_map` or
       under plain `jax.jit` with a mesh in context: each replica scans its own
       rows, then the sums are reduced across replicas once.
+    num_real: how many micro-batches are real, the rest padding (an int, or a
+      scalar integer array, traced inside `jax.jit`: no recompilation, clamped
+      to [0, k]). Micro-batches from `num_real` on run nothing and add nothing;
+      `"mean"` is over the real ones (zeros where there are none); their
+      stacked aux leaves are zeros. Needs a batch that k divides.
 
   Returns:
     A function with the signature and output structure of `fn`.
@@ -295,8 +307,8 @@ def microbatch(
   Raises:
     TypeError: for an argument of the wrong type (`fn` not callable, ...).
     ValueError: for a bad value (`k`, `reduction`, a stochastic accumulator, ...);
-      at the call, for a batch argument with 0 rows or rows that do not split into
-      k micro-batches (under mesh axes, among the replicas and then into k).
+      at the call, for a batch argument with 0 rows, or batch leaves of unequal rows
+      that k does not divide.
 
   Examples:
     >>> import jax
@@ -324,6 +336,7 @@ def microbatch(
     accumulator=accumulator,
     aux_reduction=aux_reduction,
     axis_name=axis_name,
+    num_real=num_real,
   )
 
   @_arguments.named_like(fn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,24 @@ class Settings:
   accumulator: _accumulator.Accumulator
   aux_reduction: PyTree
   replicas: _replicas.Replicas
+  num_real: jax.Array | int | None = None
+
+
+def check_num_real(num_real: object, k: int) -> jax.Array | int | None:
+  """`num_real=`: None, an int in [0, k], or a scalar integer array (traced: clamped there)."""
+  if num_real is None:
+    return None
+  bad = isinstance(num_real, bool) or not _validation.is_real_scalar(num_real)
+  if bad or not jnp.issubdtype(jnp.result_type(num_real), jnp.integer):  # type: ignore[arg-type]
+    raise TypeError(
+      f"`{WHERE}(num_real=...)` must be an int or a scalar integer array, the number of "
+      f"real micro-batches, got num_real={_validation.shown(num_real)}."
+    )
+  if not isinstance(num_real, jax.core.Tracer) and not 0 <= int(num_real) <= k:  # type: ignore[call-overload]
+    raise ValueError(
+      f"`{WHERE}(num_real=...)` must be between 0 and k={k}, got num_real={int(num_real)}."  # type: ignore[call-overload]
+    )
+  return num_real  # type: ignore[return-value]
 
 
 def check_arguments(
@@ -46,6 +64,7 @@ def check_arguments(
   accumulator: _accumulator.Accumulator | DTypeLike | None,
   aux_reduction: PyTree,
   axis_name: Hashable | None,
+  num_real: object = None,
 ) -> Settings:
   """`microbatch`'s arguments as `Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
@@ -69,30 +88,75 @@ def check_arguments(
     accumulator=accumulator,
     aux_reduction=aux_reduction,
     replicas=replicas,
+    num_real=check_num_real(num_real, int(k)),
   )
 
 
 # --- Slicing one call into micro-batch calls --------------------------------------------
 
 
-def _split(tree: PyTree, k: int, argument: str) -> Any:
-  """Reshapes each leaf `[B, ...]` to `[B / k, k, ...]`: micro-batch i is column i.
+class Cut(NamedTuple):
+  """How a call's rows are cut: `parts` equal micro-batches, then a shorter `tail`.
 
-  Strided rows, so that a batch sharded along its first axis splits where it lies.
+  `rows` is the equal micro-batches' rows (None where every leaf divides by k
+  as it is: each is split into k parts, whatever its rows); `tail` the last
+  micro-batch's rows, 0 where there is none.
   """
 
-  def split_leaf(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
-    size = _validation.unsplittable(x, k)
-    if size is not None:
-      raise ValueError(
-        f"`{WHERE}(k=...)` must divide the batch: {argument} at "
-        f"{_validation.place(path)} has {size}, which does not split "
-        f"into k={k} equal micro-batches."
-      )
-    shape = jnp.shape(x)
-    return jnp.reshape(x, (shape[0] // k, k, *shape[1:]))
+  parts: int
+  rows: int | None
+  tail: int
 
-  return jax.tree_util.tree_map_with_path(split_leaf, tree)
+
+def cut_of(batches: dict[int | str, Any], k: int) -> Cut:
+  """The cut of a call's batches: k equal micro-batches, or ceil(B / k) rows each and a tail.
+
+  A batch of B rows that k does not divide gives micro-batches of
+  `ceil(B / k)` rows and a last, shorter one; every batch leaf must then hold
+  the same B rows.
+  """
+  leaves = [
+    (f"{label(name)} at {_validation.place(path)}", x)
+    for name, batch in batches.items()
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]
+  ]
+  if all(_validation.unsplittable(x, k) is None for _, x in leaves):
+    return Cut(k, None, 0)
+  sizes: dict[int, str] = {}
+  for where, x in leaves:
+    if not jnp.shape(x):
+      raise ValueError(
+        f"`{WHERE}(k=...)` must split every batch leaf along its first axis: {where} "
+        "has no batch axis; pass it whole (batch_argnums, batch_argnames)."
+      )
+    sizes.setdefault(jnp.shape(x)[0], where)
+  if len(sizes) > 1:
+    (first, one), (second, other) = list(sizes.items())[:2]
+    raise ValueError(
+      f"`{WHERE}(k={k})` cuts a batch whose rows k does not divide into micro-batches of "
+      f"ceil(rows / k) rows and a shorter last one, which needs every batch leaf to hold "
+      f"the same rows: {one} has {first}, {other} has {second}."
+    )
+  (total,) = sizes
+  rows = -(-total // k)
+  parts = total // rows
+  return Cut(parts, rows, total - parts * rows)
+
+
+def _split(tree: PyTree, cut: Cut) -> Any:
+  """Each leaf `[B, ...]` as `[B / parts, parts, ...]`: micro-batch i is column i.
+
+  Strided rows, so that a batch sharded along its first axis splits where it
+  lies; where the cut has a tail, of the rows before it.
+  """
+
+  def split_leaf(x: jax.Array) -> jax.Array:
+    shape = jnp.shape(x)
+    if cut.rows is not None:
+      x, shape = x[: cut.parts * cut.rows], (cut.parts * cut.rows, *shape[1:])
+    return jnp.reshape(x, (shape[0] // cut.parts, cut.parts, *shape[1:]))
+
+  return jax.tree.map(split_leaf, tree)
 
 
 def label(name: int | str) -> str:
@@ -120,11 +184,17 @@ def check_not_empty(batches: dict[int | str, Any]) -> None:
 
 def _split_batches(
   plan: _arguments.Plan, args: tuple, kwargs: dict, k: int
-) -> dict[int | str, Any]:
-  """Each batch argument, by position or keyword, split by `_split`."""
+) -> tuple[dict[int | str, Any], dict[int | str, Any] | None, Cut]:
+  """Each batch argument split by `_split`; the tail's rows, or None; and the cut."""
   batches = _arguments.batches(plan, args, kwargs)
   check_not_empty(batches)
-  return {name: _split(batch, k, label(name)) for name, batch in batches.items()}
+  cut = cut_of(batches, k)
+  split = {name: _split(batch, cut) for name, batch in batches.items()}
+  if not cut.tail:
+    return split, None, cut
+  start = cut.parts * (cut.rows or 0)
+  tail = {name: jax.tree.map(lambda x: x[start:], batch) for name, batch in batches.items()}
+  return split, tail, cut
 
 
 def _microbatch_keys(
@@ -157,19 +227,18 @@ def _vary_whole_arguments(
 
 
 def _microbatch_arguments(
-  plan: _arguments.Plan,
-  args: tuple,
-  kwargs: dict,
-  batches: dict,
-  index: jax.Array,
-  key: jax.Array | None,
+  plan: _arguments.Plan, args: tuple, kwargs: dict, values: dict, key: jax.Array | None
 ) -> tuple[list, dict]:
-  """The arguments of micro-batch `index`: column `index` of each batch, and its key."""
-  column = lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)  # noqa: E731
-  values = {name: jax.tree.map(column, batch) for name, batch in batches.items()}
+  """The arguments of one micro-batch: its rows of each batch (`values`), and its key."""
   if plan.key_arg is not None:
-    values[plan.key_arg] = key
+    values = {**values, plan.key_arg: key}
   return _arguments.replaced(args, kwargs, values)
+
+
+def _column(batches: dict, index: jax.Array) -> dict:
+  """Micro-batch `index` of split batches: column `index` of each leaf."""
+  column = lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)  # noqa: E731
+  return {name: jax.tree.map(column, batch) for name, batch in batches.items()}
 
 
 def _unpack(out: object, has_aux: bool) -> tuple[Any, Any, Any]:
@@ -196,6 +265,7 @@ def _unpack(out: object, has_aux: bool) -> tuple[Any, Any, Any]:
 
 
 Call = Callable[[Any, Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
+Tail = Callable[[Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 
 
 def microbatch_call(
@@ -204,20 +274,29 @@ def microbatch_call(
   kwargs: dict,
   replica: jax.Array | None,
   graph: _nnx.Graph | None,
-) -> tuple[Call, Any]:
-  """`call(index, key, state)`, which runs `fn` on micro-batch `index`, and the keys.
+) -> tuple[Call, Any, Tail | None, Cut]:
+  """`call(index, key, state)`, which runs `fn` on micro-batch `index`; the keys; the tail.
 
-  `call` returns `(loss, aux, grads)`, the weight and the NNX objects' state after it.
+  `call` returns `(loss, aux, grads)`, the weight and the NNX objects' state
+  after it; `tail(key, state)` the same for the shorter last micro-batch,
+  where the cut has one. Without `weight_fn`, micro-batches weigh their rows
+  where the cut has a tail (so that the mean is the batch's), and 1 each
+  under `num_real` (so that the mean is over the real ones).
   """
   plan = _arguments.plan(WHERE, settings.arguments, args, kwargs)
-  batches = _split_batches(plan, args, kwargs, settings.k)
+  batches, tail_rows, cut = _split_batches(plan, args, kwargs, settings.k)
+  if settings.num_real is not None and cut.tail:
+    raise ValueError(
+      f"`{WHERE}(num_real=...)` counts micro-batches of equal rows, but the batch does not "
+      f"split into k={settings.k} of them; pad it to a multiple of k."
+    )
   keys = _microbatch_keys(settings, plan, args, kwargs, replica)
   args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas)
+  by_rows = cut.tail and settings.reduction == "mean"
+  counted = settings.num_real is not None
 
-  def call(
-    index: jax.Array, key: jax.Array | None, state: PyTree
-  ) -> tuple[tuple[Any, Any, Any], Any, Any]:
-    micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, batches, index, key)
+  def run(values: dict, key: jax.Array | None, state: PyTree, rows: int) -> Any:
+    micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, values, key)
     if graph is not None:
       micro_args, micro_kwargs, objects = graph.merged(micro_args, micro_kwargs, state)
     with jax.named_scope(_spans.MICRO_BATCH):
@@ -228,8 +307,16 @@ def microbatch_call(
       weight = _validation.as_scalar(
         WHERE, "weight_fn", settings.weight_fn(*micro_args, **micro_kwargs), jnp.float32
       )
+    elif by_rows or counted:
+      weight = jnp.float32(rows if by_rows else 1)
     if graph is not None:
       state = graph.state_of(objects, state)
     return (loss, aux, grads), weight, state
 
-  return call, keys
+  def call(index: jax.Array, key: jax.Array | None, state: PyTree) -> Any:
+    return run(_column(batches, index), key, state, cut.rows or 0)
+
+  def tail(key: jax.Array | None, state: PyTree) -> Any:
+    return run(tail_rows or {}, key, state, cut.tail)
+
+  return call, keys, tail if cut.tail else None, cut

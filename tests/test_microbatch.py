@@ -269,10 +269,10 @@ def _loss_with_int_aux(params, batch):
     ),
     (
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 3),
-      lambda fn, p, b: fn(p, b),
+      lambda fn, p, b: fn(p, {**b, "n": jnp.zeros(15)}),
       ValueError,
-      r"`microbatch\(k=...\)` must divide the batch: argument 1 at "
-      r"\['x'\] has a batch of 16, which does not split into k=3",
+      r"`microbatch\(k=3\)` cuts a batch whose rows k does not divide .* the same rows: "
+      r"argument 1 at \['n'\] has 15, argument 1 at \['x'\] has 16\.",
     ),
     (
       lambda: optaccum.microbatch(jax.value_and_grad(mse), 2, batch_argnums=(1, 2)),
