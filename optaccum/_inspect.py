@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from optaccum import _statistics, _validation
+from optaccum._spikes import SpikeState, is_spike_state
 from optaccum._state import AccumulateState, locate_state
 from optaccum._statistics import WindowStatistics
 from optaccum._types import OptState
@@ -34,6 +36,11 @@ class Status(NamedTuple):
       zeros (a `flush` of a window that held nothing is not counted).
     num_clamped_windows: windows closed while the `k` schedule returned NaN,
       an infinity or a value below 1; each ran as a window of one micro-step.
+    num_spike_windows: windows whose step `optaccum.skip.spikes` skipped (a
+      gradient norm or loss above its band, or not finite), read from the
+      `SpikeState` wherever it sits in the state (summed where there are
+      several); 0 without one. The accumulation counts such a window as run
+      (`gradient_step` advances) with zero updates.
     statistics: the `WindowStatistics` of the last closed window when the
       accumulation keeps them (`statistics=True`), else None.
     state: the `AccumulateState` itself.
@@ -46,6 +53,7 @@ class Status(NamedTuple):
   num_skipped_windows: jax.Array
   num_empty_windows: jax.Array
   num_clamped_windows: jax.Array
+  num_spike_windows: jax.Array
   statistics: WindowStatistics | None
   state: AccumulateState
 
@@ -100,6 +108,17 @@ def status(opt_state: OptState, *, micro_batch_size: int | None = None) -> Statu
     num_skipped_windows=state.num_skipped_windows,
     num_empty_windows=state.num_empty_windows,
     num_clamped_windows=state.num_clamped_windows,
+    num_spike_windows=_num_spike_windows(opt_state),
     statistics=_statistics.last_window(state.statistics, micro_batch_size),
     state=state,
   )
+
+
+def _num_spike_windows(opt_state: OptState) -> jax.Array:
+  """The windows skipped by every `skip.spikes` in `opt_state`: an int32 count, 0 without one."""
+  found = [
+    leaf.num_spikes
+    for leaf in jax.tree.leaves(opt_state, is_leaf=is_spike_state)
+    if isinstance(leaf, SpikeState)
+  ]
+  return sum(found[1:], start=found[0]) if found else jnp.zeros((), jnp.int32)

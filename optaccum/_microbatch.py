@@ -36,10 +36,7 @@ def _init_carry(
   aux: _aux.Layout,
   weight: jax.ShapeDtypeStruct | None,
 ) -> tuple[Any, Any, list, jax.Array | None]:
-  """The scan's carry, all zeros: the sums of loss, grads, summed aux leaves and weights.
-
-  Unweighted, the weights sum to k: no carry (no temporary) for it.
-  """
+  """The scan's carry, zeros: sums of loss, grads, summed aux, weights (None unweighted)."""
   zeros = functools.partial(accumulator.zeros_like, _WHERE)
   zero_weight = None if weight is None else _WEIGHTS.zeros_like(_WHERE, weight)
   return (
@@ -76,10 +73,7 @@ def _add(accumulator: _accumulator.Accumulator, aux: _aux.Layout, sums: Any, out
 def _scan_body(
   settings: _slicing.Settings, call: _slicing.Call, aux: _aux.Layout, count: int
 ) -> Callable[[Any, Any], tuple[Any, list]]:
-  """The scan's step: runs one micro-batch, adds it into the carry, emits its stacked aux.
-
-  Under `num_real`, a micro-batch past the real ones runs nothing and emits zeros.
-  """
+  """The scan's step: one micro-batch into the carry (none past `num_real`); its stacked aux."""
 
   def run(operand: tuple, index: jax.Array, key: jax.Array | None) -> tuple[Any, list]:
     sums, state = operand
@@ -154,10 +148,7 @@ def _local_sums(
   replica: jax.Array | None = None,
   graph: _nnx.Graph | None = None,
 ) -> tuple[Any, list, _Shapes]:
-  """The scan over this call's micro-batches (one replica's, under mesh axes).
-
-  Returns the sums, the combined stacked aux and the shapes; writes back NNX state.
-  """
+  """The sums of this call's micro-batches (a replica's), combined stacked aux, and shapes."""
   call, keys, tail, cut = _slicing.microbatch_call(settings, args, kwargs, replica, graph)
   first_key = None if keys is None else keys[0]
   state = None if graph is None else graph.state
@@ -211,11 +202,7 @@ def _split_call(settings: _slicing.Settings, args: tuple, kwargs: dict) -> Any:
 def _per_replica_sums(
   settings: _slicing.Settings, axes: tuple[str, ...], args: tuple, kwargs: dict
 ) -> tuple[Any, list, _Shapes]:
-  """Under mesh axes: each replica scans its own rows; its sums, not yet reduced.
-
-  See `optaccum/_replicas.py`. "concat" aux leaves are joined back into the
-  batch's row order; "stack" and callable ones keep a leading replica axis.
-  """
+  """Under mesh axes, each replica's sums, not yet reduced ("concat" aux in row order)."""
   replicas = _replicas.count(_WHERE, axes)
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
   _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
@@ -257,6 +244,7 @@ def microbatch(
   aux_reduction: PyTree = "mean",
   axis_name: Hashable | None = None,
   num_real: int | jax.Array | None = None,
+  per_example: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None,
 ) -> Callable[..., Any]:
   """Splits a gradient function's batch into micro-batches and scans over them.
 
@@ -300,6 +288,11 @@ def microbatch(
       to [0, k]). Micro-batches from `num_real` on run nothing and add nothing;
       `"mean"` is over the real ones (zeros where there are none); their
       stacked aux leaves are zeros. Needs a batch that k divides.
+    per_example: `transform(grads) -> (grads, metrics)` for one example's
+      gradients (e.g. DP-SGD's clipping): `fn` then runs on each example as a
+      batch of one row (`jax.vmap` within a micro-batch), and the result is the
+      mean (or sum) of the transformed gradients; the returned function gives
+      `((loss, metrics), grads)`, the metrics per example in batch order.
 
   Returns:
     A function with the signature and output structure of `fn`.
@@ -337,6 +330,7 @@ def microbatch(
     aux_reduction=aux_reduction,
     axis_name=axis_name,
     num_real=num_real,
+    per_example=per_example,
   )
 
   @_arguments.named_like(fn)

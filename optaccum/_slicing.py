@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +33,9 @@ class Settings:
   aux_reduction: PyTree
   replicas: _replicas.Replicas
   num_real: jax.Array | int | None = None
+  # Per-example mode: each example's gradients go through `per_example`, which
+  # also returns its metrics; they come back as the aux output (`has_aux`).
+  per_example: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None
 
 
 def check_num_real(num_real: object, k: int) -> jax.Array | int | None:
@@ -65,6 +69,7 @@ def check_arguments(
   aux_reduction: PyTree,
   axis_name: Hashable | None,
   num_real: object = None,
+  per_example: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None,
 ) -> Settings:
   """`microbatch`'s arguments as `Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
@@ -78,6 +83,19 @@ def check_arguments(
   accumulator = _accumulator.as_accumulator(WHERE, accumulator, stochastic=False)
   _aux.check_reduction(aux_reduction)
   replicas = _replicas.Replicas.of(WHERE, axis_name)
+  _validation.check_callable_or_none(WHERE, "per_example", per_example)
+  if per_example is not None:
+    for name, value, default in (
+      ("has_aux", has_aux, False),
+      ("aux_reduction", aux_reduction, "mean"),
+    ):
+      if value != default:
+        raise ValueError(
+          f"`{WHERE}(per_example=...)` returns each example's metrics as the aux output, "
+          f"in batch order, so it takes neither an aux output of `fn` nor an aux reduction, "
+          f"got {name}={value!r}."
+        )
+    has_aux, aux_reduction = True, "concat"
   return Settings(
     fn=fn,
     k=int(k),
@@ -89,6 +107,7 @@ def check_arguments(
     aux_reduction=aux_reduction,
     replicas=replicas,
     num_real=check_num_real(num_real, int(k)),
+    per_example=per_example,
   )
 
 
@@ -264,6 +283,48 @@ def _unpack(out: object, has_aux: bool) -> tuple[Any, Any, Any]:
   return loss, aux, grads
 
 
+def _per_example(
+  settings: Settings,
+  plan: _arguments.Plan,
+  args: tuple,
+  kwargs: dict,
+  values: dict,
+  key: jax.Array | None,
+) -> tuple[Any, Any, Any]:
+  """One micro-batch in per-example mode: `(loss, metrics, grads)` over its examples.
+
+  `fn` runs on each example as a batch of one row, under `jax.vmap`; each
+  example's gradients go through `settings.per_example`. The loss and the
+  transformed gradients are averaged (`"mean"`) or summed over the examples;
+  the metrics keep one entry per example.
+  """
+  assert settings.per_example is not None
+  transform = settings.per_example
+  rows = jnp.shape(jax.tree.leaves(values)[0])[0]
+
+  def one(example: dict, index: jax.Array) -> tuple[Any, Any, Any]:
+    single = jax.tree.map(lambda x: x[None], example)
+    own_key = None if key is None else jax.random.fold_in(key, index)
+    example_args, example_kwargs = _microbatch_arguments(plan, args, kwargs, single, own_key)
+    loss, _, grads = _unpack(settings.fn(*example_args, **example_kwargs), False)
+    out = transform(grads)
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError(
+        f"`{WHERE}(per_example=...)` must return `(grads, metrics)` for one example's "
+        f"gradients, got {_validation.shown(out)}."
+      )
+    if jax.tree.structure(out[0]) != jax.tree.structure(grads):  # type: ignore[operator]
+      raise ValueError(
+        f"`{WHERE}(per_example=...)` must return gradients of the structure it was given, "
+        f"got {jax.tree.structure(out[0])} for {jax.tree.structure(grads)}."
+      )
+    return loss, out[1], out[0]
+
+  losses, metrics, grads = jax.vmap(one)(values, jnp.arange(rows))
+  combine = functools.partial(jnp.mean if settings.reduction == "mean" else jnp.sum, axis=0)
+  return combine(losses), metrics, jax.tree.map(combine, grads)
+
+
 Call = Callable[[Any, Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 Tail = Callable[[Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 
@@ -284,6 +345,12 @@ def microbatch_call(
   under `num_real` (so that the mean is over the real ones).
   """
   plan = _arguments.plan(WHERE, settings.arguments, args, kwargs)
+  if settings.per_example is not None and graph is not None:
+    raise ValueError(
+      f"`{WHERE}(per_example=...)` runs `fn` on one example at a time under `jax.vmap`, "
+      f"which takes no NNX module; got one at argument {graph.names[0]!r}: pass "
+      "`nnx.split(model)`'s state and merge it in `fn`."
+    )
   batches, tail_rows, cut = _split_batches(plan, args, kwargs, settings.k)
   if settings.num_real is not None and cut.tail:
     raise ValueError(
@@ -300,8 +367,10 @@ def microbatch_call(
     if graph is not None:
       micro_args, micro_kwargs, objects = graph.merged(micro_args, micro_kwargs, state)
     with jax.named_scope(_spans.MICRO_BATCH):
-      out = settings.fn(*micro_args, **micro_kwargs)
-    loss, aux, grads = _unpack(out, settings.has_aux)
+      if settings.per_example is None:
+        loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
+      else:
+        loss, aux, grads = _per_example(settings, plan, args, kwargs, values, key)
     weight = None
     if settings.weight_fn is not None:
       weight = _validation.as_scalar(
