@@ -215,6 +215,22 @@ def typed_zeros(x: jax.Array) -> jax.Array:
   return out
 
 
+def placed_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x` resharded to `like`'s layout where that is its type (Explicit axes), else as it is.
+
+  On an Explicit mesh an optimizer whose state is sharded over the replicas
+  (ZeRO-1) returns updates sharded like its state; written into the
+  parameters (or a carry shaped like them) they are gathered to their layout.
+  """
+  target = jax.typeof(like).sharding
+  if not (isinstance(target, NamedSharding) and _explicit_spec(target)):
+    return x
+  current = jax.typeof(x).sharding
+  if isinstance(current, NamedSharding) and tuple(current.spec) == tuple(target.spec):
+    return x
+  return jax.sharding.reshard(x, target.spec)
+
+
 def zeros_of_one(x: jax.Array) -> jax.Array:
   """Zeros shaped like one replica's slice of per-replica `x`, placed like it where typed."""
   spec = _spec_of(x)

@@ -114,6 +114,9 @@ def _apply_update(param: jax.Array, update: jax.Array | None) -> jax.Array:
   """
   if update is None:
     return param
+  # An update sharded otherwise (an optimizer state sharded over the replicas,
+  # ZeRO-1) is gathered to the parameter's layout here, once per window.
+  update = _replicas.placed_like(update, param)
   wide = update.dtype if jnp.finfo(update.dtype).bits > jnp.finfo(param.dtype).bits else param.dtype
   return (param.astype(wide) + update.astype(wide)).astype(param.dtype)
 
@@ -146,7 +149,9 @@ class IntoAccumulator:
   def write(self, carry: Updates, updates: Updates, like: Updates, sums: Updates) -> Updates:
     if not (_same_shapes(updates, like) and _holds_exactly(sums, updates)):
       raise OtherShapes(map_updates(_replicas.abstract, updates))
-    return map_updates(lambda u, acc: u.astype(acc.dtype), updates, sums)
+    return map_updates(
+      lambda u, acc: _replicas.placed_like(u.astype(acc.dtype), acc), updates, sums
+    )
 
   def emitted(
     self, state: AccumulateState, written: Updates, like: Updates
@@ -169,7 +174,7 @@ class IntoBuffer:
   def write(self, carry: Updates, updates: Updates, like: Updates, sums: Updates) -> Updates:
     if not _same_shapes(updates, carry):
       raise OtherShapes(map_updates(_replicas.abstract, updates))
-    return updates
+    return map_updates(_replicas.placed_like, updates, carry)
 
   def emitted(
     self, state: AccumulateState, written: Updates, like: Updates

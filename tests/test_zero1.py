@@ -1,0 +1,34 @@
+"""ZeRO-1: AdamW's state sharded over the replicas, parameters replicated (8 CPU devices).
+
+The check (tests/checks/zero1.py) runs in a child process with 8 simulated
+devices; its numbers are counted in the compiled program.
+"""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def results(run_python):
+  return run_python(["-m", "tests.checks.zero1"], num_devices=8, timeout=300)
+
+
+@pytest.mark.parametrize("form", ["apply_gradients", "update"])
+def test_one_gradient_reduction_and_one_gather_of_the_updates_per_window(results, form):
+  result = results[form]
+  gradient = result["gradient_bytes"]
+  # Once per window, in the closing step: the window's gradient reduced (an
+  # all-reduce, sliced into the sharded optimizer: XLA:CPU has no reduce-scatter)
+  # and AdamW's sharded updates gathered to the parameters' layout, one leaf each.
+  assert (result["all-reduce"], result["all-reduce bytes"]) == (1, gradient)
+  assert (result["all-gather"], result["all-gather bytes"]) == (3, gradient)
+  assert result["reduce-scatter"] == 0
+
+
+@pytest.mark.parametrize("form", ["apply_gradients", "update"])
+def test_the_state_stays_sharded_the_parameters_replicated_and_equal_to_the_large_batch(
+  results, form
+):
+  result = results[form]
+  assert result["mu_bytes_per_device"] * 8 == result["mu_bytes"]
+  assert result["params_spec"] == ["P(None, None)"] * 3
+  assert result["relative_error"] < 1e-6
