@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaccum import _validation
+from optaccum import _overwrite, _validation
 from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import status
@@ -180,17 +180,24 @@ def apply_train_state_gradients(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
+  # Flax's fp8 statistics: the optimizer sees `params` only, and the new values
+  # replace the old on every micro-step, as in Flax's `apply_gradients`.
+  grads, overwritten = _overwrite.split(grads)
+  params = state.params if overwritten is None else state.params["params"]
+  grads = grads if overwritten is None else grads["params"]
   _check_micro_step("apply_train_state_gradients", state.tx, state.opt_state, grads, weight, flush)
   if accumulation_of(state.tx) is not None:
     # `tx` is the accumulation itself: the fast path, which writes the
     # parameters only when a window closes.
     params, opt_state = apply_gradients(
-      state.tx, grads, state.opt_state, state.params, weight=weight, flush=flush, **extra_args
+      state.tx, grads, state.opt_state, params, weight=weight, flush=flush, **extra_args
     )
   else:  # e.g. a chain that holds the accumulation
     extra_args.update(weight=weight, flush=flush)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = state.tx.update(grads, state.opt_state, params, **extra_args)
+    params = optax.apply_updates(params, updates)
+  if overwritten is not None:
+    params = _overwrite.join({"params": params}, overwritten)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
 
 

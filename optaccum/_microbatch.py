@@ -14,6 +14,7 @@ from optaccum import (
   _arguments,
   _aux,
   _nnx,
+  _overwrite,
   _replicas,
   _slicing,
   _spans,
@@ -130,15 +131,15 @@ def _finish(settings: _slicing.Settings, carry: PyTree, combined: list, shapes: 
   finish = _finisher(total_weight, weighted)
   loss = finish(settings.reduction, acc_loss, shapes.loss)
   grads = jax.tree.map(lambda acc, g: finish(settings.reduction, acc, g), acc_grads, shapes.grads)
-  if not settings.has_aux:
-    return loss, grads
   aux = shapes.aux
   leaves: list[Any] = [None] * len(aux.leaves)
   for acc, i in zip(acc_aux, aux.summed):
     leaves[i] = finish(aux.modes[i], acc, aux.leaves[i])
   for value, i in zip(combined, aux.stacked):
     leaves[i] = value
-  return (loss, aux.unflatten(leaves)), grads
+  aux_out, overwritten = aux.unflatten(leaves)
+  grads = _overwrite.join(grads, settings.replicas.largest(overwritten))
+  return ((loss, aux_out), grads) if settings.has_aux else (loss, grads)
 
 
 def _local_sums(
@@ -158,7 +159,7 @@ def _local_sums(
   (loss_shape, aux_shape, grads_shape), weight_shape, _ = jax.eval_shape(
     call, jnp.int32(0), first_key, state
   )
-  aux = _aux.layout(aux_shape, settings.aux_reduction)
+  aux = _aux.layout(aux_shape, (settings.aux_reduction, _overwrite.largest))
   if tail is not None:
     _aux.check_unequal(aux, settings.k, cut.tail)
   carry = _init_carry(settings.accumulator, loss_shape, grads_shape, aux, weight_shape)

@@ -415,6 +415,14 @@ class Replicas:
         return jax.tree.map(total, per_replica), summed
     return per_replica, summed
 
+  def largest(self, tree: T) -> T:
+    """The largest value across replicas (Flax's fp8 statistics; mesh axes: a leading axis)."""
+    if self.axis_name is not None:
+      return jax.lax.pmax(tree, self.axis_name)
+    if self.axes is not None:
+      return jax.tree.map(lambda x: jnp.max(x, axis=0), tree)
+    return tree
+
   def fold_key(self, key: jax.Array, replica: jax.Array | None = None) -> jax.Array:
     """`key` made each replica's own: folded with its index (under mesh axes, `replica`)."""
     if self.axis_name is not None:

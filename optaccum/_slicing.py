@@ -10,7 +10,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optaccum import _accumulator, _arguments, _aux, _nnx, _replicas, _spans, _validation
+from optaccum import (
+  _accumulator,
+  _arguments,
+  _aux,
+  _nnx,
+  _overwrite,
+  _replicas,
+  _spans,
+  _validation,
+)
 from optaccum._types import DTypeLike, PyTree, Scalar
 
 WHERE = "microbatch"
@@ -371,6 +380,8 @@ def microbatch_call(
         loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
       else:
         loss, aux, grads = _per_example(settings, plan, args, kwargs, values, key)
+    grads, overwritten = _overwrite.split(grads)  # Flax's fp8 statistics: aux, taken largest
+    aux = (aux, overwritten)
     weight = None
     if settings.weight_fn is not None:
       weight = _validation.as_scalar(
