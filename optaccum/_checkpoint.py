@@ -39,6 +39,24 @@ from optaccum import _validation
 from optaccum._state import WINDOW_SUMS, counters, fields_of, locate_state
 from optaccum._types import KSchedule, PyTree
 
+
+def _orbax() -> Any:
+  """`orbax.checkpoint`, imported without its import-time warning under newer JAX.
+
+  orbax-checkpoint 0.12 names `jax.sharding.SingleDeviceSharding` at import,
+  which jax 0.12 deprecates: a program run with warnings as errors would fail
+  on optaccum's import of it, through no fault of its own.
+  """
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.filterwarnings(
+      "ignore", "jax.sharding.SingleDeviceSharding is deprecated", DeprecationWarning
+    )
+    import orbax.checkpoint as ocp
+  return ocp
+
+
 # Under this key of the checkpoint's custom metadata: the window at save time, and
 # each leaf's checksum. Records of optaccum 0.2.0 hold `_RECORD_FIELDS` alone; since
 # then they also say whether `checkpoint.save` sealed the checkpoint with a digest
@@ -138,7 +156,7 @@ def save_checkpoint(
     >>> int(optaccum.status(opt_state).mini_step)  # one micro-step into the window
     1
   """
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   where = "checkpoint.save"
   path = _local_path(where, directory)
@@ -201,7 +219,7 @@ def _remove_unsealed(unsealed: str) -> None:
 
 def _sync(name: str) -> None:
   """Waits for every process of a multi-process program (no wait in a single process)."""
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   if jax.process_count() > 1:
     ocp.multihost.sync_global_processes(name)
@@ -291,7 +309,7 @@ def _metadata(where: str, state: PyTree, k: KSchedule, *, sealed: bool) -> dict[
 
   `sealed`: whether `checkpoint.save` adds its digest file to the checkpoint.
   """
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   _validation.check_k(where, k)
   fields = _fields(where, "state", state)
@@ -378,7 +396,7 @@ def restore_checkpoint(
     Traceback (most recent call last):
     ValueError: `checkpoint.restore(k=...)` gives windows of 2 micro-steps ... of 4 ...
   """
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   where = "checkpoint.restore"
   directory = _local_path(where, directory)
@@ -741,7 +759,7 @@ def _tree_metadata(directory: str, item_directory: str, verified: bool) -> PyTre
 
   (`StandardCheckpointer.metadata` would log the reason and return no tree.)
   """
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
   from etils import epath
 
   handler = ocp.StandardCheckpointHandler()

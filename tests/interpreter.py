@@ -38,6 +38,10 @@ for script_id, code, path in scripts:
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     with warnings.catch_warnings():
       warnings.simplefilter("error")
+      # As in pyproject.toml: orbax-checkpoint 0.12's import under jax 0.12.
+      warnings.filterwarnings(
+        "ignore", "jax.sharding.SingleDeviceSharding is deprecated", DeprecationWarning
+      )
       try:
         if path:
           sys.argv = [path]

@@ -331,7 +331,14 @@ def test_inside_lax_scan_without_dtype_drift():
   looped, loop_state = params, tx.init(params)
   for i in range(6):
     (looped, loop_state), _ = body((looped, loop_state), (xs[i], ys[i]))
-  helpers.assert_trees_close(scanned, looped, rtol=1e-2)
+  # Compiled and eager bfloat16 arithmetic may round differently (XLA keeps some
+  # fused intermediates in float32): they agree to bfloat16's resolution at each
+  # leaf's scale.
+  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    resolution = float(jnp.finfo(jnp.bfloat16).eps) * float(np.max(np.abs(b)))
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=resolution)
   assert int(state.gradient_step) == 2
 
 

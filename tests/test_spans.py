@@ -17,7 +17,7 @@ import optaccum
 
 def _op_names(compiled_text: str, opcode: str) -> list[str]:
   """The op_name of each `opcode` instruction in a compiled program's text."""
-  pattern = re.compile(rf"^\s*%\S+ = .* {re.escape(opcode)}\(")
+  pattern = re.compile(rf"^\s*(?:ROOT )?%\S+ = .* {re.escape(opcode)}\(")
   names = []
   for line in compiled_text.splitlines():
     if pattern.search(line):
