@@ -55,15 +55,15 @@ def large_batch(params, xs, ys, windows):
   return params
 
 
-def per_window(text):
+def per_window(text, calls=K):
   """Each collective's runs and bytes in one window: k calls, the closing branch once."""
   out = {}
   for op in ("all-reduce", "all-gather", "reduce-scatter"):
     found = hlo.collectives(text, (op,))
     always = [c for c in found if not c.conditional]
     branch = [c for c in found if c.conditional]
-    out[op] = K * sum(c.executions for c in always) + sum(c.executions for c in branch)
-    out[op + " bytes"] = K * sum(c.executions * c.bytes for c in always) + sum(
+    out[op] = calls * sum(c.executions for c in always) + sum(c.executions for c in branch)
+    out[op + " bytes"] = calls * sum(c.executions * c.bytes for c in always) + sum(
       c.executions * c.bytes for c in branch
     )
   return out
@@ -78,19 +78,37 @@ def main():
   reference = large_batch(start, xs, ys, 2)
   results = {}
   with jax.set_mesh(mesh):
-    for form in ("apply_gradients", "update"):
-      tx = optaccum.accumulate(optax.adamw(1e-3), K, axis_name="data")
+    for form in ("apply_gradients", "update", "microbatch"):
+      in_step = form == "microbatch"
+      tx = (
+        optax.adamw(1e-3)
+        if in_step
+        else optaccum.accumulate(optax.adamw(1e-3), K, axis_name="data")
+      )
       grad_fn = optaccum.parallel.per_replica(jax.grad(loss))
       params = jax.device_put(start, replicated)
       state = tx.init(params)
       # ZeRO-1: the moments sharded over the replicas, the counters replicated.
-      inner = jax.tree.map(
-        lambda x: jax.device_put(x, by_data if x.ndim and not x.shape[0] % 8 else replicated),
-        state.inner_opt_state,
-      )
-      state = state._replace(inner_opt_state=inner)
+      place = lambda x: jax.device_put(x, by_data if x.ndim and not x.shape[0] % 8 else replicated)  # noqa: E731
+      if in_step:
+        state = jax.tree.map(place, state)
+      else:
+        state = state._replace(inner_opt_state=jax.tree.map(place, state.inner_opt_state))
 
-      if form == "apply_gradients":
+      if in_step:
+        split = optaccum.microbatch(jax.value_and_grad(loss), K, axis_name="data")
+
+        def step(params, state, x, y):
+          _, grads = split(params, x, y)
+          updates, state = tx.update(grads, state, params)
+          # The optimizer is the caller's here: its updates, sharded like its
+          # state, are gathered to the parameters' layout before they are applied.
+          updates = jax.tree.map(
+            lambda u, p: jax.sharding.reshard(u, jax.typeof(p).sharding.spec), updates, params
+          )
+          return optax.apply_updates(params, updates), state
+
+      elif form == "apply_gradients":
 
         def step(params, state, x, y):
           return optaccum.apply_gradients(tx, grad_fn(params, x, y), state, params)
@@ -103,6 +121,11 @@ def main():
 
       step = jax.jit(step)
       batch = [(jax.device_put(x, by_data), jax.device_put(y, by_data)) for x, y in zip(xs, ys)]
+      if in_step:  # a window is one step over k micro-batches' rows
+        batch = [
+          tuple(jnp.concatenate(part) for part in zip(*batch[w * K : (w + 1) * K]))
+          for w in range(2)
+        ]
       text = step.lower(params, state, *batch[0]).compile().as_text()
       for x, y in batch:
         params, state = step(params, state, x, y)
@@ -110,9 +133,9 @@ def main():
         float(jnp.max(jnp.abs(params[n] - reference[n]) / jnp.max(jnp.abs(reference[n]))))
         for n in reference
       )
-      mu = state.inner_opt_state[0].mu["w1"]
+      mu = (state if in_step else state.inner_opt_state)[0].mu["w1"]
       results[form] = {
-        **per_window(text),
+        **per_window(text, 1 if in_step else K),
         "relative_error": error,
         "params_spec": [str(params[n].sharding.spec) for n in sorted(params)],
         "mu_bytes_per_device": mu.addressable_shards[0].data.nbytes,
