@@ -8,6 +8,7 @@ moment per device, the parameters' layout after two windows, and the largest
 relative difference from large-batch Optax on the same data.
 
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.checks.zero1
+[--auto] (an Auto mesh, the step's `out_shardings` pinned to its inputs').
 """
 
 import json
@@ -69,8 +70,10 @@ def per_window(text, calls=K):
   return out
 
 
-def main():
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+def main(auto=False):
+  """Explicit mesh, every form; `auto`: an Auto mesh, `out_shardings` pinned, across steps."""
+  kind = AxisType.Auto if auto else AxisType.Explicit
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
   replicated, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   xs = jax.random.normal(jax.random.key(1), (2 * K, ROWS, 16))
   ys = jax.random.normal(jax.random.key(2), (2 * K, ROWS, 8))
@@ -78,7 +81,9 @@ def main():
   reference = large_batch(start, xs, ys, 2)
   results = {}
   with jax.set_mesh(mesh):
-    for form in ("apply_gradients", "update", "microbatch"):
+    for form in (
+      ("apply_gradients", "update") if auto else ("apply_gradients", "update", "microbatch")
+    ):
       in_step = form == "microbatch"
       tx = (
         optax.adamw(1e-3)
@@ -119,7 +124,9 @@ def main():
           updates, state = tx.update(grad_fn(params, x, y), state, params)
           return optax.apply_updates(params, updates), state
 
-      step = jax.jit(step)
+      # On an Auto mesh XLA picks the outputs' layouts: pinned to the inputs'.
+      pinned = jax.tree.map(lambda x: x.sharding, (params, state)) if auto else None
+      step = jax.jit(step, out_shardings=pinned)
       batch = [(jax.device_put(x, by_data), jax.device_put(y, by_data)) for x, y in zip(xs, ys)]
       if in_step:  # a window is one step over k micro-batches' rows
         batch = [
@@ -146,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(auto="--auto" in sys.argv)
