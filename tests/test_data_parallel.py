@@ -1,9 +1,9 @@
 """One all-reduce per window, and the parameters of naive data parallelism (8 CPU replicas).
 
-The measurements come from tests/checks/data_parallel.py, run in a process of
-its own because the device count is fixed when JAX starts. "naive" there is the
-same training with an all-reduce on every micro-batch; "reference" is
-large-batch optax on one device.
+The measurements come from tests/checks/data_parallel.py, run in the suite's
+8-device child (`eight_devices` in conftest.py) because the device count is
+fixed when JAX starts. "naive" there is the same training with an all-reduce
+on every micro-batch; "reference" is large-batch optax on one device.
 """
 
 import jax
@@ -15,9 +15,12 @@ import optaccum
 TOLERANCE = 2.5e-7
 
 
-@pytest.fixture(scope="module")
-def results(run_python):
-  return run_python(["-m", "tests.checks.data_parallel"], num_devices=8, timeout=240)
+pytestmark = pytest.mark.eight_devices("data_parallel", module="tests.checks.data_parallel")
+
+
+@pytest.fixture(name="results", scope="module")
+def _results(eight_devices):
+  return eight_devices
 
 
 def test_microbatch_all_reduces_once_per_step_where_naive_does_k(results):

@@ -1,8 +1,10 @@
 """`microbatch(axis_name=...)` under plain `jax.jit` on any batch size (8 CPU devices).
 
-The device count is fixed when JAX starts, so the check runs in a child
-process (`run_python` in conftest.py) with 8 simulated devices.
+The device count is fixed when JAX starts, so the check runs in the suite's
+8-device child (`eight_devices` in conftest.py).
 """
+
+import pytest
 
 CHECK = """
 import json
@@ -40,8 +42,11 @@ print(json.dumps({"messages": messages, "errors": errors}))
 """
 
 
-def test_a_batch_whose_replica_share_k_does_not_divide_gives_the_unsplit_gradient(run_python):
-  result = run_python(["-c", CHECK], num_devices=8, timeout=120)
+pytestmark = pytest.mark.eight_devices("edges_microbatch", code=CHECK)
+
+
+def test_a_batch_whose_replica_share_k_does_not_divide_gives_the_unsplit_gradient(eight_devices):
+  result = eight_devices
   # 16 rows are 2 per replica: k=4 does not divide them, so each replica cuts
   # them into micro-batches of ceil(2 / 4) = 1 row (issue 22: any batch).
   assert "16" not in result["messages"]

@@ -3,8 +3,8 @@
 A batch whose rows do not divide among the replicas, a batch leaf with no rows
 axis, and (for `microbatch`) a batch of 0 rows fail at the call, naming it, the
 argument and the sizes, rather than inside `shard_map` or a reshape. The device
-count is fixed when JAX starts, so the multi-device cases run in one child
-process (`run_python` in conftest.py) with 8 simulated CPU devices.
+count is fixed when JAX starts, so the multi-device cases run in the suite's
+8-device child (`eight_devices` in conftest.py).
 """
 
 import jax
@@ -73,9 +73,12 @@ print(json.dumps({"messages": messages, "error": float(np.max(np.abs(mean - expe
 """
 
 
+pytestmark = pytest.mark.eight_devices("edges_parallel", code=CHECK)
+
+
 @pytest.fixture(name="results", scope="module")
-def _results(run_python):
-  return run_python(["-c", CHECK], num_devices=8, timeout=180)
+def _results(eight_devices):
+  return eight_devices
 
 
 def test_data_parallel_names_a_batch_that_does_not_divide_among_the_replicas(results):

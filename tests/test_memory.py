@@ -8,6 +8,8 @@ and the backward pass's scratch).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,6 +32,7 @@ def _temp_bytes(fn, *args, donate):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@functools.cache  # one baseline for every case
 def _plain_temp():
   def plain(params, x):
     grads = jax.grad(_loss)(params, x)

@@ -1,7 +1,8 @@
 """One gradient all-reduce per window under plain `jax.jit` (8 CPU devices, Auto and Explicit).
 
-The measurements come from tests/checks/plain_jit.py, run in a process of its
-own because the device count is fixed when JAX starts. Collectives are counted
+The measurements come from tests/checks/plain_jit.py, run in the suite's
+8-device child (`eight_devices` in conftest.py) because the device count is
+fixed when JAX starts. Collectives are counted
 from the compiled program's structure: loop trip counts, conditional branches
 (run once per window, in its closing step) and device groups (which mesh axes
 an all-reduce communicates over).
@@ -25,9 +26,12 @@ GRADIENT_BYTES = 91200  # the MLP's float32 gradients
 K = 4
 
 
-@pytest.fixture(scope="module")
-def results(run_python):
-  return run_python(["-m", "tests.checks.plain_jit"], num_devices=8, timeout=400)
+pytestmark = pytest.mark.eight_devices("plain_jit", module="tests.checks.plain_jit")
+
+
+@pytest.fixture(name="results", scope="module")
+def _results(eight_devices):
+  return eight_devices
 
 
 @pytest.mark.parametrize("case", CASES)

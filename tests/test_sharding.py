@@ -1,7 +1,7 @@
 """Accumulators take the parameters' sharding and add no collective (8 CPU devices).
 
-The measurements come from tests/checks/sharding.py, run in a process of its own
-because the device count is fixed when JAX starts.
+The measurements come from tests/checks/sharding.py, run in the suite's 8-device
+child (`eight_devices` in conftest.py) because the device count is fixed when JAX starts.
 """
 
 import pytest
@@ -9,9 +9,12 @@ import pytest
 CASES = ["auto/fsdp", "auto/replicated", "explicit/fsdp", "explicit/replicated"]
 
 
-@pytest.fixture(scope="module")
-def results(run_python):
-  return run_python(["-m", "tests.checks.sharding"], num_devices=8, timeout=240)
+pytestmark = pytest.mark.eight_devices("sharding", module="tests.checks.sharding")
+
+
+@pytest.fixture(name="results", scope="module")
+def _results(eight_devices):
+  return eight_devices
 
 
 @pytest.mark.parametrize("case", CASES)

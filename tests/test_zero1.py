@@ -1,15 +1,17 @@
 """ZeRO-1: AdamW's state sharded over the replicas, parameters replicated (8 CPU devices).
 
-The check (tests/checks/zero1.py) runs in a child process with 8 simulated
-devices; its numbers are counted in the compiled program.
+The check (tests/checks/zero1.py) runs in the shared 8-device child
+(`eight_devices` in conftest.py); its numbers are counted in the compiled program.
 """
 
 import pytest
 
+pytestmark = pytest.mark.eight_devices("zero1", module="tests.checks.zero1")
 
-@pytest.fixture(scope="module")
-def results(run_python):
-  return run_python(["-m", "tests.checks.zero1"], num_devices=8, timeout=300)
+
+@pytest.fixture(name="results", scope="module")
+def _results(eight_devices):
+  return eight_devices
 
 
 FORMS = ["apply_gradients", "update", "microbatch"]

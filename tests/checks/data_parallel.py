@@ -211,11 +211,16 @@ def statistics_reference(windows, loss):
   tx = optaccum.accumulate(optax.identity(), K * REPLICAS, statistics=True)
   params, inner = init_params(), optimizer()
   state, inner_state = tx.init(params), inner.init(params)
+
+  @jax.jit  # one program for the 96 micro-batches (op by op, each update recompiled its branches)
+  def micro_step(params, state, rows):
+    return tx.update(jax.grad(loss)(params, rows), state, params)
+
   for w in range(WINDOWS):
     for m in range(K):
       for r in range(REPLICAS):
         rows = jax.tree.map(lambda x: x[w, m, r * ROWS : (r + 1) * ROWS], windows)
-        window_mean, state = tx.update(jax.grad(loss)(params, rows), state, params)
+        window_mean, state = micro_step(params, state, rows)
     updates, inner_state = inner.update(window_mean, inner_state, params)
     params = optax.apply_updates(params, updates)
   return optaccum.status(state).statistics

@@ -19,6 +19,7 @@ asserts on (and one baseline) and the features on one mesh.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
@@ -45,15 +46,22 @@ def spec_of(x):
   return str(P(*parts))
 
 
-def make_params(mesh, kind):
-  """A 3-layer MLP; its matrices sharded by rows over `PARAM_AXIS[kind]`, if any."""
+def host_params():
+  """A 3-layer MLP's parameters, in host memory: the same values on every mesh."""
   rng = np.random.RandomState(0)
   shapes = {"w1": (32, 128), "b1": (128,), "w2": (128, 128), "b2": (128,), "w3": (128, 16)}
   shapes["b3"] = (16,)
+  return {
+    name: (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)
+    for name, shape in shapes.items()
+  }
+
+
+def make_params(mesh, kind):
+  """The MLP on the mesh; its matrices sharded by rows over `PARAM_AXIS[kind]`, if any."""
   params = {}
-  for name, shape in shapes.items():
-    value = (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)
-    spec = P(PARAM_AXIS[kind]) if PARAM_AXIS[kind] and len(shape) == 2 else P()
+  for name, value in host_params().items():
+    spec = P(PARAM_AXIS[kind]) if PARAM_AXIS[kind] and value.ndim == 2 else P()
     params[name] = jax.device_put(value, NamedSharding(mesh, spec))
   return params
 
@@ -70,13 +78,18 @@ def make_loss(explicit_fsdp):
   return loss
 
 
-def make_data(mesh, kind):
-  """[WINDOWS * K] micro-batches of ROWS rows, sharded over the batch axes."""
+def host_data():
+  """[WINDOWS * K] micro-batches of ROWS rows (inputs, targets), in host memory."""
   rng = np.random.RandomState(1)
-  batch = NamedSharding(mesh, P(("data", "fsdp") if kind == "hsdp" else "data"))
   xs = rng.normal(size=(WINDOWS * K, ROWS, 32)).astype(np.float32)
   ys = rng.normal(size=(WINDOWS * K, ROWS, 16)).astype(np.float32)
-  return [(jax.device_put(x, batch), jax.device_put(y, batch)) for x, y in zip(xs, ys)]
+  return xs, ys
+
+
+def make_data(mesh, kind):
+  """The micro-batches on the mesh, sharded over the batch axes."""
+  batch = NamedSharding(mesh, P(("data", "fsdp") if kind == "hsdp" else "data"))
+  return [(jax.device_put(x, batch), jax.device_put(y, batch)) for x, y in zip(*host_data())]
 
 
 def optimizer():
@@ -84,14 +97,18 @@ def optimizer():
   return optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.5, momentum=0.9))
 
 
-def reference(params, data, loss):
-  """Large-batch Optax on the host: one update per window, on the window's rows."""
-  params = jax.device_get(params)
+@functools.cache
+def reference():
+  """Large-batch Optax on the host: one update per window, on the window's rows.
+
+  The same parameters and data on every mesh: computed once for all of them.
+  """
+  params, (xs, ys) = host_params(), host_data()
+  loss = make_loss(False)
   state = optimizer().init(params)
   for w in range(WINDOWS):
-    window = data[w * K : (w + 1) * K]
-    x = np.concatenate([np.asarray(x) for x, _ in window])
-    y = np.concatenate([np.asarray(y) for _, y in window])
+    x = np.concatenate(xs[w * K : (w + 1) * K])
+    y = np.concatenate(ys[w * K : (w + 1) * K])
     grads = jax.grad(loss)(params, x, y)
     updates, state = optimizer().update(grads, state, params)
     params = optax.apply_updates(params, updates)
@@ -184,7 +201,7 @@ def check(kind, axis_type, chosen=ASSERTED):
   with jax.set_mesh(mesh):
     params = make_params(mesh, kind)
     data = make_data(mesh, kind)
-    expected = reference(params, data, make_loss(False))
+    expected = reference()
     for name, (init, step, calls) in methods(loss).items():
       if name not in chosen:
         continue
