@@ -19,7 +19,7 @@ from optaccum._accumulate import accumulation_of
 from optaccum._apply import apply_gradients
 from optaccum._inspect import status
 from optaccum._state import holds_state, is_state
-from optaccum._types import OptState, Scalar, Updates
+from optaccum._types import OptState, Params, Scalar, Updates
 
 if TYPE_CHECKING:
   from flax import nnx
@@ -171,34 +171,45 @@ def apply_train_state_gradients(
       f"arguments or None, got {update_args!r}."
     )
   extra_args = dict(update_args or {})
-  if not holds_state(state.opt_state):
-    # No accumulation (switched off by configuration): Flax's own step, fp8
-    # (OVERWRITE_WITH_GRADIENT) handling included, where no update_args are given.
-    check_plain_step("apply_train_state_gradients", weight, flush)
-    if not extra_args:
-      return state.apply_gradients(grads=grads, **fields)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
-    params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
   # Flax's fp8 statistics: the optimizer sees `params` only, and the new values
   # replace the old on every micro-step, as in Flax's `apply_gradients`.
   grads, overwritten = _overwrite.split(grads)
   params = state.params if overwritten is None else state.params["params"]
   grads = grads if overwritten is None else grads["params"]
-  _check_micro_step("apply_train_state_gradients", state.tx, state.opt_state, grads, weight, flush)
-  if accumulation_of(state.tx) is not None:
-    # `tx` is the accumulation itself: the fast path, which writes the
-    # parameters only when a window closes.
-    params, opt_state = apply_gradients(
-      state.tx, grads, state.opt_state, params, weight=weight, flush=flush, **extra_args
-    )
-  else:  # e.g. a chain that holds the accumulation
-    extra_args.update(weight=weight, flush=flush)
+  if not holds_state(state.opt_state):
+    # No accumulation (switched off by configuration): Flax's own step.
+    check_plain_step("apply_train_state_gradients", weight, flush)
     updates, opt_state = state.tx.update(grads, state.opt_state, params, **extra_args)
     params = optax.apply_updates(params, updates)
+  else:
+    _check_micro_step(
+      "apply_train_state_gradients", state.tx, state.opt_state, grads, weight, flush
+    )
+    params, opt_state = _accumulation_step(
+      state.tx, grads, state.opt_state, params, weight, flush, extra_args
+    )
   if overwritten is not None:
     params = _overwrite.join({"params": params}, overwritten)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **fields)
+
+
+def _accumulation_step(
+  tx: optax.GradientTransformation,
+  grads: Updates,
+  opt_state: OptState,
+  params: Params,
+  weight: Scalar | None,
+  flush: Scalar,
+  extra_args: dict[str, Any],
+) -> tuple[Params, OptState]:
+  """One micro-step of `tx`, which holds the accumulation: the new params and state."""
+  if accumulation_of(tx) is not None:
+    # `tx` is the accumulation itself: the fast path, which writes the
+    # parameters only when a window closes.
+    return apply_gradients(tx, grads, opt_state, params, weight=weight, flush=flush, **extra_args)
+  # e.g. a chain that holds the accumulation
+  updates, opt_state = tx.update(grads, opt_state, params, weight=weight, flush=flush, **extra_args)
+  return optax.apply_updates(params, updates), opt_state
 
 
 def _check_micro_step(

@@ -35,6 +35,15 @@ def _leaves(where: str, tree: Updates) -> list[jax.Array]:
   return jax.tree.leaves(tree)
 
 
+def squared_norm(leaves: list[jax.Array]) -> jax.Array:
+  """The float32 sum of squared magnitudes of `leaves`, whatever their dtypes (complex too)."""
+  total = jnp.zeros((), jnp.float32)
+  for leaf in leaves:
+    magnitude = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
+    total += jnp.sum(jnp.square(magnitude.astype(jnp.float32)))
+  return total
+
+
 # Entries counted at once. XLA on CPU materializes the int32 mask of a large
 # count (a temporary the size of the gradient, as large as the gradients of
 # the biggest layer); counted a block of rows at a time, the mask stays small.
@@ -167,10 +176,7 @@ def skip_large_updates(
   """
   del gradient_step, params
   threshold = _threshold(max_squared_norm)
-  norm_squared = jnp.zeros((), jnp.float32)
-  for leaf in _leaves(_LARGE_UPDATES, updates):
-    magnitude = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
-    norm_squared += jnp.sum(jnp.square(magnitude.astype(jnp.float32)))
+  norm_squared = squared_norm(_leaves(_LARGE_UPDATES, updates))
   # `not (x < max)` is also True where the norm is NaN.
   should_skip = ~(norm_squared < threshold)
   return should_skip, {"should_skip": should_skip, "norm_squared": norm_squared}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaccum import _validation
+from optaccum import _skip, _validation
 from optaccum._targets import keep_dtypes, map_updates
 from optaccum._types import OptState, Params, Scalar, Updates
 
@@ -62,11 +62,7 @@ def is_spike_state(x: object) -> bool:
 
 def _global_norm(updates: Updates) -> jax.Array:
   """The float32 global norm of `updates`, whatever their dtypes (None leaves count 0)."""
-  squared = jnp.zeros((), jnp.float32)
-  for leaf in jax.tree.leaves(updates):
-    magnitude = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
-    squared += jnp.sum(jnp.square(magnitude.astype(jnp.float32)))
-  return jnp.sqrt(squared)
+  return jnp.sqrt(_skip.squared_norm(jax.tree.leaves(updates)))
 
 
 def _above_band(

@@ -96,3 +96,33 @@ def test_train_state_helper_overwrites_the_statistics_and_accumulates_the_parame
   for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(flax_own.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert int(optaccum.flax.gradient_step(ours)) == 2
+
+
+def test_train_state_helper_without_accumulation_overwrites_the_statistics_with_update_args():
+  """Accumulation switched off and `update_args` given: Flax's fp8 step, not a sum of statistics."""
+  x, y = data(rows=16)
+  variables = MODEL.init(jax.random.key(3), x[:8])
+  # Takes `value=` (as reduce_on_plateau does) and ignores it.
+  tx = optax.with_extra_args_support(optax.sgd(0.05, momentum=0.9))
+  ours = flax_own = TrainState.create(apply_fn=MODEL.apply, params=variables, tx=tx)
+
+  @jax.jit
+  def ours_step(state, x, y):
+    grads = jax.grad(loss)(state.params, x, y)
+    return optaccum.flax.apply_train_state_gradients(
+      state, grads=grads, update_args={"value": jnp.float32(1.0)}
+    )
+
+  @jax.jit
+  def flax_step(state, x, y):
+    return state.apply_gradients(grads=jax.grad(loss)(state.params, x, y))
+
+  for i in range(2):
+    rows = slice(8 * i, 8 * i + 8)
+    ours, flax_own = ours_step(ours, x[rows], y[rows]), flax_step(flax_own, x[rows], y[rows])
+    np.testing.assert_array_equal(
+      ours.params[OWG]["Dense_0"]["Fp8DirectDotGeneralOp_0"]["input_amax_history"][0],
+      jnp.max(jnp.abs(x[rows])),
+    )
+  for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(flax_own.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
