@@ -148,7 +148,7 @@ class Accumulation:
     if self.replicas.alone:
       target, carried = _targets.IntoAccumulator(), state.acc_grads
     else:
-      carried = self.replicas.zeros_of_updates(updates)
+      carried = self.replicas.zeros_of_updates(updates, params)
     with (
       self._naming_inner_state(self.update_name, state, params),
       jax.named_scope(_spans.WINDOW_CLOSE),

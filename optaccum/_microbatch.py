@@ -206,7 +206,7 @@ def _per_replica_sums(
   """Under mesh axes, each replica's sums, not yet reduced ("concat" aux in row order)."""
   replicas = _replicas.count(_WHERE, axes)
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
-  _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
+  args, kwargs = _replicas.gather_whole(args, kwargs, plan, axes)
   batches = _arguments.batches(plan, args, kwargs)
   _slicing.check_not_empty(batches)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)

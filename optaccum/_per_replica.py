@@ -32,7 +32,10 @@ def per_replica(
   `jax.vmap(..., spmd_axis_name=axis_name)`, with no communication over
   `axis_name`. Every output leaf (loss, aux, gradients) gains a leading axis of
   size R, sharded over `axis_name`: replica r's value for its rows alone (take
-  `jnp.mean(loss)` for the batch's mean loss). Feed the gradients to
+  `jnp.mean(loss)` for the batch's mean loss). On an Explicit mesh an argument
+  passed whole (the parameters) that is sharded over `axis_name` (pure FSDP)
+  is gathered first, so each replica's gradient is its own and full-size.
+  Feed the gradients to
   `optaccum.accumulate(..., axis_name=axis_name)` or `apply_gradients` with it,
   which sums the replicas once per window. Call it with the mesh in context,
   `with jax.set_mesh(mesh):` (Auto or Explicit axes). Guide:
@@ -59,8 +62,7 @@ def per_replica(
       of distinct names, or the batch arguments are named by a bad type.
     ValueError: at the call, if no mesh is in context, it lacks an axis of
       `axis_name` or its axes are not all Auto or all Explicit, a batch does not
-      divide among the replicas, or (on an Explicit mesh) an argument passed
-      whole is sharded over `axis_name`.
+      divide among the replicas.
 
   Examples:
     >>> import jax
@@ -90,7 +92,7 @@ def per_replica(
     replicas = _replicas.count(_WHERE, axes)
     plan = _arguments.plan(_WHERE, arguments, args, kwargs)
     key = _arguments.key(_WHERE, plan, args, kwargs)
-    _replicas.check_not_sharded_over(_WHERE, args, kwargs, plan, axes)
+    args, kwargs = _replicas.gather_whole(args, kwargs, plan, axes)
     parts = _replicas.split_batches(_WHERE, _arguments.batches(plan, args, kwargs), axes, replicas)
 
     def local(parts: dict[int | str, PyTree], replica: jax.Array) -> Output:

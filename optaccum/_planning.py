@@ -20,10 +20,11 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from optaccum import _validation
+from optaccum import _replicas, _validation
 from optaccum._accumulate import accumulate
 from optaccum._apply import apply_gradients
 from optaccum._microbatch import microbatch
+from optaccum._per_replica import per_replica
 from optaccum._types import OptState, Params, PyTree, Updates
 
 FORMS = ("microbatch", "accumulate")
@@ -56,7 +57,9 @@ class PlanRow:
   arguments' buffers the outputs reuse + temporaries.
   """
 
-  form: str  # "unsplit" (k = 1: the plain optimizer step), "microbatch" or "accumulate"
+  # "unsplit" (k = 1: the plain optimizer step), "microbatch" or "accumulate", and with
+  # `plan(axis_name=...)` "microbatch(axis_name)" and "accumulate(axis_name)".
+  form: str
   k: int
   micro_batch_size: int
   temporaries: int
@@ -79,6 +82,13 @@ class Plan:
     budget: the budget in bytes.
     batch_size: B, the global batch.
     rows: every compiled candidate, by k.
+    microbatch_deferred: with `plan(axis_name=...)`, the smallest k that fits
+      for `optaccum.microbatch(grad_fn, k, axis_name=...)`, whose replicas
+      reduce once per step (else None).
+    accumulate_deferred: with `plan(axis_name=...)`, the smallest k that fits
+      for `optaccum.accumulate(optimizer, k, axis_name=...)` fed by
+      `optaccum.parallel.per_replica(grad_fn, axis_name=...)`, whose replicas
+      reduce once per window (else None).
   """
 
   microbatch: int | None
@@ -86,6 +96,8 @@ class Plan:
   budget: int
   batch_size: int
   rows: tuple[PlanRow, ...]
+  microbatch_deferred: int | None = None
+  accumulate_deferred: int | None = None
 
   def table(self) -> str:
     """The rows as a Markdown table."""
@@ -279,13 +291,6 @@ def unsplit_step(grad_fn: ValueAndGradFn, optimizer: optax.GradientTransformatio
   return step
 
 
-def microbatch_step(
-  grad_fn: ValueAndGradFn, optimizer: optax.GradientTransformation, k: int, has_aux: bool
-) -> Step:
-  """The in-step form: the batch as k micro-batches in one step, then one optimizer step."""
-  return unsplit_step(microbatch(grad_fn, k, has_aux=has_aux), optimizer)
-
-
 def accumulate_step(grad_fn: ValueAndGradFn, tx: optax.GradientTransformation) -> Step:
   """The across-steps form: one micro-batch into `tx = accumulate(...)`, by the fast path."""
 
@@ -305,25 +310,47 @@ def compile_step(
   optimizer: optax.GradientTransformation,
   batch: tuple[PyTree, ...],
   has_aux: bool,
+  axis_name: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.stages.Compiled, optax.GradientTransformation]:
   """One configuration's step compiled for these shapes, and the transformation it steps.
 
   `form` is "unsplit" (k = 1), "microbatch" or "accumulate" (whose step takes
-  one micro-batch). The parameters and the optimizer state are donated, as
-  `jax.jit(step, donate_argnums=(0, 1))` donates them.
+  one micro-batch), each with its replicas reduced once per step or window
+  where `axis_name` is given. The parameters and the optimizer state are
+  donated, as `jax.jit(step, donate_argnums=(0, 1))` donates them.
   """
   params, batch = abstract(params), abstract(batch)
   tx: optax.GradientTransformation = optimizer
   if form == "unsplit":
     step = unsplit_step(grad_fn, optimizer)
   elif form == "microbatch":
-    step = microbatch_step(grad_fn, optimizer, k, has_aux)
+    split = microbatch(grad_fn, k, has_aux=has_aux, axis_name=axis_name)
+    step = unsplit_step(split, optimizer)
   else:
-    tx = accumulate(optimizer, k)
+    tx = accumulate(optimizer, k, axis_name=axis_name)
+    if axis_name is not None:
+      grad_fn = per_replica(grad_fn, axis_name=axis_name)
     step, batch = accumulate_step(grad_fn, tx), micro_batch(batch, k)
-  opt_state = jax.eval_shape(tx.init, params)
+  opt_state = _abstract_state(tx, params, placed=axis_name is not None)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
   return compiled, tx
+
+
+def _abstract_state(tx: optax.GradientTransformation, params: Params, *, placed: bool) -> OptState:
+  """`tx.init(params)`'s shapes; `placed`: with the shardings the compiled `init` gives them.
+
+  Per-replica accumulators lie over the replica axes; on an Auto mesh only
+  the compiled `init` knows where.
+  """
+  shapes = jax.eval_shape(tx.init, params)
+  if not placed:
+    return shapes
+  shardings = jax.jit(tx.init).lower(params).compile().output_shardings
+  return jax.tree.map(
+    lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+    shapes,
+    shardings,
+  )
 
 
 def _row(form: str, k: int, batch_size: int, memory: MemoryAnalysis, budget: int) -> PlanRow:
@@ -355,11 +382,28 @@ def memory_total(memory: MemoryAnalysis) -> int:
   )
 
 
-def _candidates(batch_size: int, candidates: object) -> list[int]:
-  """The candidate k's, ascending: every divisor of the batch by default."""
+def _candidates(batch_size: int, candidates: object, replicas: int) -> list[int]:
+  """The candidate k's, ascending: every divisor of the batch by default.
+
+  Across replicas, each k must leave micro-batches that divide among them.
+  """
   if candidates is None:
-    return [k for k in range(1, batch_size + 1) if batch_size % k == 0]
-  return dividing_ks(_WHERE, "candidates", candidates, batch_size)
+    ks = [k for k in range(1, batch_size + 1) if batch_size % k == 0]
+    ks = [k for k in ks if (batch_size // k) % replicas == 0]
+    if not ks:
+      raise ValueError(
+        f"`{_WHERE}(batch=...)` of {batch_size} examples does not divide among the "
+        f"{replicas} replicas of axis_name."
+      )
+    return ks
+  ks = dividing_ks(_WHERE, "candidates", candidates, batch_size)
+  for k in ks:
+    if (batch_size // k) % replicas:
+      raise ValueError(
+        f"`{_WHERE}(candidates=...)`: k={k} leaves micro-batches of {batch_size // k} "
+        f"examples, which do not divide among the {replicas} replicas of axis_name."
+      )
+  return ks
 
 
 def dividing_ks(where: str, name: str, values: object, batch_size: int) -> list[int]:
@@ -400,6 +444,7 @@ def plan(
   has_aux: bool = False,
   candidates: Sequence[int] | None = None,
   forms: Sequence[str] = FORMS,
+  axis_name: str | Sequence[str] | None = None,
 ) -> Plan:
   """Chooses the number of micro-batches k from a memory budget, by compiling, never running.
 
@@ -429,6 +474,15 @@ def plan(
     candidates: the k to compile, each dividing B; None (default) compiles
       every divisor.
     forms: which forms to plan, any of "microbatch" and "accumulate".
+    axis_name: a mesh axis (or tuple of axes) of the mesh in context
+      (`jax.set_mesh`) over which the batch is split among replicas. Each
+      planned form is then compiled twice for each k: as it is (the gradient
+      reduced over the replicas on every micro-batch, as XLA places it) and
+      with the reduction deferred to once per window (`axis_name=`, rows
+      "microbatch(axis_name)" and "accumulate(axis_name)"). Under pure FSDP the
+      deferred form holds a full-size gradient per device: compare their
+      totals (guide: docs/distributed.md). Candidates must leave a micro-batch
+      that divides among the replicas.
 
   Returns:
     A `Plan`: the k chosen for each form planned (None for one not planned),
@@ -466,7 +520,8 @@ def plan(
   check_array_leaves(f"`{_WHERE}(params=...)`", params, shapes=True)
   batch_size = batch_size_of(_WHERE, batch)
   budget = device_budget(_WHERE) if budget is None else parse_bytes(_WHERE, "budget", budget)
-  ks = _candidates(batch_size, candidates)
+  axes = None if axis_name is None else _replicas.check_axes(_WHERE, axis_name)
+  ks = _candidates(batch_size, candidates, 1 if axes is None else _replicas.count(_WHERE, axes))
   check_grad_fn(_WHERE, grad_fn, params, micro_batch(batch, ks[0]), has_aux)
   params = abstract(params)
   rows = []
@@ -474,11 +529,20 @@ def plan(
     rows += [
       _row(form, k, batch_size, memory, budget)
       for form, memory in _compile_candidate(
-        grad_fn, params, optimizer, batch, k, has_aux, plan_forms
+        grad_fn, params, optimizer, batch, k, has_aux, plan_forms, axes
       )
     ]
-  chosen = {form: _chosen(rows, form, budget) for form in plan_forms}
-  return Plan(chosen.get("microbatch"), chosen.get("accumulate"), budget, batch_size, tuple(rows))
+  planned = plan_forms + (() if axes is None else tuple(f"{f}(axis_name)" for f in plan_forms))
+  chosen = {form: _chosen(rows, form, budget) for form in planned}
+  return Plan(
+    chosen.get("microbatch"),
+    chosen.get("accumulate"),
+    budget,
+    batch_size,
+    tuple(rows),
+    microbatch_deferred=chosen.get("microbatch(axis_name)"),
+    accumulate_deferred=chosen.get("accumulate(axis_name)"),
+  )
 
 
 def check_step_arguments(where: str, grad_fn: object, optimizer: object, has_aux: object) -> None:
@@ -599,10 +663,20 @@ def _compile_candidate(
   k: int,
   has_aux: bool,
   forms: tuple[str, ...],
+  axes: tuple[str, ...] | None = None,
 ) -> list[tuple[str, MemoryAnalysis]]:
-  """(form, memory analysis) for each form at k; at k = 1 the one unsplit step."""
-  for_k = ("unsplit",) if k == 1 else forms
-  return [
-    (form, memory_analysis(compile_step(form, k, grad_fn, params, optimizer, batch, has_aux)[0]))
-    for form in for_k
-  ]
+  """(form, memory analysis) for each form at k; at k = 1 the one unsplit step.
+
+  With `axes`, each form as it is and with its reduction deferred, in that order.
+  """
+  variants: list[tuple[str, tuple[str, ...] | None]] = [(form, None) for form in forms]
+  if axes is not None:
+    variants = [v for form in forms for v in ((form, None), (f"{form}(axis_name)", axes))]
+  if k == 1:
+    variants = [("unsplit", None)]
+  out = []
+  for label, axis_name in variants:
+    form = label.split("(")[0]
+    step = compile_step(form, k, grad_fn, params, optimizer, batch, has_aux, axis_name)[0]
+    out.append((label, memory_analysis(step)))
+  return out

@@ -240,37 +240,32 @@ def zeros_of_one(x: jax.Array) -> jax.Array:
   return out
 
 
-def check_not_sharded_over(
-  where: str, args: tuple, kwargs: dict, plan: _arguments.Plan, axes: tuple[str, ...]
-) -> None:
-  """Raises where an argument passed whole (the parameters) is typed as sharded over `axes`.
+def gather_whole(
+  args: tuple, kwargs: dict, plan: _arguments.Plan, axes: tuple[str, ...]
+) -> tuple[tuple, dict]:
+  """The arguments passed whole (the parameters), with any sharding over `axes` gathered.
 
-  On an Explicit mesh, a parameter sharded over a replica axis (pure FSDP,
-  where one axis splits both the batch and the parameters) cannot be mapped
-  over that axis. On an Auto mesh it can, at the price of a full-size
-  accumulator per replica (docs/distributed.md): not checked there, so that
-  an eager call and a jitted one behave alike.
+  Pure FSDP on an Explicit mesh (one axis splits both the batch and the
+  parameters): each replica needs the whole parameters to compute its
+  gradient, and a gradient taken against the gathered copy is the replica's
+  own, not yet reduced, so the window reduces it once (a full-size gradient
+  per device in the meantime; docs/distributed.md weighs the two options). On
+  an Auto mesh XLA picks the layouts: left as they are.
   """
   if not _explicit(axes):
-    return  # Auto: XLA's layouts, the same eagerly and under jit
-  whole = {i: a for i, a in enumerate(args) if plan.passes_whole(i)}
-  whole.update({n: v for n, v in kwargs.items() if plan.passes_whole(n)})
-  for name, value in whole.items():
-    for path, leaf in jax.tree_util.tree_leaves_with_path(value):
-      if not isinstance(leaf, jax.Array):
-        continue
-      spec = _spec_of(leaf)
-      used = {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
-      if used & set(axes):
-        raise ValueError(
-          f"`{where}(axis_name={axes!r})`: argument {name!r} at "
-          f"{_validation.place(path)} is sharded over "
-          f"{sorted(used & set(axes))} (spec {P(*spec or ())}), a replica axis. With "
-          "parameters sharded over the batch axis itself (pure FSDP), deferring the "
-          "reduction would keep a full-size gradient per device: use accumulate or "
-          "microbatch without axis_name, or an HSDP mesh whose replica axis does not "
-          "shard the parameters."
-        )
+    return args, kwargs
+
+  def gathered(leaf: object) -> object:
+    spec = _spec_of(leaf) if isinstance(leaf, jax.Array) else None
+    used = {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
+    if spec is None or not used & set(axes):
+      return leaf
+    return jax.sharding.reshard(leaf, P(*(_without(e, axes) for e in spec)))
+
+  named: dict[int | str, PyTree] = {**dict(enumerate(args)), **kwargs}
+  whole = {n: jax.tree.map(gathered, v) for n, v in named.items() if plan.passes_whole(n)}
+  new_args, new_kwargs = _arguments.replaced(args, kwargs, whole)
+  return tuple(new_args), new_kwargs
 
 
 def check_leading(
@@ -465,10 +460,22 @@ class Replicas:
       return weight
     return jnp.broadcast_to(weight, (count(where, self.axes),))
 
-  def zeros_of_updates(self, updates: PyTree) -> PyTree:
-    """Zeros shaped like the updates of one replica (the emitted updates' shapes)."""
-    zeros = zeros_of_one if self.axes is not None else typed_zeros
-    return jax.tree.map(lambda u: None if u is None else zeros(u), updates, is_leaf=_is_none)
+  def zeros_of_updates(self, updates: PyTree, params: PyTree = None) -> PyTree:
+    """Zeros shaped like the updates of one replica, laid out like `params` where given.
+
+    The emitted updates' buffer: under mesh axes with parameters sharded over
+    them (pure FSDP on an Explicit mesh) it lies like the parameters, so the
+    inner optimizer's updates are written where `apply_updates` reads them.
+    """
+
+    def zeros(u: jax.Array | None, p: jax.Array | None = None) -> jax.Array | None:
+      if u is None or self.axes is None:
+        return None if u is None else typed_zeros(u)
+      return zeros_of_one(u) if p is None else placed_like(zeros_of_one(u), p)
+
+    if params is None:
+      return jax.tree.map(zeros, updates, is_leaf=_is_none)
+    return jax.tree.map(zeros, updates, params, is_leaf=_is_none)
 
   def vary(self, tree: T) -> T:
     """`tree` typed as varying over a named axis (under `shard_map`), else as it is."""

@@ -298,3 +298,47 @@ def test_bad_forms_are_named(forms, no_compiling):
 def test_bad_grad_fn_optimizer_and_has_aux_are_named(arguments, message, no_compiling):
   with pytest.raises(TypeError, match=re.escape(message)):
     plan(**arguments)
+
+
+@pytest.mark.parametrize(
+  "axis_name, error, message",
+  [
+    (3, TypeError, "must be a mesh axis name or a non-empty sequence of distinct names"),
+    ((), TypeError, "must be a mesh axis name or a non-empty sequence of distinct names"),
+    ("data", ValueError, "needs the mesh in context"),
+  ],
+)
+def test_a_bad_axis_name_or_no_mesh_is_named(axis_name, error, message, no_compiling):
+  with pytest.raises(error, match=re.escape("`plan(axis_name=") + ".*" + re.escape(message)):
+    plan(axis_name=axis_name)
+
+
+def test_an_axis_the_mesh_lacks_and_a_micro_batch_the_replicas_cannot_share_are_named(
+  no_compiling,
+):
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"names axes \['model'\] that the"):
+    plan(axis_name="model")
+  with pytest.raises(ValueError, match="leaves micro-batches of 3 examples, which do not divide"):
+    _planning._candidates(6, [2], replicas=2)
+  with pytest.raises(ValueError, match=re.escape("`plan(batch=...)` of 3 examples does not")):
+    _planning._candidates(3, None, replicas=2)
+  assert _planning._candidates(8, None, replicas=2) == [1, 2, 4]
+
+
+def test_axis_name_plans_each_form_as_it_is_and_deferred():
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    chosen = plan(candidates=[1, 2], axis_name="data")
+  assert [(row.form, row.k) for row in chosen.rows] == [
+    ("unsplit", 1),
+    ("microbatch", 2),
+    ("microbatch(axis_name)", 2),
+    ("accumulate", 2),
+    ("accumulate(axis_name)", 2),
+  ]
+  # One replica: the deferred accumulator is one replica's sum, as large as the other.
+  rows = {row.form: row for row in chosen.rows}
+  assert rows["accumulate(axis_name)"].arguments == rows["accumulate"].arguments
+  assert (chosen.microbatch_deferred, chosen.accumulate_deferred) == (1, 1)
+  assert "| accumulate(axis_name) | 2 | 4 |" in chosen.table()

@@ -4,9 +4,10 @@ Run by tests/test_plain_jit.py in a process of its own, or by hand:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.checks.plain_jit [--full]
 Prints one JSON line. For each mesh (dp: 'data'=8; hsdp: 'data'=2 x 'fsdp'=4,
 the matrices sharded over 'fsdp' by rows; pure fsdp: 'data'=8 sharding both the
-batch and the matrices, Auto only), each axis type (Auto, Explicit)
+batch and the matrices), each axis type (Auto, Explicit)
 and each method, it counts the compiled all-reduces per window of k = 4
-micro-steps that communicate over 'data' and over 'fsdp' (from the program's
+micro-steps that communicate over 'data' and over 'fsdp', and the all-gathers
+over 'data' (from the program's
 structure: loop trip counts, conditional branches, device groups), their
 bytes, the per-device bytes of the accumulator, and the largest difference
 from large-batch Optax (SGD with momentum and weight decay) on the same data
@@ -115,14 +116,14 @@ def reference():
   return params
 
 
-def per_window(text, mesh_shape, axis, steps):
-  """All-reduces over mesh axis `axis` per window: `steps` calls of the compiled step.
+def per_window(text, mesh_shape, axis, steps, op="all-reduce"):
+  """`op`s over mesh axis `axis` per window: `steps` calls of the compiled step.
 
   Ops outside conditionals run on every call; those inside a branch run on
   the window's closing call only.
   """
   count, size = 0, 0
-  for c in hlo.collectives(text, ("all-reduce",)):
+  for c in hlo.collectives(text, (op,)):
     if not c.spans(mesh_shape, axis):
       continue
     assert c.executions is not None, "a loop of unknown trip count"
@@ -225,11 +226,14 @@ def check(kind, axis_type, chosen=ASSERTED):
         for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(expected))
       )
       data_reduces, data_bytes = per_window(text, shape, 0, calls)
+      data_gathers, gather_bytes = per_window(text, shape, 0, calls, "all-gather")
       fsdp_reduces, fsdp_bytes = per_window(text, shape, 1, calls) if kind == "hsdp" else (0, 0)
       acc = getattr(state, "acc_grads", None)
       results[name] = {
         "data_all_reduces": data_reduces,
         "data_bytes": data_bytes,
+        "data_all_gathers": data_gathers,
+        "data_gather_bytes": gather_bytes,
         "fsdp_all_reduces": fsdp_reduces,
         "fsdp_bytes": fsdp_bytes,
         "max_abs_diff": diff,
@@ -430,19 +434,67 @@ def features(kind, axis_type):
   return out
 
 
-def pure_fsdp_refusal():
-  """The error per_replica raises for parameters sharded over the replica axis (Explicit)."""
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+def plan_rows(kind="fsdp", axis_type=AxisType.Explicit, candidates=(1, 4)):
+  """`planning.plan(..., axis_name="data")` on the mesh: each row's memory, by "form k"."""
+  shape, axis_names = MESHES[kind]
+  mesh = jax.make_mesh(shape, axis_names, axis_types=(axis_type,) * len(axis_names))
   with jax.set_mesh(mesh):
-    params = make_params(mesh, "fsdp")
-    x, y = make_data(mesh, "fsdp")[0]
-    try:
-      jax.jit(optaccum.parallel.per_replica(jax.grad(make_loss(True)), axis_name=AXES))(
-        params, x, y
+    params = make_params(mesh, kind)
+    window = make_data(mesh, kind)[:K]
+    batch = tuple(jnp.concatenate([d[i] for d in window]) for i in range(2))
+    loss = make_loss(PARAM_AXIS[kind] is not None and axis_type == AxisType.Explicit)
+    chosen = optaccum.planning.plan(
+      jax.value_and_grad(loss),
+      params,
+      optimizer(),
+      batch,
+      budget="1GiB",
+      candidates=list(candidates),
+      axis_name="data",
+    )
+  rows = {
+    f"{row.form} {row.k}": {"arguments": row.arguments, "total": row.total, "fits": row.fits}
+    for row in chosen.rows
+  }
+  fields = ("microbatch", "accumulate", "microbatch_deferred", "accumulate_deferred")
+  return {"rows": rows, "chosen": {name: getattr(chosen, name) for name in fields}}
+
+
+FSDP_ROWS = {
+  "reduce every micro-batch": ("accumulate, plain jit", "microbatch, plain jit"),
+  "once per window (`axis_name`)": (
+    "accumulate(axis_name) + per_replica",
+    "apply_gradients(axis_name) + per_replica",
+    "microbatch(axis_name)",
+  ),
+}
+
+
+FSDP_HEADER = (
+  "| option | method | mesh | all-reduces over `data` (bytes) | all-gathers (bytes) "
+  "| accumulator per device | parameters per device | largest difference from large batch |\n"
+  "|---|---|---|---|---|---|---|---|"
+)
+
+
+def fsdp_rows(results):
+  """docs/distributed.md's pure-FSDP rows, for the methods and meshes `results` holds."""
+  rows = [*((o, n, f"`{n}`") for o, names in FSDP_ROWS.items() for n in names)]
+  rows.append(("no accumulation", "large batch, no accumulation", "a k-times larger batch"))
+  lines = []
+  for option, name, label in rows:
+    for case in ("fsdp/explicit", "fsdp/auto"):
+      r = results.get(case, {}).get(name)
+      if r is None:
+        continue
+      acc = "-" if r["acc_local_bytes"] is None else f"{r['acc_local_bytes']:,} B"
+      lines.append(
+        f"| {option} | {label} | {case.split('/')[1].capitalize()} "
+        f"| {r['data_all_reduces']} ({r['data_bytes']:,}) "
+        f"| {r['data_all_gathers']} ({r['data_gather_bytes']:,}) "
+        f"| {acc} | {r['param_local_bytes']:,} B | {r['max_abs_diff']:.0e} |"
       )
-    except ValueError as error:
-      return str(error)
-  return None
+  return lines
 
 
 def main(argv=None):
@@ -450,18 +502,32 @@ def main(argv=None):
   parser.add_argument(
     "--full", action="store_true", help="every method (the docs' table) and both feature meshes"
   )
-  full = parser.parse_args(argv).full
+  parser.add_argument(
+    "--fsdp-table", action="store_true", help="print docs/distributed.md's pure-FSDP table"
+  )
+  options = parser.parse_args(argv)
+  full = options.full
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   jax.config.update("jax_numpy_dtype_promotion", "strict")
+  if options.fsdp_table:
+    names = tuple(methods(make_loss(False)))
+    kinds = (AxisType.Explicit, AxisType.Auto)
+    results = {f"fsdp/{t.name.lower()}": check("fsdp", t, names) for t in kinds}
+    print("\n".join([FSDP_HEADER, *fsdp_rows(results)]))
+    return
   names = tuple(methods(make_loss(False))) if full else ASSERTED
   results = {
     f"{kind}/{axis_type.name.lower()}": check(kind, axis_type, names)
     for kind in ("dp", "hsdp")
     for axis_type in (AxisType.Auto, AxisType.Explicit)
   }
-  # Pure FSDP: measured on Auto; on Explicit per_replica refuses it.
-  results["fsdp/auto"] = check("fsdp", AxisType.Auto, names if full else ASSERTED[:1])
-  results["fsdp/explicit refused"] = pure_fsdp_refusal()
+  # Pure FSDP: the test asserts both options on Explicit (axis_name deferred; without it
+  # a reduction per micro-batch into a sharded accumulator); Auto is measured for the docs.
+  fsdp_names = names if full else (*ASSERTED, "microbatch, plain jit")
+  results["fsdp/explicit"] = check("fsdp", AxisType.Explicit, fsdp_names)
+  results["plan fsdp/explicit"] = plan_rows()
+  if full:
+    results["fsdp/auto"] = check("fsdp", AxisType.Auto, names)
   results["features"] = {"hsdp/explicit": features("hsdp", AxisType.Explicit)}
   if full:
     results["features"]["dp/auto"] = features("dp", AxisType.Auto)
