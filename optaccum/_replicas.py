@@ -99,7 +99,7 @@ def _without(entry: str | tuple[str, ...] | None, axes: tuple[str, ...]) -> Any:
   return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
-def _spec_of(x: jax.Array | jax.ShapeDtypeStruct) -> tuple[Any, ...] | None:
+def spec_of(x: jax.Array | jax.ShapeDtypeStruct) -> tuple[Any, ...] | None:
   """`x`'s PartitionSpec entries, one per dimension, where they are known; else None."""
   sharding = getattr(x, "sharding", None)
   if isinstance(x, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
@@ -136,7 +136,7 @@ def split(
       f"`{where}(axis_name={axes!r})` splits every batch into {replicas} replicas, "
       f"but {argument} has {size}, which does not divide by {replicas}."
     )
-  spec = _spec_of(x)
+  spec = spec_of(x)
   rest = None if spec is None else (_without(spec[0], axes), *spec[1:])
   shape = jnp.shape(x)
   local = jnp.reshape(x, (replicas, shape[0] // replicas, *shape[1:]))
@@ -180,7 +180,7 @@ def indices(axes: tuple[str, ...], replicas: int) -> jax.Array:
 
 
 def _rest_of(y: jax.Array, axes: tuple[str, ...]) -> tuple[Any, ...] | None:
-  spec = _spec_of(y)
+  spec = spec_of(y)
   return None if spec is None else tuple(_without(e, axes) for e in spec[1:])
 
 
@@ -193,7 +193,7 @@ def zeros(
   leaf sharded over a replica axis, as in pure FSDP, gets one full copy per
   replica).
   """
-  spec = _spec_of(leaf)
+  spec = spec_of(leaf)
   rest = None if spec is None else tuple(_without(e, axes) for e in spec)
   return _place(jnp.zeros((replicas, *jnp.shape(leaf)), dtype), axes, rest)
 
@@ -233,7 +233,7 @@ def placed_like(x: jax.Array, like: jax.Array) -> jax.Array:
 
 def zeros_of_one(x: jax.Array) -> jax.Array:
   """Zeros shaped like one replica's slice of per-replica `x`, placed like it where typed."""
-  spec = _spec_of(x)
+  spec = spec_of(x)
   out = jnp.zeros(jnp.shape(x)[1:], x.dtype)
   if spec is not None and _explicit_spec(jax.typeof(x).sharding):
     out = jax.sharding.reshard(out, P(*spec[1:]))
@@ -256,7 +256,7 @@ def gather_whole(
     return args, kwargs
 
   def gathered(leaf: object) -> object:
-    spec = _spec_of(leaf) if isinstance(leaf, jax.Array) else None
+    spec = spec_of(leaf) if isinstance(leaf, jax.Array) else None
     used = {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
     if spec is None or not used & set(axes):
       return leaf

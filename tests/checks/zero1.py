@@ -85,32 +85,19 @@ def main(auto=False):
       ("apply_gradients", "update") if auto else ("apply_gradients", "update", "microbatch")
     ):
       in_step = form == "microbatch"
-      tx = (
-        optax.adamw(1e-3)
-        if in_step
-        else optaccum.accumulate(optax.adamw(1e-3), K, axis_name="data")
-      )
+      # ZeRO-1: the moments sharded over the replicas by `init`, the counters replicated.
+      sharded_adamw = optaccum.parallel.shard_optimizer(optax.adamw(1e-3), axis_name="data")
+      tx = sharded_adamw if in_step else optaccum.accumulate(sharded_adamw, K, axis_name="data")
       grad_fn = optaccum.parallel.per_replica(jax.grad(loss))
       params = jax.device_put(start, replicated)
       state = tx.init(params)
-      # ZeRO-1: the moments sharded over the replicas, the counters replicated.
-      place = lambda x: jax.device_put(x, by_data if x.ndim and not x.shape[0] % 8 else replicated)  # noqa: E731
-      if in_step:
-        state = jax.tree.map(place, state)
-      else:
-        state = state._replace(inner_opt_state=jax.tree.map(place, state.inner_opt_state))
-
       if in_step:
         split = optaccum.microbatch(jax.value_and_grad(loss), K, axis_name="data")
 
         def step(params, state, x, y):
           _, grads = split(params, x, y)
+          # shard_optimizer gathers its updates to the parameters' layout.
           updates, state = tx.update(grads, state, params)
-          # The optimizer is the caller's here: its updates, sharded like its
-          # state, are gathered to the parameters' layout before they are applied.
-          updates = jax.tree.map(
-            lambda u, p: jax.sharding.reshard(u, jax.typeof(p).sharding.spec), updates, params
-          )
           return optax.apply_updates(params, updates), state
 
       elif form == "apply_gradients":
@@ -149,7 +136,33 @@ def main(auto=False):
         "mu_bytes": mu.nbytes,
         "gradient_bytes": sum(p.nbytes for p in start.values()),
       }
+  if not auto:
+    results["placement"] = placement(mesh)
   print(json.dumps(results))
+
+
+def placement(mesh):
+  """Where `shard_optimizer`'s init puts each kind of state leaf, eagerly and under jit."""
+  state = {
+    "rows_divide": jnp.zeros((16, 3)),
+    "columns_divide": jnp.zeros((3, 16)),
+    "none_divides": jnp.zeros((3, 5)),
+    "count": jnp.zeros((), jnp.int32),
+  }
+  tx = optaccum.parallel.shard_optimizer(
+    optax.GradientTransformation(lambda params: state, optax.identity().update)
+  )
+  with jax.set_mesh(mesh):
+    params = {"w": jax.device_put(jnp.zeros((16, 16)), NamedSharding(mesh, P(None, "data")))}
+    eager, jitted = tx.init(params), jax.jit(tx.init)(params)
+    # A leaf already sharded over the axis is left where it is.
+    already = optaccum.parallel.shard_optimizer(optax.sgd(0.1, momentum=0.9)).init(params)
+  spec = lambda leaf: str(getattr(leaf.sharding, "spec", "one device"))  # noqa: E731
+  return {
+    "eager": {name: spec(leaf) for name, leaf in eager.items()},
+    "jitted": {name: spec(leaf) for name, leaf in jitted.items()},
+    "already": str(already[0].trace["w"].sharding.spec),
+  }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""`shard_optimizer`: an optimizer whose state lies sharded over the replicas (ZeRO-1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import optax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from optaccum import _replicas, _validation
+from optaccum._types import OptState, Params, Updates
+
+_WHERE = "shard_optimizer"
+
+
+def shard_optimizer(
+  inner: optax.GradientTransformation, axis_name: str | Sequence[str] = "data"
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps an optimizer so that its state lies sharded over the replicas' axes (ZeRO-1).
+
+  `init` builds `inner`'s state and shards each array leaf over `axis_name` along
+  its first dimension that the number of replicas R divides and that no axis
+  shards yet (a leaf with none, such as a step count, stays as it is): each
+  device holds 1/R of the moments. `update` runs `inner` on those shards and,
+  on an Explicit mesh, gathers its updates to the parameters' layout, so the
+  caller applies them as usual. Call both with the mesh in context
+  (`jax.set_mesh(mesh)`), eagerly or under `jax.jit`. With parameters
+  replicated over `axis_name`, inside `accumulate(..., axis_name=...)`, or
+  after `microbatch(..., axis_name=...)`, a window costs one reduction of the
+  gradient and one gather of the updates, both in its closing step. Guide:
+  [ZeRO-1][optimizer-state-sharded-over-the-replicas-zero-1].
+
+  Args:
+    inner: any optax optimizer.
+    axis_name: the mesh axis (or a tuple of axes) of the replicas (default
+      `"data"`).
+
+  Returns:
+    An optax transformation with `inner`'s state, sharded, and its updates.
+
+  Raises:
+    TypeError: if `inner` is not an optax transformation, or `axis_name` is no
+      axis name or sequence of distinct names.
+    ValueError: at `init` or `update`, if no mesh is in context, it lacks an
+      axis of `axis_name`, or its axes are not all Auto or all Explicit.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaccum
+    >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    >>> tx = optaccum.parallel.shard_optimizer(optax.adam(1e-3), axis_name="data")
+    >>> with jax.set_mesh(mesh):
+    ...   state = tx.init({"w": jnp.zeros((4, 3))})
+    >>> state[0].mu["w"].sharding.spec
+    P('data', None)
+  """
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+      f"`{_WHERE}(inner=...)` must be an optax GradientTransformation, got inner={inner!r}."
+    )
+  axes = _replicas.check_axes(_WHERE, axis_name)
+  wrapped = optax.with_extra_args_support(inner)
+
+  def init(params: Params) -> OptState:
+    _validation.check_arrays(f"{_WHERE}(...).init", "params", params)
+    replicas = _replicas.count(f"{_WHERE}(...).init", axes)
+    return jax.tree.map(lambda x: _sharded(x, axes, replicas), wrapped.init(params))
+
+  def update(
+    updates: Updates, state: OptState, params: Params | None = None, **extra_args: object
+  ) -> tuple[Updates, OptState]:
+    _replicas.count(f"{_WHERE}(...).update", axes)
+    updates, state = wrapped.update(updates, state, params, **extra_args)
+    if params is not None:
+      updates = jax.tree.map(
+        lambda u, p: None if u is None else _replicas.placed_like(u, p),
+        updates,
+        params,
+        is_leaf=lambda x: x is None,
+      )
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _sharded(x: object, axes: tuple[str, ...], replicas: int) -> object:
+  """`x` sharded over `axes` along its first free dimension that `replicas` divides."""
+  if not isinstance(x, jax.Array) or x.ndim == 0:
+    return x
+  spec = list(_replicas.spec_of(x) or (None,) * x.ndim)
+  used = {n for e in spec for n in ((e,) if isinstance(e, str) else e or ())}
+  if used & set(axes):
+    return x
+  free = [i for i, e in enumerate(spec) if e is None and x.shape[i] % replicas == 0]
+  if not free:
+    return x
+  spec[free[0]] = axes[0] if len(axes) == 1 else axes
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Explicit:
+    return jax.sharding.reshard(x, P(*spec))
+  return jax.lax.with_sharding_constraint(x, P(*spec))  # eagerly too, with the mesh set
