@@ -5,8 +5,9 @@ Each process is one host: `jax.distributed.initialize` joins them over
 devices of the mesh. They train three windows of two micro-steps
 (`accumulate(axis_name=...)` inside `data_parallel`), each micro-step itself
 split in two by `microbatch`, then again under plain `jax.jit` (`per_replica`
-around the same `microbatch`, `apply_gradients` with `axis_name`), and print
-their parameters. `--reference` instead
+around the same `microbatch`, `apply_gradients` with `axis_name`), then as
+ZeRO-1 on an Explicit mesh (`parallel.shard_optimizer`: the momentum sharded over
+the 4 devices of both processes), and print their parameters. `--reference` instead
 trains large-batch optax on one device on the same global data.
 
 Run by tests/test_distributed.py, or by hand (one line per process):
@@ -35,7 +36,7 @@ NUM_PROCESSES, DEVICES, K, MICROBATCHES, WINDOWS, ROWS = 2, 4, 2, 2, 3, 4
 def init_params():
   rng = np.random.RandomState(0)
   return {
-    "w": rng.normal(size=(6, 3)).astype(np.float32),
+    "w": rng.normal(size=(8, 3)).astype(np.float32),
     "b": np.zeros((3,), np.float32),
   }
 
@@ -45,7 +46,7 @@ def make_data():
   rng = np.random.RandomState(1)
   rows = DEVICES * ROWS * MICROBATCHES
   return {
-    "x": rng.normal(size=(WINDOWS, K, rows, 6)).astype(np.float32),
+    "x": rng.normal(size=(WINDOWS, K, rows, 8)).astype(np.float32),
     "y": rng.normal(size=(WINDOWS, K, rows, 3)).astype(np.float32),
   }
 
@@ -103,6 +104,8 @@ def train(process_id, port):
     data = make_data()
     local, emitted = run_windows(step, params, init(params), data, global_array)
     plain_params, plain_emitted = train_plain_jit(mesh, global_array, data)
+    explicit = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+    zero1 = train_zero1(explicit, data)
     return {
       "process_id": jax.process_index(),
       "process_count": jax.process_count(),
@@ -112,6 +115,7 @@ def train(process_id, port):
       "params": local,
       "plain_jit_params": plain_params,
       "plain_jit_emitted": plain_emitted,
+      **zero1,
     }
   finally:
     jax.distributed.shutdown()
@@ -131,6 +135,34 @@ def train_plain_jit(mesh, global_array, data):
   with jax.set_mesh(mesh):
     params = jax.tree.map(lambda x: global_array(x, P()), init_params())
     return run_windows(jax.jit(step), params, tx.init(params), data, global_array)
+
+
+def train_zero1(mesh, data):
+  """ZeRO-1 on an Explicit mesh: the momentum sharded over the replicas, across processes."""
+
+  def global_array(x, spec):
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+  inner = optaccum.parallel.shard_optimizer(optimizer(), axis_name="data")
+  tx = optaccum.accumulate(inner, K, axis_name="data")
+  grad_fn = optaccum.parallel.per_replica(
+    optaccum.microbatch(jax.value_and_grad(loss), MICROBATCHES), axis_name="data"
+  )
+
+  def step(params, opt_state, batch):
+    _, grads = grad_fn(params, batch)
+    return optaccum.apply_gradients(tx, grads, opt_state, params)
+
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(lambda x: global_array(x, P()), init_params())
+    opt_state = tx.init(params)
+    local, emitted = run_windows(jax.jit(step), params, opt_state, data, global_array)
+    trace = tx.init(params).inner_opt_state[0].trace["w"]
+  return {
+    "zero1_params": local,
+    "zero1_emitted": emitted,
+    "zero1_trace_shard": list(trace.addressable_shards[0].data.shape),
+  }
 
 
 def run_windows(step, params, opt_state, data, global_array):
