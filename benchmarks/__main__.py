@@ -3,8 +3,10 @@
 Compares, side by side in one process, optaccum's transformation and fast path,
 in-step micro-batching (where present), optax.MultiSteps,
 optax.chain(opt, optax.apply_every(k)), a hand-written loop and plain training,
-on an optimizer-only micro-step and on two small transformer language models.
-Writes RESULTS.md (tables, the machine, versions and load) and results.png.
+on an optimizer-only micro-step and on two small transformer language models;
+then (`loops`) `optaccum.microbatch` beside the in-step loops of t5x, MaxText,
+levanter, big_vision and optax (benchmarks/loops.py). Writes RESULTS.md
+(tables, the machine, versions and load) and results.png.
 
 The full run writes into benchmarks/ and takes a few minutes. `--quick` runs
 tiny sizes for a few rounds in under a minute, to check that the suite works
@@ -22,10 +24,10 @@ from pathlib import Path
 
 import optax
 
-from benchmarks import _measure, _methods, _report, compile_time, lm, microstep
+from benchmarks import _measure, _methods, _report, compile_time, lm, loops, microstep
 
 EVERY_K = 8
-WORKLOADS = ("microstep", "lm-compute", "lm-params")
+WORKLOADS = ("microstep", "lm-compute", "lm-params", "loops")
 
 
 def _workload(key: str, quick: bool) -> _methods.Workload:
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> Path:
   started = time.perf_counter()
   sections = []
   for key in args.workloads:
+    if key == "loops":
+      continue  # after the compile time, below
     workload = _workload(key, args.quick)
     print(f"{workload.title}: {workload.description}", flush=True)
     # A quick run compiles every method only for the model-free micro-step,
@@ -108,6 +112,14 @@ def main(argv: list[str] | None = None) -> Path:
   )
   compile_section = _report.compile_section(compile_rows, layers, compile_time.EVERY_K)
   print(compile_section, flush=True)
+  loops_section = ""
+  if "loops" in args.workloads:
+    # The peers' loops, timed as benchmarks/loops.py times them (its quick run: one round).
+    loop_rounds = 1 if args.quick else 5
+    markdown, report = loops.run(
+      args.quick, loop_rounds, 1 if args.quick else 5, 1 if args.quick else 3, command=command
+    )
+    loops_section = loops.section(markdown, report)
 
   results_path = out / "RESULTS.md"
   chart_name = "results.png"
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
       quick=args.quick,
       chart_name=chart_name,
       compile_section=compile_section,
+      loops_section=loops_section,
       kept=_report.kept_notes(results_path),
     )
   )

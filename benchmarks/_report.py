@@ -265,6 +265,7 @@ def results_markdown(
   chart_name: str,
   kept: str,
   compile_section: str = "",
+  loops_section: str = "",
 ) -> str:
   """The whole RESULTS.md."""
   parts = ["# Benchmarks", ""]
@@ -303,6 +304,8 @@ def results_markdown(
     parts += [f"## {section.title}", "", section.description, "", workload_table(section), ""]
   if compile_section:
     parts += [compile_section, ""]
+  if loops_section:
+    parts += [loops_section, ""]
   parts += [
     "## Backends: branching strategies",
     "",

@@ -455,34 +455,36 @@ def _workloads(quick: bool, keys: list[str] | None) -> list[Callable[[int], Work
   return [makers[key] for key in (keys or makers)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  """Measures, prints markdown and one JSON line; returns what the JSON holds."""
-  args = _parse(argv)
-  rounds = args.rounds or (1 if args.quick else 7)
-  steps = args.steps or (1 if args.quick else 5)
-  compile_rounds = args.compile_rounds or (1 if args.quick else 3)
-  ks = peers.QUICK_KS if args.quick else peers.KS
-  options = {"xla_backend_optimization_level": 0} if args.quick else None
-  command = " ".join(["python -m benchmarks.loops", *(sys.argv[1:] if argv is None else argv)])
-  started, load_before = time.perf_counter(), _measure.load_average()
-  if args.quick:
-    print("QUICK RUN: tiny sizes, not a measurement.\n")
-  print(f"`{command}`; {_measure.machine_description()}; load before: {load_before}\n")
+def run(
+  quick: bool,
+  rounds: int,
+  steps: int,
+  compile_rounds: int,
+  keys: list[str] | None = None,
+  command: str = "python -m benchmarks.loops",
+) -> tuple[str, dict[str, Any]]:
+  """Measures every workload at every k: the markdown tables, and what they hold."""
+  ks = peers.QUICK_KS if quick else peers.KS
+  options = {"xla_backend_optimization_level": 0} if quick else None
+  load_before = _measure.load_average()
   report: dict[str, Any] = {
     "command": command,
-    "quick": args.quick,
+    "quick": quick,
     "rounds": rounds,
     "steps": steps,
     "compile_rounds": compile_rounds,
     "machine": _measure.machine_description(),
     "workloads": {},
   }
-  for make in _workloads(args.quick, args.workloads):
+  parts = []
+  for make in _workloads(quick, keys):
     rows_by_k = {}
     for k in ks:
       workload = make(k)
       rows_by_k[k] = measure(workload, rounds, steps, compile_rounds, options)
-    print(f"### {workload.title}\n\n{workload.description}\n\n{table(rows_by_k)}\n", flush=True)
+    part = f"### {workload.title}\n\n{workload.description}\n\n{table(rows_by_k)}\n"
+    print(part, flush=True)
+    parts.append(part)
     report["workloads"][workload.key] = {
       "title": workload.title,
       "description": workload.description,
@@ -490,6 +492,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "verdicts": {str(k): verdict(rows) for k, rows in rows_by_k.items()},
     }
   report["load"] = [load_before, _measure.load_average()]
+  return "\n".join(parts), report
+
+
+SECTION_TITLE = (
+  "## In-step loops: optaccum.microbatch beside t5x, MaxText, levanter, big_vision and optax"
+)
+
+
+def section(markdown: str, report: dict[str, Any]) -> str:
+  """`run`'s tables as a RESULTS.md section: what was run, then the tables."""
+  return (
+    f"{SECTION_TITLE}\n\n`{report['command']}` (benchmarks/loops.py: each peer's loop written "
+    f"from its published description); {report['rounds']} timed rounds of {report['steps']} "
+    f"steps, {report['compile_rounds']} compilations per method, interleaved, medians; "
+    f"load before {report['load'][0]}, after {report['load'][1]}.\n\n{markdown}"
+  )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Measures, prints markdown and one JSON line; returns what the JSON holds."""
+  args = _parse(argv)
+  rounds = args.rounds or (1 if args.quick else 7)
+  steps = args.steps or (1 if args.quick else 5)
+  compile_rounds = args.compile_rounds or (1 if args.quick else 3)
+  command = " ".join(["python -m benchmarks.loops", *(sys.argv[1:] if argv is None else argv)])
+  started = time.perf_counter()
+  if args.quick:
+    print("QUICK RUN: tiny sizes, not a measurement.\n")
+  print(f"`{command}`; {_measure.machine_description()}; load before: {_measure.load_average()}\n")
+  _, report = run(args.quick, rounds, steps, compile_rounds, args.workloads, command)
   print(f"load after: {report['load'][1]}; {time.perf_counter() - started:.0f} s")
   print(json.dumps(report, default=str))
   return report

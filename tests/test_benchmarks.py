@@ -204,3 +204,30 @@ def test_peers_rejects_rounds_below_one(capsys):
     peers.main(["--rounds", "0"])
   assert raised.value.code == 2
   assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_loops_comparison_is_a_workload_of_the_suite_and_a_section_of_its_results():
+  from benchmarks import __main__ as suite
+  from benchmarks import loops
+
+  assert "loops" in suite.WORKLOADS and suite._parse([]).workloads[-1] == "loops"
+  report = {"command": "python -m benchmarks", "rounds": 5, "steps": 5, "compile_rounds": 3}
+  report["load"] = ["1.0, 1.0, 1.0", "2.0, 2.0, 2.0"]
+  section = loops.section("### (a) MLP\n\n| k | method |\n", report)
+  assert section.startswith(loops.SECTION_TITLE)
+  assert "5 timed rounds of 5 steps, 3 compilations per method" in section
+  text = _report.results_markdown(
+    [],
+    command="python -m benchmarks",
+    machine="cpu",
+    load_before="1",
+    load_after="2",
+    rounds=7,
+    quick=False,
+    chart_name="results.png",
+    kept=NOTES,
+    loops_section=section,
+  )
+  # Generated above the hand-kept notes, so a full run rewrites it.
+  assert text.index(loops.SECTION_TITLE) < text.index(_report.KEEP_MARKER)
+  assert "### (a) MLP" in text and text.endswith(NOTES)
