@@ -171,14 +171,17 @@ def apply_train_state_gradients(
       f"arguments or None, got {update_args!r}."
     )
   extra_args = dict(update_args or {})
+  plain = not holds_state(state.opt_state)  # no accumulation (switched off by configuration)
+  if plain:
+    check_plain_step("apply_train_state_gradients", weight, flush)
+    if not extra_args:  # the state's own step (a subclass's override included)
+      return state.apply_gradients(grads=grads, **fields)
   # Flax's fp8 statistics: the optimizer sees `params` only, and the new values
   # replace the old on every micro-step, as in Flax's `apply_gradients`.
   grads, overwritten = _overwrite.split(grads)
   params = state.params if overwritten is None else state.params["params"]
   grads = grads if overwritten is None else grads["params"]
-  if not holds_state(state.opt_state):
-    # No accumulation (switched off by configuration): Flax's own step.
-    check_plain_step("apply_train_state_gradients", weight, flush)
+  if plain:  # Flax's step, with the optimizer's extra arguments
     updates, opt_state = state.tx.update(grads, state.opt_state, params, **extra_args)
     params = optax.apply_updates(params, updates)
   else:

@@ -219,3 +219,20 @@ def test_nnx_valid_weighted_window_still_steps_on_both_paths(tx):
     apply_nnx_gradients(optimizer, model, state, weight=weight)
   expected = -0.1 * (3 * first + 1 * second) / 4
   np.testing.assert_allclose(np.asarray(model.w[...], np.float64), expected, rtol=1e-6)
+
+
+def test_without_accumulation_a_train_state_subclass_keeps_its_own_step():
+  # A subclass that overrides apply_gradients (here: counting its calls) gets its own
+  # step where the optimizer holds no accumulation and no update_args are given.
+  from flax import struct
+
+  class Counting(TrainState):
+    calls: jnp.ndarray = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+
+    def apply_gradients(self, *, grads, **kwargs):
+      return super().apply_gradients(grads=grads, calls=self.calls + 1, **kwargs)
+
+  state = Counting.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.5))
+  state = optaccum.flax.apply_train_state_gradients(state, grads={"w": jnp.ones(2)})
+  assert int(state.calls) == 1
+  np.testing.assert_allclose(state.params["w"], [0.5, 0.5])
