@@ -705,7 +705,9 @@ def all_reduces(k: int = 4) -> dict[str, int]:
 
 
 def _all_reduces_in_child(timeout: float = 300) -> dict[str, int]:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  # The caller's XLA flags (a faster compile, say) apply to the child too.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   code = "import json; from benchmarks import peers; print(json.dumps(peers.all_reduces()))"
   completed = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout

@@ -22,6 +22,10 @@ from flax.training.train_state import TrainState
 
 import optaccum
 
+# `jax.pmap` over 4 of the devices: tests/checks/pmap_checkpoint.py, run in the
+# suite's 8-device child (`eight_devices` in conftest.py).
+pytestmark = pytest.mark.eight_devices("pmap_checkpoint", module="tests.checks.pmap_checkpoint")
+
 EVERY_K = 3
 MICRO_STEPS = 10
 # Saved after 5 micro-steps: one window closed, two micro-batches into the next.
@@ -366,10 +370,8 @@ def test_item_of_a_one_item_checkpoint_is_refused(checkpoint):
     optaccum.checkpoint.restore(checkpoint, fresh_state(), k=EVERY_K, item="state")
 
 
-def test_pmap_replicas_partial_sums_are_never_lost_by_a_mid_window_save(run_python, tmp_path):
-  result = run_python(
-    ["-m", "tests.checks.pmap_checkpoint", str(tmp_path)], num_devices=4, timeout=180
-  )
+def test_pmap_replicas_partial_sums_are_never_lost_by_a_mid_window_save(eight_devices):
+  result = eight_devices
   replicated, kept = result["replicated"], result["per_device"]
   # Declared replicated, each device holds its own sum mid-window: refused.
   assert replicated["refusal"].startswith(

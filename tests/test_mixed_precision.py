@@ -9,10 +9,6 @@ the inner optimizer gives them.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,42 +225,31 @@ def test_complex_microbatch_gradients_keep_their_imaginary_part():
 
 # --- float64 ----------------------------------------------------------------------
 
-_FLOAT64_SCRIPT = """
-import json
-import jax, jax.numpy as jnp, numpy as np, optax, optaccum
-rng = np.random.default_rng(0)
-grads = [rng.normal(size=100_000) * 10.0 ** rng.integers(-8, 8, 100_000) for _ in range(8)]
-params = {"w": jnp.zeros(100_000, jnp.float64)}
-for form in ("transformation", "microbatch"):
-  if form == "transformation":
-    tx = optaccum.accumulate(optax.sgd(1.0), k=8)
-    state = tx.init(params)
-    assert state.acc_grads["w"].dtype == jnp.float64
-    for g in grads:
-      updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
-    got = -np.asarray(updates["w"])
-  else:
-    stacked = jnp.asarray(np.stack(grads))
-    _, got = optaccum.microbatch(lambda p, g: (jnp.sum(g[0]), g[0]), 8)(params["w"], stacked)
-    got = np.asarray(got)
-  expected = np.mean(np.stack(grads), axis=0)
-  # Relative to the magnitudes summed: cancellation makes some means tiny.
-  scale = np.mean(np.abs(np.stack(grads)), axis=0)
-  error = float(np.max(np.abs(got - expected) / scale))
-  print(json.dumps({"form": form, "dtype": str(got.dtype), "error": error}))
-"""
+
+def _float64_mean(form, grads):
+  """The mean of `grads` through `form`, with 64-bit types on (as `JAX_ENABLE_X64=1`)."""
+  with jax.enable_x64(True):
+    params = {"w": jnp.zeros(grads[0].shape, jnp.float64)}
+    if form == "transformation":
+      tx = optaccum.accumulate(optax.sgd(1.0), k=len(grads))
+      state = tx.init(params)
+      assert state.acc_grads["w"].dtype == jnp.float64
+      for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+      return -np.asarray(updates["w"])
+    split = optaccum.microbatch(lambda p, g: (jnp.sum(g[0]), g[0]), len(grads))
+    return np.asarray(split(params["w"], jnp.asarray(np.stack(grads)))[1])
 
 
 def test_float64_gradients_accumulate_in_float64():
-  env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
-  done = subprocess.run(
-    [sys.executable, "-c", _FLOAT64_SCRIPT], env=env, capture_output=True, text=True, timeout=120
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  import json
-
-  for line in done.stdout.strip().splitlines():
-    result = json.loads(line)
-    assert result["dtype"] == "float64", result
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=100_000) * 10.0 ** rng.integers(-8, 8, 100_000) for _ in range(8)]
+  expected = np.mean(np.stack(grads), axis=0)
+  # Relative to the magnitudes summed: cancellation makes some means tiny.
+  scale = np.mean(np.abs(np.stack(grads)), axis=0)
+  for form in ("transformation", "microbatch"):
+    got = _float64_mean(form, grads)
+    assert got.dtype == np.float64, form
     # A float32 accumulator gives 3.0e-7 on this measure; float64 rounding ~1e-15.
-    assert result["error"] < 1e-12, result
+    error = float(np.max(np.abs(got - expected) / scale))
+    assert error < 1e-12, (form, error)

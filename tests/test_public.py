@@ -2,6 +2,9 @@
 
 import importlib
 import inspect
+import json
+import subprocess
+import sys
 import types
 
 import pytest
@@ -60,15 +63,52 @@ def test_every_public_function_documents_its_contract_with_an_example(qualified,
       assert "Args:" in doc, f"{qualified}'s docstring does not name its arguments"
 
 
-def test_importing_the_package_imports_neither_flax_nor_orbax():
-  import subprocess
-  import sys
+# What an import does shows only in an interpreter that has imported nothing yet:
+# one fresh child checks, in order, that `import optaccum` starts no JAX backend
+# (`jax.distributed.initialize` must run before any does), that the package with its
+# Flax and checkpoint namespaces imports neither Flax nor Orbax, and then, with
+# Flax made unimportable, that `microbatch` of a plain function runs.
+_FRESH_IMPORTS = """
+import json, sys
+import optaccum
+from jax._src import xla_bridge
+backend_started = bool(xla_bridge._backends)
+import optaccum.flax, optaccum.checkpoint
+imported = sorted(name for name in ("flax", "orbax") if name in sys.modules)
+sys.modules["flax"] = None  # from here on, importing Flax fails
+import jax, jax.numpy as jnp
+loss, g = optaccum.microbatch(jax.value_and_grad(lambda w, x: jnp.mean(x * w)), 2)(
+  jnp.float32(1), jnp.arange(4.0)
+)
+print(json.dumps({
+  "backend_started": backend_started,
+  "imported": imported,
+  "microbatch": [float(loss), float(g)],
+  "flax_imported": "flax" in sys.modules and sys.modules["flax"] is not None,
+}))
+"""
 
-  code = (
-    "import sys, optaccum, optaccum.flax, optaccum.checkpoint\n"
-    "assert 'flax' not in sys.modules and 'orbax' not in sys.modules, sorted(sys.modules)"
+
+@pytest.fixture(scope="module")
+def fresh_imports():
+  result = subprocess.run(
+    [sys.executable, "-c", _FRESH_IMPORTS], capture_output=True, text=True, timeout=120
   )
-  subprocess.run([sys.executable, "-c", code], check=True)
+  assert result.returncode == 0, result.stderr
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_import_does_not_start_the_backend(fresh_imports):
+  assert not fresh_imports["backend_started"], "backend started at import"
+
+
+def test_importing_the_package_imports_neither_flax_nor_orbax(fresh_imports):
+  assert fresh_imports["imported"] == []
+
+
+def test_import_without_flax_and_microbatch_of_a_plain_function(fresh_imports):
+  assert fresh_imports["microbatch"] == [1.5, 1.5]
+  assert not fresh_imports["flax_imported"]
 
 
 PACKAGE = __import__("pathlib").Path(optaccum.__file__).parent

@@ -141,7 +141,7 @@ def test_replicas_round_with_their_own_bits():
   states = jax.tree.map(lambda x: jnp.stack([x] * replicas), tx.init(params))
   # Halfway between two bfloat16s: each element rounds up with probability 1/2.
   grads = {"w": jnp.full((replicas, 512), 1.5 + BFLOAT16_GAP_AT_ONE / 2, jnp.float32)}
-  step = jax.vmap(tx.update, in_axes=(0, 0, None), axis_name="data")
+  step = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None), axis_name="data"))
   _, states = step(grads, states, params)
   first, second = np.asarray(states.acc_grads["w"], np.float32)
   # Shared bits would round both replicas alike; independent ones differ in

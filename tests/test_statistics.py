@@ -81,7 +81,7 @@ def test_statistics_are_summed_over_replicas():
   tx = optaccum.accumulate(optax.sgd(0.1), k=2, statistics=True, axis_name="data")
   grads = np.concatenate([GRADS, GRADS[:1] * 2]).reshape(2, 2, -1)  # (step, replica, d)
   states = jax.tree.map(lambda x: jnp.stack([x, x]), tx.init(PARAMS))
-  step = jax.vmap(tx.update, in_axes=(0, 0, None), axis_name="data")
+  step = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None), axis_name="data"))
   for g in grads:
     _, states = step(jax.vmap(_split)(jnp.asarray(g)), states, PARAMS)
   for replica in range(2):
@@ -112,9 +112,9 @@ def test_complex_gradients_count_their_imaginary_part(dtype, part):
     params = jax.tree.map(lambda leaf: leaf.astype(dtype), PARAMS)
     tx = optaccum.accumulate(optax.sgd(0.1), k=3, statistics=True)
     state = tx.init(params)
+    step = jax.jit(lambda g, state, params, w: tx.update(g, state, params, weight=w)[1])
     for g, w in zip(grads, weights):
-      g = _split(jnp.asarray(g, dtype))
-      _, state = tx.update(g, state, params, weight=jnp.float32(w))
+      state = step(_split(jnp.asarray(g, dtype)), state, params, jnp.float32(w))
     assert state.acc_grads["a"].dtype == jnp.dtype(dtype)
     _assert_statistics(optaccum.status(state).statistics, _reference(grads, weights))
 

@@ -1,16 +1,19 @@
 """Mid-window checkpoints of `accumulate(axis_name=...)` under `jax.pmap`, on 4 CPU devices.
 
-Run by tests/test_checkpoint.py in a process of its own, or by hand:
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.checks.pmap_checkpoint DIR
-Prints one JSON line. Two ways to hold the state: declared replicated
-(`in_axes=None`, `out_axes=None`), where in the middle of a window each device
-keeps its own partial sum in an array that claims to be one value; and kept per
-device (`out_axes=0`, a leading device axis). The first must refuse a
-mid-window save; both must resume bit for bit from a save they accept.
+Run by tests/test_checkpoint.py in the suite's 8-device child (`eight_devices` in
+tests/conftest.py; `pmap` takes the first 4 devices), or by hand:
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.checks.pmap_checkpoint [DIR]
+Saves into DIR, or into a temporary folder it removes. Prints one JSON line. Two
+ways to hold the state: declared replicated (`in_axes=None`, `out_axes=None`),
+where in the middle of a window each device keeps its own partial sum in an
+array that claims to be one value; and kept per device (`out_axes=0`, a leading
+device axis). The first must refuse a mid-window save; both must resume bit for
+bit from a save they accept.
 """
 
 import json
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +48,13 @@ def make_step(tx, per_device):
     return optax.apply_updates(params, updates), opt_state
 
   axes = (0 if per_device else None, 0, 0), 0 if per_device else None
-  return jax.pmap(step, axis_name="devices", in_axes=axes[0], out_axes=axes[1])
+  return jax.pmap(
+    step,
+    axis_name="devices",
+    in_axes=axes[0],
+    out_axes=axes[1],
+    devices=jax.devices()[:DEVICES],
+  )
 
 
 def train(step, state, steps):
@@ -99,9 +108,11 @@ def kept_per_device(directory):
 
 
 def main():
-  directory = sys.argv[1]
-  assert jax.device_count() == DEVICES, jax.devices()
-  print(json.dumps({"replicated": replicated(directory), "per_device": kept_per_device(directory)}))
+  assert jax.device_count() >= DEVICES, jax.devices()
+  with tempfile.TemporaryDirectory(prefix="pmap-checkpoint-") as scratch:
+    directory = sys.argv[1] if len(sys.argv) > 1 else scratch
+    results = {"replicated": replicated(directory), "per_device": kept_per_device(directory)}
+  print(json.dumps(results))
 
 
 if __name__ == "__main__":
