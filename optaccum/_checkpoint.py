@@ -175,7 +175,11 @@ def save_checkpoint(
       shutil.rmtree(unsealed)
     try:
       _sync(f"optaccum:save:start:{path}")
-      with ocp.StandardCheckpointer() as checkpointer:
+      # Orbax creates its temporary folder in a background thread by default,
+      # which a save refused meanwhile (a dtype TensorStore lacks) leaves
+      # running: the folder could appear after `_remove_unsealed` has looked.
+      synchronous = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+      with ocp.StandardCheckpointer(async_options=synchronous) as checkpointer:
         checkpointer.save(unsealed, state, custom_metadata=metadata)
       _sync(f"optaccum:save:written:{path}")
       if primary:
