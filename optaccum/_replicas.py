@@ -83,9 +83,15 @@ def count(where: str, axes: tuple[str, ...]) -> int:
   return total
 
 
-def _explicit(axes: tuple[str, ...]) -> bool:
+def explicit(axes: tuple[str, ...]) -> bool:
+  """Whether the mesh in context types its axes `axes` (Explicit), rather than XLA choosing."""
   mesh = jax.sharding.get_abstract_mesh()
   return mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Explicit
+
+
+def axes_used(spec: tuple[Any, ...] | None) -> set[str]:
+  """The mesh axes a PartitionSpec's entries name (none for an unknown spec)."""
+  return {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
 
 
 def _entry(axes: tuple[str, ...]) -> Any:
@@ -117,7 +123,7 @@ def _explicit_spec(sharding: NamedSharding) -> bool:
 
 def _place(x: jax.Array, axes: tuple[str, ...], rest: tuple[Any, ...] | None) -> jax.Array:
   """`x` with its leading axis sharded over `axes`, the others as `rest` (None: XLA's choice)."""
-  if _explicit(axes):
+  if explicit(axes):
     return jax.sharding.reshard(x, P(_entry(axes), *(rest or (None,) * (x.ndim - 1))))
   others = rest if rest is not None else (P.UNCONSTRAINED,) * (x.ndim - 1)
   return jax.lax.with_sharding_constraint(x, P(_entry(axes), *others))
@@ -164,7 +170,7 @@ def vmap(fn: Callable[..., Any], axes: tuple[str, ...], in_axes: PyTree) -> Call
 
   def per_replica_fn(*args: PyTree) -> Any:
     out = mapped(*args)
-    if not _explicit(axes):
+    if not explicit(axes):
       # On an Auto mesh `spmd_axis_name` already shards the outputs' replica
       # axis; constraining the others too would let XLA pick other layouts
       # than the parameters' (measured: a bias sharded over 'fsdp').
@@ -252,13 +258,12 @@ def gather_whole(
   per device in the meantime; docs/distributed.md weighs the two options). On
   an Auto mesh XLA picks the layouts: left as they are.
   """
-  if not _explicit(axes):
+  if not explicit(axes):
     return args, kwargs
 
   def gathered(leaf: object) -> object:
     spec = spec_of(leaf) if isinstance(leaf, jax.Array) else None
-    used = {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
-    if spec is None or not used & set(axes):
+    if spec is None or not axes_used(spec) & set(axes):
       return leaf
     return jax.sharding.reshard(leaf, P(*(_without(e, axes) for e in spec)))
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import jax
 import optax
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from optaccum import _replicas, _validation
@@ -23,9 +22,10 @@ def shard_optimizer(
   `init` builds `inner`'s state and shards each array leaf over `axis_name` along
   its first dimension that the number of replicas R divides and that no axis
   shards yet (a leaf with none, such as a step count, stays as it is): each
-  device holds 1/R of the moments. `update` runs `inner` on those shards and,
-  on an Explicit mesh, gathers its updates to the parameters' layout, so the
-  caller applies them as usual. Call both with the mesh in context
+  device holds 1/R of the moments. `update` runs `inner` on those shards and
+  gathers its updates to the parameters' layout (on an Auto mesh: unsharded
+  along the dimension `init` shards, the rest XLA's choice), so the caller
+  applies them as usual. Call both with the mesh in context
   (`jax.set_mesh(mesh)`), eagerly or under `jax.jit`. With parameters
   replicated over `axis_name`, inside `accumulate(..., axis_name=...)`, or
   after `microbatch(..., axis_name=...)`, a window costs one reduction of the
@@ -73,33 +73,63 @@ def shard_optimizer(
   def update(
     updates: Updates, state: OptState, params: Params | None = None, **extra_args: object
   ) -> tuple[Updates, OptState]:
-    _replicas.count(f"{_WHERE}(...).update", axes)
+    replicas = _replicas.count(f"{_WHERE}(...).update", axes)
     updates, state = wrapped.update(updates, state, params, **extra_args)
-    if params is not None:
-      updates = jax.tree.map(
-        lambda u, p: None if u is None else _replicas.placed_like(u, p),
-        updates,
-        params,
-        is_leaf=lambda x: x is None,
-      )
+    likes = params if params is not None else jax.tree.map(lambda _: None, updates)
+    updates = jax.tree.map(
+      lambda u, p: None if u is None else _gathered(u, p, axes, replicas),
+      updates,
+      likes,
+      is_leaf=lambda x: x is None,
+    )
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _free_dim(x: jax.Array, axes: tuple[str, ...], replicas: int) -> int | None:
+  """The dimension `init` shards `x` along: its first free one that `replicas` divides.
+
+  None where `x` is a scalar, already uses an axis of `axes`, or has no such
+  dimension.
+  """
+  spec = _replicas.spec_of(x) or (None,) * x.ndim
+  if _replicas.axes_used(spec) & set(axes):
+    return None
+  free = [i for i, e in enumerate(spec) if e is None and x.shape[i] % replicas == 0]
+  return free[0] if free else None
 
 
 def _sharded(x: object, axes: tuple[str, ...], replicas: int) -> object:
   """`x` sharded over `axes` along its first free dimension that `replicas` divides."""
   if not isinstance(x, jax.Array) or x.ndim == 0:
     return x
+  dim = _free_dim(x, axes, replicas)
+  if dim is None:
+    return x
   spec = list(_replicas.spec_of(x) or (None,) * x.ndim)
-  used = {n for e in spec for n in ((e,) if isinstance(e, str) else e or ())}
-  if used & set(axes):
-    return x
-  free = [i for i, e in enumerate(spec) if e is None and x.shape[i] % replicas == 0]
-  if not free:
-    return x
-  spec[free[0]] = axes[0] if len(axes) == 1 else axes
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Explicit:
+  spec[dim] = axes[0] if len(axes) == 1 else axes
+  if _replicas.explicit(axes):
     return jax.sharding.reshard(x, P(*spec))
   return jax.lax.with_sharding_constraint(x, P(*spec))  # eagerly too, with the mesh set
+
+
+def _gathered(
+  u: jax.Array, like: jax.Array | None, axes: tuple[str, ...], replicas: int
+) -> jax.Array:
+  """An update laid out like its parameter `like`, gathered from the state's shards.
+
+  On an Explicit mesh the parameter's type says its layout. On an Auto mesh
+  XLA would otherwise carry the state's sharding into the updates, and from
+  there into the step's outputs, gathering on every micro-step: the dimension
+  `init` shards is pinned unsharded, the others left to XLA, so the gather
+  happens here, in the closing step.
+  """
+  if _replicas.explicit(axes):
+    return u if like is None else _replicas.placed_like(u, like)
+  dim = _free_dim(like if like is not None else u, axes, replicas) if u.ndim else None
+  if dim is None:
+    return u
+  spec = [P.UNCONSTRAINED] * u.ndim
+  spec[dim] = None
+  return jax.lax.with_sharding_constraint(u, P(*spec))
