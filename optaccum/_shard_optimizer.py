@@ -130,6 +130,5 @@ def _gathered(
   dim = _free_dim(like if like is not None else u, axes, replicas) if u.ndim else None
   if dim is None:
     return u
-  spec = [P.UNCONSTRAINED] * u.ndim
-  spec[dim] = None
+  spec = [None if i == dim else P.UNCONSTRAINED for i in range(u.ndim)]
   return jax.lax.with_sharding_constraint(u, P(*spec))
