@@ -65,7 +65,7 @@ def _context_mesh(where: str, axes: tuple[str, ...]) -> Any:
       f"does not have; its axes are {tuple(mesh.axis_names)}."
     )
   types = {mesh.axis_types[mesh.axis_names.index(a)] for a in axes}
-  if len(types) != 1 or AxisType.Manual in types:
+  if len(types) != 1:
     raise ValueError(
       f"`{where}(axis_name={axes!r})` needs axes that are all Auto or all Explicit "
       f"(plain `jax.jit`) or all Manual (inside `shard_map`), got "
@@ -77,6 +77,12 @@ def _context_mesh(where: str, axes: tuple[str, ...]) -> Any:
 def count(where: str, axes: tuple[str, ...]) -> int:
   """R, the number of replicas: the product of the sizes of `axes` in the mesh in context."""
   mesh = _context_mesh(where, axes)
+  if mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Manual:
+    raise ValueError(
+      f"`{where}(axis_name={axes!r})` runs under plain `jax.jit` with the mesh in "
+      "context (Auto or Explicit axes), not inside `shard_map`, where those axes are "
+      "Manual: call it outside the `shard_map`."
+    )
   total = 1
   for a in axes:
     total *= mesh.shape[a]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import optaccum
 
@@ -90,6 +91,17 @@ def test_shard_optimizer_refuses_bad_arguments_naming_them():
     tx.init({"w": jnp.zeros(4)})
   with pytest.raises(TypeError, match=r"shard_optimizer\(...\).init"):
     tx.init({"w": "not an array"})
+  # Inside shard_map each device's state is its own: refused, saying where to call it.
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  params = {"w": jnp.zeros((2, 3))}
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    inside = jax.shard_map(lambda g, s: tx.update(g, s), in_specs=(P(), P()), out_specs=(P(), P()))
+    with pytest.raises(
+      ValueError,
+      match=r"`shard_optimizer\(...\).update\(axis_name=\('data',\)\)` runs under plain `jax.jit`.*not inside `shard_map`",
+    ):
+      inside(params, state)
 
 
 def test_on_one_replica_it_is_the_inner_optimizer():
