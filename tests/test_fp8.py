@@ -68,56 +68,27 @@ def test_microbatch_takes_the_largest_statistics_and_sums_only_the_parameters():
     assert float(jnp.max(jnp.abs(a - b))) <= 5e-3 * float(jnp.max(jnp.abs(b)))
 
 
-def test_train_state_helper_overwrites_the_statistics_and_accumulates_the_parameters():
-  x, y = data(rows=64)
-  variables = MODEL.init(jax.random.key(2), x[:8])
-  # Not Adam: optax's bias correction fails the suite's strict dtype promotion.
-  tx = optaccum.accumulate(optax.sgd(0.05, momentum=0.9), K)
-  ours = TrainState.create(apply_fn=MODEL.apply, params=variables, tx=tx)
-  flax_own = ours  # Flax's apply_gradients on the same state: the reference
+def beside_flax(tx, seed, micro_steps, update_args=None):
+  """`apply_train_state_gradients` and Flax's own `apply_gradients` from one state, step by step.
 
-  @jax.jit
-  def ours_step(state, x, y):
-    grads = jax.grad(loss)(state.params, x, y)
-    return optaccum.flax.apply_train_state_gradients(state, grads=grads)
-
-  @jax.jit
-  def flax_step(state, x, y):
-    return state.apply_gradients(grads=jax.grad(loss)(state.params, x, y))
-
-  for i in range(8):  # two windows of four micro-batches
-    rows = slice(8 * i, 8 * i + 8)
-    ours, flax_own = ours_step(ours, x[rows], y[rows]), flax_step(flax_own, x[rows], y[rows])
-    # The statistics change on every micro-step; the parameters once per window.
-    np.testing.assert_array_equal(
-      ours.params[OWG]["Dense_0"]["Fp8DirectDotGeneralOp_0"]["input_amax_history"][0],
-      jnp.max(jnp.abs(x[rows])),
-    )
-  for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(flax_own.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  assert int(optaccum.flax.gradient_step(ours)) == 2
-
-
-def test_train_state_helper_without_accumulation_overwrites_the_statistics_with_update_args():
-  """Accumulation switched off and `update_args` given: Flax's fp8 step, not a sum of statistics."""
-  x, y = data(rows=16)
-  variables = MODEL.init(jax.random.key(3), x[:8])
-  # Takes `value=` (as reduce_on_plateau does) and ignores it.
-  tx = optax.with_extra_args_support(optax.sgd(0.05, momentum=0.9))
+  Checks after every micro-step that the input's amax history starts with this
+  micro-batch's largest magnitude (overwritten, not summed), and at the end
+  that the two states' variables agree.
+  """
+  x, y = data(rows=8 * micro_steps)
+  variables = MODEL.init(jax.random.key(seed), x[:8])
   ours = flax_own = TrainState.create(apply_fn=MODEL.apply, params=variables, tx=tx)
 
   @jax.jit
   def ours_step(state, x, y):
     grads = jax.grad(loss)(state.params, x, y)
-    return optaccum.flax.apply_train_state_gradients(
-      state, grads=grads, update_args={"value": jnp.float32(1.0)}
-    )
+    return optaccum.flax.apply_train_state_gradients(state, grads=grads, update_args=update_args)
 
   @jax.jit
   def flax_step(state, x, y):
     return state.apply_gradients(grads=jax.grad(loss)(state.params, x, y))
 
-  for i in range(2):
+  for i in range(micro_steps):
     rows = slice(8 * i, 8 * i + 8)
     ours, flax_own = ours_step(ours, x[rows], y[rows]), flax_step(flax_own, x[rows], y[rows])
     np.testing.assert_array_equal(
@@ -126,3 +97,20 @@ def test_train_state_helper_without_accumulation_overwrites_the_statistics_with_
     )
   for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(flax_own.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  return ours
+
+
+def test_train_state_helper_overwrites_the_statistics_and_accumulates_the_parameters():
+  # Not Adam: optax's bias correction fails the suite's strict dtype promotion.
+  tx = optaccum.accumulate(optax.sgd(0.05, momentum=0.9), K)
+  # Flax's apply_gradients on the same accumulating state is the reference: the
+  # statistics change on every micro-step, the parameters once per window.
+  ours = beside_flax(tx, seed=2, micro_steps=2 * K)
+  assert int(optaccum.flax.gradient_step(ours)) == 2
+
+
+def test_train_state_helper_without_accumulation_overwrites_the_statistics_with_update_args():
+  """Accumulation switched off and `update_args` given: Flax's fp8 step, not a sum of statistics."""
+  # Takes `value=` (as reduce_on_plateau does) and ignores it.
+  tx = optax.with_extra_args_support(optax.sgd(0.05, momentum=0.9))
+  beside_flax(tx, seed=3, micro_steps=2, update_args={"value": jnp.float32(1.0)})

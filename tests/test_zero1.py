@@ -99,7 +99,8 @@ def test_shard_optimizer_refuses_bad_arguments_naming_them():
     inside = jax.shard_map(lambda g, s: tx.update(g, s), in_specs=(P(), P()), out_specs=(P(), P()))
     with pytest.raises(
       ValueError,
-      match=r"`shard_optimizer\(...\).update\(axis_name=\('data',\)\)` runs under plain `jax.jit`.*not inside `shard_map`",
+      match=r"`shard_optimizer\(...\).update\(axis_name=\('data',\)\)` runs under plain "
+      r"`jax.jit`.*not inside `shard_map`",
     ):
       inside(params, state)
 
