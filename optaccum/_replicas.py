@@ -95,7 +95,7 @@ def explicit(axes: tuple[str, ...]) -> bool:
   return mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Explicit
 
 
-def axes_used(spec: tuple[Any, ...] | None) -> set[str]:
+def named_axes(spec: tuple[Any, ...] | None) -> set[str]:
   """The mesh axes a PartitionSpec's entries name (none for an unknown spec)."""
   return {n for e in spec or () for n in ((e,) if isinstance(e, str) else e or ())}
 
@@ -269,7 +269,7 @@ def gather_whole(
 
   def gathered(leaf: object) -> object:
     spec = spec_of(leaf) if isinstance(leaf, jax.Array) else None
-    if spec is None or not axes_used(spec) & set(axes):
+    if spec is None or not named_axes(spec) & set(axes):
       return leaf
     return jax.sharding.reshard(leaf, P(*(_without(e, axes) for e in spec)))
 

@@ -94,7 +94,7 @@ def _free_dim(x: jax.Array, axes: tuple[str, ...], replicas: int) -> int | None:
   dimension.
   """
   spec = _replicas.spec_of(x) or (None,) * x.ndim
-  if _replicas.axes_used(spec) & set(axes):
+  if _replicas.named_axes(spec) & set(axes):
     return None
   free = [i for i, e in enumerate(spec) if e is None and x.shape[i] % replicas == 0]
   return free[0] if free else None
