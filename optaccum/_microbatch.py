@@ -184,6 +184,7 @@ def _split_call(settings: _slicing.Settings, args: tuple, kwargs: dict) -> Any:
   """One call of the split function: slice, scan over the micro-batches, reduce, finish."""
   args, kwargs, graph = _nnx.split_graph(_WHERE, args, kwargs)
   axes = settings.replicas.axes
+  _replicas.check_gather_dtype(_WHERE, settings.gather_dtype, axes)
   if axes is None:
     carry, combined, shapes = _local_sums(settings, args, kwargs, graph=graph)
   elif graph is not None:
@@ -206,7 +207,8 @@ def _per_replica_sums(
   """Under mesh axes, each replica's sums, not yet reduced ("concat" aux in row order)."""
   replicas = _replicas.count(_WHERE, axes)
   plan = _arguments.plan(_WHERE, settings.arguments, args, kwargs)
-  args, kwargs = _replicas.gather_whole(args, kwargs, plan, axes)
+  params = args[0] if args else None
+  args, kwargs = _replicas.gather_whole(args, kwargs, plan, axes, settings.gather_dtype)
   batches = _arguments.batches(plan, args, kwargs)
   _slicing.check_not_empty(batches)
   parts = _replicas.split_batches(_WHERE, batches, axes, replicas)
@@ -220,7 +222,8 @@ def _per_replica_sums(
 
   indices = _replicas.indices(axes, replicas)
   carry, combined = _replicas.vmap(local, axes, in_axes=(0, 0))(parts, indices)
-  shapes = found[-1]
+  grads = _replicas.grads_like_before_gather(_WHERE, found[-1].grads, params, settings.gather_dtype)
+  shapes = found[-1]._replace(grads=grads)
   combined = [
     jnp.reshape(value, (-1, *value.shape[2:])) if shapes.aux.modes[i] == "concat" else value
     for value, i in zip(combined, shapes.aux.stacked)
@@ -246,6 +249,7 @@ def microbatch(
   axis_name: Hashable | None = None,
   num_real: int | jax.Array | None = None,
   per_example: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None,
+  gather_dtype: DTypeLike | None = None,
 ) -> Callable[..., Any]:
   """Splits a gradient function's batch into micro-batches and scans over them.
 
@@ -294,6 +298,12 @@ def microbatch(
       batch of one row (`jax.vmap` within a micro-batch), and the result is the
       mean (or sum) of the transformed gradients; the returned function gives
       `((loss, metrics), grads)`, the metrics per example in batch order.
+    gather_dtype: with `axis_name` under plain `jax.jit` on an Explicit mesh,
+      where the parameters (the first argument) are sharded over the replicas
+      and gathered once per call, a floating dtype (e.g. `jnp.bfloat16`) to cast
+      their wider floating leaves to before the gather: fewer bytes gathered,
+      `fn` given the parameters in that dtype, the gradients returned in the
+      parameters' own dtypes.
 
   Returns:
     A function with the signature and output structure of `fn`.
@@ -332,6 +342,7 @@ def microbatch(
     axis_name=axis_name,
     num_real=num_real,
     per_example=per_example,
+    gather_dtype=gather_dtype,
   )
 
   @_arguments.named_like(fn)

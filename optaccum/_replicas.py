@@ -253,7 +253,11 @@ def zeros_of_one(x: jax.Array) -> jax.Array:
 
 
 def gather_whole(
-  args: tuple, kwargs: dict, plan: _arguments.Plan, axes: tuple[str, ...]
+  args: tuple,
+  kwargs: dict,
+  plan: _arguments.Plan,
+  axes: tuple[str, ...],
+  dtype: DTypeLike | None = None,
 ) -> tuple[tuple, dict]:
   """The arguments passed whole (the parameters), with any sharding over `axes` gathered.
 
@@ -262,21 +266,78 @@ def gather_whole(
   gradient, and a gradient taken against the gathered copy is the replica's
   own, not yet reduced, so the window reduces it once (a full-size gradient
   per device in the meantime; docs/distributed.md weighs the two options). On
-  an Auto mesh XLA picks the layouts: left as they are.
+  an Auto mesh XLA picks the layouts: left as they are. With `dtype`, the
+  first argument's wider floating leaves are cast to it before they are
+  gathered (`microbatch(gather_dtype=...)`), on an Auto mesh before XLA gathers
+  them.
   """
-  if not explicit(axes):
-    return args, kwargs
 
-  def gathered(leaf: object) -> object:
+  def gathered(leaf: object, cast: bool = False) -> object:
+    if cast and isinstance(leaf, jax.Array) and _narrows(leaf, dtype):
+      leaf = leaf.astype(dtype)
+    if not explicit(axes):
+      return leaf
     spec = spec_of(leaf) if isinstance(leaf, jax.Array) else None
     if spec is None or not named_axes(spec) & set(axes):
       return leaf
     return jax.sharding.reshard(leaf, P(*(_without(e, axes) for e in spec)))
 
   named: dict[int | str, PyTree] = {**dict(enumerate(args)), **kwargs}
-  whole = {n: jax.tree.map(gathered, v) for n, v in named.items() if plan.passes_whole(n)}
+  whole = {
+    n: jax.tree.map(lambda leaf: gathered(leaf, cast=n == 0), v)
+    for n, v in named.items()
+    if plan.passes_whole(n)
+  }
   new_args, new_kwargs = _arguments.replaced(args, kwargs, whole)
   return tuple(new_args), new_kwargs
+
+
+def _narrows(leaf: object, dtype: DTypeLike | None) -> bool:
+  """Whether `leaf` is a floating array wider than the floating `dtype` (None: no cast)."""
+  if dtype is None or not isinstance(leaf, jax.Array):
+    return False
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return False
+  return jnp.finfo(leaf.dtype).bits > jnp.finfo(dtype).bits
+
+
+def grads_like_before_gather(
+  where: str, grads: PyTree, params: PyTree, dtype: DTypeLike | None
+) -> PyTree:
+  """`grads`' shapes, in the dtypes the parameters had before `gather_whole` cast them.
+
+  A gradient taken against parameters cast to `dtype` comes in `dtype`; the
+  split function returns it in the parameters' own dtype (float32 for float32
+  parameters), summed in the accumulator's meanwhile.
+  """
+  if dtype is None:
+    return grads
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  same_tree = jax.tree.structure(grads) == jax.tree.structure(params)  # type: ignore[operator]
+  if not same_tree or shapes(grads) != shapes(params):
+    raise ValueError(
+      f"`{where}(gather_dtype=...)` returns the gradients in the dtypes the parameters "
+      "had before the cast, so `fn`'s gradients must be shaped like its first argument, "
+      "the parameters (as `jax.grad`'s default argnums=0 gives them); got gradients "
+      f"{jax.tree.structure(grads)} for parameters {jax.tree.structure(params)}."
+    )
+  return jax.tree.map(
+    lambda g, p: jax.ShapeDtypeStruct(g.shape, p.dtype) if _narrows(p, dtype) else g,
+    grads,
+    params,
+  )
+
+
+def check_gather_dtype(where: str, dtype: DTypeLike | None, axes: tuple[str, ...] | None) -> None:
+  """Raises unless `dtype` is None or the call gathers the parameters (mesh axes)."""
+  if dtype is None or axes is not None:
+    return
+  raise ValueError(
+    f"`{where}(gather_dtype=...)` casts the parameters before they are gathered over the "
+    f"`axis_name` axes of the mesh in context, under plain `jax.jit`; this call runs "
+    f"inside `shard_map` (or `pmap`), whose in_specs place the parameters, got "
+    f"gather_dtype={jnp.dtype(dtype).name}."
+  )
 
 
 def check_leading(

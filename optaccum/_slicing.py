@@ -45,6 +45,31 @@ class Settings:
   # Per-example mode: each example's gradients go through `per_example`, which
   # also returns its metrics; they come back as the aux output (`has_aux`).
   per_example: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None
+  # Pure FSDP with the reduction deferred: the parameters cast to this before
+  # they are gathered (None: gathered as they are).
+  gather_dtype: DTypeLike | None = None
+
+
+def check_gather_dtype(gather_dtype: object, axis_name: object) -> DTypeLike | None:
+  """`gather_dtype=`: None, or a floating dtype where `axis_name` names the replicas."""
+  if gather_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(gather_dtype)  # type: ignore[call-overload]
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f"`{WHERE}(gather_dtype=...)` must be a floating dtype such as jnp.bfloat16, got "
+      f"gather_dtype={_validation.shown(gather_dtype)}."
+    )
+  if axis_name is None:
+    raise ValueError(
+      f"`{WHERE}(gather_dtype=...)` casts the parameters that it gathers over the "
+      f"replicas' axes once per call, so it needs `axis_name=`, got gather_dtype="
+      f"{dtype.name} and axis_name=None."
+    )
+  return dtype
 
 
 def check_num_real(num_real: object, k: int) -> jax.Array | int | None:
@@ -79,6 +104,7 @@ def check_arguments(
   axis_name: Hashable | None,
   num_real: object = None,
   per_example: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None,
+  gather_dtype: object = None,
 ) -> Settings:
   """`microbatch`'s arguments as `Settings`; raises, naming the argument, at the first bad one."""
   if not callable(fn):
@@ -117,6 +143,7 @@ def check_arguments(
     replicas=replicas,
     num_real=check_num_real(num_real, int(k)),
     per_example=per_example,
+    gather_dtype=check_gather_dtype(gather_dtype, axis_name),
   )
 
 

@@ -72,6 +72,9 @@ def make_loss(explicit_fsdp):
     if explicit_fsdp:
       # The model contract on an Explicit FSDP mesh: the model gathers its weights.
       params = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params)
+    # In the parameters' dtype (a no-op for float32; bfloat16 where
+    # microbatch(gather_dtype=jnp.bfloat16) cast them), as a mixed-precision model does.
+    x, y = x.astype(params["w1"].dtype), y.astype(params["w1"].dtype)
     h = jnp.tanh(x @ params["w1"] + params["b1"])
     h = jnp.tanh(h @ params["w2"] + params["b2"])
     return jnp.mean((h @ params["w3"] + params["b3"] - y) ** 2)
@@ -143,6 +146,9 @@ def methods(loss):
   multisteps = optax.MultiSteps(optimizer(), K)
   grad_fn = optaccum.parallel.per_replica(jax.grad(loss), axis_name=AXES)
   split = optaccum.microbatch(jax.value_and_grad(loss), K, axis_name=AXES)
+  split_bf16 = optaccum.microbatch(
+    jax.value_and_grad(loss), K, axis_name=AXES, gather_dtype=jnp.bfloat16
+  )
   plain_split = optaccum.microbatch(jax.value_and_grad(loss), K)
 
   def transformation(tx, grads_of):
@@ -167,6 +173,7 @@ def methods(loss):
     "accumulate(axis_name) + per_replica": (tx.init, transformation(tx, grad_fn), K),
     "apply_gradients(axis_name) + per_replica": (tx.init, fast, K),
     "microbatch(axis_name)": (optimizer().init, in_step(split), 1),
+    "microbatch(axis_name, gather_dtype=bfloat16)": (optimizer().init, in_step(split_bf16), 1),
     "accumulate, plain jit": (plain_tx.init, transformation(plain_tx, jax.grad(loss)), K),
     "microbatch, plain jit": (optimizer().init, in_step(plain_split), 1),
     "optax.MultiSteps": (multisteps.init, transformation(multisteps, jax.grad(loss)), K),
@@ -466,6 +473,7 @@ FSDP_ROWS = {
     "accumulate(axis_name) + per_replica",
     "apply_gradients(axis_name) + per_replica",
     "microbatch(axis_name)",
+    "microbatch(axis_name, gather_dtype=bfloat16)",
   ),
 }
 
@@ -523,7 +531,11 @@ def main(argv=None):
   }
   # Pure FSDP: the test asserts both options on Explicit (axis_name deferred; without it
   # a reduction per micro-batch into a sharded accumulator); Auto is measured for the docs.
-  fsdp_names = names if full else (*ASSERTED, "microbatch, plain jit")
+  fsdp_names = (
+    names
+    if full
+    else (*ASSERTED, "microbatch, plain jit", "microbatch(axis_name, gather_dtype=bfloat16)")
+  )
   results["fsdp/explicit"] = check("fsdp", AxisType.Explicit, fsdp_names)
   results["plan fsdp/explicit"] = plan_rows()
   if full:
