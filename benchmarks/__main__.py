@@ -11,7 +11,9 @@ levanter, big_vision and optax (benchmarks/loops.py). Writes RESULTS.md
 The full run writes into benchmarks/ and takes a few minutes. `--quick` runs
 tiny sizes for a few rounds in under a minute, to check that the suite works
 (CI runs it); it writes into a temporary directory unless given `--out`, and
-marks its tables as not being measurements.
+marks its tables as not being measurements. A run of some `--workloads` only also
+writes into a temporary directory unless given `--out`: benchmarks/RESULTS.md
+holds every workload's tables.
 """
 
 from __future__ import annotations
@@ -64,16 +66,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
+def output_directory(args: argparse.Namespace) -> Path:
+  """Where a run writes: `--out`, else benchmarks/ for a full run, else a temporary folder.
+
+  benchmarks/RESULTS.md holds every workload's tables: a quick run or one of
+  some workloads only would replace them with its own, so it writes elsewhere
+  unless told where.
+  """
+  if args.out is not None:
+    return Path(args.out)
+  if args.quick:
+    return Path(tempfile.gettempdir()) / "optaccum-benchmarks-quick"
+  if set(args.workloads) != set(WORKLOADS):
+    return Path(tempfile.gettempdir()) / "optaccum-benchmarks-partial"
+  return Path(__file__).resolve().parent
+
+
 def main(argv: list[str] | None = None) -> Path:
   """Runs the suite; returns the path of the RESULTS.md it wrote."""
   args = _parse(argv)
   rounds = args.rounds or (2 if args.quick else 7)
-  if args.out is not None:
-    out = args.out
-  elif args.quick:
-    out = Path(tempfile.gettempdir()) / "optaccum-benchmarks-quick"
-  else:
-    out = Path(__file__).resolve().parent
+  out = output_directory(args)
   out.mkdir(parents=True, exist_ok=True)
 
   command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])

@@ -231,3 +231,15 @@ def test_the_loops_comparison_is_a_workload_of_the_suite_and_a_section_of_its_re
   # Generated above the hand-kept notes, so a full run rewrites it.
   assert text.index(loops.SECTION_TITLE) < text.index(_report.KEEP_MARKER)
   assert "### (a) MLP" in text and text.endswith(NOTES)
+
+
+def test_only_a_full_run_rewrites_the_repository_results():
+  # benchmarks/RESULTS.md holds every workload's tables; a partial run would drop
+  # the others', so without --out it writes into a temporary folder.
+  from benchmarks import __main__ as suite
+
+  repository = Path(suite.__file__).resolve().parent
+  assert suite.output_directory(suite._parse([])) == repository
+  assert suite.output_directory(suite._parse(["--workloads", "loops"])) != repository
+  assert suite.output_directory(suite._parse(["--quick"])) != repository
+  assert suite.output_directory(suite._parse(["--workloads", "loops", "--out", "x"])) == Path("x")
