@@ -123,7 +123,11 @@ def _gathered(
   XLA would otherwise carry the state's sharding into the updates, and from
   there into the step's outputs, gathering on every micro-step: the dimension
   `init` shards is pinned unsharded, the others left to XLA, so the gather
-  happens here, in the closing step.
+  happens here, in the closing step. Under `jax.jit` the parameters' layout
+  is not in their type there, so the dimension is the first one R divides:
+  the one `init` picked unless the parameters are sharded along it over
+  another axis, where the pin costs a gather of the update over that axis
+  once per window, not a wrong result.
   """
   if _replicas.explicit(axes):
     return u if like is None else _replicas.placed_like(u, like)

@@ -71,6 +71,20 @@ def test_the_state_stays_sharded_the_parameters_replicated_and_equal_to_the_larg
   assert result["relative_error"] < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["explicit", "auto"])
+def test_beside_tensor_parallelism_the_moments_shard_over_both_axes_and_train_exactly(
+  results, kind
+):
+  result = results[f"tensor parallel {kind}"]
+  assert result["relative_error"] < 1e-6
+  # Each moment: over "data" along its first dimension, "model" kept on the second.
+  assert result["mu_spec"] == "P('data', 'model')"
+  # The parameters keep their layout: on an Auto mesh because shard_optimizer
+  # pins its updates' first dimension unsharded (unpinned, XLA returned them
+  # sharded over "data" as well).
+  assert result["params_spec"] == ["P(None, 'model')"] * 3
+
+
 def test_init_shards_each_leaf_on_its_first_dimension_the_replicas_divide(results):
   for how in ("eager", "jitted"):
     specs = results["placement"][how]
