@@ -275,12 +275,7 @@ def gather_whole(
   def gathered(leaf: object, cast: bool = False) -> object:
     if cast and isinstance(leaf, jax.Array) and _narrows(leaf, dtype):
       leaf = leaf.astype(dtype)
-    if not explicit(axes):
-      return leaf
-    spec = spec_of(leaf) if isinstance(leaf, jax.Array) else None
-    if spec is None or not named_axes(spec) & set(axes):
-      return leaf
-    return jax.sharding.reshard(leaf, P(*(_without(e, axes) for e in spec)))
+    return gathered_over(leaf, axes) if explicit(axes) else leaf
 
   named: dict[int | str, PyTree] = {**dict(enumerate(args)), **kwargs}
   whole = {
@@ -290,6 +285,14 @@ def gather_whole(
   }
   new_args, new_kwargs = _arguments.replaced(args, kwargs, whole)
   return tuple(new_args), new_kwargs
+
+
+def gathered_over(leaf: object, axes: tuple[str, ...]) -> object:
+  """An Explicit-typed `leaf` with its sharding over `axes` gathered, its other axes kept."""
+  spec = spec_of(leaf) if isinstance(leaf, jax.Array) else None
+  if spec is None or not named_axes(spec) & set(axes):
+    return leaf
+  return jax.sharding.reshard(leaf, P(*(_without(e, axes) for e in spec)))
 
 
 def _narrows(leaf: object, dtype: DTypeLike | None) -> bool:
@@ -328,16 +331,30 @@ def grads_like_before_gather(
   )
 
 
-def check_gather_dtype(where: str, dtype: DTypeLike | None, axes: tuple[str, ...] | None) -> None:
-  """Raises unless `dtype` is None or the call gathers the parameters (mesh axes)."""
-  if dtype is None or axes is not None:
+def check_gather_dtype(
+  where: str, dtype: DTypeLike | None, replicas: Replicas, args: tuple
+) -> None:
+  """Raises at the call unless `dtype` is None or the call gathers its first argument.
+
+  That is: `axis_name` names axes of the mesh in context (plain `jax.jit`),
+  and the parameters come as the first positional argument.
+  """
+  if dtype is None:
     return
-  raise ValueError(
-    f"`{where}(gather_dtype=...)` casts the parameters before they are gathered over the "
-    f"`axis_name` axes of the mesh in context, under plain `jax.jit`; this call runs "
-    f"inside `shard_map` (or `pmap`), whose in_specs place the parameters, got "
-    f"gather_dtype={jnp.dtype(dtype).name}."
-  )
+  name = jnp.dtype(dtype).name
+  if replicas.axes is None:
+    _ = replicas.axis_name  # raises where the axis is bound nowhere (no mesh, no shard_map)
+    raise ValueError(
+      f"`{where}(gather_dtype=...)` casts the parameters before they are gathered over the "
+      f"`axis_name` axes of the mesh in context, under plain `jax.jit`; this call runs "
+      f"inside `shard_map` (or `pmap`), whose in_specs place the parameters, got "
+      f"gather_dtype={name}."
+    )
+  if not args:
+    raise ValueError(
+      f"`{where}(gather_dtype=...)` casts the first positional argument, the parameters; "
+      f"this call passes no positional argument, got gather_dtype={name}."
+    )
 
 
 def check_leading(

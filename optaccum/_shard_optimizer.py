@@ -26,7 +26,9 @@ def shard_optimizer(
   gathers its updates to the parameters' layout (on an Auto mesh: unsharded
   along the dimension `init` shards, the rest XLA's choice), so the caller
   applies them as usual. Call both with the mesh in context
-  (`jax.set_mesh(mesh)`), eagerly or under `jax.jit`. With parameters
+  (`jax.set_mesh(mesh)`), eagerly or under `jax.jit`; on an Auto mesh call
+  `init` eagerly, as `jax.jit` hides the layouts it reads there (each leaf
+  is then sharded along its first dimension R divides). With parameters
   replicated over `axis_name`, inside `accumulate(..., axis_name=...)`, or
   after `microbatch(..., axis_name=...)`, a window costs one reduction of the
   gradient and one gather of the updates, both in its closing step. Guide:
@@ -107,9 +109,13 @@ def _sharded(x: object, axes: tuple[str, ...], replicas: int) -> object:
   dim = _free_dim(x, axes, replicas)
   if dim is None:
     return x
-  spec = list(_replicas.spec_of(x) or (None,) * x.ndim)
+  explicit = _replicas.explicit(axes)
+  # Where an Auto mesh hides the leaf's layout (traced), its other dimensions
+  # are left to XLA rather than pinned unsharded.
+  unknown = None if explicit else P.UNCONSTRAINED
+  spec = list(_replicas.spec_of(x) or (unknown,) * x.ndim)
   spec[dim] = axes[0] if len(axes) == 1 else axes
-  if _replicas.explicit(axes):
+  if explicit:
     return jax.sharding.reshard(x, P(*spec))
   return jax.lax.with_sharding_constraint(x, P(*spec))  # eagerly too, with the mesh set
 
@@ -130,7 +136,11 @@ def _gathered(
   once per window, not a wrong result.
   """
   if _replicas.explicit(axes):
-    return u if like is None else _replicas.placed_like(u, like)
+    if like is None or _replicas.spec_of(like) is None:
+      # No typed parameter to follow (none given, or not on the mesh): gather
+      # over the replicas, keeping any other axis.
+      return _replicas.gathered_over(u, axes)  # type: ignore[return-value]
+    return _replicas.placed_like(u, like)
   dim = _free_dim(like if like is not None else u, axes, replicas) if u.ndim else None
   if dim is None:
     return u

@@ -50,24 +50,38 @@ class Settings:
   gather_dtype: DTypeLike | None = None
 
 
-def check_gather_dtype(gather_dtype: object, axis_name: object) -> DTypeLike | None:
-  """`gather_dtype=`: None, or a floating dtype where `axis_name` names the replicas."""
+def check_gather_dtype(
+  gather_dtype: object, axis_name: object, arguments: _arguments.Arguments
+) -> DTypeLike | None:
+  """`gather_dtype=`: None, or a floating dtype narrower than float64 where `axis_name` is set.
+
+  It casts the first positional argument (the parameters), which must then be
+  passed whole: neither a batch nor the key.
+  """
   if gather_dtype is None:
     return None
   try:
     dtype = jnp.dtype(gather_dtype)  # type: ignore[call-overload]
   except TypeError:
     dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 8:
+    shown = dtype.name if dtype is not None else _validation.shown(gather_dtype)
     raise TypeError(
-      f"`{WHERE}(gather_dtype=...)` must be a floating dtype such as jnp.bfloat16, got "
-      f"gather_dtype={_validation.shown(gather_dtype)}."
+      f"`{WHERE}(gather_dtype=...)` must be a floating dtype narrower than float64, such as "
+      f"jnp.bfloat16 (the parameters' wider floating leaves are cast to it), got "
+      f"gather_dtype={shown}."
     )
   if axis_name is None:
     raise ValueError(
       f"`{WHERE}(gather_dtype=...)` casts the parameters that it gathers over the "
       f"replicas' axes once per call, so it needs `axis_name=`, got gather_dtype="
       f"{dtype.name} and axis_name=None."
+    )
+  if 0 in (arguments.batch_argnums or ()) or arguments.key_arg == 0:
+    raise ValueError(
+      f"`{WHERE}(gather_dtype=...)` casts the first positional argument, the parameters, "
+      f"passed whole; got batch_argnums={arguments.batch_argnums!r} and "
+      f"key_arg={arguments.key_arg!r}, which take argument 0 as a batch or the key."
     )
   return dtype
 
@@ -143,7 +157,7 @@ def check_arguments(
     replicas=replicas,
     num_real=check_num_real(num_real, int(k)),
     per_example=per_example,
-    gather_dtype=check_gather_dtype(gather_dtype, axis_name),
+    gather_dtype=check_gather_dtype(gather_dtype, axis_name, arguments),
   )
 
 
@@ -365,6 +379,33 @@ Call = Callable[[Any, Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 Tail = Callable[[Any, Any], tuple[tuple[Any, Any, Any], Any, Any]]
 
 
+def _check_gradients(grads: PyTree, batch: PyTree, whole: PyTree) -> None:
+  """Raises where `fn` returned a gradient that a sum over micro-batches cannot hold.
+
+  A float0 gradient (`jax.grad(..., allow_int=True)` of an integer leaf) has
+  no sum; a gradient shaped like a micro-batch's rows of a batch argument, and
+  like no argument passed whole, is one with respect to that batch, whose rows
+  are other examples in each micro-batch.
+  """
+  shapes = lambda tree: {x.shape for x in jax.tree.leaves(tree) if hasattr(x, "shape")}  # noqa: E731
+  rows, kept = shapes(batch), shapes(whole)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    if getattr(g, "dtype", None) == jax.dtypes.float0:
+      raise TypeError(
+        f"`{WHERE}(fn=...)` returned a float0 gradient at {_validation.place(path)} (as "
+        "`jax.grad(..., allow_int=True)` gives for an integer leaf), which cannot be summed "
+        "over micro-batches; differentiate with respect to floating leaves only."
+      )
+    if getattr(g, "shape", None) in rows and g.shape not in kept:
+      raise ValueError(
+        f"`{WHERE}(fn=...)` returned a gradient at {_validation.place(path)} shaped like a "
+        f"micro-batch's rows of a batch argument, {g.shape}: a gradient with respect to "
+        "the batch, whose rows are other examples in each micro-batch, cannot be summed over "
+        "them; differentiate with respect to the arguments passed whole (the parameters, "
+        "`jax.value_and_grad(loss)`'s default argnums=0)."
+      )
+
+
 def microbatch_call(
   settings: Settings,
   args: tuple,
@@ -397,6 +438,8 @@ def microbatch_call(
   args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas)
   by_rows = cut.tail and settings.reduction == "mean"
   counted = settings.num_real is not None
+  named = {**dict(enumerate(args)), **kwargs}
+  whole = [value for name, value in named.items() if plan.passes_whole(name)]
 
   def run(values: dict, key: jax.Array | None, state: PyTree, rows: int) -> Any:
     micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, values, key)
@@ -407,6 +450,7 @@ def microbatch_call(
         loss, aux, grads = _unpack(settings.fn(*micro_args, **micro_kwargs), settings.has_aux)
       else:
         loss, aux, grads = _per_example(settings, plan, args, kwargs, values, key)
+    _check_gradients(grads, list(values.values()), (whole, state))
     grads, overwritten = _overwrite.split(grads)  # Flax's fp8 statistics: aux, taken largest
     aux = (aux, overwritten)
     weight = None

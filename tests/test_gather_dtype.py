@@ -123,3 +123,29 @@ def test_bad_gather_dtype_is_refused_naming_the_call_and_the_value():
   inside = jax.shard_map(split, mesh=auto, in_specs=(P(), P("data"), P("data")), out_specs=P())
   with pytest.raises(ValueError, match=r"runs inside `shard_map`.*got gather_dtype=bfloat16"):
     inside(params, x, y)
+
+
+def test_gather_dtype_refusals_name_the_call_the_argument_and_the_value():
+  grad_fn = jax.value_and_grad(loss)
+  # float64 (also `float`) would cast nothing; complex is no floating dtype.
+  for bad, shown in ((jnp.float64, "float64"), (float, "float64"), (jnp.complex64, "complex64")):
+    with pytest.raises(TypeError, match=rf"narrower than float64.*got gather_dtype={shown}\."):
+      optaccum.microbatch(grad_fn, K, axis_name="data", gather_dtype=bad)
+  # It casts argument 0, the parameters: not when that argument is a batch.
+  with pytest.raises(ValueError, match=r"casts the first positional argument.*argument 0"):
+    optaccum.microbatch(grad_fn, K, axis_name="data", gather_dtype=jnp.bfloat16, batch_argnums=0)
+  params, x, y = problem(features=8, hidden=16)
+  split = optaccum.microbatch(
+    lambda *, p, x, y: grad_fn(p, x, y),
+    K,
+    axis_name="data",
+    gather_dtype=jnp.bfloat16,
+    batch_argnames=("x", "y"),
+  )
+  with jax.set_mesh(mesh()), pytest.raises(ValueError, match=r"passes no positional argument"):
+    split(p=sharded(params), x=x, y=y)
+  # No mesh in context and no shard_map: the axis is bound nowhere, and the
+  # message says so (not that the call runs inside shard_map).
+  split = optaccum.microbatch(grad_fn, K, axis_name="data", gather_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"no axis 'data' here"):
+    split(params, x, y)

@@ -473,3 +473,15 @@ def test_weights_all_skipped_give_zeros_not_nan():
   )
   value, grads = split(jnp.ones(3), jnp.ones((4, 3)))
   assert float(value) == 0.0 and not np.any(np.asarray(grads))
+
+
+def test_gradients_a_sum_over_micro_batches_cannot_hold_are_refused(params, batch):
+  # With respect to the batch: each micro-batch's rows are other examples.
+  both = jax.value_and_grad(lambda p, b: mse(p, b), argnums=(0, 1))
+  with pytest.raises(ValueError, match=r"`microbatch\(fn=...\)` returned a gradient at \[1\]"):
+    optaccum.microbatch(both, 4)(params, batch)
+  # float0, an integer leaf's gradient under allow_int=True.
+  counted = (params, jnp.arange(3))
+  ints = jax.value_and_grad(lambda p, b: mse(p[0], b), allow_int=True)
+  with pytest.raises(TypeError, match=r"returned a float0 gradient at \[1\]"):
+    optaccum.microbatch(ints, 4)(counted, batch)

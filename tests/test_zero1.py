@@ -135,3 +135,22 @@ def test_on_one_replica_it_is_the_inner_optimizer():
     expected, reference = inner.update(grads, reference, params)
   np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
   np.testing.assert_allclose(updates["w"], -0.19 * np.ones((2, 3)), rtol=1e-6)  # -0.1 (1 + 0.9)
+
+
+def test_without_parameters_to_follow_the_updates_are_gathered_over_the_replicas():
+  # An Explicit mesh of one replica: the moments are still typed as sharded over
+  # "data". With no typed parameters to follow (none passed, or made off the
+  # mesh), the updates are gathered over the replicas rather than left sharded,
+  # which would turn replicated parameters sharded through apply_updates.
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = optaccum.parallel.shard_optimizer(optax.sgd(0.1, momentum=0.9))
+  off_mesh = {"w": jnp.ones((16, 4))}
+  with jax.set_mesh(mesh):
+    on_mesh = {"w": jnp.ones((16, 4))}
+    for params in (on_mesh, off_mesh):
+      state = tx.init(params)
+      assert state[0].trace["w"].sharding.spec == P("data", None)
+      for given in (params, None):
+        updates, _ = jax.jit(tx.update)(params, state, given)
+        assert "data" not in str(updates["w"].sharding.spec)
+        np.testing.assert_allclose(updates["w"], -0.1 * np.ones((16, 4)), rtol=1e-6)
