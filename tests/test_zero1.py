@@ -154,3 +154,49 @@ def test_without_parameters_to_follow_the_updates_are_gathered_over_the_replicas
         updates, _ = jax.jit(tx.update)(params, state, given)
         assert "data" not in str(updates["w"].sharding.spec)
         np.testing.assert_allclose(updates["w"], -0.1 * np.ones((16, 4)), rtol=1e-6)
+
+
+def test_bfloat16_parameters_and_a_large_leaf_train_as_plain_optax_does():
+  # bfloat16 parameters, float32 gradients, a 131 072-entry leaf; one replica of an
+  # Explicit mesh, where the moments are still typed as sharded over "data".
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(0)
+  start = {
+    "w": jnp.asarray(rng.normal(size=(512, 256)), jnp.bfloat16),
+    "b": jnp.asarray(rng.normal(size=(256,)), jnp.bfloat16),
+  }
+  grads = [
+    {n: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for n, v in start.items()}
+    for _ in range(8)
+  ]
+  inner = optax.sgd(0.05, momentum=0.9)
+
+  @jax.jit  # one program, as the window's close is: XLA keeps the same excess precision
+  def optax_window(mean, state, params):
+    with jax.numpy_dtype_promotion("standard"):  # optax's own bfloat16 + float32
+      updates, new_state = inner.update(mean, state, params)
+      params = optax.apply_updates(params, updates)
+    # The state keeps its dtypes from window to window (bfloat16 momentum, as
+    # init made it), where optax alone would let float32 gradients widen it.
+    return params, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+
+  # Reference: plain optax on each window's mean gradient, the float32 sum in
+  # order times 1/4 in NumPy (exact in float32: a power of two).
+  expected, reference = start, inner.init(start)
+  for w in range(2):
+    window = grads[4 * w : 4 * w + 4]
+    mean = {n: jnp.asarray(sum(np.asarray(g[n]) for g in window) * np.float32(0.25)) for n in start}
+    expected, reference = optax_window(mean, reference, expected)
+  tx = optaccum.accumulate(optaccum.parallel.shard_optimizer(inner), 4)
+  # optax's momentum (bfloat16, from the parameters) meets float32 gradients
+  # inside optax: its own promotion, as in the reference.
+  with jax.set_mesh(mesh), jax.numpy_dtype_promotion("standard"):
+    params = start
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: optaccum.apply_gradients(tx, g, s, p))
+    for g in grads:
+      params, state = step(g, state, params)
+  assert state.inner_opt_state[0].trace["w"].sharding.spec == P("data", None)
+  for n in start:
+    assert params[n].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.float32(params[n]), np.float32(expected[n]))
