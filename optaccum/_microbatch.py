@@ -298,12 +298,12 @@ def microbatch(
       batch of one row (`jax.vmap` within a micro-batch), and the result is the
       mean (or sum) of the transformed gradients; the returned function gives
       `((loss, metrics), grads)`, the metrics per example in batch order.
-    gather_dtype: with `axis_name` under plain `jax.jit` on an Explicit mesh,
-      where the parameters (the first argument) are sharded over the replicas
-      and gathered once per call, a floating dtype (e.g. `jnp.bfloat16`) to cast
-      their wider floating leaves to before the gather: fewer bytes gathered,
-      `fn` given the parameters in that dtype, the gradients returned in the
-      parameters' own dtypes.
+    gather_dtype: with `axis_name` under plain `jax.jit` over a mesh, where the
+      parameters (the first argument) sharded over the replicas are gathered
+      once per call (by XLA on an Auto mesh), a floating dtype such as
+      `jnp.bfloat16` to cast their wider floating leaves to before the gather:
+      fewer bytes gathered, `fn` given the parameters in that dtype, the
+      gradients returned in the parameters' own dtypes.
 
   Returns:
     A function with the signature and output structure of `fn`.

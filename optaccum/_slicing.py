@@ -56,7 +56,7 @@ def check_gather_dtype(
   """`gather_dtype=`: None, or a floating dtype narrower than float64 where `axis_name` is set.
 
   It casts the first positional argument (the parameters), which must then be
-  passed whole: neither a batch nor the key.
+  passed whole, not split as a batch (the key is never argument 0).
   """
   if gather_dtype is None:
     return None
@@ -77,11 +77,11 @@ def check_gather_dtype(
       f"replicas' axes once per call, so it needs `axis_name=`, got gather_dtype="
       f"{dtype.name} and axis_name=None."
     )
-  if 0 in (arguments.batch_argnums or ()) or arguments.key_arg == 0:
+  if 0 in (arguments.batch_argnums or ()):
     raise ValueError(
       f"`{WHERE}(gather_dtype=...)` casts the first positional argument, the parameters, "
-      f"passed whole; got batch_argnums={arguments.batch_argnums!r} and "
-      f"key_arg={arguments.key_arg!r}, which take argument 0 as a batch or the key."
+      f"passed whole; got batch_argnums={arguments.batch_argnums!r}, which splits argument 0 "
+      "as a batch."
     )
   return dtype
 

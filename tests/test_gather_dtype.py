@@ -132,7 +132,7 @@ def test_gather_dtype_refusals_name_the_call_the_argument_and_the_value():
     with pytest.raises(TypeError, match=rf"narrower than float64.*got gather_dtype={shown}\."):
       optaccum.microbatch(grad_fn, K, axis_name="data", gather_dtype=bad)
   # It casts argument 0, the parameters: not when that argument is a batch.
-  with pytest.raises(ValueError, match=r"casts the first positional argument.*argument 0"):
+  with pytest.raises(ValueError, match=r"casts the first positional argument.*splits argument 0"):
     optaccum.microbatch(grad_fn, K, axis_name="data", gather_dtype=jnp.bfloat16, batch_argnums=0)
   params, x, y = problem(features=8, hidden=16)
   split = optaccum.microbatch(
