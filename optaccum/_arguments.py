@@ -137,6 +137,15 @@ def batches(
   return found
 
 
+def whole(
+  plan: Plan, args: tuple[PyTree, ...], kwargs: dict[str, PyTree]
+) -> dict[int | str, PyTree]:
+  """Each argument passed whole (neither a batch nor the key), by position or keyword."""
+  found: dict[int | str, PyTree] = {n: a for n, a in enumerate(args) if plan.passes_whole(n)}
+  found.update({n: v for n, v in kwargs.items() if plan.passes_whole(n)})
+  return found
+
+
 def key(
   where: str, plan: Plan, args: tuple[PyTree, ...], kwargs: dict[str, PyTree]
 ) -> jax.Array | None:

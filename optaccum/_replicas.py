@@ -277,11 +277,9 @@ def gather_whole(
       leaf = leaf.astype(dtype)
     return gathered_over(leaf, axes) if explicit(axes) else leaf
 
-  named: dict[int | str, PyTree] = {**dict(enumerate(args)), **kwargs}
   whole = {
     n: jax.tree.map(lambda leaf: gathered(leaf, cast=n == 0), v)
-    for n, v in named.items()
-    if plan.passes_whole(n)
+    for n, v in _arguments.whole(plan, args, kwargs).items()
   }
   new_args, new_kwargs = _arguments.replaced(args, kwargs, whole)
   return tuple(new_args), new_kwargs

@@ -438,8 +438,7 @@ def microbatch_call(
   args, kwargs = _vary_whole_arguments(plan, args, kwargs, settings.replicas)
   by_rows = cut.tail and settings.reduction == "mean"
   counted = settings.num_real is not None
-  named = {**dict(enumerate(args)), **kwargs}
-  whole = [value for name, value in named.items() if plan.passes_whole(name)]
+  whole = list(_arguments.whole(plan, args, kwargs).values())
 
   def run(values: dict, key: jax.Array | None, state: PyTree, rows: int) -> Any:
     micro_args, micro_kwargs = _microbatch_arguments(plan, args, kwargs, values, key)
