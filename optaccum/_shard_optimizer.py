@@ -141,7 +141,7 @@ def _gathered(
       # over the replicas, keeping any other axis.
       return _replicas.gathered_over(u, axes)  # type: ignore[return-value]
     return _replicas.placed_like(u, like)
-  dim = _free_dim(like if like is not None else u, axes, replicas) if u.ndim else None
+  dim = _free_dim(like if like is not None else u, axes, replicas)
   if dim is None:
     return u
   spec = [None if i == dim else P.UNCONSTRAINED for i in range(u.ndim)]
