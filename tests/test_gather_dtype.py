@@ -39,21 +39,23 @@ def problem(features=64, hidden=2048):
   return params, x, y
 
 
-def mesh():
-  return jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+def mesh(kind=AxisType.Explicit):
+  return jax.make_mesh((1,), ("data",), axis_types=(kind,))
 
 
-def sharded(params):
-  return {n: jax.device_put(v, NamedSharding(mesh(), P("data"))) for n, v in params.items()}
+def sharded(params, kind=AxisType.Explicit):
+  return {n: jax.device_put(v, NamedSharding(mesh(kind), P("data"))) for n, v in params.items()}
 
 
-def test_the_gradient_is_taken_at_the_cast_parameters_and_returned_in_their_own_dtype():
+# On an Auto mesh XLA places the gather; the cast comes before it all the same.
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_the_gradient_is_taken_at_the_cast_parameters_and_returned_in_their_own_dtype(kind):
   params, x, y = problem()
   split = optaccum.microbatch(
     jax.value_and_grad(loss), K, axis_name="data", gather_dtype=jnp.bfloat16
   )
-  with jax.set_mesh(mesh()):
-    value, grads = jax.jit(split)(sharded(params), x, y)
+  with jax.set_mesh(mesh(kind)):
+    value, grads = jax.jit(split)(sharded(params, kind), x, y)
   # Reference: each micro-batch's (rows i, i + k, ...) bfloat16 gradient at the
   # bfloat16 parameters, summed in float64, divided by k.
   cast = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
