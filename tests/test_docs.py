@@ -12,6 +12,7 @@ The guides' blocks (docs/*.md) run the same way when the site builds
 only their fences are parsed, so that none goes unrun.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,18 @@ def test_python_block_runs(code, runs, request):
   assert exit_code == 0, (
     f"the block at {block_id} exited with {exit_code}:\n{result.stderr[-4000:]}"
   )
+
+
+def test_the_readme_starts_with_the_answer():
+  # Within its first 60 lines: the two set-up commands (the demo; the tests), the three
+  # names a newcomer needs, and a whole runnable example, its closing fence included.
+  head = "\n".join(README.read_text().splitlines()[:60]) + "\n"
+  commands = re.search(r"```bash\n(.*?)```", head, re.S)
+  assert commands, "no set-up block in README.md's first 60 lines"
+  demo, tests = commands[1].strip().splitlines()
+  assert "pip install" in demo and demo.endswith("optaccum demo")
+  assert "pip install" in tests and tests.endswith("-m pytest -q")
+  for name in ("optaccum.accumulate(", "optaccum.apply_gradients(", "optaccum.microbatch("):
+    assert f"`{name}" in head, name
+  [example] = interpreter.python_blocks(head)
+  assert "optaccum.accumulate(" in example.code and example.code in BLOCKS[0].values[0]

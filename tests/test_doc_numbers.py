@@ -1,0 +1,492 @@
+"""Every measured number of README.md and the guides comes from a record and equals it.
+
+`python -m benchmarks` (and `python -m benchmarks.peers`, whose tables are copied
+into RESULTS.md's "Peers" section) write the measurements to benchmarks/RESULTS.md,
+which also records, below its generated tables, the other runs the guides quote,
+each with its command. The first tests here read the numbers that README.md's "How
+it compares", docs/comparison.md and docs/performance.md compute from RESULTS.md
+(minima, differences, rounding) and recompute them. The last ones hold every page to
+one rule: a block with a measured number names its source above it, and the number
+is in that source, so that no hand-copied number drifts from the run it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = (REPO / "benchmarks" / "RESULTS.md").read_text()
+README = (REPO / "README.md").read_text()
+COMPARISON = (REPO / "docs" / "comparison.md").read_text()
+PERFORMANCE = (REPO / "docs" / "performance.md").read_text()
+
+# README's row labels and docs/performance.md's, with the RESULTS.md methods they quote.
+README_PEERS = {
+  "large batch, no accumulation": ("–", "large batch"),
+  "`optaccum.microbatch`": ("8", "optaccum.microbatch"),
+  "`optax.microbatching.microbatch`": ("8", "optax.microbatching.microbatch"),
+  "`optaccum.apply_gradients`": ("8", "optaccum.apply_gradients"),
+  "`optaccum.accumulate`": ("8", "optaccum.accumulate"),
+  "`optax.MultiSteps`": ("8", "optax.MultiSteps"),
+}
+PERFORMANCE_METHODS = {
+  "`optaccum.apply_gradients` (fast path, default)": 'optaccum.apply_gradients (default: "cond")',
+  "`optaccum.accumulate` + `optax.apply_updates` (default)": (
+    'optaccum.accumulate (default: "cond")'
+  ),
+  "`optaccum.apply_gradients(skip=optaccum.skip.not_finite)`": (
+    "optaccum.apply_gradients(skip=skip_not_finite)"
+  ),
+  "`optaccum.microbatch` (in-step)": "optaccum.microbatch (in-step)",
+  "`optax.MultiSteps`": "optax.MultiSteps",
+  "`optax.chain(adamw, optax.apply_every(k))`": "optax.chain(adamw, apply_every(k))",
+  "hand-written loop (Python branch, no NaN check)": "hand-written loop (Python branch)",
+  "`optaccum.apply_gradients(window_guard=False)` (no protection)": (
+    "optaccum.apply_gradients(window_guard=False)"
+  ),
+}
+WHICH_TO_USE = {  # docs/performance.md's "Which to use" rows, by the start of their label
+  "`optaccum.apply_gradients` (fast path": 'optaccum.apply_gradients (default: "cond")',
+  "`optaccum.apply_gradients`, `window_guard=False`": (
+    "optaccum.apply_gradients(window_guard=False)"
+  ),
+  "`optaccum.apply_gradients`, `skip=": "optaccum.apply_gradients(skip=skip_not_finite)",
+  "`optaccum.accumulate` + `optax.apply_updates`": 'optaccum.accumulate (default: "cond")',
+  "`optax.MultiSteps`": "optax.MultiSteps",
+  "`optax.chain(adamw, optax.apply_every(k))`": "optax.chain(adamw, apply_every(k))",
+  "hand-written loop": "hand-written loop (Python branch)",
+}
+
+
+def _section(text: str, heading: str) -> str:
+  """The text under the heading that starts with `heading`, to the next heading of its level."""
+  level = heading.split(" ")[0]
+  start = re.search(rf"^{re.escape(heading)}", text, re.M).start()
+  end = re.search(rf"^{level} ", text[start + len(heading) :], re.M)
+  return text[start : start + len(heading) + end.start()] if end else text[start:]
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+  """Every Markdown table of `text`: its rows (the header first), each a list of cells."""
+  tables, rows = [], []
+  for line in text.splitlines() + [""]:
+    if re.fullmatch(r"\|[-:| ]+\|", line.strip()):
+      continue  # the row under the header
+    if line.startswith("|"):
+      rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+    elif rows:
+      tables.append(rows)
+      rows = []
+  return tables
+
+
+def _table(text: str, first_header_cell: str) -> list[list[str]]:
+  """The first table of `text` whose header's first cell is `first_header_cell`."""
+  found = [table for table in _tables(text) if table[0][0] == first_header_cell]
+  assert found, f"no table's header starts with the cell {first_header_cell!r}"
+  return found[0]
+
+
+def _by_label(table: list[list[str]], columns: int = 1) -> dict:
+  """The rows of `table` (header dropped) by their first `columns` cells."""
+  return {tuple(row[:columns]) if columns > 1 else row[0]: row for row in table[1:]}
+
+
+def _words(text: str) -> str:
+  """`text` with every run of whitespace one space: Markdown wraps lines anywhere."""
+  return " ".join(text.split())
+
+
+def _ceiling(x: float) -> float:
+  """`x` rounded up to one significant digit: the bound "within 6e-6" quotes for 5.6e-6."""
+  scale = 10.0 ** math.floor(math.log10(x))
+  return math.ceil(round(x / scale, 6)) * scale
+
+
+PEERS = _section(RESULTS, "## Peers:")
+PEER_TABLES = {
+  "MLP": _by_label(_table(_section(PEERS, "### (a) MLP"), "k"), 2),
+  "LM": _by_label(_table(_section(PEERS, "### (b) Transformer LM"), "k"), 2),
+}
+OPTIMIZER_ONLY = _by_label(_table(_section(RESULTS, "## (a) Optimizer-only"), "method"))
+PARAMETER_HEAVY = _by_label(_table(_section(RESULTS, "## (b2) Transformer LM"), "method"))
+# Columns of a peers table, and of a micro-step table.
+TIME, VS_PEER, TEMP, TEMP_RATIO, DIFFERENCE = 2, 3, 4, 5, 6
+MS, THROUGHPUT, VS_LIMIT = 1, 2, 3
+
+
+def _peer_rows(k: str | None = None) -> list[list[str]]:
+  """The rows of both peers tables other than the large batch's, at `k` (all k: None)."""
+  return [
+    row
+    for table in PEER_TABLES.values()
+    for (row_k, _), row in table.items()
+    if row_k != "–" and (k is None or row_k == k)
+  ]
+
+
+def _x(cell: str) -> float:
+  return float(cell.removesuffix("x"))
+
+
+def test_the_readme_names_the_command_and_models_of_the_peers_section():
+  command = re.search(r"Produced by `(python -m benchmarks\.peers [^`]*)`", PEERS)[1]
+  readme = _words(_section(README, "## How it compares"))
+  assert f"`{command}`" in readme
+  headings = ("### (a) MLP", "### (b) Transformer LM")
+  mlp, lm = (re.search(r"^(\S+) float32 params", _section(PEERS, h), re.M)[1] for h in headings)
+  assert f"MLP ({mlp} parameters" in readme and f"LM ({lm} parameters" in readme
+
+
+@pytest.mark.parametrize("label", README_PEERS)
+def test_readme_comparison_row_equals_results(label):
+  table = _table(README, "k = 8")
+  assert table[0] == [
+    "k = 8",
+    "MLP: time per batch",
+    "MLP: temporaries",
+    "LM: time per batch",
+    "LM: temporaries",
+  ]
+  row = _by_label(table)[label]
+  quoted = []
+  for model in ("MLP", "LM"):
+    measured = PEER_TABLES[model][README_PEERS[label]]
+    quoted += [measured[TIME], f"{float(measured[TEMP]):.1f} MiB"]
+  assert row[1:] == quoted
+
+
+def _short(x: float, digits: int) -> str:
+  """`x` in scientific notation as the pages write it: "6e-6", "6.3e-4"."""
+  return f"{x:.{digits}e}".replace("e-0", "e-")
+
+
+def _peer_findings() -> dict[str, float | str]:
+  """What README.md and docs/comparison.md conclude from the peers tables, by name."""
+  mlp, lm = PEER_TABLES["MLP"], PEER_TABLES["LM"]
+  ratios = [_x(row[TEMP_RATIO]) for row in _peer_rows("8")]
+  more = [
+    float(t["8", "optax.MultiSteps"][TEMP]) - float(t["8", "optaccum.accumulate"][TEMP])
+    for t in PEER_TABLES.values()
+  ]
+  times = [_x(row[TIME]) for row in _peer_rows()]
+  mlp_difference = max(float(row[DIFFERENCE]) for row in mlp.values())
+  lm_difference = max(float(row[DIFFERENCE]) for row in lm.values())
+  return {
+    "least_memory": min(ratios),
+    "most_memory": max(ratios),
+    "batch_copy": float(mlp["8", "optax.microbatching.microbatch"][TEMP])
+    - float(mlp["8", "optaccum.microbatch"][TEMP]),
+    "least_more": min(more),
+    "most_more": max(more),
+    "fastest": min(times),
+    "slowest": max(times),
+    "from_peer": round(max(abs(_x(row[VS_PEER]) - 1) for row in _peer_rows()) * 100),
+    "mlp_bound": _short(_ceiling(mlp_difference), 0),
+    "lm_bound": _short(_ceiling(lm_difference), 0),
+    "lm_largest": _short(lm_difference, 1),
+    "multisteps_slower": float(PARAMETER_HEAVY["optax.MultiSteps"][MS])
+    / float(PARAMETER_HEAVY['optaccum.apply_gradients (default: "cond")'][MS]),
+  }
+
+
+# Each page's sentences that state the findings, with the numbers as fields.
+FINDINGS = {
+  "README.md": (
+    _words(_section(README, "## How it compares")),
+    [
+      "Memory is where accumulation pays: {least_memory:.2f}x to {most_memory:.2f}x",
+      '(its `reshape(order="F")`: {batch_copy:.1f} MiB more on the MLP',
+      "{least_more:.1f} to {most_more:.1f} MiB more than optaccum's",
+      "({fastest:.2f}x to {slowest:.2f}x at k = 2, 4, 8)",
+      "within {from_peer}% of their Optax peers",
+      "within {mlp_bound} of the large batch's on the MLP and within {lm_bound} on",
+      "takes {multisteps_slower:.1f}x one of `optaccum.apply_gradients`",
+    ],
+  ),
+  "docs/comparison.md": (
+    _words(_section(COMPARISON, "## Measured")),
+    [
+      "at k = 8 every form needs {least_memory:.2f}x to {most_memory:.2f}x of the",
+      "Optax's in-step form holds {batch_copy:.2f} MiB more on the MLP",
+      "holds {least_more:.1f} to {most_more:.1f} MiB more than",
+      "costs: {fastest:.2f}x to {slowest:.2f}x,",
+      "within {from_peer}% of their Optax peers",
+      "within {mlp_bound} on the MLP",
+      "up to {lm_largest} for every",
+    ],
+  ),
+}
+
+
+@pytest.mark.parametrize("page", FINDINGS)
+def test_the_findings_of_the_readme_and_comparison_quote_results(page):
+  text, sentences = FINDINGS[page]
+  for sentence in sentences:
+    assert sentence.format(**_peer_findings()) in text
+
+
+def test_readme_behaviour_table_quotes_the_bfloat16_errors_of_results():
+  behaviour = _by_label(_table(_section(PEERS, "### Behaviour"), "behaviour"))
+  row = next(row for label, row in behaviour.items() if label.startswith("bfloat16 grads"))
+  ours = re.match(r"(\S+), (\S+): summed in float32", row[1])
+  theirs = re.match(r"`microbatching\.microbatch`: (\S+), (\S+), summed in bfloat16", row[2])
+  readme = _by_label(_table(README, ""))["bfloat16 gradients summed in"]
+  assert float(re.search(r"error (\S+) of the largest", readme[3])[1]) == float(theirs[2])
+  assert float(re.search(r"float32: ([^,]+),", readme[4])[1]) == float(ours[2])
+
+
+@pytest.mark.parametrize("model, heading", [("MLP", "(a) An activation"), ("LM", "(b) A small")])
+def test_comparison_tables_equal_results(model, heading):
+  text = COMPARISON[COMPARISON.index(heading) :]
+  table = _table(text, "k")  # the first table after the heading
+  measured = PEER_TABLES[model]
+  assert len(table) - 1 == len(measured)
+  for row in table[1:]:
+    k, method = row[0], row[1].replace("`", "")
+    expected = measured[k, method]
+    assert row[2:6] == expected[2:6], (k, method)
+    assert float(row[DIFFERENCE]) == float(expected[DIFFERENCE]), (k, method)
+
+
+def test_comparison_behaviour_and_replica_tables_equal_results():
+  assert _table(COMPARISON, "behaviour") == _table(_section(PEERS, "### Behaviour"), "behaviour")
+  replicas = _table(_section(PEERS, "### Replicas"), "form")
+  quoted = _table(COMPARISON, "form")
+  assert [row[1] for row in quoted] == [row[1] for row in replicas]
+  for ours, theirs in zip(quoted[1:], replicas[1:]):
+    assert ours[0].replace("`", "").replace("parallel.per_replica", "per_replica") == theirs[0]
+
+
+def test_comparison_text_quotes_the_micro_step_times_of_results():
+  text = _words(COMPARISON)
+  multisteps = float(PARAMETER_HEAVY["optax.MultiSteps"][MS])
+  fast = float(PARAMETER_HEAVY['optaccum.apply_gradients (default: "cond")'][MS])
+  assert f"takes {multisteps:.1f} ms, one of `optaccum.apply_gradients` {fast:.1f} ms" in text
+  assert f"({multisteps / fast:.1f}x less on the parameter-heavy" in text
+
+
+@pytest.mark.parametrize("label", PERFORMANCE_METHODS)
+def test_performance_table_equals_results(label):
+  row = _by_label(_table(PERFORMANCE, "time per micro-step: plain's / the method's"))[label]
+  method = PERFORMANCE_METHODS[label]
+  optimizer_only = OPTIMIZER_ONLY.get(method)
+  heavy = PARAMETER_HEAVY[method]
+  expected = [
+    optimizer_only[THROUGHPUT] if optimizer_only else "–",
+    optimizer_only[VS_LIMIT] if optimizer_only else "–",
+    heavy[THROUGHPUT],
+    heavy[VS_LIMIT],
+    f"{_x(heavy[5]):.2f}x",  # temp vs plain
+  ]
+  assert row[1:] == expected
+
+
+@pytest.mark.parametrize("label", WHICH_TO_USE)
+def test_performance_which_to_use_table_equals_results(label):
+  table = _table(PERFORMANCE, "")
+  assert table[0][1].startswith("throughput vs training without accumulation")
+  (row,) = [row for row in table[1:] if row[0].startswith(label)]
+  heavy = PARAMETER_HEAVY[WHICH_TO_USE[label]]
+  assert row[1].split(" ")[0] == heavy[THROUGHPUT]
+  assert row[2] == f"{_x(heavy[5]):.2f}x"
+  if "(the `acc + g` floor" in row[1]:
+    floor = PARAMETER_HEAVY["floor: acc + g, no optimizer"][THROUGHPUT]
+    assert row[1].endswith(f"(the `acc + g` floor: {floor})")
+
+
+def test_performance_text_quotes_the_micro_step_times_of_results():
+  text = _words(PERFORMANCE)
+  ms = {name: float(row[MS]) for name, row in PARAMETER_HEAVY.items()}
+  temp = {name: float(row[4]) for name, row in PARAMETER_HEAVY.items()}
+  fast, transform = (
+    'optaccum.apply_gradients (default: "cond")',
+    'optaccum.accumulate (default: "cond")',
+  )
+  assert (
+    f"takes {ms['optax.MultiSteps'] / ms[fast]:.1f}x one of `optaccum.apply_gradients` "
+    f"({ms['optax.MultiSteps']:.1f} against {ms[fast]:.1f} ms; `optaccum.accumulate`: "
+    f"{ms[transform]:.1f} ms) with {temp['optax.MultiSteps'] / temp[fast]:.1f}x its "
+    f"temporaries ({temp['optax.MultiSteps']:.1f} against {temp[fast]:.1f} MiB)"
+  ) in text
+  skip = ms["optaccum.apply_gradients(skip=skip_not_finite)"]
+  assert f"({skip:.1f} against {ms[fast]:.1f} ms per micro-step on the LM)" in text
+
+
+# Every measured number of README.md and the guides says where it comes from. A table,
+# a paragraph (or a list) or an output block that holds one is preceded by a line
+#   <!-- numbers: SOURCE; SOURCE ... -->
+# whose SOURCEs are
+#   RESULTS.md "HEADING": every number of the block appears in that section of
+#     benchmarks/RESULTS.md, the record of the commands that measured them;
+#   tests/FILE.py::TEST: that test compares the block's numbers with their source;
+#   not measured: WHY (a number that is arithmetic or a definition, not a measurement).
+# A number in a python block or in `code` is code, not a measurement.
+MARKER = re.compile(r"^<!-- numbers: (?P<sources>.+) -->$")
+# A number with a unit, a ratio, a percentage, in scientific notation, or set against one.
+MEASURED = re.compile(
+  r"(?<![\w.\-])\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?: ?(?:MiB|KiB|GiB|MB|GB|B|ms|µs|s)\b|x\b|%)"
+  r"|(?<![\w.])\d(?:\.\d+)?e-\d+"
+  # the first of "7.3 against 8.7 s", "1.1 to 1.8 MiB"
+  r"|(?<![\w.])\d+\.\d+(?= (?:against|to|and) \d[\d,]*(?:\.\d+)? ?(?:MiB|KiB|GiB|ms|µs|s)\b)"
+)
+# Any number; thousands may be set apart by a comma or a space ("22 528", "364,812").
+NUMBER = re.compile(
+  r"(?<![\w.])(?<![A-Za-z]-)(?:\d{1,3}(?:[, ]\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?(?!\d)"
+)
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+class _Block:
+  """A table, a paragraph or list, or a fenced block of a page, with the marker above it."""
+
+  def __init__(self, page: str, line: int, kind: str, text: str, marker: str | None):
+    self.page, self.line, self.kind, self.text, self.marker = page, line, kind, text, marker
+
+  def __repr__(self) -> str:
+    return f"{self.page}:{self.line} ({self.kind})"
+
+  def numbers(self) -> list[str]:
+    """The measured numbers: in a table every number of its body, elsewhere those of
+    `MEASURED`; none in code."""
+    if self.kind in ("python", "bash"):
+      return []
+    text = re.sub(r"`[^`\n]*`", "", self.text)
+    if self.kind == "table":
+      body = "\n".join(text.splitlines()[1:])
+      return [_normal(n) for n in NUMBER.findall(body) if n.strip()]
+    return [_normal(n) for n in MEASURED.findall(text)]
+
+
+def _normal(number: str) -> str:
+  """A number as RESULTS.md may write it: thousands apart by a comma, a space or nothing."""
+  return re.sub(r"(?<=\d)[, ](?=\d{3}\b)", "", number.strip())
+
+
+def blocks(page: str, text: str) -> list[_Block]:
+  """The blocks of a Markdown page, each with the `<!-- numbers: -->` marker above it."""
+  lines, found, marker, i = text.splitlines(), [], None, 0
+  while i < len(lines):
+    stripped = lines[i].strip()
+    if not stripped:
+      i += 1
+      continue
+    if MARKER.match(stripped):
+      marker = MARKER.match(stripped)["sources"]
+      i += 1
+      continue
+    start = i
+    if stripped.startswith("```"):
+      kind = stripped[3:].strip() or "output"
+      i += 1
+      while not lines[i].strip().startswith("```"):
+        i += 1
+      i += 1
+    else:
+      kind = "table" if stripped.startswith("|") else "paragraph"
+      while (
+        i < len(lines)
+        and lines[i].strip()
+        and lines[i].strip().startswith("|") == (kind == "table")
+        and not lines[i].strip().startswith("```")
+        and not MARKER.match(lines[i].strip())
+      ):
+        i += 1
+    body = lines[start:i] if kind in ("table", "paragraph") else lines[start + 1 : i - 1]
+    found.append(_Block(page, start + 1, kind, "\n".join(body), marker))
+    marker = None
+  return found
+
+
+def _sources(marker: str) -> list[str]:
+  return [source.strip() for source in marker.split(";")]
+
+
+def results_section(heading: str) -> str:
+  """The section of RESULTS.md under the one heading that starts with `heading`."""
+  starts = [m.start() for m in re.finditer(rf"^{re.escape(heading)}", RESULTS, re.M)]
+  assert len(starts) == 1, f"{len(starts)} headings of benchmarks/RESULTS.md start {heading!r}"
+  return _section(RESULTS, heading)
+
+
+def _measured_blocks() -> list[_Block]:
+  return [
+    block
+    for page in PAGES
+    for block in blocks(page.relative_to(REPO).as_posix(), page.read_text())
+    if block.numbers()
+  ]
+
+
+def test_every_measured_number_of_the_readme_and_guides_names_its_source():
+  unsourced = [
+    f"{block}: {block.numbers()[:4]}" for block in _measured_blocks() if block.marker is None
+  ]
+  assert not unsourced, "no `<!-- numbers: SOURCE -->` above:\n" + "\n".join(unsourced)
+
+
+@pytest.mark.parametrize("block", [b for b in _measured_blocks() if b.marker], ids=repr)
+def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
+  sources = _sources(block.marker)
+  recorded: set[str] = set()
+  for source in sources:
+    if source.startswith("not measured: "):
+      assert len(source) > len("not measured: ") + 10, f"{block}: say why: {source!r}"
+      return
+    if source.startswith("tests/"):
+      path, test = source.split("::")
+      code = (REPO / path).read_text()
+      assert f"\ndef {test}(" in code, f"{block}: {source} names no test"
+      name = block.page.rsplit("/", 1)[-1]
+      assert name in code, f"{block}: {path} never reads {name}"
+      continue
+    heading = re.fullmatch(r'RESULTS\.md "(?P<heading>#+ [^"]+)"', source)
+    assert heading, f'{block}: a source is RESULTS.md "## HEADING", tests/FILE.py::TEST '
+    recorded |= {_normal(n) for n in NUMBER.findall(results_section(heading["heading"]))}
+    recorded |= {_normal(n) for n in MEASURED.findall(results_section(heading["heading"]))}
+  if any(source.startswith("RESULTS.md") for source in sources):
+    missing = [n for n in block.numbers() if n not in recorded and _bare(n) not in recorded]
+    if any(source.startswith("tests/") for source in sources):
+      return  # the named test checks what the record does not hold verbatim
+    assert not missing, f"{block}: not in the RESULTS.md sections it names: {missing}"
+
+
+def _bare(number: str) -> str:
+  """A measured number without its unit: "3.84 MiB" in a table column headed MiB."""
+  return re.sub(r" ?(?:MiB|KiB|GiB|MB|GB|B|ms|µs|s|x|%)$", "", number)
+
+
+def test_the_marker_parser_finds_tables_paragraphs_and_output_blocks():
+  text = (
+    "Intro 3.5 MiB, 7.3 against 8.7 s.\n\n"
+    "<!-- numbers: not measured: an example for this test -->\n"
+    "| a | b |\n|---|---|\n| x | 1,024 |\n\n```python\nbudget = '8MiB'\n```\n\n"
+    "```\nprinted 2.5x\n```\n"
+  )
+  found = blocks("page.md", text)
+  assert [(b.kind, b.line, b.marker is not None, b.numbers()) for b in found] == [
+    ("paragraph", 1, False, ["3.5 MiB", "7.3", "8.7 s"]),
+    ("table", 4, True, ["1024"]),
+    ("python", 8, False, []),
+    ("output", 12, False, ["2.5x"]),
+  ]
+
+
+@pytest.mark.parametrize(
+  "marker, error",
+  [
+    ('RESULTS.md "## (b2) Transformer LM"', "not in the RESULTS.md sections it names"),
+    ('RESULTS.md "## No such heading"', "0 headings of benchmarks/RESULTS.md"),
+    ("tests/test_doc_numbers.py::test_no_such_test", "names no test"),
+    ("tests/test_docs.py::test_the_readme_starts_with_the_answer", "never reads page.md"),
+    ("not measured: why", "say why"),
+  ],
+)
+def test_a_number_its_source_does_not_hold_fails(marker, error):
+  block = _Block("docs/page.md", 1, "paragraph", "A micro-step took 99.99 ms.", marker)
+  with pytest.raises(AssertionError, match=error):
+    test_a_block_quotes_its_numbers_from_the_source_it_names(block)
