@@ -9,7 +9,11 @@ timed once more head to head with the baseline, over three times the rounds of
 Two floors time a bare stochastically rounded bfloat16 `acc + g`: with
 optaccum's hashed bits, and with threefry bits drawn for every element. Memory
 is counted on the state itself (bytes of `acc_grads`, of the whole state) and
-from XLA's compiled memory analysis of the step.
+from XLA's compiled memory analysis of the step; a last table compiles a whole
+train step (the gradient of an 8.4M-parameter MLP, accumulated, AdamW) in both
+forms with float32 and bfloat16 accumulators, at a micro-batch of small and of
+dominant activations, to show where the state's saving survives the step's
+temporaries.
 
 Run: python -m benchmarks.accumulator_cost [--quick]
 """
@@ -160,6 +164,68 @@ def format_memory(rows: dict[str, dict[str, int]]) -> str:
   return "\n".join(lines)
 
 
+# The train step's model: DEPTH tanh layers of WIDTH x WIDTH (8.4M parameters).
+WIDTH, DEPTH = 1024, 8
+# A batch whose activations are small next to the parameters, and one where they dominate.
+BATCHES = (64, 4096)
+ACCUMULATORS = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def _mlp_loss(params: list[jax.Array], x: jax.Array) -> jax.Array:
+  for w in params:
+    x = jnp.tanh(x @ w)
+  return jnp.mean(x**2)
+
+
+def _train_step(form: str, tx: optax.GradientTransformation) -> Any:
+  """A jitted micro-step that computes the gradient of one micro-batch and accumulates it."""
+
+  def step(params, state, x):
+    grads = jax.grad(_mlp_loss)(params, x)
+    if form == "apply_gradients":
+      return optaccum.apply_gradients(tx, grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def train_step_memory(width: int = WIDTH, depth: int = DEPTH, batches=BATCHES) -> list[dict]:
+  """XLA's compiled memory of a whole train step, per form, accumulator and batch.
+
+  The state's saving shows in the arguments; whether the step's temporaries give it
+  back shows in temp. Rows: form, batch, accumulator, temp, argument (bytes).
+  """
+  keys = jax.random.split(jax.random.key(0), depth)
+  params = [jax.random.normal(key, (width, width)) * 0.02 for key in keys]
+  rows = []
+  for batch in batches:
+    x = jnp.ones((batch, width))
+    for form in ("accumulate + apply_updates", "apply_gradients"):
+      for name, dtype in ACCUMULATORS.items():
+        tx = optaccum.accumulate(optax.adamw(1e-3), microstep.EVERY_K, accumulator=dtype)
+        memory = _measure.compiled_memory(_train_step(form, tx), params, tx.init(params), x)
+        rows.append({"form": form, "batch": batch, "accumulator": name, **memory})
+  return rows
+
+
+def format_train_step_memory(rows: list[dict]) -> str:
+  lines = [
+    "| form | micro-batch rows | accumulator | temp (MiB) | arguments (MiB) | "
+    "temp + arguments (MiB) | vs float32 |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  totals = {(r["form"], r["batch"], r["accumulator"]): r["temp"] + r["argument"] for r in rows}
+  for r in rows:
+    total = totals[r["form"], r["batch"], r["accumulator"]]
+    lines.append(
+      f"| {r['form']} | {r['batch']} | {r['accumulator']} | {r['temp'] / 2**20:.2f} | "
+      f"{r['argument'] / 2**20:.2f} | {total / 2**20:.2f} | "
+      f"{(total - totals[r['form'], r['batch'], 'float32']) / 2**20:+.2f} MiB |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
   total, rounds = microstep.parse_arguments(argv, __doc__.splitlines()[0])
   table = methods(optax.adamw(1e-3))
@@ -168,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
   print(format_overhead(statistics_overhead(total, 3 * rounds)))
   print()
   print(format_memory(memory(table, total)))
+  print()
+  print(format_train_step_memory(train_step_memory()))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ def relative_error(actual, expected, name):
 
 @pytest.fixture(scope="module")
 def in_step_windows():
+  return window_statistics()
+
+
+def window_statistics():
   """Each window's running statistics, four ways, all from the same parameters.
 
   Merged from `optaccum.microbatch`'s stack, the NumPy reference, one

@@ -68,3 +68,27 @@ def test_fast_path_needs_no_parameter_sized_temporary(skip):
   # Measured: 0.4 KB by default; 0.99 MB (a quarter of the parameters) with the
   # per-micro-batch count of skip_not_finite.
   assert extra < (PARAM_BYTES / 8 if skip is None else PARAM_BYTES / 2), extra
+
+
+def test_a_bfloat16_accumulator_saves_its_two_bytes_per_parameter_in_the_fast_path():
+  # A whole train step (gradient, accumulation, AdamW) of 262k parameters with a
+  # small micro-batch, as `python -m benchmarks.accumulator_cost` measures at 8.4M:
+  # the fast path's temporaries stay those of float32, so the step holds 2 bytes per
+  # parameter less. The transformation must hand `apply_updates` float32 updates
+  # that a bfloat16 accumulator cannot hold: its temporaries grow by about what the
+  # accumulator saves (measured: 524 160 of 524 288 bytes here; 24 of 16 MiB at
+  # 8.4M), as docs/precision_and_statistics.md says.
+  from benchmarks import accumulator_cost
+
+  with jax.numpy_dtype_promotion("standard"):  # optax's adamw fails strict promotion
+    rows = accumulator_cost.train_step_memory(width=256, depth=4, batches=(8,))
+  memory = {(row["form"], row["accumulator"]): row for row in rows}
+  accumulator_saving = 4 * 256 * 256 * 4 // 2
+
+  def grown(form, column):
+    return memory[form, "bfloat16"][column] - memory[form, "float32"][column]
+
+  assert grown("apply_gradients", "argument") == -accumulator_saving
+  assert grown("apply_gradients", "temp") == 0
+  assert grown("accumulate + apply_updates", "argument") == -accumulator_saving
+  assert grown("accumulate + apply_updates", "temp") > 0.9 * accumulator_saving
