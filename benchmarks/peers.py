@@ -694,7 +694,7 @@ def all_reduces(k: int = 4) -> dict[str, int]:
       text = jax.jit(fn).lower(params, *batch).compile().as_text()
       counts[name] = plain_jit.per_window(text, (8,), 0, 1)[0]
     for name, tx, grads_of in (
-      ("optaccum.accumulate(axis_name=('data',)) + per_replica", ours, per_replica),
+      ("optaccum.accumulate(axis_name=('data',)) + parallel.per_replica", ours, per_replica),
       ("optaccum.accumulate", ours_without, jax.grad(loss)),
       ("optax.MultiSteps", multisteps, jax.grad(loss)),
     ):

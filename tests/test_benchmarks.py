@@ -191,7 +191,7 @@ def test_quick_run_of_peers_measures_every_form_and_runs_every_check():
     "optaccum.microbatch(axis_name=('data',))": 1,
     "optaccum.microbatch": 4,
     "optax.microbatching.microbatch": 4,
-    "optaccum.accumulate(axis_name=('data',)) + per_replica": 1,
+    "optaccum.accumulate(axis_name=('data',)) + parallel.per_replica": 1,
     "optaccum.accumulate": 4,
     "optax.MultiSteps": 4,
   }

@@ -63,10 +63,11 @@ WHICH_TO_USE = {  # docs/performance.md's "Which to use" rows, by the start of t
 
 
 def _section(text: str, heading: str) -> str:
-  """The text under the heading that starts with `heading`, to the next heading of its level."""
-  level = heading.split(" ")[0]
+  """The text under the heading that starts with `heading`, to the next heading of its
+  level or above."""
+  level = len(heading.split(" ")[0])
   start = re.search(rf"^{re.escape(heading)}", text, re.M).start()
-  end = re.search(rf"^{level} ", text[start + len(heading) :], re.M)
+  end = re.search(rf"^#{{1,{level}}} ", text[start + len(heading) :], re.M)
   return text[start : start + len(heading) + end.start()] if end else text[start:]
 
 
@@ -230,7 +231,7 @@ def test_the_findings_of_the_readme_and_comparison_quote_results(page):
     assert sentence.format(**_peer_findings()) in text
 
 
-def test_readme_behaviour_table_quotes_the_bfloat16_errors_of_results():
+def test_readme_behaviour_table_quotes_the_errors_and_counts_of_results():
   behaviour = _by_label(_table(_section(PEERS, "### Behaviour"), "behaviour"))
   row = next(row for label, row in behaviour.items() if label.startswith("bfloat16 grads"))
   ours = re.match(r"(\S+), (\S+): summed in float32", row[1])
@@ -238,6 +239,17 @@ def test_readme_behaviour_table_quotes_the_bfloat16_errors_of_results():
   readme = _by_label(_table(README, ""))["bfloat16 gradients summed in"]
   assert float(re.search(r"error (\S+) of the largest", readme[3])[1]) == float(theirs[2])
   assert float(re.search(r"float32: ([^,]+),", readme[4])[1]) == float(ours[2])
+  replicas = _by_label(_table(_section(PEERS, "### Replicas"), "form"))
+  [counts] = [
+    row[1:] for label, row in _by_label(_table(README, "")).items() if "all-reduces" in label
+  ]
+  deferred = replicas["optaccum.accumulate(axis_name=('data',)) + parallel.per_replica"][1]
+  assert counts == [
+    replicas["optax.MultiSteps"][1],
+    "not run",
+    replicas["optax.microbatching.microbatch"][1],
+    f"{deferred} with `axis_name=` ({replicas['optaccum.accumulate'][1]} without)",
+  ]
 
 
 @pytest.mark.parametrize("model, heading", [("MLP", "(a) An activation"), ("LM", "(b) A small")])
@@ -259,7 +271,7 @@ def test_comparison_behaviour_and_replica_tables_equal_results():
   quoted = _table(COMPARISON, "form")
   assert [row[1] for row in quoted] == [row[1] for row in replicas]
   for ours, theirs in zip(quoted[1:], replicas[1:]):
-    assert ours[0].replace("`", "").replace("parallel.per_replica", "per_replica") == theirs[0]
+    assert ours[0].replace("`", "") == theirs[0]
 
 
 def test_comparison_text_quotes_the_micro_step_times_of_results():
@@ -321,23 +333,29 @@ def test_performance_text_quotes_the_micro_step_times_of_results():
 # a paragraph (or a list) or an output block that holds one is preceded by a line
 #   <!-- numbers: SOURCE; SOURCE ... -->
 # whose SOURCEs are
-#   RESULTS.md "HEADING": every number of the block appears in that section of
-#     benchmarks/RESULTS.md, the record of the commands that measured them;
-#   tests/FILE.py::TEST: that test compares the block's numbers with their source;
-#   not measured: WHY (a number that is arithmetic or a definition, not a measurement).
-# A number in a python block or in `code` is code, not a measurement.
+#   RESULTS.md "HEADING": that section of benchmarks/RESULTS.md, the record of the
+#     commands that measured the numbers, holds them: a table's rows as rows of a record
+#     table with the same header, an output's lines as they were printed, and otherwise
+#     every number of the block by its value;
+#   tests/FILE.py::TEST: NUMBER, NUMBER: that test computes the numbers listed (a bound,
+#     a difference, a rounding of the record), so the record need not hold them; on a
+#     table with no record table of its header, the test compares the whole table;
+#   not measured: WHY: arithmetic, a definition or an example, not a measurement;
+#     beside another source, WHY names the numbers it covers ("28 GB = 7B x 4 bytes").
+# A number in a python or bash block or in `code` is code, not a measurement.
 MARKER = re.compile(r"^<!-- numbers: (?P<sources>.+) -->$")
-# A number with a unit, a ratio, a percentage, in scientific notation, or set against one.
+_UNIT = r"(?:MiB|KiB|GiB|MB|GB|bytes|B|ms|µs|seconds|s)\b"
+# A number, its thousands perhaps apart ("22 528", "364,812"), not inside a name
+# ("float32", "ZeRO-1"), though after a range's hyphen ("1.52x-1.76x", "21-22 µs").
+_NUMBER = r"(?<![\w.])(?<![A-Za-wyz]-)(?:\d{1,3}(?:[, ]\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+# A number with a unit, a ratio, a percentage, in scientific notation, or set against
+# one ("7.3 against 8.7 s", "1.1 to 1.8 MiB", "21-22 µs").
 MEASURED = re.compile(
-  r"(?<![\w.\-])\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?: ?(?:MiB|KiB|GiB|MB|GB|B|ms|µs|s)\b|x\b|%)"
-  r"|(?<![\w.])\d(?:\.\d+)?e-\d+"
-  # the first of "7.3 against 8.7 s", "1.1 to 1.8 MiB"
-  r"|(?<![\w.])\d+\.\d+(?= (?:against|to|and) \d[\d,]*(?:\.\d+)? ?(?:MiB|KiB|GiB|ms|µs|s)\b)"
+  rf"{_NUMBER}(?:e[-+]?\d+)?(?: ?{_UNIT}|x\b|%)"
+  rf"|{_NUMBER}e[-+]\d+"
+  rf"|{_NUMBER}(?=(?: (?:against|to|and) |-)\d[\d,.]* ?(?:{_UNIT}|x\b))"
 )
-# Any number; thousands may be set apart by a comma or a space ("22 528", "364,812").
-NUMBER = re.compile(
-  r"(?<![\w.])(?<![A-Za-z]-)(?:\d{1,3}(?:[, ]\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?(?!\d)"
-)
+NUMBER = re.compile(rf"{_NUMBER}(?:e[-+]?\d+)?(?!\d)")
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
@@ -351,20 +369,20 @@ class _Block:
     return f"{self.page}:{self.line} ({self.kind})"
 
   def numbers(self) -> list[str]:
-    """The measured numbers: in a table every number of its body, elsewhere those of
-    `MEASURED`; none in code."""
+    """The measured numbers: every number of a table's body or of an output, those of
+    `MEASURED` in prose; none in code."""
     if self.kind in ("python", "bash"):
       return []
     text = re.sub(r"`[^`\n]*`", "", self.text)
     if self.kind == "table":
-      body = "\n".join(text.splitlines()[1:])
-      return [_normal(n) for n in NUMBER.findall(body) if n.strip()]
-    return [_normal(n) for n in MEASURED.findall(text)]
+      return NUMBER.findall("\n".join(text.splitlines()[1:]))
+    return (NUMBER if self.kind == "output" else MEASURED).findall(text)
 
 
-def _normal(number: str) -> str:
-  """A number as RESULTS.md may write it: thousands apart by a comma, a space or nothing."""
-  return re.sub(r"(?<=\d)[, ](?=\d{3}\b)", "", number.strip())
+def _value(number: str) -> float:
+  """A number's value, whatever its unit and however its thousands are set apart."""
+  digits = re.match(r"[\d., ]+(?:e[-+]?\d+)?", number)[0].strip()
+  return float(re.sub(r"[, ](?=\d{3})", "", digits))
 
 
 def blocks(page: str, text: str) -> list[_Block]:
@@ -402,15 +420,28 @@ def blocks(page: str, text: str) -> list[_Block]:
   return found
 
 
-def _sources(marker: str) -> list[str]:
-  return [source.strip() for source in marker.split(";")]
-
-
 def results_section(heading: str) -> str:
   """The section of RESULTS.md under the one heading that starts with `heading`."""
   starts = [m.start() for m in re.finditer(rf"^{re.escape(heading)}", RESULTS, re.M)]
   assert len(starts) == 1, f"{len(starts)} headings of benchmarks/RESULTS.md start {heading!r}"
   return _section(RESULTS, heading)
+
+
+def _cells(row: list[str]) -> list[str]:
+  return [" ".join(cell.replace("`", "").split()) for cell in row]
+
+
+def _record_rows(block: _Block, records: list[str]) -> list[list[str]] | None:
+  """The rows of the record tables whose header is the block's, or None if none is."""
+  header = _cells(_tables(block.text)[0][0])
+  rows = [
+    _cells(row)
+    for record in records
+    for table in _tables(record)
+    if _cells(table[0]) == header
+    for row in table[1:]
+  ]
+  return rows or None
 
 
 def _measured_blocks() -> list[_Block]:
@@ -431,35 +462,47 @@ def test_every_measured_number_of_the_readme_and_guides_names_its_source():
 
 @pytest.mark.parametrize("block", [b for b in _measured_blocks() if b.marker], ids=repr)
 def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
-  sources = _sources(block.marker)
-  recorded: set[str] = set()
-  for source in sources:
+  records, covered, tested = [], set(), False
+  for source in (part.strip() for part in block.marker.split(";")):
     if source.startswith("not measured: "):
       assert len(source) > len("not measured: ") + 10, f"{block}: say why: {source!r}"
-      # Beside a record, it covers the numbers its reason names ("14 GB = 7B x 2 bytes").
-      recorded |= {_normal(n) for n in MEASURED.findall(source) + NUMBER.findall(source)}
+      covered |= {_value(n) for n in NUMBER.findall(source)}
     elif source.startswith("tests/"):
-      path, test = source.split("::")
+      name, _, listed = source.partition(": ")
+      path, test = name.split("::")
       code = (REPO / path).read_text()
-      assert f"\ndef {test}(" in code, f"{block}: {source} names no test"
-      name = block.page.rsplit("/", 1)[-1]
-      assert name in code, f"{block}: {path} never reads {name}"
+      assert f"\ndef {test}(" in code, f"{block}: {name} names no test"
+      assert block.page.rsplit("/", 1)[-1] in code, f"{block}: {path} never reads the page"
+      covered |= {_value(n) for n in NUMBER.findall(listed)}
+      tested = True
     else:
       heading = re.fullmatch(r'RESULTS\.md "(?P<heading>#+ [^"]+)"', source)
       assert heading, f'{block}: a source is RESULTS.md "## HEADING", tests/FILE.py::TEST '
-      section = results_section(heading["heading"])
-      recorded |= {_normal(n) for n in NUMBER.findall(section) + MEASURED.findall(section)}
-  if any(source.startswith("RESULTS.md") for source in sources) and not any(
-    source.startswith("tests/")
-    for source in sources  # the test checks what it quotes
-  ):
-    missing = [n for n in block.numbers() if n not in recorded and _bare(n) not in recorded]
-    assert not missing, f"{block}: not in the RESULTS.md sections it names: {missing}"
-
-
-def _bare(number: str) -> str:
-  """A measured number without its unit: "3.84 MiB" in a table column headed MiB."""
-  return re.sub(r" ?(?:MiB|KiB|GiB|MB|GB|B|ms|µs|s|x|%)$", "", number)
+      records.append(results_section(heading["heading"]))
+  rows = _record_rows(block, records) if block.kind == "table" else None
+  if rows is not None:
+    strays = [row for row in _tables(block.text)[0][1:] if _cells(row) not in rows]
+    assert not strays, f"{block}: rows that no record table of its header holds: {strays}"
+  elif block.kind == "output" and records:
+    printed = " ".join(" ".join(records).split())
+    strays = [line for line in block.text.splitlines() if " ".join(line.split()) not in printed]
+    assert not strays, f"{block}: lines the RESULTS.md sections it names never printed: {strays}"
+  elif block.kind == "table" and records and not tested:
+    # A table in its own layout: each row's numbers (but its label's) on one line of
+    # the record.
+    lines = [{_value(n) for n in NUMBER.findall(line)} for r in records for line in r.splitlines()]
+    strays = [
+      row
+      for row in _tables(block.text)[0][1:]
+      if not any(
+        {_value(n) for n in NUMBER.findall(" | ".join(row[1:]))} <= line | covered for line in lines
+      )
+    ]
+    assert not strays, f"{block}: rows whose numbers no one line of its records holds: {strays}"
+  elif (records or tested) and not (tested and block.kind == "table"):
+    recorded = covered | {_value(n) for record in records for n in NUMBER.findall(record)}
+    missing = [n for n in block.numbers() if _value(n) not in recorded]
+    assert not missing, f"{block}: numbers that none of its sources holds: {missing}"
 
 
 def test_the_marker_parser_finds_tables_paragraphs_and_output_blocks():
@@ -472,19 +515,35 @@ def test_the_marker_parser_finds_tables_paragraphs_and_output_blocks():
   found = blocks("page.md", text)
   assert [(b.kind, b.line, b.marker is not None, b.numbers()) for b in found] == [
     ("paragraph", 1, False, ["3.5 MiB", "7.3", "8.7 s"]),
-    ("table", 4, True, ["1024"]),
+    ("table", 4, True, ["1,024"]),
     ("python", 8, False, []),
-    ("output", 12, False, ["2.5x"]),
+    ("output", 12, False, ["2.5"]),
   ]
+
+
+def test_the_measured_numbers_of_prose():
+  text = "91 200 B, -16.00 MiB, 1.52x-1.76x, 21-22 µs, 2.4e+00, 12288 bytes; ZeRO-1, float32."
+  [block] = blocks("page.md", text)
+  assert block.numbers() == [
+    "91 200 B",
+    "16.00 MiB",
+    "1.52x",
+    "1.76x",
+    "21",
+    "22 µs",
+    "2.4e+00",
+    "12288 bytes",
+  ]
+  assert [_value(n) for n in block.numbers()[:2]] == [91200.0, 16.0]
 
 
 @pytest.mark.parametrize(
   "marker, error",
   [
-    ('RESULTS.md "## (b2) Transformer LM"', "not in the RESULTS.md sections it names"),
+    ('RESULTS.md "## (b2) Transformer LM"', "numbers that none of its sources holds"),
     ('RESULTS.md "## No such heading"', "0 headings of benchmarks/RESULTS.md"),
     ("tests/test_doc_numbers.py::test_no_such_test", "names no test"),
-    ("tests/test_docs.py::test_the_readme_starts_with_the_answer", "never reads page.md"),
+    ("tests/test_docs.py::test_the_readme_starts_with_the_answer", "never reads the page"),
     ("not measured: why", "say why"),
     ('RESULTS.md "## (b2) Transformer LM"; not measured: 14 GB is 7B x 2 bytes', "99.99"),
   ],
