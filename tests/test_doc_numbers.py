@@ -348,12 +348,14 @@ _UNIT = r"(?:MiB|KiB|GiB|MB|GB|bytes|B|ms|µs|seconds|s)\b"
 # A number, its thousands perhaps apart ("22 528", "364,812"), not inside a name
 # ("float32", "ZeRO-1"), though after a range's hyphen ("1.52x-1.76x", "21-22 µs").
 _NUMBER = r"(?<![\w.])(?<![A-Za-wyz]-)(?:\d{1,3}(?:[, ]\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-# A number with a unit, a ratio, a percentage, in scientific notation, or set against
-# one ("7.3 against 8.7 s", "1.1 to 1.8 MiB", "21-22 µs").
+# A number with a unit, a ratio, a percentage, in scientific notation, set against one
+# ("7.3 against 8.7 s", "1.1 to 1.8 MiB", "21-22 µs"), or a count of collectives.
 MEASURED = re.compile(
   rf"{_NUMBER}(?:e[-+]?\d+)?(?: ?{_UNIT}|x\b|%)"
   rf"|{_NUMBER}e[-+]\d+"
   rf"|{_NUMBER}(?=(?: (?:against|to|and) |-)\d[\d,.]* ?(?:{_UNIT}|x\b))"
+  # a count of collectives ("12 all-gathers")
+  rf"|{_NUMBER}(?= (?:all-reduces?|all-gathers?|all-to-alls?|reduce-scatters?)\b)"
 )
 NUMBER = re.compile(rf"{_NUMBER}(?:e[-+]?\d+)?(?!\d)")
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -522,7 +524,10 @@ def test_the_marker_parser_finds_tables_paragraphs_and_output_blocks():
 
 
 def test_the_measured_numbers_of_prose():
-  text = "91 200 B, -16.00 MiB, 1.52x-1.76x, 21-22 µs, 2.4e+00, 12288 bytes; ZeRO-1, float32."
+  text = (
+    "91 200 B, -16.00 MiB, 1.52x-1.76x, 21-22 µs, 2.4e+00, 12288 bytes, 3 all-gathers; "
+    "ZeRO-1 in float32, k = 4."
+  )
   [block] = blocks("page.md", text)
   assert block.numbers() == [
     "91 200 B",
@@ -533,6 +538,7 @@ def test_the_measured_numbers_of_prose():
     "22 µs",
     "2.4e+00",
     "12288 bytes",
+    "3",
   ]
   assert [_value(n) for n in block.numbers()[:2]] == [91200.0, 16.0]
 
