@@ -184,7 +184,7 @@ def _split_call(settings: _slicing.Settings, args: tuple, kwargs: dict) -> Any:
   """One call of the split function: slice, scan over the micro-batches, reduce, finish."""
   args, kwargs, graph = _nnx.split_graph(_WHERE, args, kwargs)
   axes = settings.replicas.axes
-  _replicas.check_gather_dtype(_WHERE, settings.gather_dtype, settings.replicas, args)
+  _replicas.check_gather_at_call(_WHERE, settings.gather_dtype, settings.replicas, args)
   if axes is None:
     carry, combined, shapes = _local_sums(settings, args, kwargs, graph=graph)
   elif graph is not None:

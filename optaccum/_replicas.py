@@ -329,7 +329,7 @@ def grads_like_before_gather(
   )
 
 
-def check_gather_dtype(
+def check_gather_at_call(
   where: str, dtype: DTypeLike | None, replicas: Replicas, args: tuple
 ) -> None:
   """Raises at the call unless `dtype` is None or the call gathers its first argument.
