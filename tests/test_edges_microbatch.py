@@ -52,7 +52,7 @@ def test_a_batch_whose_replica_share_k_does_not_divide_gives_the_unsplit_gradien
   assert "16" not in result["messages"]
   # A batch that does not divide among the replicas keeps the replicas' own message.
   assert result["messages"]["12"] == (
-    "`microbatch(axis_name=('data',))` splits every batch into 8 replicas, but "
+    "`microbatch(axis_name='data')` splits every batch into 8 replicas, but "
     "argument 1 at the root has a batch of 12, which does not divide by 8."
   )
   # Both give the unsplit gradient (float32 against float64).

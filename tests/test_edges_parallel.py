@@ -110,7 +110,7 @@ def test_data_parallel_still_splits_a_batch_that_divides(results):
 
 def test_per_replica_names_a_batch_that_does_not_divide_among_the_replicas(results):
   assert results["messages"]["per_replica 12 rows"] == (
-    "`per_replica(axis_name=('data',))` splits every batch into 8 replicas, but "
+    "`per_replica(axis_name='data')` splits every batch into 8 replicas, but "
     "argument 1 at the root has a batch of 12, which does not divide by 8."
   )
 
