@@ -191,7 +191,7 @@ def _split_call(settings: _slicing.Settings, args: tuple, kwargs: dict) -> Any:
     # nnx.Rngs would draw the same dropout masks on every replica.
     raise ValueError(
       f"`{_WHERE}(axis_name=...)` under plain `jax.jit` does not take NNX modules as "
-      f"arguments, got axis_name={_replicas.shown(axes)} with one at argument "
+      f"arguments, got axis_name={_replicas.shown_axes(axes)} with one at argument "
       f"{graph.names[0]!r}; pass `nnx.split(model)`'s state and merge it in `fn`, or call it "
       "inside `shard_map`."
     )

@@ -50,7 +50,7 @@ def check_axes(where: str, value: object) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def shown(axes: tuple[str, ...]) -> str:
+def shown_axes(axes: tuple[str, ...]) -> str:
   """`axes` as a message shows them: one name as the name, several as the tuple."""
   return repr(axes[0]) if len(axes) == 1 else repr(axes)
 
@@ -60,19 +60,19 @@ def _context_mesh(where: str, axes: tuple[str, ...]) -> Any:
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.shape:
     raise ValueError(
-      f"`{where}(axis_name={shown(axes)})` needs the mesh in context: call it under "
+      f"`{where}(axis_name={shown_axes(axes)})` needs the mesh in context: call it under "
       "`with jax.set_mesh(mesh):` (inside and outside `jax.jit`)."
     )
   missing = [a for a in axes if a not in mesh.shape]
   if missing:
     raise ValueError(
-      f"`{where}(axis_name={shown(axes)})` names axes {missing} that the mesh in context "
+      f"`{where}(axis_name={shown_axes(axes)})` names axes {missing} that the mesh in context "
       f"does not have; its axes are {tuple(mesh.axis_names)}."
     )
   types = {mesh.axis_types[mesh.axis_names.index(a)] for a in axes}
   if len(types) != 1:
     raise ValueError(
-      f"`{where}(axis_name={shown(axes)})` needs axes that are all Auto or all Explicit "
+      f"`{where}(axis_name={shown_axes(axes)})` needs axes that are all Auto or all Explicit "
       f"(plain `jax.jit`) or all Manual (inside `shard_map`), got "
       f"{sorted(str(t) for t in types)}."
     )
@@ -84,7 +84,7 @@ def count(where: str, axes: tuple[str, ...]) -> int:
   mesh = _context_mesh(where, axes)
   if mesh.axis_types[mesh.axis_names.index(axes[0])] == AxisType.Manual:
     raise ValueError(
-      f"`{where}(axis_name={shown(axes)})` runs under plain `jax.jit` with the mesh in "
+      f"`{where}(axis_name={shown_axes(axes)})` runs under plain `jax.jit` with the mesh in "
       "context (Auto or Explicit axes), not inside `shard_map`, where those axes are "
       "Manual: call it outside the `shard_map`."
     )
@@ -150,7 +150,7 @@ def split(
   size = _validation.unsplittable(x, replicas)
   if size is not None:
     raise ValueError(
-      f"`{where}(axis_name={shown(axes)})` splits every batch into {replicas} replicas, "
+      f"`{where}(axis_name={shown_axes(axes)})` splits every batch into {replicas} replicas, "
       f"but {argument} has {size}, which does not divide by {replicas}."
     )
   spec = spec_of(x)
@@ -369,9 +369,9 @@ def check_leading(
     if not shape or shape[0] != replicas:
       raise ValueError(
         f"`{where}({name}=...)` must hold per-replica gradients under "
-        f"axis_name={shown(axes)} under plain `jax.jit`: every leaf with a leading axis of "
+        f"axis_name={shown_axes(axes)} under plain `jax.jit`: every leaf with a leading axis of "
         f"{replicas} replicas, as `optaccum.parallel.per_replica(grad_fn, "
-        f"axis_name={shown(axes)})` returns them; the leaf at {_validation.place(path)} has "
+        f"axis_name={shown_axes(axes)})` returns them; the leaf at {_validation.place(path)} has "
         f"shape {shape}."
       )
 
@@ -540,7 +540,7 @@ class Replicas:
     replicas = count(where, self.axes)
     if jnp.shape(weight) != (replicas,):
       raise ValueError(
-        f"`{where}(weight=...)` must be a scalar or, under axis_name={shown(self.axes)}, "
+        f"`{where}(weight=...)` must be a scalar or, under axis_name={shown_axes(self.axes)}, "
         f"one weight per replica of shape ({replicas},), got shape {jnp.shape(weight)}."
       )
     _validation.check_real(where, "weight", weight)

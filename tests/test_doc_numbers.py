@@ -67,17 +67,18 @@ def _section(text: str, heading: str) -> str:
   level or above."""
   level = len(heading.split(" ")[0])
   start = re.search(rf"^{re.escape(heading)}", text, re.M).start()
-  end = re.search(rf"^#{{1,{level}}} ", text[start + len(heading) :], re.M)
-  return text[start : start + len(heading) + end.start()] if end else text[start:]
+  body = text.index("\n", start) + 1 if "\n" in text[start:] else len(text)
+  end = re.search(rf"^#{{1,{level}}} ", text[body:], re.M)
+  return text[start : body + end.start()] if end else text[start:]
 
 
 def _tables(text: str) -> list[list[list[str]]]:
   """Every Markdown table of `text`: its rows (the header first), each a list of cells."""
   tables, rows = [], []
   for line in text.splitlines() + [""]:
-    if re.fullmatch(r"\|[-:| ]+\|", line.strip()):
+    if re.fullmatch(r"\|(?: *:?-{3,}:? *\|)+", line.strip()):
       continue  # the row under the header
-    if line.startswith("|"):
+    if line.strip().startswith("|"):
       rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
     elif rows:
       tables.append(rows)
@@ -238,6 +239,8 @@ def test_readme_behaviour_table_quotes_the_errors_and_counts_of_results():
   theirs = re.match(r"`microbatching\.microbatch`: (\S+), (\S+), summed in bfloat16", row[2])
   readme = _by_label(_table(README, ""))["bfloat16 gradients summed in"]
   assert float(re.search(r"error (\S+) of the largest", readme[3])[1]) == float(theirs[2])
+  largest_k = re.search(r"k = [\d, ]*?(\d+)$", row[0])[1]
+  assert readme[3].endswith(f"gradient at k = {largest_k}")
   assert float(re.search(r"float32: ([^,]+),", readme[4])[1]) == float(ours[2])
   replicas = _by_label(_table(_section(PEERS, "### Replicas"), "form"))
   [counts] = [
@@ -280,6 +283,14 @@ def test_comparison_text_quotes_the_micro_step_times_of_results():
   fast = float(PARAMETER_HEAVY['optaccum.apply_gradients (default: "cond")'][MS])
   assert f"takes {multisteps:.1f} ms, one of `optaccum.apply_gradients` {fast:.1f} ms" in text
   assert f"({multisteps / fast:.1f}x less on the parameter-heavy" in text
+
+
+def test_the_performance_tables_hold_only_the_rows_checked_below():
+  quoted = _by_label(_table(PERFORMANCE, "time per micro-step: plain's / the method's"))
+  assert sorted(quoted) == sorted(PERFORMANCE_METHODS)
+  labels = [row[0] for row in _table(PERFORMANCE, "")[1:]]
+  assert len(labels) == len(WHICH_TO_USE)
+  assert all(any(label.startswith(start) for label in labels) for start in WHICH_TO_USE)
 
 
 @pytest.mark.parametrize("label", PERFORMANCE_METHODS)
@@ -329,6 +340,21 @@ def test_performance_text_quotes_the_micro_step_times_of_results():
   assert f"({skip:.1f} against {ms[fast]:.1f} ms per micro-step on the LM)" in text
 
 
+def test_performance_text_quotes_the_compile_times_of_results():
+  compile_time = _section(RESULTS, "## Compile time")
+  vs_plain = {row[0]: row[4] for row in _table(compile_time, "method")[1:]}
+  floor = vs_plain["floor: hand-written acc + g, one lax.cond, no guard"]
+  later = [row for row in _table(compile_time, "run")[1:] if row[0].startswith("0.2.0")]
+  assert (
+    f"`apply_gradients` took {vs_plain['optaccum.apply_gradients']} of plain, `accumulate` "
+    f"{vs_plain['optaccum.accumulate']} and `optax.MultiSteps` {vs_plain['optax.MultiSteps']}, "
+    f"against a floor of {floor} for a hand-written `acc + g` and one `lax.cond`; two later "
+    f"runs of the rebuilt core gave {later[0][4]} and {later[1][4]}, {later[0][3]} and "
+    f"{later[1][3]}, with the floor at {later[0][1]}."
+  ) in _words(PERFORMANCE)
+  assert later[0][1] == later[1][1]
+
+
 # Every measured number of README.md and the guides says where it comes from. A table,
 # a paragraph (or a list) or an output block that holds one is preceded by a line
 #   <!-- numbers: SOURCE; SOURCE ... -->
@@ -375,16 +401,37 @@ class _Block:
     `MEASURED` in prose; none in code."""
     if self.kind in ("python", "bash"):
       return []
-    text = re.sub(r"`[^`\n]*`", "", self.text)
+    text = _code_free(self.text)
     if self.kind == "table":
       return NUMBER.findall("\n".join(text.splitlines()[1:]))
-    return (NUMBER if self.kind == "output" else MEASURED).findall(text)
+    if self.kind == "output":
+      return NUMBER.findall(text)
+    return MEASURED.findall(_words(text))  # a line may break inside "7.3 against 8.7 s"
+
+  def decimals(self) -> list[str]:
+    """Prose's decimals without a unit ("moved by up to 0.35"), which count in a block
+    that names its source: elsewhere they are as often a version or a setting."""
+    if self.kind != "paragraph" or self.marker is None:
+      return []
+    return DECIMAL.findall(_words(_code_free(self.text)))
 
 
-def _value(number: str) -> float:
-  """A number's value, whatever its unit and however its thousands are set apart."""
+def _code_free(text: str) -> str:
+  """`text` without its `code`: a number in code is code, not a measurement."""
+  return re.sub(r"`[^`\n]*`", "", text)
+
+
+# A decimal that is no version ("0.10.2"), mantissa ("1.4e-07") or size ("8.6M").
+DECIMAL = re.compile(rf"(?<![\w.])\d+\.\d+(?![\w.]*\d|e[-+]?\d|[\w%]| ?{_UNIT})")
+
+
+def _as_written(number: str) -> str:
+  """A number as written, but for its unit, the spaces or commas between its thousands
+  and an exponent's leading zeros: "22 528 B" and "22,528" are "22528", "1.0e-02" is
+  "1.0e-2"."""
   digits = re.match(r"[\d., ]+(?:e[-+]?\d+)?", number)[0].strip()
-  return float(re.sub(r"[, ](?=\d{3})", "", digits))
+  digits = re.sub(r"[, ](?=\d{3})", "", digits)
+  return re.sub(r"e([-+]?)0*(\d)", r"e\1\2", digits).replace("e+", "e")
 
 
 def blocks(page: str, text: str) -> list[_Block]:
@@ -468,14 +515,14 @@ def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
   for source in (part.strip() for part in block.marker.split(";")):
     if source.startswith("not measured: "):
       assert len(source) > len("not measured: ") + 10, f"{block}: say why: {source!r}"
-      covered |= {_value(n) for n in NUMBER.findall(source)}
+      covered |= {_as_written(n) for n in NUMBER.findall(source)}
     elif source.startswith("tests/"):
       name, _, listed = source.partition(": ")
       path, test = name.split("::")
       code = (REPO / path).read_text()
       assert f"\ndef {test}(" in code, f"{block}: {name} names no test"
       assert block.page.rsplit("/", 1)[-1] in code, f"{block}: {path} never reads the page"
-      covered |= {_value(n) for n in NUMBER.findall(listed)}
+      covered |= {_as_written(n) for n in NUMBER.findall(listed)}
       tested = True
     else:
       heading = re.fullmatch(r'RESULTS\.md "(?P<heading>#+ [^"]+)"', source)
@@ -486,24 +533,28 @@ def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
     strays = [row for row in _tables(block.text)[0][1:] if _cells(row) not in rows]
     assert not strays, f"{block}: rows that no record table of its header holds: {strays}"
   elif block.kind == "output" and records:
-    printed = " ".join(" ".join(records).split())
+    printed = {" ".join(line.split()) for record in records for line in record.splitlines()}
     strays = [line for line in block.text.splitlines() if " ".join(line.split()) not in printed]
     assert not strays, f"{block}: lines the RESULTS.md sections it names never printed: {strays}"
   elif block.kind == "table" and records and not tested:
     # A table in its own layout: each row's numbers (but its label's) on one line of
     # the record.
-    lines = [{_value(n) for n in NUMBER.findall(line)} for r in records for line in r.splitlines()]
+    lines = [
+      {_as_written(n) for n in NUMBER.findall(line)} for r in records for line in r.splitlines()
+    ]
     strays = [
       row
       for row in _tables(block.text)[0][1:]
       if not any(
-        {_value(n) for n in NUMBER.findall(" | ".join(row[1:]))} <= line | covered for line in lines
+        {_as_written(n) for n in NUMBER.findall(_code_free(" | ".join(row[1:])))} <= line | covered
+        for line in lines
       )
     ]
     assert not strays, f"{block}: rows whose numbers no one line of its records holds: {strays}"
   elif (records or tested) and not (tested and block.kind == "table"):
-    recorded = covered | {_value(n) for record in records for n in NUMBER.findall(record)}
-    missing = [n for n in block.numbers() if _value(n) not in recorded]
+    recorded = covered | {_as_written(n) for record in records for n in NUMBER.findall(record)}
+    quoted = block.numbers() + block.decimals()
+    missing = [n for n in quoted if _as_written(n) not in recorded]
     assert not missing, f"{block}: numbers that none of its sources holds: {missing}"
 
 
@@ -540,7 +591,7 @@ def test_the_measured_numbers_of_prose():
     "12288 bytes",
     "3",
   ]
-  assert [_value(n) for n in block.numbers()[:2]] == [91200.0, 16.0]
+  assert [_as_written(n) for n in block.numbers()[:2]] == ["91200", "16.00"]
 
 
 @pytest.mark.parametrize(

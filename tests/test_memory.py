@@ -75,9 +75,9 @@ def test_a_bfloat16_accumulator_saves_its_two_bytes_per_parameter_in_the_fast_pa
   # small micro-batch, as `python -m benchmarks.accumulator_cost` measures at 8.4M:
   # the fast path's temporaries stay those of float32, so the step holds 2 bytes per
   # parameter less. The transformation must hand `apply_updates` float32 updates
-  # that a bfloat16 accumulator cannot hold: its temporaries grow by about what the
-  # accumulator saves (measured: 524 160 of 524 288 bytes here; 24 of 16 MiB at
-  # 8.4M), as docs/precision_and_statistics.md says.
+  # that a bfloat16 accumulator cannot hold: its temporaries grow by nearly what the
+  # accumulator saves or more (measured: 524 160 bytes against 524 288 here; 24 MiB
+  # against 16 MiB at 8.4M), as docs/precision_and_statistics.md says.
   from benchmarks import accumulator_cost
 
   with jax.numpy_dtype_promotion("standard"):  # optax's adamw fails strict promotion
