@@ -276,11 +276,12 @@ def gather_whole(
   gathered (`microbatch(gather_dtype=...)`), on an Auto mesh before XLA gathers
   them.
   """
+  typed = explicit(axes)
 
   def gathered(leaf: object, cast: bool = False) -> object:
     if cast and isinstance(leaf, jax.Array) and _narrows(leaf, dtype):
       leaf = leaf.astype(dtype)
-    return gathered_over(leaf, axes) if explicit(axes) else leaf
+    return gathered_over(leaf, axes) if typed else leaf
 
   whole = {
     n: jax.tree.map(lambda leaf: gathered(leaf, cast=n == 0), v)

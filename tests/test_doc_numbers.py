@@ -361,8 +361,8 @@ def test_performance_text_quotes_the_compile_times_of_results():
 # whose SOURCEs are
 #   RESULTS.md "HEADING": that section of benchmarks/RESULTS.md, the record of the
 #     commands that measured the numbers, holds them: a table's rows as rows of a record
-#     table with the same header, an output's lines as they were printed, and otherwise
-#     every number of the block by its value;
+#     table with the same header, an output's lines as they were printed, another
+#     table's rows each on one line of the record, and prose's numbers as written;
 #   tests/FILE.py::TEST: NUMBER, NUMBER: that test computes the numbers listed (a bound,
 #     a difference, a rounding of the record), so the record need not hold them; on a
 #     table with no record table of its header, the test compares the whole table;
@@ -434,6 +434,11 @@ def _as_written(number: str) -> str:
   return re.sub(r"e([-+]?)0*(\d)", r"e\1\2", digits).replace("e+", "e")
 
 
+def _written(text: str) -> set[str]:
+  """Every number of `text`, as written (`_as_written`)."""
+  return {_as_written(n) for n in NUMBER.findall(text)}
+
+
 def blocks(page: str, text: str) -> list[_Block]:
   """The blocks of a Markdown page, each with the `<!-- numbers: -->` marker above it."""
   lines, found, marker, i = text.splitlines(), [], None, 0
@@ -442,8 +447,8 @@ def blocks(page: str, text: str) -> list[_Block]:
     if not stripped:
       i += 1
       continue
-    if MARKER.match(stripped):
-      marker = MARKER.match(stripped)["sources"]
+    if found_marker := MARKER.match(stripped):
+      marker = found_marker["sources"]
       i += 1
       continue
     start = i
@@ -509,25 +514,32 @@ def test_every_measured_number_of_the_readme_and_guides_names_its_source():
   assert not unsourced, "no `<!-- numbers: SOURCE -->` above:\n" + "\n".join(unsourced)
 
 
-@pytest.mark.parametrize("block", [b for b in _measured_blocks() if b.marker], ids=repr)
-def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
+def _sources(block: _Block) -> tuple[list[str], set[str], bool]:
+  """What a block's marker names: the RESULTS.md sections, the numbers a test or a
+  reason covers, and whether a test checks the block."""
   records, covered, tested = [], set(), False
-  for source in (part.strip() for part in block.marker.split(";")):
+  for source in (part.strip() for part in (block.marker or "").split(";")):
     if source.startswith("not measured: "):
       assert len(source) > len("not measured: ") + 10, f"{block}: say why: {source!r}"
-      covered |= {_as_written(n) for n in NUMBER.findall(source)}
+      covered |= _written(source)
     elif source.startswith("tests/"):
       name, _, listed = source.partition(": ")
       path, test = name.split("::")
       code = (REPO / path).read_text()
       assert f"\ndef {test}(" in code, f"{block}: {name} names no test"
       assert block.page.rsplit("/", 1)[-1] in code, f"{block}: {path} never reads the page"
-      covered |= {_as_written(n) for n in NUMBER.findall(listed)}
+      covered |= _written(listed)
       tested = True
     else:
       heading = re.fullmatch(r'RESULTS\.md "(?P<heading>#+ [^"]+)"', source)
       assert heading, f'{block}: a source is RESULTS.md "## HEADING", tests/FILE.py::TEST '
       records.append(results_section(heading["heading"]))
+  return records, covered, tested
+
+
+@pytest.mark.parametrize("block", [b for b in _measured_blocks() if b.marker], ids=repr)
+def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
+  records, covered, tested = _sources(block)
   rows = _record_rows(block, records) if block.kind == "table" else None
   if rows is not None:
     strays = [row for row in _tables(block.text)[0][1:] if _cells(row) not in rows]
@@ -539,22 +551,16 @@ def test_a_block_quotes_its_numbers_from_the_source_it_names(block):
   elif block.kind == "table" and records and not tested:
     # A table in its own layout: each row's numbers (but its label's) on one line of
     # the record.
-    lines = [
-      {_as_written(n) for n in NUMBER.findall(line)} for r in records for line in r.splitlines()
-    ]
+    lines = [_written(line) | covered for record in records for line in record.splitlines()]
     strays = [
       row
       for row in _tables(block.text)[0][1:]
-      if not any(
-        {_as_written(n) for n in NUMBER.findall(_code_free(" | ".join(row[1:])))} <= line | covered
-        for line in lines
-      )
+      if not any(_written(_code_free(" | ".join(row[1:]))) <= line for line in lines)
     ]
     assert not strays, f"{block}: rows whose numbers no one line of its records holds: {strays}"
   elif (records or tested) and not (tested and block.kind == "table"):
-    recorded = covered | {_as_written(n) for record in records for n in NUMBER.findall(record)}
-    quoted = block.numbers() + block.decimals()
-    missing = [n for n in quoted if _as_written(n) not in recorded]
+    recorded = covered.union(*map(_written, records))
+    missing = [n for n in block.numbers() + block.decimals() if _as_written(n) not in recorded]
     assert not missing, f"{block}: numbers that none of its sources holds: {missing}"
 
 

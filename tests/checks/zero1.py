@@ -84,6 +84,22 @@ def main():
   print(json.dumps(results))
 
 
+def two_windows():
+  """Two windows of k micro-batches, the starting parameters, and large-batch Optax's end."""
+  xs = jax.random.normal(jax.random.key(1), (2 * K, ROWS, 16))
+  ys = jax.random.normal(jax.random.key(2), (2 * K, ROWS, 8))
+  start = init_params(jax.random.key(0))
+  return xs, ys, start, large_batch(start, xs, ys, 2)
+
+
+def relative_error(params, reference):
+  """The largest difference of a leaf from the reference's, relative to its largest entry."""
+  return max(
+    float(jnp.max(jnp.abs(params[n] - reference[n])) / jnp.max(jnp.abs(reference[n])))
+    for n in reference
+  )
+
+
 def tensor_parallel(kind):
   """ZeRO-1 over "data" beside tensor parallelism over "model" (a 4 x 2 mesh), two windows.
 
@@ -91,10 +107,7 @@ def tensor_parallel(kind):
   each moment over "data" along its first dimension left free.
   """
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
-  xs = jax.random.normal(jax.random.key(1), (2 * K, ROWS, 16))
-  ys = jax.random.normal(jax.random.key(2), (2 * K, ROWS, 8))
-  start = init_params(jax.random.key(0))
-  reference = large_batch(start, xs, ys, 2)
+  xs, ys, start, reference = two_windows()
   with jax.set_mesh(mesh):
     params = {n: jax.device_put(v, NamedSharding(mesh, P(None, "model"))) for n, v in start.items()}
     tx = optaccum.accumulate(
@@ -107,10 +120,7 @@ def tensor_parallel(kind):
     for x, y in zip(xs, ys):
       params, state = step(params, state, jax.device_put(x, by_data), jax.device_put(y, by_data))
   return {
-    "relative_error": max(
-      float(jnp.max(jnp.abs(params[n] - reference[n])) / jnp.max(jnp.abs(reference[n])))
-      for n in reference
-    ),
+    "relative_error": relative_error(params, reference),
     "mu_spec": str(state.inner_opt_state[0].mu["w1"].sharding.spec),
     "params_spec": [str(params[n].sharding.spec) for n in sorted(params)],
   }
@@ -120,10 +130,7 @@ def forms(kind):
   """form -> what one window compiles to and where two windows leave the state."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
   replicated, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  xs = jax.random.normal(jax.random.key(1), (2 * K, ROWS, 16))
-  ys = jax.random.normal(jax.random.key(2), (2 * K, ROWS, 8))
-  start = init_params(jax.random.key(0))
-  reference = large_batch(start, xs, ys, 2)
+  xs, ys, start, reference = two_windows()
   results = {}
   with jax.set_mesh(mesh):
     for form in ("apply_gradients", "update", "microbatch"):
@@ -165,14 +172,10 @@ def forms(kind):
       text = step.lower(params, state, *batch[0]).compile().as_text()
       for x, y in batch:
         params, state = step(params, state, x, y)
-      error = max(
-        float(jnp.max(jnp.abs(params[n] - reference[n]) / jnp.max(jnp.abs(reference[n]))))
-        for n in reference
-      )
       mu = (state if in_step else state.inner_opt_state)[0].mu["w1"]
       results[form] = {
         **per_window(text, 1 if in_step else K),
-        "relative_error": error,
+        "relative_error": relative_error(params, reference),
         "params_spec": [str(params[n].sharding.spec) for n in sorted(params)],
         "mu_bytes_per_device": mu.addressable_shards[0].data.nbytes,
         "mu_spec": str(mu.sharding.spec),
