@@ -50,7 +50,7 @@ def check_axes(where: str, value: object) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def shown_axes(axes: tuple[str, ...]) -> str:
+def shown_axes(axes: tuple[Hashable, ...]) -> str:
   """`axes` as a message shows them: one name as the name, several as the tuple."""
   return repr(axes[0]) if len(axes) == 1 else repr(axes)
 
@@ -452,12 +452,13 @@ class Replicas:
     """
     if self.name is None or self.axes is not None:
       return None
-    for name in self.name if isinstance(self.name, tuple) else (self.name,):
+    names = self.name if isinstance(self.name, tuple) else (self.name,)
+    for name in names:
       try:
         jax.lax.axis_size(name)
       except NameError:
         raise ValueError(
-          f"`{self.where}(axis_name={self.name!r})`: no axis {name!r} here. Call it inside "
+          f"`{self.where}(axis_name={shown_axes(names)})`: no axis {name!r} here. Call it inside "
           "`jax.shard_map` (or `pmap`, `optaccum.parallel.data_parallel`) over that axis, "
           "or under plain `jax.jit` with `jax.set_mesh(mesh)` of a mesh that has it."
         ) from None

@@ -204,9 +204,7 @@ def test_axis_name_outside_shard_map_needs_the_mesh_in_context():
   # where the reduction would run, naming the call, the argument and the value.
   tx = optaccum.accumulate(optax.sgd(0.1), 1, axis_name=("data",))
   state = tx.init(jnp.ones(3))
-  with pytest.raises(
-    ValueError, match=r"`accumulate\(axis_name=\('data',\)\)`: no axis 'data' here"
-  ):
+  with pytest.raises(ValueError, match=r"`accumulate\(axis_name='data'\)`: no axis 'data' here"):
     tx.update(jnp.ones(3), state, jnp.ones(3))
   split = optaccum.microbatch(jax.value_and_grad(_loss), 2, axis_name="data")
   with pytest.raises(ValueError, match=r"`microbatch\(axis_name='data'\)`: no axis 'data' here"):
@@ -351,3 +349,34 @@ def test_plan_compiles_both_fsdp_options_and_the_deferred_one_holds_a_full_gradi
     "microbatch_deferred": 1,
     "accumulate_deferred": 1,
   }
+
+
+@pytest.mark.parametrize(
+  "axis_name, shown",
+  [("data", "'data'"), (("data",), "'data'"), (("replica", "data"), "('replica', 'data')")],
+)
+def test_messages_show_the_replica_axes_as_a_name_or_a_tuple(axis_name, shown):
+  # One axis is shown by its name, however it was given; several as their tuple.
+  # Through every form that takes axis_name under plain jax.jit: the transformation's
+  # update (gradients and weight), the fast path, microbatch and per_replica.
+  mesh = jax.make_mesh((1, 1), ("replica", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  tx = optaccum.accumulate(optax.sgd(0.1), 2, axis_name=axis_name)
+  params = {"w": jnp.ones(3)}
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    per_replica = rf"per-replica gradients under axis_name={re.escape(shown)} under plain"
+    with pytest.raises(ValueError, match=per_replica):
+      tx.update(params, state, params)
+    with pytest.raises(ValueError, match=per_replica):
+      optaccum.apply_gradients(tx, params, state, params)
+    with pytest.raises(ValueError, match=rf"under axis_name={re.escape(shown)}, one weight"):
+      tx.update({"w": jnp.ones((1, 3))}, state, params, weight=jnp.ones(2))
+  other = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(other), pytest.raises(ValueError, match=re.escape(f"(axis_name={shown})`: no")):
+    optaccum.microbatch(jax.value_and_grad(_loss), 2, axis_name=axis_name)(
+      jnp.ones(3), jnp.ones((2, 3))
+    )
+  with pytest.raises(ValueError, match=re.escape(f"(axis_name={shown})` needs the mesh")):
+    optaccum.parallel.per_replica(jax.grad(_loss), axis_name=axis_name)(
+      jnp.ones(3), jnp.ones((2, 3))
+    )
